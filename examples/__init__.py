@@ -1,0 +1,1 @@
+"""Example models (plain torch, Hugging Face, pretrained SmolLM2) and demos for fxforge."""

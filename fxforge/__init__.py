@@ -1,0 +1,23 @@
+"""fxforge: a compiler for PyTorch inference.
+
+Ways in:
+  * ``torch.compile(model, backend="fxforge", options={...})``
+  * ``fxforge.compile(model, example_inputs, **options)``
+  * ``fxforge.aot_compile(...)`` / ``python -m fxforge compile`` and ``fxforge.load(dir)``
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fxforge.errors import (ArtifactError, FxforgeError, InputSpecError, OptionsError,
+                            VerificationError)
+from fxforge.options import CompileOptions, parse_options
+from fxforge.backend_entry import fxforge_backend, register as _register_backend
+from fxforge.api import compile
+from fxforge.aot import Artifact, aot_compile, load
+
+_register_backend()
+
+__all__ = ["Artifact", "ArtifactError", "CompileOptions", "FxforgeError", "InputSpecError",
+           "OptionsError", "VerificationError", "__version__", "aot_compile", "compile",
+           "fxforge_backend", "load", "parse_options"]

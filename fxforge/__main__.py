@@ -1,0 +1,94 @@
+"""Command line: ``python -m fxforge compile MODULE:FACTORY --example SPEC -o DIR`` and
+``python -m fxforge info DIR``."""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+
+
+def _load_factory(ref: str):
+    if ":" not in ref:
+        raise SystemExit(f"error: expected MODULE:FACTORY, got {ref!r}")
+    module_name, attr = ref.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"error: cannot import {module_name!r}: {exc}")
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise SystemExit(f"error: {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise SystemExit(f"error: --option takes KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip(), value
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import fxforge
+    from fxforge.specs import export_dynamic_shapes, parse_spec
+
+    model = _load_factory(args.factory)()
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"error: {args.factory} returned {type(model).__name__}, not an nn.Module")
+    specs = [parse_spec(s) for s in args.example]
+    generator = torch.Generator().manual_seed(args.seed)
+    examples = tuple(spec.example(generator) for spec in specs)
+    options = dict(_parse_option(o) for o in args.option)
+    artifact = fxforge.aot_compile(model, examples, args.output,
+                                   dynamic_shapes=export_dynamic_shapes(specs), **options)
+    print(f"wrote {artifact}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import fxforge
+    artifact = fxforge.load(args.artifact)
+    print(artifact)
+    print(json.dumps({k: artifact.manifest[k] for k in ("versions", "options", "inputs", "ranges")},
+                     indent=1))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fxforge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compile", help="compile a model into an AOT artifact directory")
+    comp.add_argument("factory", help="MODULE:FACTORY, a callable returning the nn.Module")
+    comp.add_argument("--example", action="append", required=True, metavar="SPEC",
+                      help="an input spec, e.g. 'int64[1,seq=16:2..512]{0..1000}' (repeat per input)")
+    comp.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    comp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    comp.add_argument("--seed", type=int, default=0, help="seed for the example inputs")
+    comp.set_defaults(run=cmd_compile)
+    info = sub.add_parser("info", help="load an artifact and print its manifest")
+    info.add_argument("artifact")
+    info.set_defaults(run=cmd_info)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    from fxforge.errors import FxforgeError
+    try:
+        return args.run(args)
+    except FxforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Ahead-of-time artifacts: compile once, load and run without the model's code or retracing.
+
+An artifact directory holds:
+  * ``graph.json``: the optimized IR (nodes, targets, arguments, typed metadata);
+  * ``weights.safetensors``: every constant the graph reads (tied weights stored once);
+  * ``manifest.json``: versions, options, the input signature and dynamic-size ranges, the
+    output structure, kernel sources, and the SHA-256 of every file (checked on load).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+import fxforge
+from fxforge.backends import get_backend, lower
+from fxforge.compiler import check_against_eager, optimize
+from fxforge.errors import ArtifactError, InputSpecError
+from fxforge.irgraph import TensorMeta, capture_export, ir_from_json, ir_to_json
+from fxforge.options import CompileOptions, parse_options
+from fxforge.specs import TensorSignature, check_inputs
+
+log = logging.getLogger("fxforge.aot")
+MANIFEST, GRAPH, WEIGHTS = "manifest.json", "graph.json", "weights.safetensors"
+ARTIFACT_FORMAT = 1
+
+
+def _versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"fxforge": fxforge.__version__, "torch": torch.__version__, "triton": triton_version}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _builtin_spec(spec: pytree.TreeSpec) -> bool:
+    if spec.is_leaf():
+        return True
+    return spec.type in (tuple, list, dict) and all(_builtin_spec(c) for c in spec.children_specs)
+
+
+def _dedup_constants(constants: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """safetensors refuses shared storage: keep one copy per tensor, record the aliases."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in constants.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor.detach().contiguous().clone()
+    return unique, aliases
+
+
+def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: str | os.PathLike,
+                dynamic_shapes: Any = None, **options: Any) -> "Artifact":
+    """Capture ``model`` with torch.export, optimize, check against eager, write an artifact."""
+    from safetensors.torch import save_file
+
+    opts = parse_options(options)
+    model = model.eval()
+    example_inputs = tuple(example_inputs)
+    with torch.no_grad():
+        ir = capture_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+        ir = optimize(ir, opts)
+        flat_inputs, in_spec = pytree.tree_flatten((example_inputs, {}))
+        expected = model(*example_inputs)
+        lowered = lower(ir, get_backend(opts.backend))
+        flat_expected, out_spec = pytree.tree_flatten(expected)
+        check_against_eager(list(lowered(*flat_inputs)), flat_expected)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unique, aliases = _dedup_constants(ir.constants())
+    save_file(unique, str(out / WEIGHTS))
+    (out / GRAPH).write_text(json.dumps(ir_to_json(ir)))
+    signature = [TensorSignature(p.name, p.meta["fxf"].dtype, p.meta["fxf"].shape).to_json()
+                 for p in ir.placeholders() if isinstance(p.meta.get("fxf"), TensorMeta)]
+    if len(signature) != len(ir.placeholders()):
+        raise ArtifactError("AOT artifacts take tensor inputs only")
+    manifest = {
+        "format": ARTIFACT_FORMAT, "versions": _versions(), "options": opts.to_dict(),
+        "model": type(model).__qualname__, "inputs": signature,
+        "ranges": ir.info.get("range_constraints", {}), "aliases": aliases,
+        "in_spec": pytree.treespec_dumps(in_spec) if _builtin_spec(in_spec) else None,
+        "out_spec": pytree.treespec_dumps(out_spec) if _builtin_spec(out_spec) else None,
+        "kernels": {},  # generated kernel sources, by name (filled by code-generating backends)
+        "files": {name: _sha256(out / name) for name in (GRAPH, WEIGHTS)},
+    }
+    if manifest["out_spec"] is None:
+        log.warning("fxforge: %s returns %s; the artifact returns its tensors as a flat tuple",
+                    type(model).__name__, out_spec.type.__name__ if out_spec.type else "?")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return load(out)
+
+
+class Artifact:
+    """A loaded artifact: call it like the model (positional tensor inputs)."""
+
+    def __init__(self, path: Path, manifest: dict, ir, options: CompileOptions):
+        self.path, self.manifest, self.ir, self.options = path, manifest, ir, options
+        self.signature = [TensorSignature.from_json(s) for s in manifest["inputs"]]
+        self.ranges = {k: tuple(v) for k, v in manifest["ranges"].items()}
+        self.in_spec = pytree.treespec_loads(manifest["in_spec"]) if manifest["in_spec"] else None
+        self.out_spec = pytree.treespec_loads(manifest["out_spec"]) if manifest["out_spec"] else None
+        self.lowered = lower(ir, get_backend(options.backend))
+
+    def __call__(self, *args: Any) -> Any:
+        flat, spec = pytree.tree_flatten((args, {}))
+        if self.in_spec is not None and spec != self.in_spec:
+            raise InputSpecError(f"inputs are structured as {spec}, the artifact expects {self.in_spec}")
+        check_inputs(flat, self.signature, self.ranges)
+        with torch.no_grad():
+            outputs = list(self.lowered(*flat))
+        return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec else tuple(outputs)
+
+    def __repr__(self) -> str:
+        sig = ", ".join(f"{s.dtype}{[str(d) for d in s.shape]}".replace("torch.", "") for s in self.signature)
+        return f"Artifact({str(self.path)!r}, model={self.manifest['model']}, inputs=[{sig}])"
+
+
+def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
+    """Load an artifact written by ``aot_compile``; every problem is an ArtifactError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    manifest = _read_manifest(root)
+    for name, digest in manifest["files"].items():
+        file = root / name
+        if not file.is_file():
+            raise ArtifactError(f"artifact {root}: {name} is missing")
+        if _sha256(file) != digest:
+            raise ArtifactError(f"artifact {root}: {name} was modified after compilation "
+                                "(its SHA-256 does not match the manifest)")
+    if check_versions:
+        _check_versions(root, manifest["versions"])
+    try:
+        constants = load_file(str(root / WEIGHTS))
+        graph = json.loads((root / GRAPH).read_text())
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ArtifactError(f"artifact {root}: cannot read its files: {exc}") from exc
+    for alias, canonical in manifest["aliases"].items():
+        constants[alias] = constants[canonical]
+    options = parse_options(manifest["options"])
+    try:
+        ir = ir_from_json(graph, constants)
+    except Exception as exc:
+        raise ArtifactError(f"artifact {root}: {GRAPH} cannot be rebuilt: {exc}") from exc
+    return Artifact(root, manifest, ir, options)
+
+
+def _read_manifest(root: Path) -> dict:
+    if not root.is_dir():
+        raise ArtifactError(f"artifact {root} does not exist or is not a directory")
+    file = root / MANIFEST
+    if not file.is_file():
+        raise ArtifactError(f"artifact {root}: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"artifact {root}: {MANIFEST} is not valid JSON ({exc})") from exc
+    needed = ("format", "versions", "options", "inputs", "ranges", "aliases", "files")
+    missing = [k for k in needed if k not in manifest]
+    if missing:
+        raise ArtifactError(f"artifact {root}: {MANIFEST} lacks {missing}")
+    if manifest["format"] != ARTIFACT_FORMAT:
+        raise ArtifactError(f"artifact {root}: format {manifest['format']}, this fxforge reads "
+                            f"format {ARTIFACT_FORMAT}")
+    if set(manifest["files"]) != {GRAPH, WEIGHTS}:
+        raise ArtifactError(f"artifact {root}: {MANIFEST} lists files {sorted(manifest['files'])}")
+    return manifest
+
+
+def _check_versions(root: Path, built: dict) -> None:
+    """fxforge and torch must match to the minor version: IR ops and schemas change between them."""
+    now = _versions()
+    for name in ("fxforge", "torch"):
+        if _minor(built.get(name)) != _minor(now[name]):
+            raise ArtifactError(f"artifact {root} was built with {name} {built.get(name)}, this is "
+                                f"{name} {now[name]}; recompile it (or load(..., check_versions=False))")
+
+
+def _minor(version: Optional[str]) -> Optional[tuple]:
+    if not version:
+        return None
+    parts = version.split("+")[0].split(".")
+    return tuple(parts[:2])

@@ -1,0 +1,41 @@
+"""``fxforge.compile``: compile a module for the given example inputs, return a callable."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import torch
+
+from fxforge.backend_entry import fxforge_backend
+from fxforge.options import parse_options
+
+
+class CompiledModule(torch.nn.Module):
+    """Wraps ``torch.compile(model, backend=fxforge)``; calls run under inference mode."""
+
+    def __init__(self, model: torch.nn.Module, compiled: Any, options):
+        super().__init__()
+        self.model = model
+        self.__dict__["_compiled"] = compiled  # not a submodule: it wraps ``model`` itself
+        self.options = options
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self._compiled(*args, **kwargs)
+
+
+def compile(model: torch.nn.Module, example_inputs: Sequence[Any] = (), *,
+            dynamic: Optional[bool] = None, **options: Any) -> CompiledModule:
+    """Compile ``model``; if ``example_inputs`` are given, compile now rather than on first call.
+
+    Options are those of ``torch.compile(..., backend="fxforge", options=...)``; unknown keys
+    raise ``OptionsError`` here, before anything runs.
+    """
+    if not isinstance(model, torch.nn.Module) and not callable(model):
+        raise TypeError(f"fxforge.compile expects an nn.Module or a callable, got {type(model).__name__}")
+    opts = parse_options(options)
+    backend = functools.partial(fxforge_backend, options=opts.to_dict())
+    compiled = CompiledModule(model, torch.compile(model, backend=backend, dynamic=dynamic), opts)
+    if example_inputs:
+        compiled(*example_inputs)
+    return compiled

@@ -1,0 +1,110 @@
+"""IR -> runnable: freeze weights, run the pass pipeline, lower through a backend.
+
+Weights arrive from dynamo as graph inputs. Freezing turns them into constants so passes can
+fold and prepack them. The runtime guards that assumption: if a frozen weight is replaced or
+modified in place (its version counter moves), the graph is rebuilt from the new values before
+the call, so a changed weight can never give a stale answer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from fxforge.backends import LoweredGraph, get_backend, lower
+from fxforge.errors import VerificationError
+from fxforge.irgraph import IRGraph, build_ir
+from fxforge.options import CompileOptions
+from fxforge.passes import PassManager, default_pipeline
+
+log = logging.getLogger("fxforge")
+
+# Tolerances for comparing against eager, by dtype (verify=True and the tests use these).
+# fp32 allows for reassociation (a different reduction order), nothing more.
+TOLERANCES = {torch.float32: (1.3e-5, 1e-5), torch.float64: (1e-7, 1e-7),
+              torch.bfloat16: (1.6e-2, 1e-3), torch.float16: (1e-3, 1e-4)}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) for comparing a compiled result of ``dtype`` with eager."""
+    return TOLERANCES.get(dtype, (0.0, 0.0))
+
+
+def optimize(ir: IRGraph, options: CompileOptions) -> IRGraph:
+    return PassManager(default_pipeline(options.to_dict())).run(ir)
+
+
+def freeze(ir: IRGraph, positions: Sequence[int], values: Sequence[torch.Tensor]) -> IRGraph:
+    """Placeholders at ``positions`` become constants holding ``values``."""
+    placeholders = ir.placeholders()
+    constants = {placeholders[p].name: v for p, v in zip(positions, values)}
+    frozen = build_ir(ir.copy().gm, ir.fake_mode, constants, ir.info)
+    frozen.info["frozen_weights"] = len(constants)
+    return frozen
+
+
+class CompiledGraph:
+    """The callable handed back to dynamo/aot_autograd for one captured graph."""
+
+    def __init__(self, captured: IRGraph, options: CompileOptions, weight_positions: Sequence[int],
+                 weights: Sequence[torch.Tensor]):
+        self.captured = captured  # before freezing and passes: the eager oracle for verify
+        self.options = options
+        self.weight_positions = list(weight_positions) if options.freeze_weights else []
+        skip = set(self.weight_positions)
+        self.runtime_positions = [i for i in range(len(captured.placeholders())) if i not in skip]
+        self._build([weights[i] for i in self.weight_positions] if self.weight_positions else [])
+
+    def _build(self, weights: list[torch.Tensor]) -> None:
+        start = time.perf_counter()
+        self.weights = weights
+        self.versions = [w._version for w in weights]
+        ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured.copy()
+        self.ir = optimize(ir, self.options)
+        self.lowered: LoweredGraph = lower(self.ir, get_backend(self.options.backend))
+        log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
+                 "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(self.ir.gm.graph.nodes),
+                 len(weights), len(self.lowered.fallbacks), (time.perf_counter() - start) * 1e3)
+
+    def _weights_changed(self, args: Sequence[Any]) -> bool:
+        for pos, weight, version in zip(self.weight_positions, self.weights, self.versions):
+            arg = args[pos]
+            if arg is not weight or arg._version != version:
+                return True
+        return False
+
+    def __call__(self, *args):
+        if self.weight_positions and self._weights_changed(args):
+            log.warning("fxforge: model weights changed since compilation; re-freezing them")
+            self._build([args[p] for p in self.weight_positions])
+        outputs = self.lowered(*[args[i] for i in self.runtime_positions])
+        if self.options.verify:
+            check_against_eager(outputs, self.captured.gm(*args))
+        return outputs
+
+
+def check_against_eager(outputs: Any, expected: Any) -> None:
+    flat_out, _ = torch.utils._pytree.tree_flatten(outputs)
+    flat_exp, _ = torch.utils._pytree.tree_flatten(expected)
+    if len(flat_out) != len(flat_exp):
+        raise VerificationError(f"compiled graph returned {len(flat_out)} values, eager {len(flat_exp)}")
+    for i, (got, want) in enumerate(zip(flat_out, flat_exp)):
+        if not isinstance(want, torch.Tensor):
+            if got != want:
+                raise VerificationError(f"output {i}: compiled {got!r} != eager {want!r}")
+            continue
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise VerificationError(f"output {i}: compiled {got.dtype}{list(got.shape)} vs eager "
+                                    f"{want.dtype}{list(want.shape)}")
+        rtol, atol = tolerance(want.dtype)
+        if not torch.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
+            diff = (got.double() - want.double()).abs().nan_to_num(0).max().item()
+            raise VerificationError(f"output {i} ({want.dtype}{list(want.shape)}) differs from eager: "
+                                    f"max abs diff {diff:.3g} over rtol={rtol}, atol={atol}")
+
+
+def compile_captured(ir: IRGraph, options: CompileOptions, weight_positions: Sequence[int],
+                     example_inputs: Sequence[Any]) -> Callable:
+    return CompiledGraph(ir, options, weight_positions, list(example_inputs))

@@ -1,0 +1,21 @@
+"""fxforge's user-facing errors: each names the problem it reports."""
+
+
+class FxforgeError(Exception):
+    """Base class of fxforge's errors."""
+
+
+class OptionsError(FxforgeError, ValueError):
+    """An unknown compile option, or a bad value for one."""
+
+
+class VerificationError(FxforgeError, AssertionError):
+    """``verify=True``: the compiled graph disagreed with eager execution."""
+
+
+class ArtifactError(FxforgeError):
+    """An AOT artifact is missing a file, was modified, or was built by other versions."""
+
+
+class InputSpecError(FxforgeError, ValueError):
+    """Inputs that do not match what the artifact was compiled for."""

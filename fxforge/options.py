@@ -1,0 +1,72 @@
+"""Compile options: one dataclass, validated once, shared by every way in."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
+
+from fxforge.errors import OptionsError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    precision: str = "fp32"       # matmul/attention precision; norms and accumulations stay fp32
+    kv_cache: bool = False        # KV-cache insertion for causal decoders
+    quantize: Optional[str] = None
+    prune: Optional[str] = None
+    attention: Optional[str] = None  # sparse/linear attention rewrites
+    autotune: bool = False
+    verify: bool = False          # run eager alongside and raise VerificationError on mismatch
+    passes: Optional[tuple] = None  # explicit pass pipeline (names), replacing the default
+    backend: str = "reference"    # the lowering backend
+    freeze_weights: bool = True   # weights become compile-time constants (re-frozen if they change)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["passes"] = list(self.passes) if self.passes is not None else None
+        return out
+
+
+# Options whose feature has not landed yet: a clear error beats silently ignoring them.
+_NOT_YET = {"kv_cache": "KV-cache insertion", "quantize": "quantization", "prune": "pruning",
+            "attention": "sparse/linear attention rewrites", "autotune": "autotuning"}
+
+
+def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> CompileOptions:
+    merged = dict(options or {})
+    merged.update(more)
+    known = {f.name for f in fields(CompileOptions)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise OptionsError(f"unknown fxforge option(s) {', '.join(map(repr, unknown))}; "
+                           f"known options: {', '.join(sorted(known))}")
+    if merged.get("precision", "fp32") not in PRECISIONS:
+        raise OptionsError(f"precision must be one of {PRECISIONS}, got {merged['precision']!r}")
+    for key, feature in _NOT_YET.items():
+        if merged.get(key):
+            raise OptionsError(f"option {key}={merged[key]!r}: {feature} is not available in this "
+                               "version of fxforge")
+    if merged.get("precision", "fp32") != "fp32":
+        raise OptionsError(f"precision={merged['precision']!r}: low-precision lowering is not "
+                           "available in this version of fxforge; use 'fp32'")
+    if merged.get("passes") is not None:
+        merged["passes"] = tuple(_check_passes(merged["passes"]))
+    if "backend" in merged:
+        from fxforge.backends import available_backends
+        if merged["backend"] not in available_backends():
+            raise OptionsError(f"unknown backend {merged['backend']!r}; available: {available_backends()}")
+    for key in ("verify", "freeze_weights"):
+        if key in merged and not isinstance(merged[key], bool):
+            raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
+    return CompileOptions(**merged)
+
+
+def _check_passes(names: Any) -> list[str]:
+    from fxforge.passes import registered_passes
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise OptionsError(f"passes must be a list of pass names, got {names!r}")
+    missing = [n for n in names if n not in registered_passes()]
+    if missing:
+        raise OptionsError(f"unknown pass(es) {missing}; registered: {sorted(registered_passes())}")
+    return list(names)

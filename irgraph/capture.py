@@ -1,0 +1,190 @@
+"""Capture: turn a model (export path) or a dynamo graph (backend path) into an IRGraph.
+
+Both ways in end in :func:`build_ir`, so the IR has one op set and one set of invariants:
+core ATen (``torch._decomp.core_aten_decompositions``) except the high-level ops in
+:data:`KEPT_OPS`, which the later passes and kernels want whole. ``linear`` is
+CompositeImplicit and always arrives decomposed, as ``addmm(bias, x2d, t(w))`` / ``mm``
+(``permute`` instead of ``t`` through export).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch._decomp import core_aten_decompositions
+
+from fxforge.irgraph.graph import IRGraph, _free_attr_name, hoist_get_attrs
+from fxforge.irgraph.meta import META_KEY, meta_of
+
+log = logging.getLogger("fxforge.capture")
+aten = torch.ops.aten
+
+# Ops kept whole instead of decomposed into core ATen: attention, norms, softmax,
+# activations the fusion passes and kernels match as units.
+KEPT_OPS = (
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten.silu.default,
+    aten.rms_norm.default,
+    aten._fused_rms_norm.default,
+    aten.native_layer_norm.default,
+    aten._softmax.default,
+    aten._log_softmax.default,
+    aten.gelu.default,
+    aten.addmm.default,
+    aten.mm.default,
+    aten.bmm.default,
+)
+
+
+def decomposition_table() -> dict:
+    table = dict(core_aten_decompositions())
+    for op in KEPT_OPS:
+        table.pop(op, None)
+    return table
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured into fxforge's IR."""
+
+
+def build_ir(gm: fx.GraphModule, fake_mode: Any, constants: dict[str, torch.Tensor],
+             info: Optional[dict] = None) -> IRGraph:
+    """Normalise a functional ATen GraphModule into an IRGraph.
+
+    ``constants`` maps placeholder names to the real tensors that become ``get_attr``
+    constants (weights and buffers); every other placeholder stays a runtime input.
+    """
+    owner = torch.nn.Module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.name in constants:
+            name = _free_attr_name(owner, node.name)
+            owner.register_buffer(name, constants[node.name].detach())
+            with graph.inserting_before(node):
+                const = graph.create_node("get_attr", name)
+            const.meta = dict(node.meta)
+            node.replace_all_uses_with(const)
+            graph.erase_node(node)
+        elif node.op == "get_attr":
+            value = _get_nested_attr(gm, node.target)
+            name = _free_attr_name(owner, str(node.target))
+            if isinstance(value, torch.Tensor):
+                owner.register_buffer(name, value.detach())
+            else:
+                setattr(owner, name, value)
+            node.target = name
+    hoist_get_attrs(graph)
+    for node in graph.nodes:
+        if node.op in ("placeholder", "call_function", "get_attr"):
+            if "val" not in node.meta and node.op == "get_attr":
+                value = getattr(owner, node.target)
+                if isinstance(value, torch.Tensor):
+                    node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+            node.meta[META_KEY] = meta_of(node.meta.get("val"))
+    new_gm = fx.GraphModule(owner, graph)
+    return IRGraph(new_gm, fake_mode, dict(info or {}))
+
+
+def _get_nested_attr(module: Any, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _is_weight_source(source: Any) -> bool:
+    """Dynamo sources of module parameters/buffers (lifted to graph inputs by dynamo)."""
+    if source is None:
+        return False
+    name = source.name if isinstance(source.name, str) else source.name()
+    return "._parameters[" in name or "._buffers[" in name or name.startswith("G[")
+
+
+def dynamo_weight_indices(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
+    """Indices of dynamo graph inputs that are module weights (parameters and buffers)."""
+    out = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        if isinstance(value, torch.nn.Parameter) or (
+                isinstance(value, torch.Tensor) and _is_weight_source(source)):
+            out.append(i)
+    return out
+
+
+def capture_export(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None,
+                   dynamic_shapes: Any = None) -> IRGraph:
+    """AOT path: ``torch.export`` + decomposition to fxforge's op set; weights become constants."""
+    try:
+        ep = torch.export.export(model, args, kwargs=kwargs or {}, dynamic_shapes=dynamic_shapes)
+        ep = ep.run_decompositions(decomposition_table())
+    except Exception as exc:  # export errors are long; keep the first line in our message
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    sig = ep.graph_signature
+    mutations = [o for o in sig.output_specs if o.kind.name != "USER_OUTPUT"]
+    if mutations:
+        raise CaptureError("the model mutates its buffers or inputs "
+                           f"({', '.join(str(o.target) for o in mutations)}); "
+                           "AOT artifacts need a functional forward")
+    state = {**ep.state_dict, **ep.constants}
+    constants = {}
+    for spec in sig.input_specs:
+        if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            constants[spec.arg.name] = state[spec.target]
+    fake_mode = _fake_mode_of(ep.graph_module)
+    ir = build_ir(ep.graph_module, fake_mode, constants, {"capture": "export"})
+    ir.info["range_constraints"] = {str(k): (int(v.lower), _upper(v.upper))
+                                    for k, v in ep.range_constraints.items()}
+    return ir
+
+
+def _upper(value: Any) -> Optional[int]:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None  # unbounded
+
+
+def _fake_mode_of(gm: fx.GraphModule) -> Any:
+    from torch._guards import detect_fake_mode
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode()
+    return mode
+
+
+def capture_aot_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                          weight_indices: Iterable[int],
+                          compile_ir: Callable[[IRGraph, list[int]], Callable]) -> Callable:
+    """Backend path: run aot_autograd on dynamo's graph; ``compile_ir`` gets the IR.
+
+    ``compile_ir(ir, weight_positions)`` receives the IR with weights still as placeholders
+    (their positions among the placeholders listed) and returns the runtime callable.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    weight_indices = list(weight_indices)
+
+    def fw_compiler(aot_gm: fx.GraphModule, aot_inputs: Sequence[Any]) -> Callable:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():  # aot_autograd calls us inside its fake mode
+            return _compile(aot_gm)
+
+    def _compile(aot_gm: fx.GraphModule) -> Callable:
+        fake_mode = _fake_mode_of(aot_gm)
+        ir = build_ir(aot_gm, fake_mode, {}, {"capture": "dynamo"})
+        n_inputs = len(ir.placeholders())
+        positions = weight_indices if n_inputs == len(example_inputs) else []
+        if weight_indices and not positions:
+            log.info("aot_autograd changed the input list (%d -> %d): weights are not frozen",
+                     len(example_inputs), n_inputs)
+        return compile_ir(ir, positions)
+
+    backend = aot_autograd(fw_compiler=fw_compiler, decompositions=decomposition_table())
+    return backend(gm, example_inputs)

@@ -1,0 +1,111 @@
+"""Lossless clean-up passes: dead code, common subexpressions, no-op views/clones/casts."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxforge.irgraph import IRGraph
+from fxforge.passes.base import PassResult, register_pass
+from fxforge.passes.pattern import RuleTable, same_value_layout
+
+aten = torch.ops.aten
+
+
+def is_pure(node: fx.Node) -> bool:
+    """A call we may drop, merge or evaluate ahead of time: no mutation, no randomness."""
+    target = node.target
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+            return False
+        return not target.name().startswith("aten::_assert") and "sym_constrain" not in target.name()
+    return getattr(target, "__module__", None) in ("_operator", "operator")
+
+
+# Trace-time metadata asserts that the IR's own metadata (and an artifact's input check)
+# already guarantees; unlike ``_assert_scalar`` they guard nothing that can change at run time.
+_REDUNDANT_ASSERTS = (aten._assert_tensor_metadata.default,)
+
+
+def _removable(node: fx.Node) -> bool:
+    return node.op == "get_attr" or is_pure(node) or node.target in _REDUNDANT_ASSERTS
+
+
+@register_pass("dce")
+def dead_code_elimination(ir: IRGraph) -> PassResult:
+    """Remove nodes whose results are unused, and constants nothing reads any more."""
+    before = len(ir.gm.graph.nodes)
+    ir.gm.graph.eliminate_dead_code(
+        is_impure_node=lambda n: n.op == "placeholder" or not _removable(n))
+    removed = before - len(ir.gm.graph.nodes)
+    used = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
+    dropped = [name for name, _ in ir.gm.named_buffers() if name not in used]
+    for name in dropped:
+        delattr(ir.gm, name)
+    return PassResult(ir, {"nodes_removed": removed, "constants_removed": len(dropped)})
+
+
+def _key(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return ("node", id(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in value.items())))
+    if isinstance(value, float):
+        return ("float", repr(value))  # 0.0 and -0.0 differ; nan equals nan here
+    return (type(value).__name__, value)
+
+
+@register_pass("cse")
+def common_subexpression_elimination(ir: IRGraph) -> PassResult:
+    """Merge pure calls with the same op and the same arguments."""
+    seen: dict[Any, fx.Node] = {}
+    merged = 0
+    for node in list(ir.gm.graph.nodes):
+        if not is_pure(node):
+            continue
+        key = (node.target, _key(node.args), _key(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            ir.gm.graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return PassResult(ir, {"merged": merged})
+
+
+NOOP_RULES = RuleTable()
+_IDENTITY_WHEN_SAME_LAYOUT = [
+    aten.clone.default, aten.alias.default, aten._to_copy.default, aten.view.default,
+    aten.reshape.default, aten._unsafe_view.default, aten.expand.default, aten.permute.default,
+    aten.slice.Tensor, aten.squeeze.dim, aten.squeeze.dims, aten.contiguous.default,
+    aten.as_strided.default, aten.type_as.default, aten.view_as.default,
+    aten.lift_fresh_copy.default,
+]
+
+
+@NOOP_RULES.add(_IDENTITY_WHEN_SAME_LAYOUT, "identity")
+def _identity(node: fx.Node, ir: IRGraph):
+    """An op whose result has its input's exact shape, strides, dtype and offset is a no-op.
+
+    Declined when the result is a graph output: returning the input itself would make an
+    output alias an input or a constant (a new aliasing the IR forbids).
+    """
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or not same_value_layout(node, source):
+        return None
+    if any(user.op == "output" for user in node.users):
+        return None
+    return source
+
+
+@register_pass("remove_noops")
+def remove_noops(ir: IRGraph) -> PassResult:
+    """Drop views, clones and casts that do not change shape, strides, dtype or device."""
+    counts: Counter = NOOP_RULES.apply(ir)
+    return PassResult(ir, dict(counts))
