@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import sympy
 import torch
 from torch.utils import _pytree as pytree
 
@@ -51,7 +52,7 @@ def _sha256(path: Path) -> str:
 def _builtin_spec(spec: pytree.TreeSpec) -> bool:
     if spec.is_leaf():
         return True
-    return spec.type in (tuple, list, dict) and all(_builtin_spec(c) for c in spec.children_specs)
+    return spec.type in (tuple, list, dict) and all(_builtin_spec(c) for c in spec.children())
 
 
 def _dedup_constants(constants: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -91,14 +92,17 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
     unique, aliases = _dedup_constants(ir.constants())
     save_file(unique, str(out / WEIGHTS))
     (out / GRAPH).write_text(json.dumps(ir_to_json(ir)))
-    signature = [TensorSignature(p.name, p.meta["fxf"].dtype, p.meta["fxf"].shape).to_json()
-                 for p in ir.placeholders() if isinstance(p.meta.get("fxf"), TensorMeta)]
-    if len(signature) != len(ir.placeholders()):
+    metas = [p.meta.get("fxf") for p in ir.placeholders()]
+    if not all(isinstance(m, TensorMeta) for m in metas):
         raise ArtifactError("AOT artifacts take tensor inputs only")
+    names = _user_dim_names(metas, dynamic_shapes)
+    signature = [TensorSignature(p.name, m.dtype, tuple(_rename(d, names) for d in m.shape)).to_json()
+                 for p, m in zip(ir.placeholders(), metas)]
+    ranges = {names.get(k, k): v for k, v in ir.info.get("range_constraints", {}).items()}
     manifest = {
         "format": ARTIFACT_FORMAT, "versions": _versions(), "options": opts.to_dict(),
         "model": type(model).__qualname__, "inputs": signature,
-        "ranges": ir.info.get("range_constraints", {}), "aliases": aliases,
+        "ranges": ranges, "aliases": aliases,
         "in_spec": pytree.treespec_dumps(in_spec) if _builtin_spec(in_spec) else None,
         "out_spec": pytree.treespec_dumps(out_spec) if _builtin_spec(out_spec) else None,
         "kernels": {},  # generated kernel sources, by name (filled by code-generating backends)
@@ -109,6 +113,26 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
                     type(model).__name__, out_spec.type.__name__ if out_spec.type else "?")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return load(out)
+
+
+def _user_dim_names(metas: list, dynamic_shapes: Any) -> dict[str, str]:
+    """Export's symbols (``s75``) -> the names the user gave their dynamic dims (``seq``)."""
+    names: dict[str, str] = {}
+    if not isinstance(dynamic_shapes, (tuple, list)):
+        return names
+    for meta, dims in zip(metas, dynamic_shapes):
+        for axis, dim in (dims or {}).items():
+            expr = meta.shape[axis]
+            user = getattr(dim, "__name__", None)
+            if isinstance(expr, sympy.Symbol) and user and user not in names.values():
+                names[str(expr)] = user
+    return names
+
+
+def _rename(dim: Any, names: dict[str, str]) -> Any:
+    if isinstance(dim, sympy.Expr):
+        return dim.subs({s: sympy.Symbol(names[s.name]) for s in dim.free_symbols if s.name in names})
+    return dim
 
 
 class Artifact:

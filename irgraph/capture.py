@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch._decomp import core_aten_decompositions
 
+from fxforge.errors import FxforgeError
 from fxforge.irgraph.graph import IRGraph, _free_attr_name, hoist_get_attrs
 from fxforge.irgraph.meta import META_KEY, meta_of
 
@@ -39,6 +40,11 @@ KEPT_OPS = (
 )
 
 
+# export's trace-time dtype/device asserts: the IR's metadata (and an artifact's input check)
+# already guarantees them; unlike ``_assert_scalar`` they guard nothing that changes at run time.
+_REDUNDANT_ASSERTS = (aten._assert_tensor_metadata.default,)
+
+
 def decomposition_table() -> dict:
     table = dict(core_aten_decompositions())
     for op in KEPT_OPS:
@@ -46,7 +52,7 @@ def decomposition_table() -> dict:
     return table
 
 
-class CaptureError(RuntimeError):
+class CaptureError(FxforgeError, RuntimeError):
     """The model could not be captured into fxforge's IR."""
 
 
@@ -60,7 +66,9 @@ def build_ir(gm: fx.GraphModule, fake_mode: Any, constants: dict[str, torch.Tens
     owner = torch.nn.Module()
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "placeholder" and node.name in constants:
+        if node.op == "call_function" and node.target in _REDUNDANT_ASSERTS:
+            graph.erase_node(node)
+        elif node.op == "placeholder" and node.name in constants:
             name = _free_attr_name(owner, node.name)
             owner.register_buffer(name, constants[node.name].detach())
             with graph.inserting_before(node):
@@ -121,9 +129,10 @@ def capture_export(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] =
     try:
         ep = torch.export.export(model, args, kwargs=kwargs or {}, dynamic_shapes=dynamic_shapes)
         ep = ep.run_decompositions(decomposition_table())
-    except Exception as exc:  # export errors are long; keep the first line in our message
+    except Exception as exc:  # export errors are long; keep their first lines in ours
+        lines = [line for line in str(exc).splitlines() if line.strip()][:4]
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                           + ("\n".join(lines) or type(exc).__name__)) from exc
     sig = ep.graph_signature
     mutations = [o for o in sig.output_specs if o.kind.name != "USER_OUTPUT"]
     if mutations:

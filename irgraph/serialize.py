@@ -48,8 +48,12 @@ def encode_meta(meta) -> Any:
 
 
 def _expr(text: str):
+    """Parse a dim; symbols get the shape environment's assumptions (sizes: positive ints)."""
     value = sympy.sympify(text)
-    return int(value) if value.is_Integer else value
+    if value.is_Integer:
+        return int(value)
+    return value.subs({s: sympy.Symbol(s.name, integer=True, positive=True) if s.name.startswith("s")
+                       else sympy.Symbol(s.name, integer=True) for s in value.free_symbols})
 
 
 def decode_meta(data) -> Any:
@@ -158,9 +162,10 @@ def ir_from_json(data: dict, constants: dict[str, torch.Tensor]) -> IRGraph:
             target = "output"
         else:
             raise SerializationError(f"node {name!r} has unsupported kind {op!r}")
-        node = graph.create_node(op, target, args, kwargs, name=name)
-        if node.name != name:
+        if name in env:
             raise SerializationError(f"duplicate node name {name!r}")
+        # fx may rename (e.g. ``input`` -> ``input_1``, a builtin's name); env keys stay as stored.
+        node = graph.create_node(op, target, args, kwargs, name=name)
         node.meta[META_KEY] = decode_meta(entry.get("meta"))
         env[name] = node
     return IRGraph(fx.GraphModule(owner, graph), fake_mode=None, info={"capture": "artifact"})

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import RuleTable, same_value_layout
+from fxforge.passes.pattern import RuleTable, aliases_graph_input, same_value_layout
 
 aten = torch.ops.aten
 
@@ -26,21 +26,12 @@ def is_pure(node: fx.Node) -> bool:
     return getattr(target, "__module__", None) in ("_operator", "operator")
 
 
-# Trace-time metadata asserts that the IR's own metadata (and an artifact's input check)
-# already guarantees; unlike ``_assert_scalar`` they guard nothing that can change at run time.
-_REDUNDANT_ASSERTS = (aten._assert_tensor_metadata.default,)
-
-
-def _removable(node: fx.Node) -> bool:
-    return node.op == "get_attr" or is_pure(node) or node.target in _REDUNDANT_ASSERTS
-
-
 @register_pass("dce")
 def dead_code_elimination(ir: IRGraph) -> PassResult:
     """Remove nodes whose results are unused, and constants nothing reads any more."""
     before = len(ir.gm.graph.nodes)
     ir.gm.graph.eliminate_dead_code(
-        is_impure_node=lambda n: n.op == "placeholder" or not _removable(n))
+        is_impure_node=lambda n: n.op == "placeholder" or not (n.op == "get_attr" or is_pure(n)))
     removed = before - len(ir.gm.graph.nodes)
     used = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
     dropped = [name for name, _ in ir.gm.named_buffers() if name not in used]
@@ -93,13 +84,14 @@ _IDENTITY_WHEN_SAME_LAYOUT = [
 def _identity(node: fx.Node, ir: IRGraph):
     """An op whose result has its input's exact shape, strides, dtype and offset is a no-op.
 
-    Declined when the result is a graph output: returning the input itself would make an
-    output alias an input or a constant (a new aliasing the IR forbids).
+    Declined when the result is a graph output and its source is an input, a constant or
+    another output: the output would then alias it (a new aliasing the IR forbids).
     """
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node) or not same_value_layout(node, source):
         return None
-    if any(user.op == "output" for user in node.users):
+    if any(user.op == "output" for user in node.users) and (
+            aliases_graph_input(source) or any(u.op == "output" for u in source.users)):
         return None
     return source
 

@@ -126,6 +126,18 @@ class RuleTable:
         return counts
 
 
+def aliases_graph_input(node: fx.Node) -> bool:
+    """True if ``node`` is, or is a view chain of, a placeholder or a constant."""
+    while node.op == "call_function":
+        target = node.target
+        is_view = isinstance(target, torch._ops.OpOverload) and bool(target._schema.returns) and \
+            target._schema.returns[0].alias_info is not None
+        if not is_view or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
+    return node.op in ("placeholder", "get_attr")
+
+
 def same_value_layout(a: fx.Node, b: fx.Node) -> bool:
     """True when two nodes hold tensors of equal shape, strides, dtype, device and offset."""
     va, vb = a.meta.get("val"), b.meta.get("val")
