@@ -182,3 +182,51 @@ def build_bench(arch: str, size: str = "small", seed: int = 0, **overrides) -> n
 def bench_vocab(arch: str, size: str = "small") -> int:
     """The vocabulary size of a bench config (for drawing valid input ids)."""
     return _BENCH[arch][size]["vocab_size"]
+
+
+class DecodeStep(nn.Module):
+    """One KV-cached decode step as a pure function of tensors.
+
+    ``forward(input_ids, k0, v0, k1, v1, ...)`` rebuilds a fresh ``DynamicCache``
+    from the past keys/values on every call, so repeated calls see identical
+    input shapes (HF's cache would otherwise grow in place) and the whole step,
+    cache concatenation included, is one capturable graph. Returns the logits.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, *past_kv: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if len(past_kv) % 2:
+            raise ValueError("past_kv must alternate keys and values, one pair per layer")
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past_kv) // 2):
+            cache.update(past_kv[2 * layer], past_kv[2 * layer + 1], layer)
+        return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+
+
+@torch.no_grad()
+def decode_inputs(model: nn.Module, past_len: int = 128, batch: int = 1, seed: int = 0) -> tuple:
+    """Inputs for ``DecodeStep(model)``: one new token per row plus a real KV cache.
+
+    The cache comes from running ``model`` on a random prefix of ``past_len``
+    tokens, so its values are what a real decode step would see.
+    """
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    prefix = torch.randint(3, vocab, (batch, past_len), generator=gen).to(device)
+    token = torch.randint(3, vocab, (batch, 1), generator=gen).to(device)
+    cache = model(input_ids=prefix, use_cache=True).past_key_values
+    window = getattr(model.config, "sliding_window", None)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers) and window and past_len >= window:
+        # A sliding layer keeps only the last window-1 tokens, so a cache rebuilt
+        # from its tensors would report the wrong sequence length and positions.
+        raise ValueError(f"past_len={past_len} >= sliding_window={window}: DecodeStep cannot rebuild a sliding cache")
+    flat = []
+    for layer in cache.layers:
+        flat += [layer.keys.clone(), layer.values.clone()]
+    return (token, *flat)

@@ -149,7 +149,12 @@ class Artifact:
     def __call__(self, *args: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, {}))
         if self.in_spec is not None and spec != self.in_spec:
-            raise InputSpecError(f"inputs are structured as {spec}, the artifact expects {self.in_spec}")
+            expected_args = self.in_spec.children()[0].num_children
+            if len(args) != expected_args:
+                names = ", ".join(s.name for s in self.signature)
+                raise InputSpecError(f"expected {expected_args} inputs ({names}), got {len(args)}")
+            raise InputSpecError("inputs are nested differently from the example inputs the "
+                                 f"artifact was compiled with: {spec} vs {self.in_spec}")
         check_inputs(flat, self.signature, self.ranges)
         with torch.no_grad():
             outputs = list(self.lowered(*flat))

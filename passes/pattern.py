@@ -75,16 +75,20 @@ class Rewrite:
 
 
 def _refresh_and_check(ir: IRGraph, result: Any, rule: str) -> None:
-    for node in ir.gm.graph.nodes:  # new nodes in topological order
-        if node.op == "call_function" and "val" not in node.meta:
+    """Re-derive metadata of the inserted nodes (graph_copy brought the traced example's),
+    then require the replacement's output to have the replaced value's shape and dtype."""
+    new = set(result.replacements)
+    for node in ir.gm.graph.nodes:  # topological order
+        if node in new and node.op == "call_function":
+            node.meta.pop("val", None)
             ir.infer(node)
-    for old_anchor, new_node in zip(result.anchor if isinstance(result.anchor, list) else [result.anchor],
-                                    result.replacements[-1:]):
-        old = old_anchor.meta.get(META_KEY)
-        new = new_node.meta.get(META_KEY)
-        if isinstance(old, TensorMeta) and isinstance(new, TensorMeta):
-            if old.shape != new.shape or old.dtype != new.dtype:
-                raise AssertionError(f"rewrite {rule!r} replaced {old.describe()} with {new.describe()}")
+    outputs = [n for n in result.replacements if any(u not in new for u in n.users)]
+    old = result.nodes_map[result.anchor].meta.get(META_KEY)
+    if len(outputs) == 1 and isinstance(old, TensorMeta):
+        new_meta = outputs[0].meta.get(META_KEY)
+        if not isinstance(new_meta, TensorMeta) or new_meta.shape != old.shape or new_meta.dtype != old.dtype:
+            got = new_meta.describe() if isinstance(new_meta, TensorMeta) else repr(new_meta)
+            raise AssertionError(f"rewrite {rule!r} replaced {old.describe()} with {got}")
 
 
 Rule = Callable[[fx.Node, IRGraph], Any]

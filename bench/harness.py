@@ -1,0 +1,334 @@
+"""Benchmark harness: time models under eager, inductor and fxforge.
+
+A *case* is one (model, workload) pair: a module plus positional example inputs.
+Each case is timed under each compiler with a fresh ``torch.compile`` (after
+``torch._dynamo.reset()``), so every compiled graph sees a single static input
+shape and no compiler inherits another's caches. The first call (compilation)
+is timed separately and excluded from the statistics.
+
+Workloads:
+  * ``prefill``: batch 1, ``seq`` tokens (128 by default) through the whole model.
+  * ``decode1``: one new token. Hugging Face models run a real KV-cached step
+    (``hf_models.DecodeStep`` over a ``seq``-token cache); models without a cache
+    (small GPT, MLP block) run a single-token forward.
+
+A failure (build, compile, run or mismatch) is recorded in the result and the
+run goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+COMPILERS = ("eager", "inductor", "fxforge")
+WORKLOADS = ("prefill", "decode1")
+
+
+@dataclasses.dataclass
+class Case:
+    model: str
+    workload: str
+    module: torch.nn.Module
+    inputs: tuple
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Result:
+    model: str
+    workload: str
+    compiler: str
+    status: str = "ok"  # ok | error | skipped
+    error: str = ""
+    compile_s: float | None = None
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    repeats: int = 0
+    max_abs_diff: float | None = None
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _mlp_cases(seq: int) -> list[Case]:
+    from fxforge.examples.small_gpt import make_mlp_block, mlp_example_inputs
+
+    block = make_mlp_block()
+    return [
+        Case("mlp", "prefill", block, mlp_example_inputs(batch=1, seq=seq)),
+        Case("mlp", "decode1", block, mlp_example_inputs(batch=1, seq=1), "single-token forward"),
+    ]
+
+
+def _small_gpt_cases(seq: int) -> list[Case]:
+    from fxforge.examples.small_gpt import example_inputs, make_model
+
+    model = make_model()
+    return [
+        Case("small_gpt", "prefill", model, example_inputs(batch=1, seq=seq)),
+        Case("small_gpt", "decode1", model, example_inputs(batch=1, seq=1), "no KV cache: single-token forward"),
+    ]
+
+
+def _hf_cases(name: str, model: torch.nn.Module, seq: int) -> list[Case]:
+    """Prefill through ``LogitsOnly`` and a cached decode step through ``DecodeStep``."""
+    from fxforge.examples.hf_models import DecodeStep, LogitsOnly, decode_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, seq), generator=gen)
+    with torch.inference_mode():
+        step_inputs = decode_inputs(model, past_len=seq)
+    return [
+        Case(name, "prefill", LogitsOnly(model), (ids,)),
+        Case(name, "decode1", DecodeStep(model), step_inputs, f"KV-cached step, past={seq}"),
+    ]
+
+
+def _hf_bench_cases(arch: str, seq: int) -> list[Case]:
+    from fxforge.examples.hf_models import build_bench
+
+    return _hf_cases(arch, build_bench(arch, "small"), seq)
+
+
+def _smollm2_cases(seq: int) -> list[Case]:
+    from fxforge.examples.smollm2 import load_smollm2, smollm2_status
+
+    ok, reason = smollm2_status()
+    if not ok:
+        raise RuntimeError(f"SmolLM2 unavailable: {reason}")
+    model, _ = load_smollm2()
+    return _hf_cases("smollm2", model, seq)
+
+
+MODELS: dict[str, Callable[[int], list[Case]]] = {
+    "mlp": _mlp_cases,
+    "small_gpt": _small_gpt_cases,
+    "gpt2": lambda seq: _hf_bench_cases("gpt2", seq),
+    "llama": lambda seq: _hf_bench_cases("llama", seq),
+    "smollm2": _smollm2_cases,
+}
+
+
+# --------------------------------------------------------------------------- compilers
+
+
+def resolve_backend(name: str):
+    """The ``torch.compile`` backend for ``name``.
+
+    ``fxforge`` is normally registered through the ``torch_dynamo_backends``
+    entry point of an installed fxforge; when it is not (e.g. a source checkout
+    on ``PYTHONPATH``), fall back to importing the backend function directly.
+    """
+    import torch._dynamo
+
+    if name in torch._dynamo.list_backends(exclude_tags=()):
+        return name
+    if name == "fxforge":
+        try:
+            from fxforge.backend_entry import fxforge_backend
+        except ImportError as exc:
+            raise RuntimeError(f"fxforge backend is not registered and not importable: {exc}") from exc
+        return fxforge_backend
+    raise RuntimeError(f"unknown torch.compile backend {name!r}")
+
+
+def make_runner(compiler: str, module: torch.nn.Module):
+    if compiler == "eager":
+        return module
+    backend = "inductor" if compiler == "inductor" else resolve_backend(compiler)
+    return torch.compile(module, backend=backend)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(sorted_vals: list[float], q: float) -> float:
+    """Linear-interpolated percentile of already sorted values (q in [0, 1])."""
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def time_calls(fn, inputs: tuple, device: torch.device, warmup: int, repeats: int,
+               budget_s: float) -> list[float]:
+    """Per-call wall times in ms: ``warmup`` untimed calls, then up to ``repeats``
+    timed ones, stopping early (after at least 3) once ``budget_s`` is spent."""
+    for _ in range(warmup):
+        fn(*inputs)
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*inputs)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot compare output of type {type(out).__name__}")
+
+
+def run_case(case: Case, compiler: str, reference: torch.Tensor | None, device: torch.device,
+             warmup: int, repeats: int, budget_s: float) -> tuple[Result, torch.Tensor | None]:
+    """Compile (unless eager), check against ``reference``, then time. Never raises."""
+    import torch._dynamo
+
+    res = Result(case.model, case.workload, compiler, note=case.note)
+    out = None
+    try:
+        torch._dynamo.reset()
+        runner = make_runner(compiler, case.module)
+        t0 = time.perf_counter()
+        out = _first_tensor(runner(*case.inputs))
+        _sync(device)
+        res.compile_s = time.perf_counter() - t0
+        if reference is not None:
+            res.max_abs_diff = (out.float() - reference.float()).abs().max().item()
+        times = sorted(time_calls(runner, case.inputs, device, warmup, repeats, budget_s))
+        res.repeats = len(times)
+        res.median_ms = statistics.median(times)
+        res.p20_ms = _percentile(times, 0.2)
+        res.p80_ms = _percentile(times, 0.8)
+    except Exception as exc:  # a broken compiler must not end the whole run
+        res.status = "error"
+        res.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        res.note = (res.note + " | " if res.note else "") + traceback.format_exc(limit=3)[-1500:]
+    finally:
+        torch._dynamo.reset()
+    return res, out
+
+
+def _move(case: Case, device: torch.device) -> Case:
+    module = case.module.to(device)
+    inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in case.inputs)
+    return dataclasses.replace(case, module=module, inputs=inputs)
+
+
+def run_all(models: list[str], compilers: list[str], device: str = "cpu", seq: int = 128,
+            warmup: int = 3, repeats: int = 20, budget_s: float = 5.0,
+            log: Callable[[str], None] = print) -> list[Result]:
+    """Run every (model, workload, compiler); eager always runs first as the reference."""
+    dev = torch.device(device)
+    order = ["eager"] + [c for c in compilers if c != "eager"]
+    results: list[Result] = []
+    for name in models:
+        try:
+            cases = MODELS[name](seq)
+        except Exception as exc:
+            log(f"[{name}] skipped: {type(exc).__name__}: {exc}")
+            for wl in WORKLOADS:
+                for comp in compilers:
+                    results.append(Result(name, wl, comp, status="skipped", error=f"{type(exc).__name__}: {exc}"))
+            continue
+        for case in cases:
+            case = _move(case, dev)
+            reference = None
+            for comp in order:
+                with torch.inference_mode():
+                    res, out = run_case(case, comp, reference, dev, warmup, repeats, budget_s)
+                if comp == "eager":
+                    reference = out
+                if comp in compilers:
+                    results.append(res)
+                    log(_log_line(res))
+        del cases
+    return results
+
+
+def _log_line(r: Result) -> str:
+    head = f"[{r.model}/{r.workload}/{r.compiler}]"
+    if r.status != "ok":
+        return f"{head} {r.status.upper()}: {r.error.splitlines()[0][:200] if r.error else ''}"
+    diff = "" if r.max_abs_diff is None else f" maxdiff={r.max_abs_diff:.2e}"
+    return f"{head} median {r.median_ms:.3f} ms (p20 {r.p20_ms:.3f}, p80 {r.p80_ms:.3f}, n={r.repeats}) compile {r.compile_s:.1f}s{diff}"
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt_ms(r: Result | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r.median_ms:.3f}" if r.status == "ok" else r.status.upper()
+
+
+def _speedup(baseline: Result | None, other: Result | None) -> str:
+    """``baseline_ms / other_ms``: above 1 means ``other`` is faster."""
+    if baseline is None or other is None or baseline.status != "ok" or other.status != "ok" or not other.median_ms:
+        return "-"
+    return f"{baseline.median_ms / other.median_ms:.2f}x"
+
+
+def format_table(results: list[Result], compilers: list[str]) -> str:
+    """One row per (model, workload): median ms per compiler and speedups.
+
+    Speedup columns are ``baseline_ms / compiler_ms`` (above 1 means faster).
+    """
+    index = {(r.model, r.workload, r.compiler): r for r in results}
+    rows = list(dict.fromkeys((r.model, r.workload) for r in results))  # keep run order
+    header = ["model", "workload"] + [f"{c} ms" for c in compilers]
+    ratio_cols = [(c, "eager") for c in compilers if c != "eager"]
+    if "fxforge" in compilers and "inductor" in compilers:
+        ratio_cols.append(("fxforge", "inductor"))
+    header += [f"{c} vs {b}" for c, b in ratio_cols]
+    lines = [header]
+    for model, wl in rows:
+        row = [model, wl] + [_fmt_ms(index.get((model, wl, c))) for c in compilers]
+        row += [_speedup(index.get((model, wl, b)), index.get((model, wl, c))) for c, b in ratio_cols]
+        lines.append(row)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["  ".join(str(v).rjust(w) if i > 1 else str(v).ljust(w) for i, (v, w) in enumerate(zip(line, widths)))
+           for line in lines]
+    out.insert(1, "-" * len(out[0]))
+    return "\n".join(out)
+
+
+def format_errors(results: list[Result]) -> str:
+    bad = [r for r in results if r.status != "ok"]
+    return "\n".join(f"  {r.model}/{r.workload}/{r.compiler}: {r.error.splitlines()[0][:300] if r.error else r.status}"
+                     for r in bad)
+
+
+def environment(device: str) -> dict:
+    import platform
+
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env

@@ -1,0 +1,127 @@
+"""AOT artifacts: round trip in a fresh process, the CLI, and every bad-artifact/bad-input case."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.examples.small_gpt import make_model
+from fxforge.testing import assert_close_to_eager
+
+SEQ = torch.export.Dim("seq", min=2, max=128)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    torch._dynamo.reset()
+    model = make_model(seed=3, n_layer=2)
+    idx = torch.randint(0, 512, (2, 16))
+    path = tmp_path_factory.mktemp("art") / "gpt"
+    fxforge.aot_compile(model, (idx,), path, dynamic_shapes=({1: SEQ},))
+    return model, path
+
+
+def test_round_trip_in_a_fresh_process_that_never_imports_the_model(artifact, tmp_path):
+    model, path = artifact
+    x = torch.randint(0, 512, (2, 37))
+    torch.save(x, tmp_path / "x.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch, fxforge
+        art = fxforge.load({str(path)!r})
+        out = art(torch.load({str(tmp_path / 'x.pt')!r}))
+        torch.save(out, {str(tmp_path / 'out.pt')!r})
+        leaked = [m for m in sys.modules if m.startswith("fxforge.examples")]
+        print("model modules imported:", leaked)
+        print("compiled by dynamo:", torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "model modules imported: []" in result.stdout
+    assert "compiled by dynamo: 0" in result.stdout
+    with torch.no_grad():
+        assert_close_to_eager(torch.load(tmp_path / "out.pt"), model(x))
+
+
+def test_manifest_records_versions_options_inputs_and_hashes(artifact):
+    _, path = artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["fxforge"] == fxforge.__version__
+    assert manifest["inputs"] == [{"name": "idx", "dtype": "int64", "shape": ["2", "seq"]}]
+    assert manifest["ranges"] == {"seq": [2, 128]}
+    assert set(manifest["files"]) == {"graph.json", "weights.safetensors"}
+    assert manifest["options"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.randint(0, 512, (3, 16)), "dim 0 must be 2"),
+    (torch.randint(0, 512, (2, 200)), r"outside the compiled range \[2, 128\]"),
+    (torch.randn(2, 16), "expected dtype torch.int64"),
+    (torch.randint(0, 512, (2, 16, 1)), "expected 2 dims"),
+])
+def test_bad_inputs_are_named(artifact, bad, message):
+    art = fxforge.load(artifact[1])
+    with pytest.raises(fxforge.InputSpecError, match=message):
+        art(bad)
+    with pytest.raises(fxforge.InputSpecError, match="expected 1 inputs"):
+        art(bad, bad)
+
+
+def _copy(path, tmp_path):
+    import shutil
+    dst = tmp_path / "copy"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def test_missing_tampered_and_foreign_artifacts_are_named(artifact, tmp_path):
+    _, path = artifact
+    with pytest.raises(fxforge.ArtifactError, match="does not exist"):
+        fxforge.load(tmp_path / "nowhere")
+    art = _copy(path, tmp_path)
+    (art / "weights.safetensors").unlink()
+    with pytest.raises(fxforge.ArtifactError, match="weights.safetensors is missing"):
+        fxforge.load(art)
+    art = _copy(path, tmp_path / "b")
+    graph = json.loads((art / "graph.json").read_text())
+    graph["nodes"][-2]["target"] = "aten.sub.Tensor"
+    (art / "graph.json").write_text(json.dumps(graph))
+    with pytest.raises(fxforge.ArtifactError, match="graph.json was modified"):
+        fxforge.load(art)
+    art = _copy(path, tmp_path / "c")
+    with open(art / "weights.safetensors", "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)
+    with pytest.raises(fxforge.ArtifactError, match="weights.safetensors was modified"):
+        fxforge.load(art)
+    art = _copy(path, tmp_path / "d")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["versions"]["torch"] = "1.13.0"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(fxforge.ArtifactError, match="built with torch 1.13.0"):
+        fxforge.load(art)
+    (art / "manifest.json").write_text("{ not json")
+    with pytest.raises(fxforge.ArtifactError, match="not valid JSON"):
+        fxforge.load(art)
+
+
+def test_cli_compiles_and_reports_errors(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "fxforge", "compile", "fxforge.examples.small_gpt:make_model",
+           "--example", "int64[1,seq=8:2..64]{0..512}", "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    art = fxforge.load(out)
+    x = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert_close_to_eager(art(x), make_model()(x))
+    bad = subprocess.run(cmd[:5] + ["--example", "int64[1,8", "-o", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "bad input spec" in bad.stderr
+    bad = subprocess.run(cmd + ["--option", "precision=int2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "precision must be one of" in bad.stderr
