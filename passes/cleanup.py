@@ -52,6 +52,10 @@ def _key(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
+def _both_outputs(a: fx.Node, b: fx.Node) -> bool:
+    return any(u.op == "output" for u in a.users) and any(u.op == "output" for u in b.users)
+
+
 @register_pass("cse")
 def common_subexpression_elimination(ir: IRGraph) -> PassResult:
     """Merge pure calls with the same op and the same arguments."""
@@ -61,6 +65,8 @@ def common_subexpression_elimination(ir: IRGraph) -> PassResult:
         if not is_pure(node):
             continue
         key = (node.target, _key(node.args), _key(node.kwargs))
+        if key in seen and _both_outputs(node, seen[key]):
+            continue  # merging would make two outputs one tensor; eager returns two
         if key in seen:
             node.replace_all_uses_with(seen[key])
             ir.gm.graph.erase_node(node)

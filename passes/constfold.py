@@ -20,6 +20,9 @@ from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.irgraph.meta import META_KEY
 from fxforge.passes.base import PassResult, register_pass
 from fxforge.passes.cleanup import is_pure
+from fxforge.passes.pattern import alias_root
+
+aten = torch.ops.aten
 
 MAX_GROWTH = 2.0  # fold a node only if its output is at most this many times its inputs' size
 MIN_GROWTH_BYTES = 1 << 16  # ... unless the output is this small anyway (masks, scalars)
@@ -117,6 +120,7 @@ def constant_fold(ir: IRGraph) -> PassResult:
     wanted = _frontier(ir, folds)
     if not wanted:
         return PassResult(ir, {"folded": 0})
+    weights = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
     with torch.no_grad():
         values = _evaluate(ir, folds, wanted)
     for node, value in values.items():
@@ -129,5 +133,20 @@ def constant_fold(ir: IRGraph) -> PassResult:
             continue
         node.replace_all_uses_with(const)
     ir.gm.graph.eliminate_dead_code()
+    _copy_folded_outputs(ir, {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"} - weights)
     hoist_get_attrs(ir.gm.graph)
     return PassResult(ir, {"folded": len(values)})
+
+
+def _copy_folded_outputs(ir: IRGraph, folded: set[str]) -> None:
+    """Eager returns a fresh tensor where a folded constant (or a view of one) is an output:
+    return a copy of it too, or every call would hand out, and let the caller mutate, the same
+    memory."""
+    output = ir.output_node()
+    for value in output.all_input_nodes:
+        root = alias_root(value)
+        if root.op == "get_attr" and root.target in folded:
+            with ir.gm.graph.inserting_before(output):
+                copy = ir.gm.graph.call_function(aten.clone.default, (value,))
+            ir.infer(copy)
+            output.replace_input_with(value, copy)

@@ -12,6 +12,7 @@ Both count their matches per rule name, so tests can assert how often each fired
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -130,16 +131,23 @@ class RuleTable:
         return counts
 
 
+def alias_root(node: fx.Node) -> fx.Node:
+    """The node whose memory ``node`` views: follows view ops and ``getitem`` of multi-output
+    views (``split``, ``unbind``), stopping at the first node that makes new memory."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        target = node.target
+        is_view = target is operator.getitem or (
+            isinstance(target, torch._ops.OpOverload) and bool(target._schema.returns)
+            and target._schema.returns[0].alias_info is not None)
+        if not is_view:
+            break
+        node = node.args[0]
+    return node
+
+
 def aliases_graph_input(node: fx.Node) -> bool:
     """True if ``node`` is, or is a view chain of, a placeholder or a constant."""
-    while node.op == "call_function":
-        target = node.target
-        is_view = isinstance(target, torch._ops.OpOverload) and bool(target._schema.returns) and \
-            target._schema.returns[0].alias_info is not None
-        if not is_view or not node.args or not isinstance(node.args[0], fx.Node):
-            return False
-        node = node.args[0]
-    return node.op in ("placeholder", "get_attr")
+    return alias_root(node).op in ("placeholder", "get_attr")
 
 
 def same_value_layout(a: fx.Node, b: fx.Node) -> bool:
