@@ -23,17 +23,19 @@ run: $(STAMP)
 	$(PY) -m fxforge.examples.chat_demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 FXFORGE_VERIFY=1 $(PY) -m pytest -n 2 -q -m "not slow and not gpu"
+	# One torch thread per xdist worker: two workers with two threads each on two cores thrash.
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 FXFORGE_VERIFY=1 $(PY) -m pytest -n 2 -q -m "not slow and not gpu"
 
+# pytest exits 5 when no test carries the marker: that is not a failure here.
 bench: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 	$(PY) bench/run.py
 
 # On a lent GPU machine (torch and triton preinstalled, no network): install fxforge
 # into the system Python without touching its packages, run the GPU tests and benchmarks.
 gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PYTHON) -m pytest -q -m gpu tests
+	$(PYTHON) -m pytest -q -m gpu tests || [ $$? -eq 5 ]
 	$(PYTHON) bench/run.py --device cuda
 
 clean:

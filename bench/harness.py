@@ -51,7 +51,11 @@ class Result:
     p80_ms: float | None = None
     repeats: int = 0
     max_abs_diff: float | None = None
+    matches: bool | None = None  # max_abs_diff within RTOL of the largest eager output
     note: str = ""
+
+
+RTOL = 1e-3  # tolerated max |compiled - eager|, relative to max |eager| (at least 1)
 
 
 # --------------------------------------------------------------------------- models
@@ -103,7 +107,7 @@ def _smollm2_cases(seq: int) -> list[Case]:
     ok, reason = smollm2_status()
     if not ok:
         raise RuntimeError(f"SmolLM2 unavailable: {reason}")
-    model, _ = load_smollm2()
+    model, _ = load_smollm2(progress=False)
     return _hf_cases("smollm2", model, seq)
 
 
@@ -119,31 +123,17 @@ MODELS: dict[str, Callable[[int], list[Case]]] = {
 # --------------------------------------------------------------------------- compilers
 
 
-def resolve_backend(name: str):
-    """The ``torch.compile`` backend for ``name``.
-
-    ``fxforge`` is normally registered through the ``torch_dynamo_backends``
-    entry point of an installed fxforge; when it is not (e.g. a source checkout
-    on ``PYTHONPATH``), fall back to importing the backend function directly.
-    """
-    import torch._dynamo
-
-    if name in torch._dynamo.list_backends(exclude_tags=()):
-        return name
-    if name == "fxforge":
-        try:
-            from fxforge.backend_entry import fxforge_backend
-        except ImportError as exc:
-            raise RuntimeError(f"fxforge backend is not registered and not importable: {exc}") from exc
-        return fxforge_backend
-    raise RuntimeError(f"unknown torch.compile backend {name!r}")
-
-
 def make_runner(compiler: str, module: torch.nn.Module):
+    """``module`` itself for eager, else a fresh ``torch.compile`` of it.
+
+    ``fxforge`` resolves through its ``torch_dynamo_backends`` entry point, or
+    by importing its backend function when fxforge is not pip-installed.
+    """
     if compiler == "eager":
         return module
-    backend = "inductor" if compiler == "inductor" else resolve_backend(compiler)
-    return torch.compile(module, backend=backend)
+    from fxforge.examples.chat_demo import resolve_backend
+
+    return torch.compile(module, backend=resolve_backend(compiler))
 
 
 # --------------------------------------------------------------------------- timing
@@ -207,6 +197,7 @@ def run_case(case: Case, compiler: str, reference: torch.Tensor | None, device: 
         res.compile_s = time.perf_counter() - t0
         if reference is not None:
             res.max_abs_diff = (out.float() - reference.float()).abs().max().item()
+            res.matches = res.max_abs_diff <= RTOL * max(1.0, reference.float().abs().max().item())
         times = sorted(time_calls(runner, case.inputs, device, warmup, repeats, budget_s))
         res.repeats = len(times)
         res.median_ms = statistics.median(times)
@@ -262,7 +253,7 @@ def _log_line(r: Result) -> str:
     head = f"[{r.model}/{r.workload}/{r.compiler}]"
     if r.status != "ok":
         return f"{head} {r.status.upper()}: {r.error.splitlines()[0][:200] if r.error else ''}"
-    diff = "" if r.max_abs_diff is None else f" maxdiff={r.max_abs_diff:.2e}"
+    diff = "" if r.max_abs_diff is None else f" maxdiff={r.max_abs_diff:.2e}" + ("" if r.matches else " MISMATCH")
     return f"{head} median {r.median_ms:.3f} ms (p20 {r.p20_ms:.3f}, p80 {r.p80_ms:.3f}, n={r.repeats}) compile {r.compile_s:.1f}s{diff}"
 
 
@@ -272,7 +263,9 @@ def _log_line(r: Result) -> str:
 def _fmt_ms(r: Result | None) -> str:
     if r is None:
         return "-"
-    return f"{r.median_ms:.3f}" if r.status == "ok" else r.status.upper()
+    if r.status != "ok":
+        return r.status.upper()
+    return f"{r.median_ms:.3f}" + ("!" if r.matches is False else "")
 
 
 def _speedup(baseline: Result | None, other: Result | None) -> str:
@@ -307,9 +300,15 @@ def format_table(results: list[Result], compilers: list[str]) -> str:
 
 
 def format_errors(results: list[Result]) -> str:
-    bad = [r for r in results if r.status != "ok"]
-    return "\n".join(f"  {r.model}/{r.workload}/{r.compiler}: {r.error.splitlines()[0][:300] if r.error else r.status}"
-                     for r in bad)
+    """Failed cases, and (marked ``!`` in the table) outputs that differ from eager."""
+    lines = []
+    for r in results:
+        where = f"  {r.model}/{r.workload}/{r.compiler}"
+        if r.status != "ok":
+            lines.append(f"{where}: {r.error.splitlines()[0][:300] if r.error else r.status}")
+        elif r.matches is False:
+            lines.append(f"{where}: output differs from eager (max abs diff {r.max_abs_diff:.3e})")
+    return "\n".join(lines)
 
 
 def environment(device: str) -> dict:

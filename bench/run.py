@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,12 @@ def main(argv=None) -> int:
     env = harness.environment(args.device)
     print(f"torch {env['torch']} on {args.device} ({env['threads']} threads); models={','.join(args.models)} "
           f"compilers={','.join(args.compilers)} seq={args.seq} repeats={args.repeats}", flush=True)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if args.device == "cpu" and load > 0.5 * cores:
+        # An OpenMP barrier waits for its slowest thread: one thread descheduled by
+        # another process can slow a small op tenfold. One thread sidesteps that.
+        hint = " (try --threads 1)" if torch.get_num_threads() > 1 else ""
+        print(f"WARNING: load average {load:.1f} on {cores} cores; timings will be noisy{hint}")
     start = time.perf_counter()
     results = harness.run_all(
         args.models, args.compilers, device=args.device, seq=args.seq, warmup=args.warmup,
@@ -74,6 +81,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     print()
     print(harness.format_table(results, args.compilers))
+    print("(speedup = baseline ms / compiler ms, above 1 is faster; '!' = output differs from eager)")
     errors = harness.format_errors(results)
     if errors:
         print("\nfailures:\n" + errors)

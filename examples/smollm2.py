@@ -12,6 +12,7 @@ Loading takes ~20-30 s on a 2-core CPU (GGUF de-quantization + tokenizer convers
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -54,17 +55,46 @@ def smollm2_available() -> bool:
     return smollm2_status()[0]
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
+def _quiet_gguf_progress():
+    """Silence the raw ``tqdm`` bar transformers draws while de-quantizing GGUF tensors.
+
+    It ignores ``transformers``' own progress-bar switch; if the module layout
+    changes, fall back to showing the bar.
+    """
+    from functools import partial
+    from unittest import mock
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(gguf_utils, "tqdm"):
+        return contextlib.nullcontext()
+    return mock.patch.object(gguf_utils, "tqdm", partial(tqdm, disable=True))
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, progress: bool = True):
     """Load ``(model, tokenizer)``; the model is a ``LlamaForCausalLM`` in eval mode.
 
     The model keeps the default attention implementation (``sdpa``) and
     ``use_cache=True`` so that ``generate`` uses HF's ``DynamicCache``.
+    ``progress=False`` hides the loading progress bars.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     pkg_dir, name = _gguf_location()
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=name, dtype=dtype, local_files_only=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with contextlib.nullcontext() if progress else _quiet_gguf_progress():
+            model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=name, dtype=dtype, local_files_only=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
