@@ -24,7 +24,8 @@ log = logging.getLogger("fxforge")
 # Tolerances for comparing against eager, by dtype (verify=True and the tests use these).
 # fp32 allows for reassociation (a different reduction order), nothing more.
 TOLERANCES = {torch.float32: (1.3e-5, 1e-5), torch.float64: (1e-7, 1e-7),
-              torch.bfloat16: (1.6e-2, 1e-3), torch.float16: (1e-3, 1e-4)}
+              torch.bfloat16: (1.6e-2, 1e-3), torch.float16: (1e-3, 1e-4),
+              torch.complex64: (1.3e-5, 1e-5), torch.complex128: (1e-7, 1e-7)}
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:

@@ -8,6 +8,7 @@ CompositeImplicit and always arrives decomposed, as ``addmm(bias, x2d, t(w))`` /
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -45,7 +46,9 @@ KEPT_OPS = (
 _REDUNDANT_ASSERTS = (aten._assert_tensor_metadata.default,)
 
 
+@functools.lru_cache(maxsize=None)
 def decomposition_table() -> dict:
+    """Built once (it costs ~50 ms); callers must not modify it."""
     table = dict(core_aten_decompositions())
     for op in KEPT_OPS:
         table.pop(op, None)

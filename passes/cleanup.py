@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import RuleTable, aliases_graph_input, same_value_layout
+from fxforge.passes.pattern import RuleTable, alias_root, aliases_graph_input, same_value_layout
 
 aten = torch.ops.aten
 
@@ -86,18 +86,37 @@ _IDENTITY_WHEN_SAME_LAYOUT = [
 ]
 
 
+def _reaches_output(node: fx.Node, besides: fx.Node | None = None) -> bool:
+    """Is ``node``, or a view of it, a graph output (so its memory is handed to the caller)?
+    Paths through ``besides`` do not count."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if user is besides:
+                continue
+            if user.op == "output":
+                return True
+            if alias_root(user) is not user:  # a view: its memory is ours
+                stack.append(user)
+    return False
+
+
 @NOOP_RULES.add(_IDENTITY_WHEN_SAME_LAYOUT, "identity")
 def _identity(node: fx.Node, ir: IRGraph):
     """An op whose result has its input's exact shape, strides, dtype and offset is a no-op.
 
-    Declined when the result is a graph output and its source is an input, a constant or
-    another output: the output would then alias it (a new aliasing the IR forbids).
+    Declined when the result (or a view of it) is a graph output and its source is an input,
+    a constant or another output: the output would then alias it (a new aliasing the IR
+    forbids).
     """
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node) or not same_value_layout(node, source):
         return None
-    if any(user.op == "output" for user in node.users) and (
-            aliases_graph_input(source) or any(u.op == "output" for u in source.users)):
+    if _reaches_output(node) and (aliases_graph_input(source) or _reaches_output(source, node)):
         return None
     return source
 

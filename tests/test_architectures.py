@@ -7,8 +7,9 @@ reuse that dynamic graph. Each output must match eager within fp32 tolerance, an
 must really have compiled every graph: no "runs eagerly" warning from its loggers, one
 partition per graph with no per-node eager fallback, and the pass pipeline run on it.
 
-The seven extra architectures (beyond the nine transformer families every compiler should
-handle) are marked ``slow``: dynamo's own tracing costs 3-10 s per model and architecture.
+A KV-cached decode step (``DecodeStep``) is checked the same way. The seven architectures
+beyond the nine core families (and two of the decode steps) are marked ``slow``: dynamo's
+own tracing costs 3-10 s per model, so the default run stays near a minute.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ pytest.importorskip("transformers")
 import fxforge  # noqa: F401,E402  (registers the backend)
 import fxforge.compiler  # noqa: E402
 from fxforge.examples import hf_models  # noqa: E402
-from fxforge.examples.hf_models import ARCHITECTURES, LogitsOnly, build, example_inputs  # noqa: E402
+from fxforge.examples.hf_models import (ARCHITECTURES, DecodeStep, LogitsOnly, build,  # noqa: E402
+                                        decode_inputs, example_inputs)
 from fxforge.irgraph import TensorMeta  # noqa: E402
 from fxforge.testing import assert_close_to_eager  # noqa: E402
 
@@ -129,9 +131,41 @@ def test_mixtral_custom_op_runs_eagerly_with_reason(caplog, compiled_graphs):
     with torch.no_grad():
         assert_close_to_eager(compiled(*inputs), model(*inputs))
     warnings = _fxforge_warnings(caplog)
-    assert warnings and all("grouped_mm_fallback" in w and "runs eagerly" in w for w in warnings), warnings
+    assert warnings, "the custom op should be reported as running eagerly"
+    assert all("grouped_mm_fallback" in w and "runs eagerly" in w for w in warnings), warnings
     (graph,) = compiled_graphs
     assert graph.lowered.fallbacks and graph.lowered.partitions >= 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("arch", [pytest.param("llama", id="llama"),
+                                  pytest.param("gpt2", id="gpt2", marks=pytest.mark.slow),
+                                  pytest.param("gemma2", id="gemma2", marks=pytest.mark.slow)])
+def test_kv_cached_decode_step_matches_eager(arch, caplog, compiled_graphs):
+    """One decode step over a real KV cache (cache concat + attention to the past), at three
+    cache lengths (gemma2's sliding window is 8: lengths stay below it so that DecodeStep can
+    rebuild the cache from tensors)."""
+    caplog.set_level(logging.INFO, logger="fxforge")
+    model_seed, *input_seeds = _fresh_seeds(1 + len(SEQS))
+    model = build(arch, seed=model_seed, use_cache=True)
+    step = DecodeStep(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="fxforge", fullgraph=True)
+    seen = []
+    with torch.no_grad():
+        for past, seed in zip((6, 7, 5), input_seeds):
+            inputs = decode_inputs(model, past_len=past, batch=BATCH, seed=seed)
+            assert_close_to_eager(compiled(*inputs), step(*inputs),
+                                  what=f"{arch} decode logits, past={past}")
+            seen.append(len(compiled_graphs))
+    assert not _fxforge_warnings(caplog), _fxforge_warnings(caplog)
+    # Static, then dynamic; the third length may recompile on a dynamo guard (gemma2 guards
+    # on the cache length against its sliding window), which is dynamo's business.
+    assert seen[:2] == [1, 2], f"graphs compiled after each call: {seen}"
+    assert _is_dynamic(compiled_graphs[1])
+    for graph in compiled_graphs:
+        _check_structure(graph)
     torch._dynamo.reset()
 
 

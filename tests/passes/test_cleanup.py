@@ -163,3 +163,15 @@ def test_noop_removal_follows_views_through_multi_output_ops():
     ir, _ = run(SplitCopy(), (x,), ["remove_noops", "dce"])
     storage = x.untyped_storage().data_ptr()
     assert all(out.untyped_storage().data_ptr() != storage for out in ir.gm(x))
+
+
+class CloneThenView(nn.Module):
+    def forward(self, x):
+        return x.clone().view(-1), x.to(torch.float32, copy=True).t()
+
+
+def test_a_copy_whose_view_is_an_output_is_kept():
+    x = torch.randn(2, 3)
+    ir, _ = run(CloneThenView(), (x,), ["remove_noops", "dce"])
+    outs = ir.gm(x)
+    assert all(o.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for o in outs)
