@@ -79,21 +79,35 @@ class IRGraph:
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def copy(self) -> "IRGraph":
-        """A structural copy that shares the constant tensors (they are never mutated)."""
+    def copy(self, recompile: bool = True) -> "IRGraph":
+        """A structural copy that shares the constant tensors (they are never mutated).
+
+        ``recompile=False`` skips generating the module's Python code (the costly part on big
+        graphs): the copy's ``gm`` is then not callable until ``recompile()``. The pass manager
+        uses it between passes and recompiles once at the end.
+        """
         new_graph = fx.Graph()
         value_map: dict[fx.Node, fx.Node] = {}
         out = new_graph.graph_copy(self.gm.graph, value_map)
         new_graph.output(out)
         for old, new in value_map.items():
             new.meta = copy.copy(old.meta)
-        module = torch.nn.Module()
-        for name, tensor in self.gm.named_buffers():
-            module.register_buffer(name, tensor)
-        for name, tensor in self.gm.named_parameters():
-            module.register_parameter(name, tensor)
-        new_gm = fx.GraphModule(module, new_graph)
+        if recompile:
+            new_gm = fx.GraphModule(_share_tensors(self.gm, torch.nn.Module()), new_graph)
+        else:
+            # Trivial codegen for an empty graph (which copies no attributes), then swap ours in.
+            new_gm = _share_tensors(self.gm, fx.GraphModule(torch.nn.Module(), fx.Graph()))
+            new_gm._graph = new_graph
+            new_graph.owning_module = new_gm
         return IRGraph(new_gm, self.fake_mode, copy.deepcopy(self.info))
+
+
+def _share_tensors(src: torch.nn.Module, dst: torch.nn.Module) -> torch.nn.Module:
+    for name, tensor in src.named_buffers():
+        dst.register_buffer(name, tensor)
+    for name, tensor in src.named_parameters():
+        dst.register_parameter(name, tensor)
+    return dst
 
 
 def op_name(target: Any) -> str:

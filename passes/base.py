@@ -92,14 +92,15 @@ class PassManager:
             verify(ir)
         for p in self.passes:
             ir = self._run_one(p, ir, history)
+        ir.recompile()  # passes work on uncompiled copies: generate the module's code once
         return ir
 
     def _run_one(self, p: Pass, ir: IRGraph, history: list[PassStats]) -> IRGraph:
         before = len(ir.gm.graph.nodes)
         start = time.perf_counter()
         try:
-            result = p(ir.copy())
-            result.ir.recompile()
+            result = p(ir.copy(recompile=False))
+            result.ir.gm.graph.lint()
             if self.verify_between:
                 verify(result.ir)
         except Exception as exc:
