@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# Order matters: no-op removal exposes folding and CSE opportunities; DCE sweeps last.
-CLEANUP = ["remove_noops", "constant_fold", "cse", "remove_noops", "dce"]
+# Order matters: no-op removal and CSE expose shared projection inputs; horizontal fusion
+# leaves weight concatenations for constant folding; DCE sweeps last.
+CLEANUP = ["remove_noops", "cse", "fuse_projections", "constant_fold", "cse", "remove_noops", "dce"]
 
 
 def default_pipeline(options: Mapping[str, Any]) -> list[str]:
