@@ -61,7 +61,10 @@ class CompiledGraph:
     def _build(self, weights: list[torch.Tensor]) -> None:
         start = time.perf_counter()
         self.weights = weights
-        self.versions = [w._version for w in weights]
+        self.versions = [_version(w) for w in weights]
+        if any(v is None for v in self.versions):
+            log.info("fxforge: some weights are inference-mode tensors, which keep no version "
+                     "counter: replacing them is detected, changing them in place is not")
         ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured.copy()
         self.ir = optimize(ir, self.options)
         self.lowered: LoweredGraph = lower(self.ir, get_backend(self.options.backend))
@@ -72,7 +75,7 @@ class CompiledGraph:
     def _weights_changed(self, args: Sequence[Any]) -> bool:
         for pos, weight, version in zip(self.weight_positions, self.weights, self.versions):
             arg = args[pos]
-            if arg is not weight or arg._version != version:
+            if arg is not weight or (version is not None and arg._version != version):
                 return True
         return False
 
@@ -84,6 +87,11 @@ class CompiledGraph:
         if self.options.verify:
             check_against_eager(outputs, self.captured.gm(*args))
         return outputs
+
+
+def _version(tensor: torch.Tensor):
+    """The in-place version counter, or None for inference tensors (they keep none)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def check_against_eager(outputs: Any, expected: Any) -> None:

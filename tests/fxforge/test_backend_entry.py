@@ -123,3 +123,13 @@ def test_a_graph_that_cannot_be_captured_falls_back(caplog, monkeypatch):
         out = torch.compile(model, backend="fxforge")(x)
     assert "could not compile a graph" in caplog.text and "capture exploded" in caplog.text
     assert_close_to_eager(out, model(x))
+
+
+def test_a_model_built_in_inference_mode_compiles(caplog):
+    with torch.inference_mode():
+        model = MLP().eval()
+        x = torch.randn(3, 8)
+        with caplog.at_level(logging.INFO, logger="fxforge"):
+            out = torch.compile(model, backend="fxforge")(x)
+        assert "runs eagerly" not in caplog.text and "inference-mode tensors" in caplog.text
+        assert_close_to_eager(out, model(x))
