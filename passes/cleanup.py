@@ -1,6 +1,7 @@
 """Lossless clean-up passes: dead code, common subexpressions, no-op views/clones/casts."""
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import RuleTable, alias_root, aliases_graph_input, same_value_layout
+from fxforge.passes.pattern import RuleTable, aliases_graph_input, is_view_op, same_value_layout
 
 aten = torch.ops.aten
 
@@ -100,7 +101,7 @@ def _reaches_output(node: fx.Node, besides: fx.Node | None = None) -> bool:
                 continue
             if user.op == "output":
                 return True
-            if alias_root(user) is not user:  # a view: its memory is ours
+            if user.target is operator.getitem or is_view_op(user.target):  # shares our memory
                 stack.append(user)
     return False
 

@@ -20,7 +20,7 @@ from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.irgraph.meta import META_KEY
 from fxforge.passes.base import PassResult, register_pass
 from fxforge.passes.cleanup import is_pure
-from fxforge.passes.pattern import alias_root
+from fxforge.passes.pattern import alias_root, is_view_op
 
 aten = torch.ops.aten
 
@@ -47,16 +47,12 @@ def _foldable(ir: IRGraph) -> set[fx.Node]:
     return folds
 
 
+_FACTORIES = ("arange", "full", "ones", "zeros", "scalar_tensor")  # never ``empty``: uninitialised
+
+
 def _is_factory(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", "")
-    return isinstance(node.target, torch._ops.OpOverload) and not name.startswith("empty") and \
-        node.target._schema.name.split("::")[-1] in ("arange", "full", "ones", "zeros", "scalar_tensor")
-
-
-def _is_view(node: fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and bool(target._schema.returns) and \
-        target._schema.returns[0].alias_info is not None
+    return isinstance(node.target, torch._ops.OpOverload) and \
+        node.target._schema.name.split("::")[-1] in _FACTORIES
 
 
 def _nbytes(node: fx.Node) -> int:
@@ -67,7 +63,7 @@ def _nbytes(node: fx.Node) -> int:
 
 
 def _worth_folding(node: fx.Node) -> bool:
-    if node.op == "get_attr" or _is_view(node) or node.target is operator.getitem:
+    if node.op == "get_attr" or is_view_op(node.target) or node.target is operator.getitem:
         return False
     out = _nbytes(node)
     inputs = sum(_nbytes(i) for i in node.all_input_nodes)

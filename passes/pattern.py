@@ -131,15 +131,17 @@ class RuleTable:
         return counts
 
 
+def is_view_op(target: Any) -> bool:
+    """An ATen op whose (first) result aliases its input's memory (``view``, ``t``, ``split``)."""
+    return isinstance(target, torch._ops.OpOverload) and bool(target._schema.returns) and \
+        target._schema.returns[0].alias_info is not None
+
+
 def alias_root(node: fx.Node) -> fx.Node:
     """The node whose memory ``node`` views: follows view ops and ``getitem`` of multi-output
     views (``split``, ``unbind``), stopping at the first node that makes new memory."""
     while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
-        target = node.target
-        is_view = target is operator.getitem or (
-            isinstance(target, torch._ops.OpOverload) and bool(target._schema.returns)
-            and target._schema.returns[0].alias_info is not None)
-        if not is_view:
+        if not (node.target is operator.getitem or is_view_op(node.target)):
             break
         node = node.args[0]
     return node
