@@ -41,7 +41,8 @@ def freeze(ir: IRGraph, positions: Sequence[int], values: Sequence[torch.Tensor]
     """Placeholders at ``positions`` become constants holding ``values``."""
     placeholders = ir.placeholders()
     constants = {placeholders[p].name: v for p, v in zip(positions, values)}
-    frozen = build_ir(ir.copy().gm, ir.fake_mode, constants, ir.info)
+    # build_ir makes the GraphModule: the copy needs no code of its own.
+    frozen = build_ir(ir.copy(recompile=False).gm, ir.fake_mode, constants, ir.info)
     frozen.info["frozen_weights"] = len(constants)
     return frozen
 
@@ -65,7 +66,8 @@ class CompiledGraph:
         if any(v is None for v in self.versions):
             log.info("fxforge: some weights are inference-mode tensors, which keep no version "
                      "counter: replacing them is detected, changing them in place is not")
-        ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured.copy()
+        # The pass manager never modifies its input, so the captured graph needs no copy here.
+        ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
         self.ir = optimize(ir, self.options)
         self.lowered: LoweredGraph = lower(self.ir, get_backend(self.options.backend))
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "

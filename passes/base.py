@@ -87,11 +87,16 @@ class PassManager:
         self.strict = self.verify_between if strict is None else strict
 
     def run(self, ir: IRGraph) -> IRGraph:
-        history: list[PassStats] = ir.info.setdefault("passes", [])
+        """A new IRGraph; ``ir`` itself, its graph and its info, are left as they were."""
+        original = ir
+        history: list[PassStats] = list(ir.info.get("passes", []))
         if self.verify_between:
             verify(ir)
         for p in self.passes:
             ir = self._run_one(p, ir, history)
+        if ir is original:  # no pass succeeded: still hand back a graph of its own
+            ir = ir.copy(recompile=False)
+        ir.info["passes"] = history
         ir.recompile()  # passes work on uncompiled copies: generate the module's code once
         return ir
 

@@ -63,3 +63,12 @@ def test_passes_never_modify_their_input_graph():
     stats = out.info["passes"]
     assert [s.name for s in stats] == default_pipeline({})
     assert all(s.seconds >= 0 and s.nodes_after <= s.nodes_before for s in stats)
+
+
+def test_the_input_graph_keeps_its_info_even_when_every_pass_fails():
+    ir = _ir()
+    out = PassManager([Pass("boom", _boom)], verify_between=False, strict=False).run(ir)
+    assert "passes" not in ir.info
+    assert out is not ir and [s.name for s in out.info["passes"]] == ["boom"]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(out.gm(x)[0], ir.gm(x)[0], rtol=0, atol=0)
