@@ -67,20 +67,32 @@ def _move_chain_before(value: fx.Node, anchor: fx.Node) -> None:
             anchor.prepend(node)
 
 
-def _downstream(nodes: list[fx.Node]) -> list[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [u for n in nodes for u in n.users]
-    while stack:
-        node = stack.pop()
-        if node not in seen and node.op == "call_function":
-            seen.add(node)
-            stack.extend(node.users)
-    return [n for n in nodes[0].graph.nodes if n in seen]
+def _repropagate(ir: IRGraph, new: list[fx.Node], saved: dict[fx.Node, tuple]) -> None:
+    """Infer metadata for ``new`` and for every later node whose inputs' metadata changed.
+
+    Propagation stops where a node's metadata comes out the same (a ``view`` of the strided
+    piece usually restores it), so one group costs its neighbourhood, not the rest of the
+    graph. ``saved`` receives the previous (val, meta) of each re-inferred existing node as it
+    goes, so a failure part-way can be undone.
+    """
+    changed = set(new)
+    nodes = list(ir.gm.graph.nodes)
+    for node in nodes[nodes.index(new[0]):]:
+        if node.op != "call_function" or not (node in changed or changed & set(node.all_input_nodes)):
+            continue
+        old_meta = node.meta.get(META_KEY)
+        if node not in changed:
+            saved[node] = (node.meta.get("val"), old_meta)
+        ir.infer(node)
+        if node in saved and node.meta.get(META_KEY) == old_meta:
+            continue
+        changed.add(node)
 
 
 def _fuse(ir: IRGraph, group: list[fx.Node]) -> bool:
     graph = ir.gm.graph
-    first = min(group, key=lambda n: list(graph.nodes).index(n))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first = min(group, key=order.__getitem__)
     is_addmm = group[0].target is aten.addmm.default
     x = group[0].args[1] if is_addmm else group[0].args[0]
     weights = [n.args[2] if is_addmm else n.args[1] for n in group]
@@ -102,13 +114,11 @@ def _fuse(ir: IRGraph, group: list[fx.Node]) -> bool:
         split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, 1))
         pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
     new += [split] + pieces
-    cone = _downstream(group)
-    saved = {n: (n.meta.get("val"), n.meta.get(META_KEY)) for n in cone}
     for old, piece in zip(group, pieces):
         old.replace_all_uses_with(piece)
+    saved: dict[fx.Node, tuple] = {}
     try:
-        for node in new + cone:
-            ir.infer(node)
+        _repropagate(ir, new, saved)
     except Exception:  # a consumer cannot take the strided piece: leave the group alone
         for old, piece in zip(group, pieces):
             piece.replace_all_uses_with(old)
