@@ -1,0 +1,69 @@
+"""Fusion groups: what may be fused, and how a group is recorded on the IR.
+
+A fusion pass does not restructure the graph: it tags each member node with
+``node.meta[GROUP_KEY] = "<group name>"``. The graph stays a plain ATen graph (it still
+verifies, runs on the reference backend, prints and serializes), and a backend turns each
+group into one kernel. A group is valid when merging it makes no cycle
+(:func:`fxforge.irgraph.would_create_cycle`) and every member is in :data:`POINTWISE` or
+:data:`ROW_REDUCTIONS` (reductions over the last dimension only: one row per kernel program).
+
+The kernel-side contract (``fxforge.kernels.fused``): a group arrives as a small
+``fx.GraphModule`` of these ops whose placeholders are the group's inputs and whose output
+tuple holds the values used outside the group; every tensor in it broadcasts to one
+iteration shape, or is a last-dimension reduction of it.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxforge.irgraph.graph import IRGraph
+
+aten = torch.ops.aten
+GROUP_KEY = "fxf_group"
+
+# Elementwise ops (broadcasting, with scalar or tensor operands) a fused kernel computes.
+POINTWISE = frozenset({
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor,
+    aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.abs.default,
+    aten.exp.default, aten.log.default, aten.sqrt.default, aten.rsqrt.default,
+    aten.reciprocal.default, aten.pow.Tensor_Scalar, aten.tanh.default, aten.sigmoid.default,
+    aten.erf.default, aten.relu.default, aten.gelu.default, aten.silu.default, aten.sin.default,
+    aten.cos.default, aten.maximum.default, aten.minimum.default, aten.clamp.default,
+    aten.where.self, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.lt.Scalar,
+    aten.lt.Tensor, aten.le.Scalar, aten.gt.Scalar, aten.gt.Tensor, aten.ge.Scalar,
+    aten.logical_not.default, aten.bitwise_not.default, aten.logical_and.default,
+    aten._to_copy.default, aten.clone.default,
+})
+
+# Reductions over the last dimension, whole (softmax, layer/RMS norm) or one statistic.
+ROW_REDUCTIONS = frozenset({
+    aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
+    aten._softmax.default, aten._log_softmax.default, aten.native_layer_norm.default,
+    aten.rms_norm.default,
+})
+
+FUSIBLE = POINTWISE | ROW_REDUCTIONS | {operator.getitem}
+
+
+def group_of(node: fx.Node) -> Optional[str]:
+    return node.meta.get(GROUP_KEY)
+
+
+def groups(ir: IRGraph) -> dict[str, list[fx.Node]]:
+    """Group name -> member nodes, in graph order."""
+    out: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in ir.gm.graph.nodes:
+        name = group_of(node)
+        if name is not None:
+            out[name].append(node)
+    return dict(out)
+
+
+def clear_groups(ir: IRGraph) -> None:
+    for node in ir.gm.graph.nodes:
+        node.meta.pop(GROUP_KEY, None)
