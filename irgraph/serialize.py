@@ -14,6 +14,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from fxforge.irgraph.fusion import GROUP_KEY
 from fxforge.irgraph.graph import IRGraph, op_name
 from fxforge.irgraph.meta import META_KEY, SymMeta, TensorMeta
 
@@ -135,6 +136,8 @@ def ir_to_json(ir: IRGraph) -> dict:
             resolve_target(entry["target"])  # fail at save time, not at load time
         entry["args"] = _encode_arg(tuple(node.args))
         entry["kwargs"] = {k: _encode_arg(v) for k, v in node.kwargs.items()}
+        if node.meta.get(GROUP_KEY) is not None:  # fusion groups travel with the graph
+            entry["group"] = node.meta[GROUP_KEY]
         nodes.append(entry)
     return {"format": FORMAT_VERSION, "nodes": nodes}
 
@@ -167,5 +170,7 @@ def ir_from_json(data: dict, constants: dict[str, torch.Tensor]) -> IRGraph:
         # fx may rename (e.g. ``input`` -> ``input_1``, a builtin's name); env keys stay as stored.
         node = graph.create_node(op, target, args, kwargs, name=name)
         node.meta[META_KEY] = decode_meta(entry.get("meta"))
+        if isinstance(entry.get("group"), str):
+            node.meta[GROUP_KEY] = entry["group"]
         env[name] = node
     return IRGraph(fx.GraphModule(owner, graph), fake_mode=None, info={"capture": "artifact"})
