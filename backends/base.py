@@ -69,6 +69,10 @@ class LoweredGraph:
     backend: str
     partitions: int
     fallbacks: list[Fallback] = field(default_factory=list)
+    # What each kernel-generating backend decided, per op or fusion group (KernelChoice records),
+    # and how many kernels one call launches; filled by backends that keep a ``report``.
+    choices: list = field(default_factory=list)
+    kernels: Optional[int] = None
 
     def __call__(self, *args):
         return self.gm(*args)
@@ -97,16 +101,45 @@ def lower(ir: IRGraph, backend: Backend) -> LoweredGraph:
     for fb in fallbacks:
         log.warning("fxforge[%s]: %s (%s) runs eagerly: %s", backend.name, fb.op, fb.node, fb.reason)
     if all(supported):
-        return LoweredGraph(_compile_or_eager(backend, gm, "graph"), backend.name, 1, fallbacks)
+        compiled = _compile_or_eager(backend, gm, "graph")
+        return _finish(LoweredGraph(compiled, backend.name, 1, fallbacks), backend)
     partitioner = CapabilityBasedPartitioner(gm, _Support(backend, []), allows_single_node_partition=True)
     partitions = partitioner.propose_partitions()
     fused = partitioner.fuse_partitions(partitions)
     for node in list(fused.graph.nodes):
         if node.op == "call_module":
             sub = getattr(fused, node.target)
+            _inline_constants(fused, node, sub)
             setattr(fused, node.target, _AsModule(_compile_or_eager(backend, sub, node.target)))
     fused.recompile()
-    return LoweredGraph(fused, backend.name, len(partitions), fallbacks)
+    return _finish(LoweredGraph(fused, backend.name, len(partitions), fallbacks), backend)
+
+
+def _finish(lowered: LoweredGraph, backend: Backend) -> LoweredGraph:
+    """Attach the backend's per-kernel report and the number of kernels a call launches."""
+    from fxforge.backends.kernel_lowering import kernel_count
+    lowered.choices = list(getattr(backend, "report", []))
+    lowered.kernels = kernel_count(lowered.gm) if isinstance(lowered.gm, fx.GraphModule) else None
+    return lowered
+
+
+def _inline_constants(parent: fx.GraphModule, call: fx.Node, sub: fx.GraphModule) -> None:
+    """Partition inputs that are constants of the parent become constants of the partition,
+    so a backend sees its weights (to prepack them) instead of runtime inputs."""
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    keep = []
+    for placeholder, arg in zip(placeholders, call.args):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            sub.register_buffer(arg.target, getattr(parent, arg.target))
+            with sub.graph.inserting_before(placeholder):
+                const = sub.graph.get_attr(arg.target)
+            const.meta = dict(arg.meta)
+            placeholder.replace_all_uses_with(const)
+            sub.graph.erase_node(placeholder)
+        else:
+            keep.append(arg)
+    call.args = tuple(keep)
+    sub.recompile()
 
 
 class _AsModule(torch.nn.Module):

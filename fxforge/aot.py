@@ -20,7 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import fxforge
-from fxforge.backends import get_backend, lower
+from fxforge.backends import lower, resolve_backend
 from fxforge.compiler import check_against_eager, optimize
 from fxforge.errors import ArtifactError, InputSpecError
 from fxforge.irgraph import TensorMeta, capture_export, ir_from_json, ir_to_json
@@ -84,7 +84,7 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         ir = optimize(ir, opts)
         flat_inputs, in_spec = pytree.tree_flatten((example_inputs, {}))
         expected = model(*example_inputs)
-        lowered = lower(ir, get_backend(opts.backend))
+        lowered = lower(ir, resolve_backend(opts.backend, ir))
         flat_expected, out_spec = pytree.tree_flatten(expected)
         check_against_eager(list(lowered(*flat_inputs)), flat_expected)
     out = Path(out_dir)
@@ -144,7 +144,7 @@ class Artifact:
         self.ranges = {k: tuple(v) for k, v in manifest["ranges"].items()}
         self.in_spec = pytree.treespec_loads(manifest["in_spec"]) if manifest["in_spec"] else None
         self.out_spec = pytree.treespec_loads(manifest["out_spec"]) if manifest["out_spec"] else None
-        self.lowered = lower(ir, get_backend(options.backend))
+        self.lowered = lower(ir, resolve_backend(options.backend, ir))
 
     def __call__(self, *args: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, {}))

@@ -7,19 +7,34 @@ the call, so a changed weight can never give a stale answer.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from fxforge.backends import LoweredGraph, get_backend, lower
+from fxforge.backends import LoweredGraph, lower, resolve_backend
 from fxforge.errors import VerificationError
 from fxforge.irgraph import IRGraph, build_ir
 from fxforge.options import CompileOptions
 from fxforge.passes import PassManager, default_pipeline
 
 log = logging.getLogger("fxforge")
+
+# Compiled graphs made while a ``recording()`` block is open (fxforge.explain reads them).
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect every :class:`CompiledGraph` built inside the block (innermost block only)."""
+    graphs: list = []
+    _RECORDERS.append(graphs)
+    try:
+        yield graphs
+    finally:
+        _RECORDERS.remove(graphs)
 
 # Tolerances for comparing against eager, by dtype (verify=True and the tests use these).
 # fp32 allows for reassociation (a different reduction order), nothing more.
@@ -58,6 +73,8 @@ class CompiledGraph:
         skip = set(self.weight_positions)
         self.runtime_positions = [i for i in range(len(captured.placeholders())) if i not in skip]
         self._build([weights[i] for i in self.weight_positions] if self.weight_positions else [])
+        if _RECORDERS:
+            _RECORDERS[-1].append(self)
 
     def _build(self, weights: list[torch.Tensor]) -> None:
         start = time.perf_counter()
@@ -69,7 +86,7 @@ class CompiledGraph:
         # The pass manager never modifies its input, so the captured graph needs no copy here.
         ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
         self.ir = optimize(ir, self.options)
-        self.lowered: LoweredGraph = lower(self.ir, get_backend(self.options.backend))
+        self.lowered: LoweredGraph = lower(self.ir, resolve_backend(self.options.backend, self.ir))
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
                  "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(self.ir.gm.graph.nodes),
                  len(weights), len(self.lowered.fallbacks), (time.perf_counter() - start) * 1e3)

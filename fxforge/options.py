@@ -19,7 +19,7 @@ class CompileOptions:
     autotune: bool = False
     verify: bool = False          # run eager alongside and raise VerificationError on mismatch
     passes: Optional[tuple] = None  # explicit pass pipeline (names), replacing the default
-    backend: str = "reference"    # the lowering backend
+    backend: str = "auto"         # "auto" (Triton on GPUs, cpu otherwise), "cpu", "triton", "reference"
     freeze_weights: bool = True   # weights become compile-time constants (re-frozen if they change)
 
     def to_dict(self) -> dict:
@@ -47,14 +47,11 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
         if merged.get(key):
             raise OptionsError(f"option {key}={merged[key]!r}: {feature} is not available in this "
                                "version of fxforge")
-    if merged.get("precision", "fp32") != "fp32":
-        raise OptionsError(f"precision={merged['precision']!r}: low-precision lowering is not "
-                           "available in this version of fxforge; use 'fp32'")
     if merged.get("passes") is not None:
         merged["passes"] = tuple(_check_passes(merged["passes"]))
     if "backend" in merged:
         from fxforge.backends import available_backends
-        if merged["backend"] not in available_backends():
+        if merged["backend"] != "auto" and merged["backend"] not in available_backends():
             raise OptionsError(f"unknown backend {merged['backend']!r}; available: {available_backends()}")
     for key in ("verify", "freeze_weights"):
         if key in merged and not isinstance(merged[key], bool):

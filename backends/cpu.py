@@ -1,0 +1,108 @@
+"""The CPU backend: fused groups as generated C++, linears on oneDNN/MKL with prepacked weights
+and fused post-ops, attention on PyTorch's CPU flash-attention kernel; the rest on ATen.
+
+Which matmul path runs (AMX-BF16, AVX512-BF16, VNNI, fp32) is decided at compile time from the
+CPU's runtime-detected features (``fxforge.kernels.cpu_isa``); bf16 weights meet a CPU without
+native bf16 by being computed in fp32, and the report says so.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from fxforge.backends.base import register_backend
+from fxforge.backends.kernel_lowering import KernelTable, lower_to_kernels
+from fxforge.backends.reference import ReferenceBackend
+from fxforge.irgraph import META_KEY, TensorMeta
+
+log = logging.getLogger("fxforge.backends")
+aten = torch.ops.aten
+
+
+def _fused_cpu(sub: fx.GraphModule) -> tuple[Callable, str]:
+    from fxforge.kernels.cpu_isa import cpu_features
+    from fxforge.kernels.fused_cpp import compile_fused_cpu
+    kernel = compile_fused_cpu(sub)
+    return kernel, f"generated C++ ({cpu_features().isa_name()})"
+
+
+def _meta(node) -> Optional[TensorMeta]:
+    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
+    return meta if isinstance(meta, TensorMeta) else None
+
+
+def make_table() -> KernelTable:
+    table = KernelTable("cpu", _fused_cpu)
+
+    @table.rule(torch.ops.fxforge.linear.default, aten.addmm.default, aten.mm.default)
+    def linear(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.linear_cpu import PackedLinear
+        if node.target is torch.ops.fxforge.linear.default:
+            x, w, bias, activation, residual = node.args[:5]
+            out_dtype = node.args[5] if len(node.args) > 5 else node.kwargs.get("out_dtype")
+        elif node.target is aten.addmm.default:
+            if node.kwargs:
+                return None  # beta/alpha
+            bias, x, w = node.args
+            activation, residual, out_dtype = "none", None, None
+        else:
+            x, w = node.args
+            bias, activation, residual, out_dtype = None, "none", None, None
+        weight = constant(w)
+        bias_value = constant(bias) if bias is not None else None
+        if weight is None or (bias is not None and bias_value is None):
+            return None  # activations times activations: ATen's matmul
+        meta = _meta(x)
+        if meta is None or meta.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        packed = PackedLinear(weight, bias_value, activation, residual is not None, out_dtype=out_dtype,
+                              input_dtype=meta.dtype)
+        args = (x, residual) if residual is not None else (x,)
+        return packed, args, packed.describe(), packed.reason
+
+    @table.rule(aten.scaled_dot_product_attention.default)
+    def attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.attention_cpu import cpu_attention
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        values = dict(zip(names, node.args))
+        values.update(node.kwargs)
+        if values.get("dropout_p", 0.0):
+            return None
+        call = _Attention(cpu_attention, bool(values.get("is_causal", False)), values.get("scale"),
+                          bool(values.get("enable_gqa", False)))
+        args = (values["query"], values["key"], values["value"], values.get("attn_mask"))
+        return call, args, "PyTorch CPU flash attention", ""
+
+    return table
+
+
+class _Attention:
+    """Binds the attention flags (constants of the node) so the call passes only tensors."""
+
+    def __init__(self, fn: Callable, is_causal: bool, scale, enable_gqa: bool):
+        self.fn, self.is_causal, self.scale, self.enable_gqa = fn, is_causal, scale, enable_gqa
+        self.__name__ = "cpu_attention"
+
+    def __call__(self, q, k, v, mask):
+        return self.fn(q, k, v, mask, self.is_causal, self.scale, self.enable_gqa)
+
+
+class CPUBackend(ReferenceBackend):
+    """Supports what the reference backend supports; lowers what it has kernels for."""
+
+    name = "cpu"
+
+    def __init__(self):
+        self.report: list = []
+        self.table = make_table()
+
+    def compile_partition(self, gm: fx.GraphModule) -> Callable:
+        lowered, choices = lower_to_kernels(gm, self.table)
+        self.report.extend(choices)
+        return lowered
+
+
+register_backend("cpu", CPUBackend)

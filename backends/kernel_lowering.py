@@ -1,0 +1,186 @@
+"""Shared machinery of the kernel backends (cpu, triton): IR nodes -> kernel calls.
+
+A backend describes itself as a :class:`KernelTable`: how to build one kernel for a fusion group
+(``fused``), and per-op rules that turn a node into a kernel call, each of which may decline
+(return ``None``) — the pattern and its lowering side by side. :func:`lower_to_kernels` then
+
+1. collapses each fusion group (``node.meta[GROUP_KEY]``, set by the ``fuse_elementwise`` pass)
+   into one call of a kernel built from the group's sub-graph; a group whose kernel cannot be
+   built runs its ops eagerly, with the reason recorded;
+2. applies the op rules (prepacked linear, fused attention, ...);
+3. leaves every other node on ATen.
+
+Every decision is recorded as a :class:`KernelChoice`: which path each op took and why. That is
+what the log line and ``fxforge.explain`` report.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+from fxforge.irgraph import GROUP_KEY, META_KEY, op_name
+from fxforge.passes.pattern import is_view_op
+
+log = logging.getLogger("fxforge.backends")
+
+
+@dataclass
+class KernelChoice:
+    node: str     # the IR node (or fusion group) the kernel replaces
+    op: str       # what it computes
+    path: str     # "C++ (AVX2)", "oneDNN fp32, prepacked", "Triton", "ATen", "eager fallback", ...
+    reason: str = ""
+
+
+# rule(node, constant) -> (callable, args, path, reason) or None to decline.
+# ``constant(arg)`` returns the real tensor behind a constant node (or a view of one), else None.
+Rule = Callable[[fx.Node, Callable[[Any], Optional[torch.Tensor]]], Optional[tuple]]
+
+
+@dataclass
+class KernelTable:
+    name: str
+    fused: Callable[[fx.GraphModule], tuple[Callable, str]]  # group -> (kernel, path); may raise
+    rules: dict[Any, Rule] = field(default_factory=dict)
+
+    def rule(self, *targets: Any) -> Callable[[Rule], Rule]:
+        def wrap(fn: Rule) -> Rule:
+            for target in targets:
+                self.rules[target] = fn
+            return fn
+        return wrap
+
+
+def constant_resolver(gm: fx.GraphModule) -> Callable[[Any], Optional[torch.Tensor]]:
+    """The value of a ``get_attr`` node or of a chain of view ops on one, else ``None``."""
+    def value(node: Any, depth: int = 0) -> Optional[torch.Tensor]:
+        if not isinstance(node, fx.Node) or depth > 8:
+            return None
+        if node.op == "get_attr":
+            return getattr(gm, node.target)
+        if node.op == "call_function" and is_view_op(node.target) and node.args:
+            base = value(node.args[0], depth + 1)
+            if base is None or any(isinstance(a, fx.Node) for a in node.args[1:]):
+                return None
+            return node.target(base, *node.args[1:], **node.kwargs)
+        return None
+    return value
+
+
+def describe_group(sub: fx.GraphModule) -> str:
+    ops = [op_name(n.target).replace("aten.", "").rsplit(".", 1)[0]
+           for n in sub.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+    return f"fused {len(ops)} ops: {', '.join(ops)}"
+
+
+def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[KernelChoice]) -> None:
+    members: dict[str, dict[fx.Node, None]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.meta.get(GROUP_KEY) is not None:
+            members.setdefault(node.meta[GROUP_KEY], {})[node] = None
+    if not members:
+        return
+    names = list(members)
+    fuse_by_partitions(gm, list(members.values()), prefix="fxf_group_", always_return_tuple=True)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith("fxf_group_"):
+            continue
+        group = names[int(str(node.target).rsplit("_", 1)[1])]
+        sub = gm.get_submodule(node.target)
+        what = describe_group(sub)
+        try:
+            kernel, path = table.fused(sub)
+        except Exception as exc:  # unsupported op or failed build: the group's ops run on ATen
+            reason = f"{type(exc).__name__}: {exc}"
+            choices.append(KernelChoice(group, what, "eager fallback", reason))
+            log.warning("fxforge[%s]: %s (%s) runs op by op: %s", table.name, group, what, reason)
+            continue  # the call_module of the group's own graph stays
+        choices.append(KernelChoice(group, what, path))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(kernel, tuple(node.args))
+        call.meta = dict(node.meta)
+        call.meta["fxf_kernel_group"] = group
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        delattr(gm, node.target)
+
+
+def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelChoice]) -> None:
+    constant = constant_resolver(gm)
+    for node in list(gm.graph.nodes):
+        rule = table.rules.get(node.target) if node.op == "call_function" else None
+        if rule is None:
+            continue
+        try:
+            lowered = rule(node, constant)
+        except Exception as exc:  # a kernel that fails to build: this op stays on ATen
+            lowered = None
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("fxforge[%s]: %s (%s) runs on ATen: %s", table.name, op_name(node.target),
+                        node.name, reason)
+            choices.append(KernelChoice(node.name, op_name(node.target), "ATen (fallback)", reason))
+        if lowered is None:
+            continue
+        kernel, args, path, reason = lowered
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(kernel, tuple(args))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        choices.append(KernelChoice(node.name, op_name(node.target), path, reason))
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new module over a copy of the graph (metadata shallow-copied), sharing the tensors:
+    lowering never touches the IR it was given."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        new.meta = dict(old.meta)
+    return fx.GraphModule(gm, graph)
+
+
+def lower_to_kernels(gm: fx.GraphModule, table: KernelTable) -> tuple[fx.GraphModule, list[KernelChoice]]:
+    """A copy of ``gm`` rewritten into kernel calls, and the choices made."""
+    gm = _copy(gm)
+    choices: list[KernelChoice] = []
+    _collapse_groups(gm, table, choices)
+    _apply_rules(gm, table, choices)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, choices
+
+
+def kernel_count(gm: fx.GraphModule) -> int:
+    """Kernels one call launches: calls that compute (views, getitem and size queries do not)."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":  # a partition: its own graph, or an opaque kernel
+            module = gm.get_submodule(node.target)
+            inner = getattr(module, "fn", module)
+            count += kernel_count(inner) if isinstance(inner, fx.GraphModule) else 1
+        elif node.op == "call_function":
+            target = node.target
+            if target is operator.getitem or is_view_op(target):
+                continue
+            if isinstance(target, fx.GraphModule):
+                count += kernel_count(target)
+            elif isinstance(target, torch._ops.OpOverload) and "sym_size" in target.name():
+                continue
+            elif getattr(target, "__module__", "") in ("_operator", "operator", "math"):
+                continue
+            else:
+                count += 1
+    return count
+
+
+def tensor_meta_of(node: fx.Node):
+    return node.meta.get(META_KEY)
