@@ -37,6 +37,7 @@ gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PYTHON) -m pytest -q -m gpu tests || [ $$? -eq 5 ]
 	$(PYTHON) bench/run.py --device cuda
+	$(PYTHON) bench/gpu_kernels.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -103,6 +103,7 @@ def lower(ir: IRGraph, backend: Backend) -> LoweredGraph:
     if all(supported):
         compiled = _compile_or_eager(backend, gm, "graph")
         return _finish(LoweredGraph(compiled, backend.name, 1, fallbacks), backend)
+    gm = copy_module(gm)  # partitioning rewrites the graph: the IR itself stays as it was
     partitioner = CapabilityBasedPartitioner(gm, _Support(backend, []), allows_single_node_partition=True)
     partitions = partitioner.propose_partitions()
     fused = partitioner.fuse_partitions(partitions)
@@ -113,6 +114,16 @@ def lower(ir: IRGraph, backend: Backend) -> LoweredGraph:
             setattr(fused, node.target, _AsModule(_compile_or_eager(backend, sub, node.target)))
     fused.recompile()
     return _finish(LoweredGraph(fused, backend.name, len(partitions), fallbacks), backend)
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new module over a copy of the graph (metadata shallow-copied), sharing the tensors."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        new.meta = dict(old.meta)
+    return fx.GraphModule(gm, graph)
 
 
 def _finish(lowered: LoweredGraph, backend: Backend) -> LoweredGraph:

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
+from fxforge.backends.base import copy_module
 from fxforge.irgraph import GROUP_KEY, META_KEY, op_name
 from fxforge.passes.pattern import is_view_op
 
@@ -136,20 +137,9 @@ def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelCho
         choices.append(KernelChoice(node.name, op_name(node.target), path, reason))
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new module over a copy of the graph (metadata shallow-copied), sharing the tensors:
-    lowering never touches the IR it was given."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, env))
-    for old, new in env.items():
-        new.meta = dict(old.meta)
-    return fx.GraphModule(gm, graph)
-
-
 def lower_to_kernels(gm: fx.GraphModule, table: KernelTable) -> tuple[fx.GraphModule, list[KernelChoice]]:
     """A copy of ``gm`` rewritten into kernel calls, and the choices made."""
-    gm = _copy(gm)
+    gm = copy_module(gm)  # lowering never touches the IR it was given
     choices: list[KernelChoice] = []
     _collapse_groups(gm, table, choices)
     _apply_rules(gm, table, choices)

@@ -15,9 +15,10 @@ from fxforge.options import CompileOptions, parse_options
 from fxforge.backend_entry import fxforge_backend, register as _register_backend
 from fxforge.api import compile
 from fxforge.aot import Artifact, aot_compile, load
+from fxforge.explain import ExplainReport, explain
 
 _register_backend()
 
-__all__ = ["Artifact", "ArtifactError", "CompileOptions", "FxforgeError", "InputSpecError",
-           "OptionsError", "VerificationError", "__version__", "aot_compile", "compile",
-           "fxforge_backend", "load", "parse_options"]
+__all__ = ["Artifact", "ArtifactError", "CompileOptions", "ExplainReport", "FxforgeError",
+           "InputSpecError", "OptionsError", "VerificationError", "__version__", "aot_compile",
+           "compile", "explain", "fxforge_backend", "load", "parse_options"]
