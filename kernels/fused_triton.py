@@ -1,0 +1,396 @@
+"""Generated Triton for fused row programs (GPU; runs on the CPU with ``TRITON_INTERPRET=1``).
+
+One program handles ``BLOCK_R`` rows. When the row fits in ``BLOCK_N`` (``SINGLE``), every
+value is computed once from whole-row tiles held in registers and reductions are
+``tl.sum``/``tl.max`` along axis 1; otherwise each reduction phase loops over the row in
+``BLOCK_N`` chunks with a tile-shaped accumulator, and a last loop stores. The source is
+written to the cache directory by content hash and imported from there (Triton's JIT reads
+real source files). bf16/fp16 results are rounded where eager rounds, as in the C++ kernels.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from fxforge.kernels.fused import (ELEM, ROW, RowProgram, Unsupported, bind_shapes,
+                                   build_program, cache_dir, kind_of, needed_by, source_hash)
+from fxforge.kernels.tuning import Config, Problem, TuningSpace
+
+TL_DTYPE = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
+            torch.float16: "tl.float16", torch.int64: "tl.int64", torch.int32: "tl.int32",
+            torch.int16: "tl.int16", torch.int8: "tl.int8", torch.uint8: "tl.uint8",
+            torch.bool: "tl.int1"}
+REGISTER = {"f": "tl.float32", "i": "tl.int64", "b": "tl.int1"}
+MAX_TILE = 16384   # elements of one [BLOCK_R, BLOCK_N] tile kept in registers
+FLOAT_OPS = {
+    "neg": "(-{0})", "abs": "tl.abs({0})", "exp": "tl.exp({0})", "log": "tl.log({0})",
+    "sqrt": "tl.sqrt_rn({0})", "rsqrt": "(1.0 / tl.sqrt_rn({0}))", "reciprocal": "(1.0 / {0})",
+    "tanh": "_tanh({0})", "sigmoid": "(1.0 / (1.0 + tl.exp(-{0})))",
+    "erf": "_erf({0})", "relu": "tl.where({0} < 0.0, 0.0, {0})",
+    "silu": "({0} / (1.0 + tl.exp(-{0})))", "sin": "tl.sin({0})", "cos": "tl.cos({0})",
+    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
+    "maximum": "tl.where({0} != {0}, {0}, tl.where({0} > {1}, {0}, {1}))",
+    "minimum": "tl.where({0} != {0}, {0}, tl.where({0} < {1}, {0}, {1}))",
+    "where": "tl.where({0}, {1}, {2})", "cast": "{0}",
+}
+INT_OPS = {"neg": "(-{0})", "abs": "tl.abs({0})", "relu": "tl.where({0} < 0, 0, {0})",
+           "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
+           "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",
+           "where": "tl.where({0}, {1}, {2})", "cast": "{0}", "bitwise_not": "(~{0})"}
+BOOL_OPS = {"logical_not": "({0} == 0)", "bitwise_not": "({0} == 0)", "logical_and": "({0} & {1})",
+            "where": "tl.where({0}, {1}, {2})", "cast": "{0}", "maximum": "({0} | {1})",
+            "minimum": "({0} & {1})", "mul": "({0} & {1})", "add": "({0} | {1})"}
+COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+POW_SPECIAL = {2.0: "({0} * {0})", 1.0: "{0}", 0.5: "tl.sqrt_rn({0})", 3.0: "({0} * {0} * {0})",
+               -1.0: "(1.0 / {0})", -2.0: "(1.0 / ({0} * {0}))", -0.5: "(1.0 / tl.sqrt_rn({0}))"}
+HEADER = '''import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+import os
+
+INF = tl.constexpr(float("inf"))
+NAN = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _bf16_round(x):
+    # round-to-nearest-even to bf16, in bits: the interpreter's fp32->bf16 cast truncates
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # libdevice has no interpreter version
+    @triton.jit
+    def _tanh(x):
+        t = tl.exp(-2.0 * tl.abs(x))
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(x < 0, -y, y)
+
+    @triton.jit
+    def _erf(x):
+        return tl.math.erf(x)
+
+    @triton.jit
+    def _pow(x, e):
+        return tl.exp(e * tl.log(x))  # positive bases only (interpreter tests)
+else:
+    @triton.jit
+    def _tanh(x):
+        return libdevice.tanh(x)
+
+    @triton.jit
+    def _erf(x):
+        return libdevice.erf(x)
+
+    @triton.jit
+    def _pow(x, e):
+        return libdevice.pow(x, e)
+'''
+
+
+def _literal(x: Any) -> str:
+    if isinstance(x, bool):
+        return "1" if x else "0"
+    if isinstance(x, int):
+        return repr(x)
+    if x != x:
+        return "NAN"
+    if x in (float("inf"), float("-inf")):
+        return "INF" if x > 0 else "(-INF)"
+    return repr(float(x))
+
+
+def _round(dtype: torch.dtype, expr: str) -> str:
+    if dtype == torch.bfloat16:
+        return f"_bf16_round({expr})"
+    if dtype in (torch.bfloat16, torch.float16) or dtype in TL_DTYPE and kind_of(dtype) == "i" \
+            and dtype != torch.int64:
+        register = REGISTER[kind_of(dtype)]
+        return f"({expr}).to({TL_DTYPE[dtype]}).to({register})"
+    return expr
+
+
+class _Emitter:
+    def __init__(self, program: RowProgram):
+        self.p = program
+        self.values = program.values
+
+    def ref(self, vid: int) -> str:
+        value = self.values[vid]
+        if value.op == "ncols":
+            return "nf"
+        if value.op == "const":
+            return _literal(value.attr)
+        return f"{'r' if value.level == ROW else 'e'}{vid}"
+
+    def as_kind(self, vid: int, kind: str) -> str:
+        source, expr = kind_of(self.values[vid].dtype), self.ref(vid)
+        if source == kind or self.values[vid].op == "const" and kind != "b":
+            return expr
+        return f"({expr} != 0)" if kind == "b" else f"({expr}).to({REGISTER[kind]})"
+
+    def op_expr(self, vid: int) -> str:
+        value = self.values[vid]
+        kinds = ["b" if value.op == "where" and k == 0 else value.ctype
+                 for k in range(len(value.args))]
+        args = [self.as_kind(a, k) for a, k in zip(value.args, kinds)]
+        if value.op in COMPARE:
+            expr = f"({args[0]} {COMPARE[value.op]} {args[1]})"
+        elif value.op == "pow":
+            expr = POW_SPECIAL.get(value.attr, "_pow({0}, %s)" % _literal(value.attr))
+            expr = expr.format(*args)
+        elif value.op == "gelu":
+            x = args[0]
+            expr = (f"(0.5 * {x} * (1.0 + _tanh(0.7978845608028654 * ({x} + 0.044715 * "
+                    f"{x} * {x} * {x}))))" if value.attr == "tanh" else
+                    f"(0.5 * {x} * (1.0 + _erf({x} * 0.7071067811865476)))")
+        elif value.op == "clamp":
+            expr = args[0]
+            lo, hi = value.attr
+            if lo is not None:
+                expr = f"tl.where({expr} < {_literal(lo)}, {_literal(lo)}, {expr})"
+            if hi is not None:
+                expr = f"tl.where({expr} > {_literal(hi)}, {_literal(hi)}, {expr})"
+        else:
+            table = {"f": FLOAT_OPS, "i": INT_OPS, "b": BOOL_OPS}[value.ctype]
+            if value.op not in table:
+                raise Unsupported(f"{value.op} on {value.dtype} in Triton")
+            expr = table[value.op].format(*args)
+        result = kind_of(value.dtype)
+        if result != value.ctype and value.op not in COMPARE:
+            expr = f"({expr} != 0)" if result == "b" else f"({expr}).to({REGISTER[result]})"
+        return _round(value.dtype, expr)
+
+    def load(self, vid: int, elem_offsets: str, mask: str) -> str:
+        value = self.values[vid]
+        i = value.attr
+        offsets = f"b{i}" if value.level == ROW else f"b{i} + {elem_offsets} * s{i}"
+        row_mask = "rmask" if value.level == ROW else mask
+        raw = f"tl.load(in{i} + {offsets}, mask={row_mask}, other=0)"
+        return f"{raw}.to({REGISTER[kind_of(value.dtype)]})" if value.dtype != torch.bool \
+            else f"({raw} != 0)"
+
+    def define(self, vid: int, cols: str, mask: str) -> str:
+        value = self.values[vid]
+        expr = self.load(vid, cols, mask) if value.op == "load" else self.op_expr(vid)
+        return f"{self.ref(vid)} = {expr}"
+
+
+class _Kernel:
+    """Builds the kernel text: row set-up, then the SINGLE and the looped bodies."""
+
+    def __init__(self, program: RowProgram, name: str):
+        self.p, self.name, self.em = program, name, _Emitter(program)
+        self.n_in, self.rank = len(program.inputs), program.rank
+
+    def signature(self) -> str:
+        params = [f"in{i}" for i in range(self.n_in)] + [f"out{k}" for k in
+                                                         range(len(self.p.outputs))]
+        params += ["rows", "N"] + [f"lead{d}" for d in range(self.rank - 1)]
+        params += [f"st{i}_{d}" for i in range(self.n_in) for d in range(self.rank)]
+        params += ["BLOCK_R: tl.constexpr", "BLOCK_N: tl.constexpr", "SINGLE: tl.constexpr"]
+        return f"@triton.jit\ndef {self.name}({', '.join(params)}):"
+
+    def setup(self) -> list[str]:
+        lines = ["r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)",
+                 "rmask = r < rows", "nf = N * 1.0", "rem = r"]
+        lines += [f"b{i} = tl.zeros([BLOCK_R, 1], dtype=tl.int64)" for i in range(self.n_in)]
+        for d in range(self.rank - 2, -1, -1):
+            lines += [f"idx = rem % lead{d}", f"rem = rem // lead{d}"]
+            lines += [f"b{i} += idx * st{i}_{d}" for i in range(self.n_in)]
+        lines += [f"s{i} = st{i}_{self.rank - 1}" for i in range(self.n_in)]
+        lines += ["zero_f = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)",
+                  "zero_i = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int64)"]
+        return lines
+
+    def reduce_expr(self, vid: int, tile: str, axis_only: bool = False) -> list[str]:
+        """Lines reducing the masked ``tile`` of reduction ``vid`` into ``r<vid>``."""
+        value, name = self.p.values[vid], f"r{vid}"
+        if value.op == "sum":
+            lines = [f"{name} = tl.sum({tile}, axis=1, keep_dims=True)"]
+        else:
+            fn = "tl.max" if value.op == "max" else "tl.min"
+            lines = [f"{name} = {fn}({tile}, axis=1, keep_dims=True)"]
+            if value.ctype == "f":
+                lines.append(f"{name} = tl.where(tl.sum(({tile} != {tile}).to(tl.int32), axis=1, "
+                             f"keep_dims=True) > 0, NAN, {name})")
+        return lines + [f"{name} = {_round(value.dtype, name)}"]
+
+    @staticmethod
+    def neutral(value) -> str:
+        if value.op == "sum":
+            return "0"
+        if value.ctype == "f":
+            return "-INF" if value.op == "max" else "INF"
+        return "-9223372036854775807" if value.op == "max" else "9223372036854775807"
+
+    def single_body(self) -> list[str]:
+        lines = ["cols = tl.arange(0, BLOCK_N)[None, :]", "mask = rmask & (cols < N)"]
+        for vid, value in enumerate(self.p.values):
+            if value.op in ("const", "ncols"):
+                continue
+            if value.op in ("sum", "max", "min"):
+                arg = self.em.as_kind(value.args[0], value.ctype)
+                tile = f"tl.where(mask, {arg}, {self.neutral(value)})"
+                lines += self.reduce_expr(vid, tile)
+            else:
+                lines.append(self.em.define(vid, "cols", "mask"))
+        return lines + self.stores("cols", "mask", elem=True) + self.stores("", "", elem=False)
+
+    def stores(self, cols: str, mask: str, elem: bool) -> list[str]:
+        lines = []
+        for k, o in enumerate(self.p.outputs):
+            is_elem = self.p.values[o.value].level == ELEM
+            if is_elem == elem:
+                where = f"out{k} + r * N + {cols}" if elem else f"out{k} + r"
+                value = self.em.ref(o.value)
+                lines.append(f"tl.store({where}, ({value}).to({TL_DTYPE[o.dtype]}), "
+                             f"mask={mask if elem else 'rmask'})")
+        return lines
+
+    def looped_elems(self, roots: list[int], done: set[int]) -> list[str]:
+        lines = []
+        for vid in needed_by(self.p, roots):
+            value = self.p.values[vid]
+            if value.op in ("const", "ncols") or vid in done:
+                continue
+            if value.level == ELEM:
+                lines.append(self.em.define(vid, "cols", "mask"))
+            else:
+                raise AssertionError(f"row value v{vid} used before it is computed")
+        return lines
+
+    def looped_body(self) -> list[str]:
+        lines, ready = [], set()
+        loop_head = ["for start in range(0, N, BLOCK_N):",
+                     "    cols = start + tl.arange(0, BLOCK_N)[None, :]",
+                     "    mask = rmask & (cols < N)"]
+        for red in self.p.reductions():
+            lines += self.row_values(red, ready)
+            value = self.p.values[red]
+            acc = f"acc{red}"
+            lines.append(f"{acc} = zero_{'f' if value.ctype == 'f' else 'i'} + "
+                         f"{self.neutral(value)}")
+            arg = self.em.as_kind(value.args[0], value.ctype)
+            tile = f"tl.where(mask, {arg}, {self.neutral(value)})"
+            combine = {"sum": f"{acc} + {tile}", "max": f"tl.maximum({acc}, {tile})",
+                       "min": f"tl.minimum({acc}, {tile})"}[value.op]
+            body = self.looped_elems([value.args[0]], ready) + [f"{acc} = {combine}"]
+            lines += loop_head + ["    " + b for b in body] + self.reduce_expr(red, acc)
+            ready.add(red)
+        lines += self.row_values(len(self.p.values), ready)
+        elem_outs = [o.value for o in self.p.outputs if self.p.values[o.value].level == ELEM]
+        lines += self.stores("", "", elem=False)
+        if elem_outs:
+            body = self.looped_elems(elem_outs, ready) + self.stores("cols", "mask", elem=True)
+            lines += loop_head + ["    " + b for b in body]
+        return lines
+
+    def row_values(self, before: int, ready: set[int]) -> list[str]:
+        """Define every ROW value with id < ``before`` not yet defined (ids are topological)."""
+        lines = []
+        for vid in range(before):
+            value = self.p.values[vid]
+            if value.level == ROW and vid not in ready and value.op not in ("sum", "max", "min"):
+                lines.append(self.em.define(vid, "cols", "mask"))
+                ready.add(vid)
+        return lines
+
+    def source(self) -> str:
+        body = ["    " + line for line in self.setup()]
+        body += ["    if SINGLE:"] + ["        " + line for line in self.single_body()]
+        body += ["    else:"] + ["        " + line for line in self.looped_body()]
+        return "\n".join([HEADER, "", self.signature()] + body) + "\n"
+
+
+def generate_source(program: RowProgram, name: str) -> str:
+    return _Kernel(program, name).source()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _prune(config: Config, problem: Problem) -> Optional[str]:
+    block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
+    if block_r * block_n > MAX_TILE:
+        return f"tile {block_r}x{block_n} exceeds {MAX_TILE} elements in registers"
+    if block_n > 2 * _next_pow2(problem["N"]) and block_n > 16:
+        return f"BLOCK_N={block_n} is wider than the row ({problem['N']})"
+    if block_r > _next_pow2(problem["rows"]):
+        return f"BLOCK_R={block_r} is taller than the problem ({problem['rows']} rows)"
+    return None
+
+
+TUNING_SPACE = TuningSpace(
+    kernel="fused_rows",
+    configs=tuple(Config.of(num_warps=w, BLOCK_R=r, BLOCK_N=n) for r in (1, 2, 4, 8, 16)
+                  for n in (64, 256, 1024, 4096) for w in (1, 2, 4, 8)),
+    default=Config.of(num_warps=4, BLOCK_R=4, BLOCK_N=1024),
+    prune=_prune,
+)
+
+
+def default_config(rows: int, ncols: int) -> Config:
+    """Whole row in one tile up to 4096 columns, else 1024-wide chunks."""
+    block_n = min(max(_next_pow2(ncols), 16), 4096)
+    block_r = max(1, min(16, 2048 // block_n, _next_pow2(rows)))
+    warps = 1 if block_r * block_n <= 512 else (4 if block_r * block_n <= 4096 else 8)
+    return Config.of(num_warps=warps, BLOCK_R=block_r, BLOCK_N=block_n)
+
+
+def _import_kernel(source: str, name: str) -> Any:
+    module_name = f"fxforge_fused_{name}"
+    if module_name in sys.modules:
+        return getattr(sys.modules[module_name], name)
+    directory = cache_dir() / "triton"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{name}_{source_hash(source)[:16]}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    return getattr(module, name)
+
+
+class TritonFusedKernel:
+    """Callable: allocates outputs on the inputs' device and launches the kernel."""
+
+    def __init__(self, program: RowProgram, config: Optional[Config] = None):
+        self.program, self.config = program, config
+        self.name = f"fused_{program.digest()}"
+        self.source = generate_source(program, self.name)
+        self.kernel = _import_kernel(self.source, self.name)
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = [args[k] for k in self.program.tensor_args]
+        bound = bind_shapes(self.program, inputs)
+        device = inputs[0].device
+        outs = tuple(torch.empty(shape, dtype=o.dtype, device=device)
+                     for shape, o in zip(bound.out_shapes, self.program.outputs))
+        if bound.rows == 0:
+            return outs
+        config = self.config or default_config(bound.rows, bound.ncols)
+        block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
+        grid = ((bound.rows + block_r - 1) // block_r,)
+        self.kernel[grid](*inputs, *outs, bound.rows, bound.ncols, *bound.lead,
+                          *[s for strides in bound.strides for s in strides],
+                          BLOCK_R=block_r, BLOCK_N=block_n, SINGLE=bound.ncols <= block_n,
+                          num_warps=config.num_warps, num_stages=config.num_stages)
+        return outs
+
+
+def compile_fused_triton(gm: fx.GraphModule, config: Optional[Config] = None) -> TritonFusedKernel:
+    """A fusion group -> a Triton launcher (raises Unsupported); ``config`` from TUNING_SPACE."""
+    return TritonFusedKernel(build_program(gm), config)

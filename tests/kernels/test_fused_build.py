@@ -1,0 +1,77 @@
+"""Building fused C++ kernels: compiler detection, failures, the on-disk cache, threads;
+and the Triton kernel's tuning space."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fxforge.irgraph import decomposition_table
+from fxforge.kernels import fused_cpp
+from fxforge.kernels.fused import KernelBuildError, build_program, reference
+from fxforge.kernels.fused_cpp import compile_fused_cpu, compile_program_cpu, generate_source
+from fxforge.kernels.fused_triton import TUNING_SPACE, default_config
+from fxforge.testing import assert_close_to_eager
+
+
+def softmax_group(scale: float):
+    return make_fx(lambda x: torch.softmax(x * scale, -1), decomposition_table=decomposition_table(),
+                   tracing_mode="symbolic")(torch.randn(3, 8))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXFORGE_CACHE_DIR", str(tmp_path))
+    return tmp_path / "kernels"
+
+
+def test_a_failing_compiler_raises_kernel_build_error(cache, monkeypatch):
+    monkeypatch.setenv("CXX", "false")        # exists, always fails
+    with pytest.raises(KernelBuildError, match="failed"):
+        compile_fused_cpu(softmax_group(1.5))
+    assert not list(cache.glob("*.so"))
+
+
+def test_no_compiler_raises_kernel_build_error(cache, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(fused_cpp.shutil, "which", lambda name: None)
+    with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler"):
+        compile_fused_cpu(softmax_group(1.5))
+
+
+def test_cache_is_reused_and_a_corrupt_binary_is_rebuilt(cache, monkeypatch):
+    program = build_program(softmax_group(0.75))
+    source = generate_source(program, f"fused_{program.digest()}")
+    path = fused_cpp.build_shared_object(source)
+    assert fused_cpp.build_shared_object(source) == path            # a cache hit
+    path.write_bytes(b"not an ELF file")                             # never loaded: safe
+    kernel = compile_program_cpu(program)                            # load fails -> rebuild
+    x = torch.randn(4, 9)
+    assert_close_to_eager(kernel(x)[0], torch.softmax(x * 0.75, -1))
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    assert not [p for p in cache.iterdir() if p.is_dir()], "temporary build dirs left behind"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_rows_match_eager(cache, threads):
+    gm = make_fx(lambda x, r, w: (F.layer_norm(x + r, (1024,), w, None), torch.softmax(x, -1)),
+                 decomposition_table=decomposition_table())(
+        torch.randn(2, 1024), torch.randn(2, 1024), torch.randn(1024))
+    inputs = (torch.randn(64, 1024), torch.randn(64, 1024), torch.randn(1024))
+    kernel = compile_fused_cpu(gm)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel(*inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to_eager(list(got), list(reference(gm, *inputs)))
+
+
+def test_triton_tuning_space_prunes_with_reasons():
+    problem = {"rows": 4, "N": 40}
+    kept, pruned = TUNING_SPACE.survivors(problem)
+    assert kept and pruned
+    assert all(c["BLOCK_N"] <= 128 and c["BLOCK_R"] <= 4 for c in kept)
+    assert any("wider than the row" in reason for reason in pruned.values())
+    whole_row = default_config(rows=4, ncols=40)
+    assert whole_row["BLOCK_N"] >= 40 and TUNING_SPACE.prune(whole_row, problem) is None
