@@ -1,0 +1,171 @@
+"""PackedLinear: every candidate and epilogue against the fxforge::linear reference."""
+import pytest
+import torch
+
+import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
+from fxforge.irgraph.ops import ACTIVATIONS
+from fxforge.kernels.cpu_isa import CPUFeatures, choose_matmul_path
+from fxforge.kernels.linear_cpu import (CANDIDATES, LINEAR_CPU_SPACE, ONEDNN_MIN_M, PackedLinear,
+                                        candidate_of, config_for, default_candidate,
+                                        unavailable_reason)
+from fxforge.testing import assert_close_to_eager
+
+FP32_CANDIDATES = [c for c in CANDIDATES if unavailable_reason(c, torch.float32) is None]
+
+
+def _reference(x, weight, bias, activation, residual, out_dtype=None):
+    return torch.ops.fxforge.linear(x, weight, bias, activation, residual, out_dtype)
+
+
+def _problem(m, k, n, bias=True, residual=False, dtype=torch.float32):
+    x = torch.randn(m, k, dtype=dtype)
+    weight = torch.randn(n, k, dtype=dtype).t()  # [K, N], as nn.Linear's weight arrives
+    b = torch.randn(n, dtype=dtype) if bias else None
+    r = torch.randn(m, n, dtype=dtype) if residual else None
+    return x, weight, b, r
+
+
+@pytest.mark.parametrize("candidate", FP32_CANDIDATES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True), (False, True)])
+def test_every_candidate_and_epilogue(candidate, activation, bias, residual):
+    x, weight, b, r = _problem(5, 24, 40, bias, residual)
+    linear = PackedLinear(weight, b, activation, residual, candidate=candidate, batch_hint=5)
+    assert_close_to_eager(linear(x, r), _reference(x, weight, b, activation, r))
+
+
+@pytest.mark.parametrize("candidate", FP32_CANDIDATES)
+@pytest.mark.parametrize("m,k,n", [(1, 37, 29), (3, 1, 7), (17, 37, 29), (2, 64, 1)])
+def test_odd_sizes_and_m1(candidate, m, k, n):
+    x, weight, b, r = _problem(m, k, n, residual=True)
+    linear = PackedLinear(weight, b, "gelu", True, candidate=candidate, batch_hint=m)
+    assert_close_to_eager(linear(x, r), _reference(x, weight, b, "gelu", r))
+
+
+@pytest.mark.parametrize("candidate", FP32_CANDIDATES)
+def test_one_pack_serves_every_m(candidate):
+    _, weight, b, _ = _problem(1, 24, 16)
+    linear = PackedLinear(weight, b, "silu", candidate=candidate, batch_hint=8)
+    for m in (8, 1, 13):
+        x = torch.randn(m, 24)
+        assert_close_to_eager(linear(x), _reference(x, weight, b, "silu", None), f"M={m}")
+
+
+@pytest.mark.parametrize("candidate", FP32_CANDIDATES)
+def test_non_contiguous_inputs(candidate):
+    _, weight, b, _ = _problem(1, 24, 16)
+    x_transposed = torch.randn(24, 6).t()
+    x_strided = torch.randn(6, 48)[:, ::2]
+    residual = torch.randn(16, 6).t()
+    linear = PackedLinear(weight, b, "relu", True, candidate=candidate, batch_hint=6)
+    for x in (x_transposed, x_strided):
+        assert not x.is_contiguous()
+        assert_close_to_eager(linear(x, residual), _reference(x, weight, b, "relu", residual))
+
+
+@pytest.mark.parametrize("candidate", FP32_CANDIDATES)
+def test_non_contiguous_weight_and_residual_without_activation(candidate):
+    weight = torch.randn(20, 12)[:, ::2][:, :5]  # [K=20, N=5] with strides (12, 2)
+    x, r, b = torch.randn(3, 20), torch.randn(5, 3).t(), torch.randn(5)
+    linear = PackedLinear(weight, b, "none", True, candidate=candidate)
+    assert_close_to_eager(linear(x, r), _reference(x, weight, b, "none", r))
+
+
+@pytest.mark.parametrize("candidate,op", [("onednn", ("mkldnn", "_reorder_linear_weight")),
+                                          ("mkl", ("mkl", "_mkl_reorder_linear_weight"))])
+def test_weight_is_packed_once(monkeypatch, candidate, op):
+    if unavailable_reason(candidate, torch.float32):
+        pytest.skip(unavailable_reason(candidate, torch.float32))
+    namespace = getattr(torch.ops, op[0])
+    real, calls = getattr(namespace, op[1]), []
+    monkeypatch.setattr(namespace, op[1], lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    x, weight, b, _ = _problem(4, 16, 8)
+    linear = PackedLinear(weight, b, "gelu", candidate=candidate, batch_hint=4)
+    assert len(calls) == 1
+    for _ in range(3):
+        linear(x)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("candidate", FP32_CANDIDATES)
+def test_weight_is_snapshotted_at_build(candidate):
+    x, weight, b, _ = _problem(3, 16, 8)
+    expected = _reference(x, weight, b, "none", None)
+    linear = PackedLinear(weight, b, candidate=candidate, batch_hint=3)
+    weight.mul_(2.0)  # a later change to the source tensor never reaches the prepared weight
+    assert_close_to_eager(linear(x), expected)
+
+
+def test_out_dtype_and_bf16_inputs_on_the_fp32_path():
+    x, weight, b, r = _problem(4, 16, 8, residual=True, dtype=torch.bfloat16)
+    no_bf16 = CPUFeatures(avx2=True, fma=True)
+    linear = PackedLinear(weight, b, "gelu_tanh", True, path=choose_matmul_path(torch.bfloat16, no_bf16))
+    assert linear.compute_dtype == torch.float32
+    y = linear(x, r)
+    assert y.dtype == torch.bfloat16
+    assert_close_to_eager(y, _reference(x.float(), weight.float(), b.float(), "gelu_tanh",
+                                        r.float()).bfloat16())
+    assert "neither AMX-BF16 nor AVX512-BF16" in linear.describe()
+    x32, w32, b32, _ = _problem(4, 16, 8)
+    cast = PackedLinear(w32, b32, "relu", out_dtype=torch.bfloat16)
+    assert_close_to_eager(cast(x32), _reference(x32, w32, b32, "relu", None, torch.bfloat16))
+
+
+def test_bf16_path_as_if_on_an_amx_cpu():
+    """FXFORGE_CPU_ISA-style dispatch to bf16: the candidates that run bf16 here compute it."""
+    amx = choose_matmul_path(torch.bfloat16, CPUFeatures(amx_tile=True, amx_bf16=True, avx2=True))
+    x, weight, b, r = _problem(3, 16, 8, residual=True, dtype=torch.bfloat16)
+    runnable = [c for c in CANDIDATES if unavailable_reason(c, torch.bfloat16) is None]
+    assert "aten" in runnable and "mkl" not in runnable
+    for candidate in runnable:
+        linear = PackedLinear(weight, b, "silu", True, path=amx, candidate=candidate)
+        assert linear.compute_dtype == torch.bfloat16
+        assert_close_to_eager(linear(x, r), _reference(x, weight, b, "silu", r), candidate)
+    for candidate in set(CANDIDATES) - set(runnable):
+        with pytest.raises(ValueError, match=candidate):
+            PackedLinear(weight, b, path=amx, candidate=candidate)
+
+
+def test_tuning_space_prunes_what_cannot_run():
+    assert [candidate_of(c) for c in LINEAR_CPU_SPACE.configs] == list(CANDIDATES)
+    kept, pruned = LINEAR_CPU_SPACE.survivors({"M": 4, "K": 16, "N": 8, "dtype": torch.bfloat16})
+    assert config_for("mkl") in pruned and config_for("aten") in kept
+    kept32, _ = LINEAR_CPU_SPACE.survivors({"M": 4, "K": 16, "N": 8, "dtype": torch.float32})
+    assert [candidate_of(c) for c in kept32] == FP32_CANDIDATES
+    assert LINEAR_CPU_SPACE.default in LINEAR_CPU_SPACE.configs
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 256, 256), (1, 256, 8192), (128, 1024, 256), (128, 256, 8192)])
+def test_default_candidate_is_runnable(m, k, n):
+    name = default_candidate(m, k, n)
+    onednn_runs = unavailable_reason("onednn", torch.float32) is None
+    assert name == ("onednn" if m >= ONEDNN_MIN_M and onednn_runs else "aten")
+    assert default_candidate(m, k, n, torch.bfloat16) in ("onednn", "aten")
+    assert PackedLinear(torch.randn(8, 4), batch_hint=m).candidate == name
+
+
+def test_describe_names_the_path():
+    _, weight, b, _ = _problem(1, 8, 4)
+    texts = {c: PackedLinear(weight, b, "gelu", candidate=c).describe() for c in FP32_CANDIDATES}
+    if "onednn" in texts:
+        assert texts["onednn"] == "oneDNN fp32 linear, prepacked, post-op gelu"
+        fused_add = PackedLinear(weight, b, "none", True, candidate="onednn").describe()
+        assert fused_add == "oneDNN fp32 linear, prepacked, residual: binary post-op add"
+    assert texts["aten"] == "aten addmm fp32, weight pre-transposed contiguous [K,N], epilogue in place: gelu"
+    no_bias = PackedLinear(weight, None, "none", True, candidate="aten").describe()
+    assert no_bias == "aten mm fp32, weight pre-transposed contiguous [K,N], epilogue in place: residual add_"
+
+
+def test_bad_inputs_are_clear_errors():
+    x, weight, b, r = _problem(2, 8, 4, residual=True)
+    with pytest.raises(ValueError, match="activation"):
+        PackedLinear(weight, b, "tanh")
+    linear = PackedLinear(weight, b, "none", True)
+    with pytest.raises(ValueError, match="K=8"):
+        linear(torch.randn(2, 9), r)
+    with pytest.raises(ValueError, match="has_residual"):
+        linear(x)
+    with pytest.raises(ValueError, match="residual"):
+        linear(x, torch.randn(2, 5))
+    with pytest.raises(ValueError, match="quantized"):
+        PackedLinear(weight, path=choose_matmul_path(torch.int8, CPUFeatures(avx512_vnni=True)))
