@@ -26,7 +26,9 @@ def _fused_cpu(sub: fx.GraphModule) -> tuple[Callable, str]:
     from fxforge.kernels.cpu_isa import cpu_features
     from fxforge.kernels.fused_cpp import compile_fused_cpu
     kernel = compile_fused_cpu(sub)
-    return kernel, f"generated C++ ({cpu_features().isa_name()})"
+    features = cpu_features()
+    isa = "AVX-512" if features.avx512f else "AVX2" if features.avx2 else "scalar"
+    return kernel, f"generated C++ ({isa})"
 
 
 def _meta(node) -> Optional[TensorMeta]:
@@ -56,12 +58,13 @@ def make_table() -> KernelTable:
         if weight is None or (bias is not None and bias_value is None):
             return None  # activations times activations: ATen's matmul
         meta = _meta(x)
-        if meta is None or meta.dtype not in (torch.float32, torch.bfloat16):
+        if meta is None or meta.dtype not in (torch.float32, torch.bfloat16) or meta.rank != 2:
             return None
-        packed = PackedLinear(weight, bias_value, activation, residual is not None, out_dtype=out_dtype,
-                              input_dtype=meta.dtype)
+        rows = meta.shape[0] if isinstance(meta.shape[0], int) else 128  # dynamic M: pack for prefill
+        packed = PackedLinear(weight, bias_value, activation, residual is not None, out_dtype,
+                              batch_hint=rows)
         args = (x, residual) if residual is not None else (x,)
-        return packed, args, packed.describe(), packed.reason
+        return packed, args, packed.describe(), packed.path.reason
 
     @table.rule(aten.scaled_dot_product_attention.default)
     def attention(node: fx.Node, constant) -> Optional[tuple]:

@@ -74,6 +74,26 @@ def constant_resolver(gm: fx.GraphModule) -> Callable[[Any], Optional[torch.Tens
     return value
 
 
+class _Named:
+    """A callable with the ``__name__`` fx's code generation needs for a call target."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.__name__ = fn, name
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _named(kernel: Callable, hint: str) -> Callable:
+    if getattr(kernel, "__name__", None):
+        return kernel
+    try:
+        kernel.__name__ = hint
+        return kernel
+    except (AttributeError, TypeError):
+        return _Named(kernel, hint)
+
+
 def describe_group(sub: fx.GraphModule) -> str:
     ops = [op_name(n.target).replace("aten.", "").rsplit(".", 1)[0]
            for n in sub.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
@@ -104,7 +124,7 @@ def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[Kerne
             continue  # the call_module of the group's own graph stays
         choices.append(KernelChoice(group, what, path))
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(kernel, tuple(node.args))
+            call = gm.graph.call_function(_named(kernel, group), tuple(node.args))
         call.meta = dict(node.meta)
         call.meta["fxf_kernel_group"] = group
         node.replace_all_uses_with(call)
@@ -130,7 +150,7 @@ def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelCho
             continue
         kernel, args, path, reason = lowered
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(kernel, tuple(args))
+            call = gm.graph.call_function(_named(kernel, f"{table.name}_{node.name}"), tuple(args))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)

@@ -3,13 +3,20 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# Order matters: no-op removal and CSE expose shared projection inputs; horizontal fusion
-# leaves weight concatenations for constant folding; DCE sweeps last.
-CLEANUP = ["remove_noops", "cse", "fuse_projections", "constant_fold", "cse", "remove_noops", "dce"]
+# Order matters:
+# * no-op removal and CSE expose shared inputs (projections, attention's q/k/v);
+# * attention fusion runs before epilogue fusion, so a score matmul is never taken for a linear;
+# * horizontal and epilogue fusion and the precision pass leave weight-only work (concatenations,
+#   casts) that constant folding then does once, at compile time;
+# * vertical fusion runs last: it only tags groups, and a later pass could break one.
+FRONT = ["remove_noops", "cse", "fuse_projections", "fuse_attention", "fuse_epilogues"]
+BACK = ["constant_fold", "cse", "remove_noops", "dce", "fuse_elementwise"]
 
 
 def default_pipeline(options: Mapping[str, Any]) -> list[str]:
     """The pass names to run for ``options`` (``options["passes"]`` overrides it whole)."""
     if options.get("passes") is not None:
         return list(options["passes"])
-    return list(CLEANUP)
+    precision = options.get("precision", "fp32")
+    low = [f"precision_{precision}"] if precision != "fp32" else []
+    return FRONT + low + BACK
