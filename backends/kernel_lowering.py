@@ -157,12 +157,55 @@ def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelCho
         choices.append(KernelChoice(node.name, op_name(node.target), path, reason))
 
 
+def _views_to_reshapes(gm: fx.GraphModule) -> None:
+    """``view`` requires its input's strides to be the ones eager produced; a kernel may lay
+    out its result differently (a fused group writes row-major; eager's pointwise ops follow
+    their input's layout). ``reshape`` is the same view when the strides allow it and copies
+    otherwise, so the graph stays correct whatever layout a kernel chose (the IR is
+    functional: nothing observes whether a value aliases another)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.view.default,
+                                                          torch.ops.aten._unsafe_view.default):
+            node.target = torch.ops.aten.reshape.default
+
+
+def _match_layout(value: torch.Tensor, stride: tuple) -> torch.Tensor:
+    """``value`` with eager's strides: a graph output must look as eager made it (code after
+    the graph may ``view`` it). Copies only when a kernel chose another layout."""
+    if value.stride() == stride:
+        return value
+    out = torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
+    return out.copy_(value)
+
+
+def _fix_output_layouts(gm: fx.GraphModule) -> None:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    kernels = {n for n in gm.graph.nodes if n.op == "call_function" and not isinstance(
+        n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))}
+
+    def fix(arg):
+        if not isinstance(arg, fx.Node) or arg.op != "call_function" or (
+                arg not in kernels and not (arg.target is operator.getitem and arg.args[0] in kernels)):
+            return arg
+        val = arg.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.stride()):
+            return arg
+        with gm.graph.inserting_before(output):
+            fixed = gm.graph.call_function(_match_layout, (arg, tuple(val.stride())))
+        fixed.meta = dict(arg.meta)
+        return fixed
+
+    output.args = fx.node.map_aggregate(output.args, fix)
+
+
 def lower_to_kernels(gm: fx.GraphModule, table: KernelTable) -> tuple[fx.GraphModule, list[KernelChoice]]:
     """A copy of ``gm`` rewritten into kernel calls, and the choices made."""
     gm = copy_module(gm)  # lowering never touches the IR it was given
     choices: list[KernelChoice] = []
     _collapse_groups(gm, table, choices)
     _apply_rules(gm, table, choices)
+    _views_to_reshapes(gm)
+    _fix_output_layouts(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
