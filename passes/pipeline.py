@@ -5,11 +5,12 @@ from typing import Any, Mapping
 
 # Order matters:
 # * no-op removal and CSE expose shared inputs (projections, attention's q/k/v);
+# * constant folding first turns mask buffers into constants the attention pass can prove causal;
 # * attention fusion runs before epilogue fusion, so a score matmul is never taken for a linear;
 # * horizontal and epilogue fusion and the precision pass leave weight-only work (concatenations,
 #   casts) that constant folding then does once, at compile time;
 # * vertical fusion runs last: it only tags groups, and a later pass could break one.
-FRONT = ["remove_noops", "cse", "fuse_projections", "fuse_attention", "fuse_epilogues"]
+FRONT = ["remove_noops", "cse", "fuse_projections", "constant_fold", "fuse_attention", "fuse_epilogues"]
 BACK = ["constant_fold", "cse", "remove_noops", "dce", "fuse_elementwise"]
 
 
