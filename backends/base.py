@@ -36,6 +36,10 @@ class Backend:
         """Compile a GraphModule made only of supported nodes into a callable."""
         raise NotImplementedError
 
+    def precision_unsupported(self, precision: str) -> Optional[str]:
+        """Why ``precision`` ("bf16", "fp16") has no fast path here, or ``None`` if it has."""
+        return None
+
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
 

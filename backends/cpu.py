@@ -102,6 +102,12 @@ class CPUBackend(ReferenceBackend):
         self.report: list = []
         self.table = make_table()
 
+    def precision_unsupported(self, precision: str) -> Optional[str]:
+        from fxforge.kernels.cpu_isa import choose_matmul_path
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        path = choose_matmul_path(dtype)
+        return path.reason if path.compute_dtype == torch.float32 else None
+
     def compile_partition(self, gm: fx.GraphModule) -> Callable:
         lowered, choices = lower_to_kernels(gm, self.table)
         self.report.extend(choices)

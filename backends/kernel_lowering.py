@@ -178,6 +178,9 @@ def _match_layout(value: torch.Tensor, stride: tuple) -> torch.Tensor:
     return out.copy_(value)
 
 
+_match_layout.not_a_kernel = True  # a stride check; it copies only when a layout differs
+
+
 def _fix_output_layouts(gm: fx.GraphModule) -> None:
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     kernels = {n for n in gm.graph.nodes if n.op == "call_function" and not isinstance(
@@ -222,7 +225,7 @@ def kernel_count(gm: fx.GraphModule) -> int:
             count += kernel_count(inner) if isinstance(inner, fx.GraphModule) else 1
         elif node.op == "call_function":
             target = node.target
-            if target is operator.getitem or is_view_op(target):
+            if target is operator.getitem or is_view_op(target) or getattr(target, "not_a_kernel", False):
                 continue
             if isinstance(target, fx.GraphModule):
                 count += kernel_count(target)

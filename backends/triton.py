@@ -37,12 +37,12 @@ def _fused_triton(sub: fx.GraphModule) -> tuple[Callable, str]:
 class _Bound:
     """A kernel call with the node's non-tensor arguments bound (the graph passes tensors)."""
 
-    def __init__(self, name: str, fn: Callable, **fixed):
+    def __init__(self, name: str, call: Callable, **fixed):
         self.__name__ = name
-        self.fn, self.fixed = fn, fixed
+        self.call, self.fixed = call, fixed
 
     def __call__(self, *tensors):
-        return self.fn(*tensors, **self.fixed)
+        return self.call(*tensors, **self.fixed)
 
 
 def make_table() -> KernelTable:

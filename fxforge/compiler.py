@@ -8,13 +8,14 @@ the call, so a changed weight can never give a stale answer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from fxforge.backends import LoweredGraph, lower, resolve_backend
+from fxforge.backends import Backend, LoweredGraph, lower, resolve_backend
 from fxforge.errors import VerificationError
 from fxforge.irgraph import IRGraph, build_ir
 from fxforge.options import CompileOptions
@@ -48,8 +49,27 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES.get(dtype, (0.0, 0.0))
 
 
-def optimize(ir: IRGraph, options: CompileOptions) -> IRGraph:
-    return PassManager(default_pipeline(options.to_dict())).run(ir)
+def effective_options(options: CompileOptions, backend: Backend) -> CompileOptions:
+    """The options the pipeline runs with on ``backend``: a low precision the hardware has no
+    fast path for (bf16 on a CPU without AMX or AVX512-BF16) would only lose accuracy and
+    time, so the graph stays fp32, and the log says why."""
+    if options.precision == "fp32":
+        return options
+    reason = backend.precision_unsupported(options.precision)
+    if reason is None:
+        return options
+    log.warning("fxforge: precision=%r runs in fp32 on the %s backend: %s", options.precision,
+                backend.name, reason)
+    return dataclasses.replace(options, precision="fp32")
+
+
+def optimize(ir: IRGraph, options: CompileOptions, backend: Optional[Backend] = None) -> IRGraph:
+    """Run the pipeline for ``options`` (adjusted to ``backend``'s hardware when given)."""
+    if backend is not None:
+        options = effective_options(options, backend)
+    out = PassManager(default_pipeline(options.to_dict())).run(ir)
+    out.info["precision"] = options.precision
+    return out
 
 
 def freeze(ir: IRGraph, positions: Sequence[int], values: Sequence[torch.Tensor]) -> IRGraph:
@@ -85,8 +105,9 @@ class CompiledGraph:
                      "counter: replacing them is detected, changing them in place is not")
         # The pass manager never modifies its input, so the captured graph needs no copy here.
         ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
-        self.ir = optimize(ir, self.options)
-        self.lowered: LoweredGraph = lower(self.ir, resolve_backend(self.options.backend, self.ir))
+        backend = resolve_backend(self.options.backend, ir)
+        self.ir = optimize(ir, self.options, backend)
+        self.lowered: LoweredGraph = lower(self.ir, backend)
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
                  "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(self.ir.gm.graph.nodes),
                  len(weights), len(self.lowered.fallbacks), (time.perf_counter() - start) * 1e3)
@@ -104,7 +125,7 @@ class CompiledGraph:
             self._build([args[p] for p in self.weight_positions])
         outputs = self.lowered(*[args[i] for i in self.runtime_positions])
         if self.options.verify:
-            check_against_eager(outputs, self.captured.gm(*args))
+            check_against_eager(outputs, self.captured.gm(*args), self.ir.info.get("precision", "fp32"))
         return outputs
 
 
@@ -113,7 +134,12 @@ def _version(tensor: torch.Tensor):
     return None if tensor.is_inference() else tensor._version
 
 
-def check_against_eager(outputs: Any, expected: Any) -> None:
+_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_against_eager(outputs: Any, expected: Any, precision: str = "fp32") -> None:
+    """Compare with eager at the output dtype's tolerance, or at the compute precision's when
+    matmuls ran in bf16/fp16 (a lossy option the user asked for)."""
     flat_out, _ = torch.utils._pytree.tree_flatten(outputs)
     flat_exp, _ = torch.utils._pytree.tree_flatten(expected)
     if len(flat_out) != len(flat_exp):
@@ -127,10 +153,20 @@ def check_against_eager(outputs: Any, expected: Any) -> None:
             raise VerificationError(f"output {i}: compiled {got.dtype}{list(got.shape)} vs eager "
                                     f"{want.dtype}{list(want.shape)}")
         rtol, atol = tolerance(want.dtype)
+        if precision in _LOW and want.is_floating_point():
+            rtol, atol = (max(a, b) for a, b in zip((rtol, atol), _low_tolerance(want, precision)))
         if not torch.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
             diff = (got.double() - want.double()).abs().nan_to_num(0).max().item()
             raise VerificationError(f"output {i} ({want.dtype}{list(want.shape)}) differs from eager: "
                                     f"max abs diff {diff:.3g} over rtol={rtol}, atol={atol}")
+
+
+def _low_tolerance(want: torch.Tensor, precision: str) -> tuple[float, float]:
+    """Errors of a low-precision forward scale with the output's magnitude, not per element:
+    allow the dtype's relative tolerance (x4 for accumulation through layers) of max |eager|."""
+    rtol, _ = tolerance(_LOW[precision])
+    scale = want.detach().abs().max().item() if want.numel() else 1.0
+    return rtol, 4 * rtol * max(scale, 1.0)
 
 
 def compile_captured(ir: IRGraph, options: CompileOptions, weight_positions: Sequence[int],

@@ -410,6 +410,8 @@ class _Context:
         k_kv, v_kv = _unrepeat(k), _unrepeat(v)
         if k_kv and v_kv and k_kv[1] == v_kv[1] > 1 and _shape(k_kv[0])[1] == _shape(v_kv[0])[1]:
             k, v, gqa = k_kv[0], v_kv[0], True
+        elif _shape(k)[1] != _shape(q)[1]:  # the CPU flash op takes grouped k/v as they are
+            gqa = True
         attn_mask, causal = None, is_causal
         if mask is not None:
             attn_mask, proven = self.attn_mask(mask, mask_factor, dtype, lq, lk, anchor)
@@ -418,7 +420,11 @@ class _Context:
         with graph.inserting_before(anchor):
             node = graph.call_function(SDPA, (q, k, v, attn_mask, 0.0, causal),
                                        {"scale": scale, "enable_gqa": gqa})
-        self.ir.infer(node)
+        try:
+            self.ir.infer(node)
+        except Exception as exc:  # the operands do not form a valid attention after all
+            graph.erase_node(node)
+            raise Decline(f"the fused node does not type-check: {type(exc).__name__}: {exc}") from exc
         _replace(self.ir, anchor, node)
         self.counts.update({"causal": int(causal), "masked": int(attn_mask is not None), "gqa": int(gqa)})
 

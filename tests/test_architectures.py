@@ -77,8 +77,10 @@ def _is_dynamic(graph) -> bool:
 
 
 def _check_structure(graph) -> None:
-    assert graph.lowered.backend == "reference"
+    assert graph.lowered.backend == "cpu"  # backend="auto" on a CPU
     assert graph.lowered.fallbacks == [], f"per-node eager fallbacks: {graph.lowered.fallbacks}"
+    kernel_fallbacks = [c for c in graph.lowered.choices if "fallback" in c.path]
+    assert not kernel_fallbacks, f"kernels that fell back: {kernel_fallbacks}"
     assert graph.lowered.partitions == 1
     ran = [s.name for s in graph.ir.info.get("passes", [])]
     assert ran, "the pass pipeline did not run"

@@ -17,22 +17,16 @@ B, H, L, D = 2, 4, 8, 16
 
 
 @pytest.fixture
-def compile_model(monkeypatch):
+def compile_model():
     """Compile through torch.compile; return the optimized IRs of the captured graphs."""
     def run(model, inputs, dynamic=None, more_inputs=()):
-        irs = []
-        optimize = fxforge.compiler.optimize
-        def recording(ir, options):
-            irs.append(optimize(ir, options))
-            return irs[-1]
-        monkeypatch.setattr(fxforge.compiler, "optimize", recording)
         compiled = torch.compile(model, backend="fxforge", dynamic=dynamic,
                                  options={"passes": PIPELINE, "backend": "reference"})
-        with torch.no_grad():
+        with fxforge.compiler.recording() as graphs, torch.no_grad():
             for args in (inputs, *more_inputs):
                 assert_close_to_eager(compiled(*args), model(*args))
-        assert irs, "nothing was compiled"
-        return irs
+        assert graphs, "nothing was compiled"
+        return [g.ir for g in graphs]
     return run
 
 

@@ -1,0 +1,124 @@
+"""The cpu and triton backends end to end: fused kernels, prepacked linears and flash attention
+match eager; a broken kernel build falls back with its reason; precision follows the hardware."""
+import logging
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.compiler import recording
+from fxforge.testing import assert_close_to_eager
+
+
+def _compile(model, inputs, **options):
+    with recording() as graphs, torch.no_grad():
+        compiled = fxforge.compile(model, inputs, **options)
+        got = compiled(*inputs)
+        want = model(*inputs)
+    assert graphs, "fxforge compiled no graph"
+    return got, want, graphs
+
+
+def _paths(graphs) -> Counter:
+    return Counter(c.path.split(",")[0].split(" (")[0] for g in graphs for c in g.lowered.choices)
+
+
+def _small_gpt():
+    from fxforge.examples.small_gpt import example_inputs, make_model
+    return make_model(n_layer=2).eval(), example_inputs(batch=2, seq=24)
+
+
+def _hf(arch):
+    from fxforge.examples.hf_models import LogitsOnly, build
+    return LogitsOnly(build(arch)).eval(), (torch.randint(3, 1000, (2, 17)),)
+
+
+@pytest.mark.parametrize("make", [_small_gpt, lambda: _hf("gpt2"), lambda: _hf("llama")],
+                         ids=["small_gpt", "gpt2", "llama"])
+def test_cpu_backend_matches_eager_and_uses_its_kernels(make):
+    model, inputs = make()
+    got, want, graphs = _compile(model, inputs, backend="cpu")
+    assert_close_to_eager(got, want)
+    paths = _paths(graphs)
+    # Residual adds and activations go into the linears' epilogues; norms and the rest fuse here.
+    assert paths["generated C++"] >= 1 and paths["PyTorch CPU flash attention"] == 2
+    assert sum(n for p, n in paths.items() if "linear" in p or "addmm" in p) >= 6
+    assert not [c for g in graphs for c in g.lowered.choices if "fallback" in c.path]
+    eager_graph = graphs[0].lowered
+    assert eager_graph.kernels is not None and eager_graph.kernels < len(graphs[0].captured.call_nodes())
+
+
+def test_broken_kernel_builds_fall_back_with_their_reason(monkeypatch, caplog):
+    from fxforge.kernels import fused_cpp, linear_cpu
+    from fxforge.kernels.fused import KernelBuildError
+
+    def broken_build(gm):
+        raise KernelBuildError("g++ exploded (injected)")
+
+    class BrokenLinear:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("oneDNN unavailable (injected)")
+
+    monkeypatch.setattr(fused_cpp, "compile_fused_cpu", broken_build)
+    monkeypatch.setattr(linear_cpu, "PackedLinear", BrokenLinear)
+    model, inputs = _small_gpt()
+    with caplog.at_level(logging.WARNING, logger="fxforge"):
+        got, want, graphs = _compile(model, inputs, backend="cpu")
+    assert_close_to_eager(got, want)
+    reasons = [c.reason for g in graphs for c in g.lowered.choices if "fallback" in c.path]
+    assert any("g++ exploded" in r for r in reasons) and any("oneDNN unavailable" in r for r in reasons)
+    assert "g++ exploded" in caplog.text
+
+
+def test_bf16_on_a_cpu_without_bf16_hardware_stays_fp32(monkeypatch, caplog):
+    monkeypatch.setenv("FXFORGE_CPU_ISA", "avx2")
+    model, inputs = _small_gpt()
+    with caplog.at_level(logging.WARNING, logger="fxforge"):
+        got, want, graphs = _compile(model, inputs, backend="cpu", precision="bf16")
+    assert "runs in fp32" in caplog.text and "AVX512-BF16" in caplog.text
+    assert_close_to_eager(got, want)  # fp32 tolerance: nothing was lowered to bf16
+    assert graphs[0].ir.info["precision"] == "fp32"
+
+
+def test_bf16_where_the_cpu_has_it_runs_the_precision_pass(monkeypatch):
+    monkeypatch.setenv("FXFORGE_CPU_ISA", "avx512_bf16")  # dispatch as on such a CPU
+    model, inputs = _small_gpt()
+    got, want, graphs = _compile(model, inputs, backend="cpu", precision="bf16")
+    assert graphs[0].ir.info["precision"] == "bf16"
+    assert any(t.dtype == torch.bfloat16 for t in graphs[0].ir.constants().values())
+    error = (got - want).abs().max() / want.abs().max()
+    assert 0 < error < 2e-2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels run on the CPU only with TRITON_INTERPRET=1 set at start-up "
+                           "(make test sets it)")
+def test_triton_backend_under_the_interpreter():
+    pytest.importorskip("triton")
+    from fxforge.examples.small_gpt import example_inputs, make_model
+    model = make_model(n_layer=1, n_embd=32, n_head=2, vocab_size=64).eval()
+    inputs = example_inputs(batch=1, seq=8, vocab_size=64)
+    got, want, graphs = _compile(model, inputs, backend="triton")
+    assert_close_to_eager(got, want)
+    paths = _paths(graphs)
+    assert paths["generated Triton"] >= 1 and paths["Triton flash attention"] == 1
+    assert paths["Triton matmul template"] >= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_backend_on_the_gpu_matches_eager_with_cuda_graphs():
+    from fxforge.backends.triton import CUDAGraphRunner
+    from fxforge.examples.small_gpt import example_inputs, make_model
+    model = make_model(n_layer=2).eval().cuda()
+    inputs = tuple(x.cuda() for x in example_inputs(batch=2, seq=64))
+    got, want, graphs = _compile(model, inputs)  # backend="auto" picks Triton for CUDA tensors
+    assert_close_to_eager(got, want)
+    assert graphs[0].lowered.backend == "triton"
+    assert isinstance(graphs[0].lowered.gm, CUDAGraphRunner)
+    compiled = fxforge.compile(model, inputs)
+    with torch.no_grad():
+        for _ in range(4):  # warm-up, capture, replays
+            assert_close_to_eager(compiled(*inputs), want)
