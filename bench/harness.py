@@ -25,7 +25,10 @@ from typing import Callable
 
 import torch
 
-COMPILERS = ("eager", "inductor", "fxforge")
+COMPILERS = ("eager", "inductor", "fxforge", "fxforge_bf16")
+# fxforge variants: the options each runs with (fxforge_bf16: matmuls/attention in bf16 where the
+# hardware has a bf16 path; on a CPU without one fxforge keeps fp32 and says so).
+FXFORGE_OPTIONS = {"fxforge": {}, "fxforge_bf16": {"precision": "bf16"}}
 WORKLOADS = ("prefill", "decode1")
 
 
@@ -52,10 +55,12 @@ class Result:
     repeats: int = 0
     max_abs_diff: float | None = None
     matches: bool | None = None  # max_abs_diff within RTOL of the largest eager output
+    kernels: int | None = None  # kernels launched per forward (eager: ATen ops; fxforge: lowered)
     note: str = ""
 
 
 RTOL = 1e-3  # tolerated max |compiled - eager|, relative to max |eager| (at least 1)
+LOW_PRECISION_RTOL = 2e-2  # the same for precision="bf16" (a lossy option)
 
 
 # --------------------------------------------------------------------------- models
@@ -131,9 +136,21 @@ def make_runner(compiler: str, module: torch.nn.Module):
     """
     if compiler == "eager":
         return module
+    if compiler in FXFORGE_OPTIONS:
+        return torch.compile(module, backend="fxforge", options=FXFORGE_OPTIONS[compiler])
     from fxforge.examples.chat_demo import resolve_backend
 
     return torch.compile(module, backend=resolve_backend(compiler))
+
+
+def count_kernels(compiler: str, case_inputs: tuple, module, graphs: list) -> int | None:
+    """Kernels one forward launches: eager's ATen ops, or the kernels of fxforge's graphs."""
+    if compiler == "eager":
+        from fxforge.explain import count_eager_kernels
+        return sum(count_eager_kernels(module, *case_inputs).values())
+    if compiler in FXFORGE_OPTIONS and graphs and all(g.lowered.kernels is not None for g in graphs):
+        return sum(g.lowered.kernels for g in graphs)
+    return None
 
 
 # --------------------------------------------------------------------------- timing
@@ -189,15 +206,20 @@ def run_case(case: Case, compiler: str, reference: torch.Tensor | None, device: 
     res = Result(case.model, case.workload, compiler, note=case.note)
     out = None
     try:
+        from fxforge.compiler import recording
+
         torch._dynamo.reset()
         runner = make_runner(compiler, case.module)
         t0 = time.perf_counter()
-        out = _first_tensor(runner(*case.inputs))
+        with recording() as graphs:
+            out = _first_tensor(runner(*case.inputs))
         _sync(device)
         res.compile_s = time.perf_counter() - t0
+        res.kernels = count_kernels(compiler, case.inputs, case.module, graphs)
         if reference is not None:
             res.max_abs_diff = (out.float() - reference.float()).abs().max().item()
-            res.matches = res.max_abs_diff <= RTOL * max(1.0, reference.float().abs().max().item())
+            rtol = LOW_PRECISION_RTOL if compiler == "fxforge_bf16" else RTOL
+            res.matches = res.max_abs_diff <= rtol * max(1.0, reference.float().abs().max().item())
         times = sorted(time_calls(runner, case.inputs, device, warmup, repeats, budget_s))
         res.repeats = len(times)
         res.median_ms = statistics.median(times)
@@ -284,8 +306,8 @@ def format_table(results: list[Result], compilers: list[str]) -> str:
     rows = list(dict.fromkeys((r.model, r.workload) for r in results))  # keep run order
     header = ["model", "workload"] + [f"{c} ms" for c in compilers]
     ratio_cols = [(c, "eager") for c in compilers if c != "eager"]
-    if "fxforge" in compilers and "inductor" in compilers:
-        ratio_cols.append(("fxforge", "inductor"))
+    if "inductor" in compilers:
+        ratio_cols += [(c, "inductor") for c in compilers if c in FXFORGE_OPTIONS]
     header += [f"{c} vs {b}" for c, b in ratio_cols]
     lines = [header]
     for model, wl in rows:
@@ -297,6 +319,18 @@ def format_table(results: list[Result], compilers: list[str]) -> str:
            for line in lines]
     out.insert(1, "-" * len(out[0]))
     return "\n".join(out)
+
+
+def format_kernels(results: list[Result]) -> str:
+    """Kernels launched per forward, eager vs each fxforge variant."""
+    index = {(r.model, r.workload, r.compiler): r.kernels for r in results if r.kernels is not None}
+    rows = list(dict.fromkeys((r.model, r.workload) for r in results))
+    lines = []
+    for model, wl in rows:
+        counts = [f"{c} {index[(model, wl, c)]}" for c in COMPILERS if (model, wl, c) in index]
+        if counts:
+            lines.append(f"  {model}/{wl}: " + ", ".join(counts))
+    return "kernels per forward:\n" + "\n".join(lines) if lines else ""
 
 
 def format_errors(results: list[Result]) -> str:

@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     print()
     print(harness.format_table(results, args.compilers))
     print("(speedup = baseline ms / compiler ms, above 1 is faster; '!' = output differs from eager)")
+    kernels = harness.format_kernels(results)
+    if kernels:
+        print("\n" + kernels)
     errors = harness.format_errors(results)
     if errors:
         print("\nfailures:\n" + errors)

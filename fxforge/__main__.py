@@ -1,4 +1,5 @@
-"""Command line: ``python -m fxforge compile MODULE:FACTORY --example SPEC -o DIR`` and
+"""Command line: ``python -m fxforge compile MODULE:FACTORY --example SPEC -o DIR``,
+``python -m fxforge explain MODULE:FACTORY --example SPEC [-o report.html]`` and
 ``python -m fxforge info DIR``."""
 from __future__ import annotations
 
@@ -38,9 +39,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    import fxforge
-    from fxforge.specs import export_dynamic_shapes, parse_spec
+def _model_and_examples(args: argparse.Namespace):
+    from fxforge.specs import parse_spec
 
     model = _load_factory(args.factory)()
     if not isinstance(model, torch.nn.Module):
@@ -48,10 +48,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     specs = [parse_spec(s) for s in args.example]
     generator = torch.Generator().manual_seed(args.seed)
     examples = tuple(spec.example(generator) for spec in specs)
-    options = dict(_parse_option(o) for o in args.option)
+    return model.eval(), specs, examples, dict(_parse_option(o) for o in args.option)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import fxforge
+    from fxforge.specs import export_dynamic_shapes
+
+    model, specs, examples, options = _model_and_examples(args)
     artifact = fxforge.aot_compile(model, examples, args.output,
                                    dynamic_shapes=export_dynamic_shapes(specs), **options)
     print(f"wrote {artifact}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import fxforge
+
+    model, _, examples, options = _model_and_examples(args)
+    report = fxforge.explain(model, examples, **options)
+    print(report.text)
+    if args.output:
+        report.save(args.output)
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -64,18 +83,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("factory", help="MODULE:FACTORY, a callable returning the nn.Module")
+    parser.add_argument("--example", action="append", required=True, metavar="SPEC",
+                        help="an input spec, e.g. 'int64[1,seq=16:2..512]{0..1000}' (repeat per input)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the example inputs")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fxforge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="compile a model into an AOT artifact directory")
-    comp.add_argument("factory", help="MODULE:FACTORY, a callable returning the nn.Module")
-    comp.add_argument("--example", action="append", required=True, metavar="SPEC",
-                      help="an input spec, e.g. 'int64[1,seq=16:2..512]{0..1000}' (repeat per input)")
+    _model_arguments(comp)
     comp.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    comp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
-    comp.add_argument("--seed", type=int, default=0, help="seed for the example inputs")
     comp.set_defaults(run=cmd_compile)
+    expl = sub.add_parser("explain", help="compile and report fusion groups, kernels and fallbacks")
+    _model_arguments(expl)
+    expl.add_argument("-o", "--output", help="also write the report: .html, .svg or .txt")
+    expl.set_defaults(run=cmd_explain)
     info = sub.add_parser("info", help="load an artifact and print its manifest")
     info.add_argument("artifact")
     info.set_defaults(run=cmd_info)

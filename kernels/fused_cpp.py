@@ -1,12 +1,16 @@
 """Generated C++ for fused row programs (CPU).
 
 One ``extern "C"`` function per program, no torch headers (a build takes ~1 s): the outer
-loop runs over rows (OpenMP ``parallel for`` only when the work is large enough), each
-reduction phase and the final store loop run over the last dim, written so GCC vectorizes
-them (``#pragma omp simd``; a contiguous fast path when every per-element input has inner
-stride 1). Math uses exact libm calls and no ``-ffast-math``. bf16 is stored as uint16 and
-converted with bit shifts (round-to-nearest-even on the way back). Binaries live in a cache
-directory keyed by the SHA-256 of source, compiler version and flags.
+loop runs over rows (OpenMP ``parallel for`` when the caller passes nthreads > 1, which it does
+only above ``PARALLEL_MIN_WORK``), each reduction phase and the final store loop run over the
+last dim as ``#pragma omp simd`` loops (a contiguous fast path when every per-element input has
+inner stride 1). exp/log/tanh/erf/sigmoid are the branch-free ``fxf_*`` functions of ``MATH``
+(within 2 ulp, see the tests), so those loops vectorize with 256-bit AVX2; no ``-ffast-math``
+(``-fno-trapping-math``/``-fno-math-errno`` change no result). A costly value that the last
+reduction loop computes (a softmax's exp) is stored in an output buffer and read back by the
+output loop. bf16 is stored as uint16 and converted with bit shifts (round-to-nearest-even on
+the way back). Binaries live in a cache directory keyed by the SHA-256 of source, compiler
+version and flags.
 """
 from __future__ import annotations
 
@@ -25,10 +29,13 @@ import torch.fx as fx
 from fxforge.kernels.fused import (ELEM, ROW, KernelBuildError, RowProgram, Unsupported,
                                    bind_shapes, build_program, cache_dir, kind_of, needed_by,
                                    source_hash)
+from fxforge.kernels.fused_cpp_math import MATH
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-fno-trapping-math", "-fno-math-errno",
+         "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
 MAX_PLANS = 64                # cached input layouts per kernel (decode steps vary the length)
-PARALLEL_MIN_WORK = 1 << 15   # elements x passes below which one thread is faster
+PARALLEL_MIN_WORK = 1 << 15   # elements x work_per_element below which one thread is faster
+EXPENSIVE_WORK = 8            # an exp/erf/tanh/... counts as this many cheap ops
 CTYPES_SCALAR = {torch.float32: "float", torch.bfloat16: "uint16_t", torch.float16: "_Float16",
                  torch.int64: "int64_t", torch.int32: "int32_t", torch.int16: "int16_t",
                  torch.int8: "int8_t", torch.uint8: "uint8_t", torch.bool: "uint8_t"}
@@ -46,13 +53,14 @@ static inline uint16_t bf16_store(float f) {
 static inline float bf16_round(float f) { return bf16_load(bf16_store(f)); }
 static inline float f16_round(float f) { return (float)(_Float16)f; }
 """
+
 REGISTER = {"f": "float", "i": "int64_t", "b": "bool"}
 GELU_TANH_BETA = "0.7978845608028654f"   # sqrt(2 / pi)
 FLOAT_OPS = {
-    "neg": "(-{0})", "abs": "fabsf({0})", "exp": "expf({0})", "log": "logf({0})",
+    "neg": "(-{0})", "abs": "fabsf({0})", "exp": "fxf_exp({0})", "log": "fxf_log({0})",
     "sqrt": "sqrtf({0})", "rsqrt": "(1.0f / sqrtf({0}))", "reciprocal": "(1.0f / {0})",
-    "tanh": "tanhf({0})", "sigmoid": "(1.0f / (1.0f + expf(-{0})))", "erf": "erff({0})",
-    "relu": "({0} < 0.0f ? 0.0f : {0})", "silu": "({0} / (1.0f + expf(-{0})))",
+    "tanh": "fxf_tanh({0})", "sigmoid": "fxf_sigmoid({0})", "erf": "fxf_erf({0})",
+    "relu": "({0} < 0.0f ? 0.0f : {0})", "silu": "({0} / (1.0f + fxf_exp(-{0})))",
     "sin": "sinf({0})", "cos": "cosf({0})",
     "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
     "maximum": "(({0} != {0}) ? {0} : (({0} > {1}) ? {0} : {1}))",
@@ -157,8 +165,8 @@ class CExprs:
     def gelu(x: str, approximate: str) -> str:
         if approximate == "tanh":
             inner = f"{GELU_TANH_BETA} * ({x} + 0.044715f * {x} * {x} * {x})"
-            return f"(0.5f * {x} * (1.0f + tanhf({inner})))"
-        return f"(0.5f * {x} * (1.0f + erff({x} * 0.70710678118654752440f)))"
+            return f"(0.5f * {x} * (1.0f + fxf_tanh({inner})))"
+        return f"(0.5f * {x} * (1.0f + fxf_erf({x} * 0.70710678118654752440f)))"
 
     def clamp(self, x: str, bounds: tuple, ctype: str) -> str:
         lit = float_literal if ctype == "f" else (lambda b: f"{int(b)}LL")
@@ -280,11 +288,15 @@ class _RowBody:
         self.p, self.fast, self.rank = program, fast, program.rank
         self.exprs = CExprs(program)
         self.ready: set[int] = set()   # ROW values already defined in the row scope
+        self.cached: dict[int, int] = {}   # ELEM value -> output whose buffer holds it
 
     def elem_loop(self, targets: list[int], prologue: list[str], body_tail: list[str],
-                  pragma: str) -> list[str]:
-        deps = [i for i in needed_by(self.p, targets) if self.p.values[i].level == ELEM]
-        body = [self.exprs.define(i, self.load(i)) for i in deps]
+                  pragma: str, reuse: Optional[dict[int, int]] = None) -> list[str]:
+        """A loop over the row; values in ``reuse`` are read back from their output buffer."""
+        reuse = reuse or {}
+        deps = [i for i in _elem_cone(self.p, targets, set(reuse))]
+        body = [self.exprs.define(i, f"o{reuse[i]}[r * N + j]" if i in reuse else self.load(i))
+                for i in deps]
         return (prologue + [pragma, "for (int64_t j = 0; j < N; ++j) {"]
                 + ["  " + line for line in body + body_tail] + ["}"])
 
@@ -315,7 +327,7 @@ class _RowBody:
                 groups.append([red])
         return groups
 
-    def reduction_phase(self, reds: list[int]) -> list[str]:
+    def reduction_phase(self, reds: list[int], cache: dict[int, int]) -> list[str]:
         lines = self.define_rows([self.p.values[r].args[0] for r in reds])
         clauses, tail, finish = [], [], []
         for r in reds:
@@ -325,26 +337,72 @@ class _RowBody:
             tail += update
             finish += post
             self.ready.add(r)
+        tail += [f"o{k}[r * N + j] = {self.exprs.ref(v)};" for v, k in cache.items()]
         pragma = "#pragma omp simd " + " ".join(clauses)
         args = [self.p.values[r].args[0] for r in reds]
         return lines + self.elem_loop(args, [], tail, pragma) + finish
 
     def lines(self) -> list[str]:
-        out = []
-        for phase in self.phases():
-            out += self.reduction_phase(phase)
+        out, phases = [], self.phases()
         outs = list(enumerate(self.p.outputs))
-        row_outs = [(k, o) for k, o in outs if self.p.values[o.value].level != ELEM]
         elem_outs = [(k, o) for k, o in outs if self.p.values[o.value].level == ELEM]
+        if phases and elem_outs:
+            last_args = [self.p.values[r].args[0] for r in phases[-1]]
+            self.cached = _cache_plan(self.p, last_args, elem_outs)
+        for i, phase in enumerate(phases):
+            out += self.reduction_phase(phase, self.cached if i == len(phases) - 1 else {})
+        # an output whose own value was stored by the last reduction loop is complete
+        elem_outs = [(k, o) for k, o in elem_outs if self.cached.get(o.value) != k]
         out += self.define_rows([o.value for _, o in outs])
-        for k, o in row_outs:
-            out.append(f"o{k}[r] = {store_expr(o.dtype, self.exprs.ref(o.value))};")
+        for k, o in outs:
+            if self.p.values[o.value].level != ELEM:
+                out.append(f"o{k}[r] = {store_expr(o.dtype, self.exprs.ref(o.value))};")
         if elem_outs:
             stores = [f"o{k}[r * N + j] = {store_expr(o.dtype, self.exprs.ref(o.value))};"
                       for k, o in elem_outs]
             out += self.elem_loop([o.value for _, o in elem_outs], [], stores,
-                                  "#pragma omp simd")
+                                  "#pragma omp simd", self.cached)
         return out
+
+
+EXPENSIVE = frozenset({"exp", "log", "tanh", "erf", "sigmoid", "silu", "gelu", "sin", "cos",
+                       "pow"})
+
+
+def _elem_cone(program: RowProgram, roots: list[int], stop: set[int]) -> list[int]:
+    """ELEM values (in order) that computing ``roots`` needs, not looking past ``stop``."""
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        i = stack.pop()
+        if i not in seen and program.values[i].level == ELEM:
+            seen.add(i)
+            if i not in stop:
+                stack.extend(program.values[i].args)
+    return sorted(seen)
+
+
+def _cache_plan(program: RowProgram, phase_args: list[int], elem_outs: list) -> dict[int, int]:
+    """Values the last reduction loop computes, the output loop needs again and that are
+    costly (a softmax's exp): the reduction loop stores each in an fp32 output buffer, where
+    the output loop reads it back instead of computing it again."""
+    values = program.values
+    shared = set(_elem_cone(program, phase_args, set()))
+    final = _elem_cone(program, [o.value for _, o in elem_outs], set())
+    shared &= set(final)
+    output_values = {o.value for _, o in elem_outs}
+    frontier = [v for v in sorted(shared) if values[v].op != "load" and (
+        v in output_values or any(v in values[c].args for c in final if c not in shared))]
+    plan: dict[int, int] = {}
+    for v in frontier:
+        if not any(values[i].op in EXPENSIVE for i in _elem_cone(program, [v], set())):
+            continue
+        for k, o in elem_outs:
+            if (o.dtype == torch.float32 and o.shape == "full" and k not in plan.values()
+                    and v in _elem_cone(program, [o.value], set())):
+                plan[v] = k
+                break
+    return plan
 
 
 def _row_setup(program: RowProgram) -> list[str]:
@@ -364,20 +422,23 @@ def _row_setup(program: RowProgram) -> list[str]:
 
 
 def generate_source(program: RowProgram, symbol: str) -> str:
+    """``void symbol(meta, nthreads, in_0.., out_0..)``: pointers as arguments, so a call
+    needs no pointer array; ``nthreads`` > 1 runs rows in parallel (the caller decides)."""
     rank, n_in = program.rank, len(program.inputs)
     elem_inputs = [i for i, s in enumerate(program.inputs) if s.level == ELEM]
-    head = [PRELUDE, f'extern "C" void {symbol}(void** ptrs, const int64_t* meta, int nthreads) {{',
+    params = ", ".join(f"void* a{i}" for i in range(n_in + len(program.outputs)))
+    head = [PRELUDE, MATH,
+            f'extern "C" void {symbol}(const int64_t* meta, int nthreads, {params}) {{',
+            f"  void* ptrs[] = {{{', '.join(f'a{i}' for i in range(n_in))}{'' if n_in else '0'}}};",
             "  const int64_t rows = meta[0], N = meta[1];",
             "  const int64_t* lead = meta + 2;",
             f"  const int64_t* st = meta + {2 + max(rank - 1, 0)};"]
     head += [f"  const int64_t s{i} = st[{i * rank + rank - 1}];" for i in range(n_in)]
     for k, o in enumerate(program.outputs):
         ctype = CTYPES_SCALAR[o.dtype]
-        head.append(f"  {ctype}* __restrict__ o{k} = ({ctype}*)ptrs[{n_in + k}];")
-    passes = len(_RowBody(program, True).phases()) + 1
+        head.append(f"  {ctype}* __restrict__ o{k} = ({ctype}*)a{n_in + k};")
     fast = " && ".join(f"s{i} == 1" for i in elem_inputs) or "true"
-    head.append(f"  const bool parallel = nthreads > 1 && rows > 1 && "
-                f"rows * N * {passes} >= {PARALLEL_MIN_WORK};")
+    head.append("  const bool parallel = nthreads > 1 && rows > 1;")
     head.append(f"  const bool fast = {fast};")
     body = []
     for variant in (True, False):
@@ -389,34 +450,46 @@ def generate_source(program: RowProgram, symbol: str) -> str:
     return "\n".join(head + body + ["}", ""])
 
 
+def work_per_element(program: RowProgram) -> int:
+    """A rough cost of one element, in units of a cheap op, for the threading decision."""
+    passes = len(_RowBody(program, True).phases()) + 1
+    costly = sum(1 for v in program.values if v.level == ELEM and v.op in EXPENSIVE)
+    return passes + EXPENSIVE_WORK * costly
+
+
 class CpuFusedKernel:
-    """Callable: allocates the outputs and calls the compiled function on raw pointers."""
+    """Callable: allocates the outputs and calls the compiled function on raw pointers.
+
+    The per-call path is kept short (~14 us here, was ~21): one
+    layout-key lookup, one ``torch.empty_strided`` per output from cached shapes and strides,
+    and a ctypes call with precomputed argtypes taking the data pointers as plain ints."""
 
     def __init__(self, program: RowProgram, function: Callable, source: str):
         self.program, self.source = program, source
         self.function = function
+        n_ptrs = len(program.inputs) + len(program.outputs)
         function.restype = None
-        function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
-        self.n_ptrs = len(program.inputs) + len(program.outputs)
-        self.ptr_array = ctypes.c_void_p * self.n_ptrs
+        function.argtypes = (ctypes.c_void_p, ctypes.c_int) + (ctypes.c_void_p,) * n_ptrs
         self.meta_len = 2 + max(program.rank - 1, 0) + program.rank * len(program.inputs)
         self.meta_array = ctypes.c_int64 * self.meta_len
         self.dtypes = tuple(s.dtype for s in program.inputs)
         self.out_dtypes = tuple(o.dtype for o in program.outputs)
         self.all_tensors = len(program.tensor_args) == program.n_args
+        self.work_per_element = work_per_element(program)
         self.plans: dict[tuple, tuple] = {}
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = args if self.all_tensors else [args[k] for k in self.program.tensor_args]
         # The hot path: everything derived from sizes/strides is cached per layout.
-        key = tuple([(t.shape, t.stride(), t.dtype, t.device) for t in inputs])
+        key = tuple([(t.shape, t.stride(), t.dtype, t.is_cpu) for t in inputs])
         plan = self.plans.get(key)
         if plan is None:
             plan = self._plan(inputs, key)
-        out_specs, meta = plan
-        outs = [torch.empty(shape, dtype=dtype) for shape, dtype in out_specs]
-        ptrs = self.ptr_array(*[t.data_ptr() for t in inputs], *[o.data_ptr() for o in outs])
-        self.function(ptrs, meta, torch.get_num_threads())
+        meta_address, out_specs, parallel, _ = plan
+        empty = torch.empty_strided
+        outs = [empty(shape, stride, dtype=dtype) for shape, stride, dtype in out_specs]
+        self.function(meta_address, torch.get_num_threads() if parallel else 1,
+                      *[t.data_ptr() for t in inputs], *[o.data_ptr() for o in outs])
         return tuple(outs)
 
     def _plan(self, inputs, key) -> tuple:
@@ -427,11 +500,23 @@ class CpuFusedKernel:
         bound = bind_shapes(self.program, inputs)
         meta = self.meta_array(bound.rows, bound.ncols, *bound.lead,
                                *[s for strides in bound.strides for s in strides])
-        plan = (tuple(zip(bound.out_shapes, self.out_dtypes)), meta)   # meta is read-only in C
+        out_specs = tuple((shape, _contiguous_strides(shape), dtype)
+                          for shape, dtype in zip(bound.out_shapes, self.out_dtypes))
+        parallel = bound.rows * bound.ncols * self.work_per_element >= PARALLEL_MIN_WORK
+        # meta is read-only in C; the plan keeps it alive while its address is in use
+        plan = (ctypes.addressof(meta), out_specs, parallel, meta)
         if len(self.plans) >= MAX_PLANS:
             self.plans.clear()
         self.plans[key] = plan
         return plan
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def compile_program_cpu(program: RowProgram) -> CpuFusedKernel:

@@ -225,3 +225,58 @@ def test_signature_is_stable_and_dtype_sensitive():
     assert a.signature() == b.signature() and a.digest() == b.digest()
     assert a.digest() != c.digest()
     assert build_program(group(lambda x: torch.softmax(x, -1), torch.randn(2, 5))).reductions()
+
+
+def float_sweep() -> torch.Tensor:
+    """~1e6 floats: every 7000th bit pattern (all exponents: denormals, inf, nan), a dense
+    linear sweep of [-12, 12], and the edges of each function's branches."""
+    bits = torch.arange(0, 2**32, 7000, dtype=torch.int64)
+    spread = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45,
+                          1.17549435e-38, 88.72283, 88.7229, -87.33654, -103.972, -104.5, 89.0,
+                          -80.0, 0.625, 1.5, 3.93, 9.1, 1e-30])
+    return torch.cat([spread, torch.linspace(-12, 12, 400_001), edges, -edges])
+
+
+def ulp_error(got: torch.Tensor, x: torch.Tensor, exact) -> torch.Tensor:
+    """|got - exact(x)| in units of the float32 spacing at the exact value (0 where both are the
+    same inf or both nan; inf where only one is)."""
+    ref = exact(x.double())
+    ref32 = ref.float()
+    spacing = (torch.nextafter(ref32.abs(), torch.tensor(float("inf"))) - ref32.abs()).double()
+    spacing = spacing.where(ref32.abs() < torch.finfo(torch.float32).max, torch.tensor(2.0**104))
+    err = ((got.double() - ref).abs() / spacing).nan_to_num(float("inf"), float("inf"))
+    agree = (got.isnan() & ref32.isnan()) | (got.isinf() & (got == ref32))
+    return err.where(~agree, torch.zeros(()))
+
+
+MATH_BOUNDS = {   # max ulp error of the generated math vs float64 over float_sweep()
+    "exp": (torch.exp, 1.0), "log": (torch.log, 1.0), "tanh": (torch.tanh, 1.5),
+    "erf": (torch.erf, 2.0), "sigmoid": (torch.sigmoid, 2.0),
+}
+
+
+def test_vectorized_math_is_within_2_ulp_over_the_float_range():
+    x = float_sweep()
+    fns = [f for f, _ in MATH_BOUNDS.values()] + [F.silu]
+    kernel = compile_fused_cpu(group(lambda t: tuple(f(t) for f in fns), x[:8]))
+    got = kernel(x)
+    for (name, (fn, bound)), out in zip(MATH_BOUNDS.items(), got):
+        worst = ulp_error(out, x, fn)
+        assert worst.max() <= bound, f"{name}: {worst.max():.2f} ulp at x={x[worst.argmax()]}"
+        assert worst.max() > 0, f"{name}: bit-exact everywhere is implausible (sweep broken?)"
+    silu = got[-1]
+    normal = x > -87.0   # below, exp(-x) overflows and eager (same formula) returns -0 too
+    exact_silu = lambda d: d * torch.sigmoid(d)   # noqa: E731
+    assert ulp_error(silu[normal], x[normal], exact_silu).max() <= 2.0
+    assert_close_to_eager(silu, F.silu(x))
+
+
+def test_softmax_computes_exp_once_per_element():
+    gm = group(lambda s, m: torch.softmax(s * 0.125 + m, -1), torch.randn(2, 3, 16),
+               torch.randn(1, 1, 16))
+    kernel = compile_fused_cpu(gm)
+    body = kernel.source.split('extern "C"')[1]
+    assert body.count("fxf_exp(") == 2   # one loop each in the contiguous and strided variants
+    inputs = (torch.randn(2, 3, 16) * 4, torch.randn(1, 1, 16))
+    check("cpp", gm, *inputs, kernel=kernel)
