@@ -1,0 +1,336 @@
+"""Structure matching for attention fusion: walking the score chain back to q, k and v,
+recognising masks, scales and ``repeat_kv``, and classifying constant masks (see
+:mod:`fxforge.passes.attention` for the rewrite and the rules)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from fxforge.irgraph import TensorMeta, op_name
+from fxforge.irgraph.meta import META_KEY
+
+
+aten = torch.ops.aten
+
+
+SDPA = aten.scaled_dot_product_attention.default
+FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+# Ops whose result holds its input's values in the same row-major order (only the shape differs).
+_SAME_ORDER = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
+               aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default,
+               aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
+_SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+_AND = {aten.bitwise_and.Tensor, aten.logical_and.default}
+_OR = {aten.bitwise_or.Tensor, aten.logical_or.default}
+_NOT = {aten.bitwise_not.default, aten.logical_not.default}
+_NEGATE = {"lower": "strict_upper", "strict_upper": "lower", "all": "none", "none": "all"}
+HUGE_NEGATIVE = -1e30  # a finite fill this low equals -inf after softmax and absorbs any score
+MAX_CONSTANT_NUMEL = 1 << 24  # constant masks evaluated at compile time to prove their pattern
+
+
+class Decline(Exception):
+    """A candidate that must not fuse; the message is the reason."""
+
+
+def _meta(node: Any) -> Optional[TensorMeta]:
+    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
+    return meta if isinstance(meta, TensorMeta) else None
+
+
+def _shape(node: fx.Node) -> tuple:
+    meta = _meta(node)
+    if meta is None:
+        raise Decline(f"{node.name} has no tensor metadata")
+    return tuple(meta.shape)
+
+
+def _passes_order(node: fx.Node) -> bool:
+    """``node`` holds its first input's values in the same row-major order."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target in _SAME_ORDER:
+        return True
+    if node.target in (aten.expand.default, aten.slice.Tensor):  # only when they change nothing
+        src, out = _meta(node.args[0]), _meta(node)
+        return src is not None and out is not None and src.shape == out.shape
+    return False
+
+
+def _is_float_cast(node: fx.Node) -> bool:
+    src, out = _meta(node.args[0]) if node.args else None, _meta(node)
+    return (node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype", "memory_format"}
+            and src is not None and out is not None and src.dtype.is_floating_point
+            and out.dtype.is_floating_point and src.shape == out.shape)
+
+
+def _scalar_value(arg: Any) -> Optional[float]:
+    """The value of a real scalar constant: a Python number, a one-element constant tensor, or a
+    ``scalar_tensor``/``full`` of one (possibly copied or cast)."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    if not isinstance(arg, fx.Node):
+        return None
+    if arg.op == "get_attr":
+        value = getattr(arg.graph.owning_module, arg.target)
+        ok = isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point
+        return float(value.item()) if ok else None
+    if arg.target is aten.scalar_tensor.default:
+        return _scalar_value(arg.args[0])
+    if arg.target is aten.full.default and all(s == 1 for s in arg.args[0]):
+        return _scalar_value(arg.args[1])
+    if arg.target in (aten._to_copy.default, aten.lift_fresh_copy.default, aten.clone.default):
+        return _scalar_value(arg.args[0])
+    return None
+
+
+def _scalar_multiplier(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
+    """(tensor, factor) when ``node`` multiplies or divides a tensor by a real scalar constant."""
+    if node.op != "call_function" or node.target not in _SCALE_OPS or node.kwargs:
+        return None
+    a, b = node.args
+    divides = node.target in (aten.div.Tensor, aten.div.Scalar)
+    for tensor, scalar in ((a, b),) if divides else ((a, b), (b, a)):
+        value = _scalar_value(scalar)
+        if value is None or not (math.isfinite(value) and value > 0):
+            continue  # a negative factor would turn a -inf mask into +inf: not a scale
+        if isinstance(tensor, fx.Node) and _meta(tensor) is not None and _meta(node) is not None and \
+                (_meta(tensor).shape, _meta(tensor).dtype) == (_meta(node).shape, _meta(node).dtype):
+            return tensor, 1.0 / value if divides else value
+    return None
+
+
+def _trace(node: fx.Node, last2: tuple, absorb: bool = True) -> tuple[Optional[fx.Node], float]:
+    """Back from a bmm operand through order-preserving ops (and scalar multiplies if ``absorb``):
+    the deepest rank-4 node with last dims ``last2`` holding the same values, and the scale met."""
+    found, found_scale, scale = None, 1.0, 1.0
+    while True:
+        meta = _meta(node)
+        if meta is not None and meta.rank == 4 and tuple(meta.shape[-2:]) == tuple(last2):
+            found, found_scale = node, scale
+        if _passes_order(node):
+            node = node.args[0]
+            continue
+        multiplier = _scalar_multiplier(node) if absorb else None
+        if multiplier is None:
+            return found, found_scale
+        node, factor = multiplier
+        scale *= factor
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    meta = _meta(node)
+    if node.op != "call_function" or meta is None or meta.rank < 2:
+        return False
+    rank = meta.rank
+    if node.target is aten.permute.default:
+        return [d % rank for d in node.args[1]] == list(range(rank - 2)) + [rank - 1, rank - 2]
+    if node.target is aten.transpose.int:
+        return {node.args[1] % rank, node.args[2] % rank} == {rank - 2, rank - 1}
+    return False
+
+
+def _trace_key(kt3: fx.Node, lk: Any, d: Any) -> tuple[fx.Node, float]:
+    """The 4-D k ``[B, H, Lk, D]`` behind the transposed operand, and scales met on the way."""
+    node, scale = kt3, 1.0
+    while not _swaps_last_two(node):
+        multiplier = _scalar_multiplier(node)
+        if _passes_order(node):
+            node = node.args[0]
+        elif multiplier is not None:
+            node, factor = multiplier
+            scale *= factor
+        else:
+            raise Decline("k reaches the matmul without a transpose of its last two dims")
+    k4, more = _trace(node.args[0], (lk, d))
+    if k4 is None:
+        raise Decline("no 4-D k behind the transpose")
+    return k4, scale * more
+
+
+@dataclass
+class Mask:
+    node: fx.Node
+    additive: bool  # a float mask added to the scores; else a bool condition
+    keep_if_true: bool = True  # bool: True marks kept positions (False: masked ones)
+    fill: float = -math.inf  # bool: the value masked positions get
+
+
+def _leads_to_bmm(node: Any, depth: int = 12) -> bool:
+    while isinstance(node, fx.Node) and node.op == "call_function" and depth > 0:
+        if node.target is aten.bmm.default:
+            return True
+        if node.target is aten.where.self:
+            return any(_leads_to_bmm(a, depth - 1) for a in node.args[1:])
+        if node.target is aten.add.Tensor:
+            return any(_leads_to_bmm(a, depth - 1) for a in node.args)
+        multiplier = _scalar_multiplier(node)
+        node = multiplier[0] if multiplier else node.args[0] if node.args else None
+        depth -= 1
+    return False
+
+
+def _mask_op(node: fx.Node) -> Optional[tuple[Mask, fx.Node]]:
+    """(mask, score input) when ``node`` applies a mask to the scores."""
+    if node.target is aten.add.Tensor and not node.kwargs:
+        a, b = node.args
+        sides = [(x, y) for x, y in ((a, b), (b, a)) if isinstance(y, fx.Node) and _leads_to_bmm(y)]
+        if len(sides) != 1 or not isinstance(sides[0][0], fx.Node):
+            raise Decline(f"{node.name}: cannot tell the scores from the mask")
+        return Mask(sides[0][0], additive=True), sides[0][1]
+    if node.target is aten.where.self:
+        cond, a, b = node.args
+        if _scalar_value(a) is not None and isinstance(b, fx.Node):
+            return _bool_mask(cond, False, _scalar_value(a)), b
+        if _scalar_value(b) is not None and isinstance(a, fx.Node):
+            return _bool_mask(cond, True, _scalar_value(b)), a
+        raise Decline(f"{node.name}: a where without a constant fill")
+    if node.target is aten.masked_fill.Scalar:
+        return _bool_mask(node.args[1], False, _scalar_value(node.args[2])), node.args[0]
+    return None
+
+
+def _bool_mask(cond: fx.Node, keep_if_true: bool, fill: Optional[float]) -> Mask:
+    if _meta(cond) is None or _meta(cond).dtype != torch.bool:
+        raise Decline("a where/masked_fill condition that is not a bool tensor")
+    if fill is None or not (fill == -math.inf or fill <= HUGE_NEGATIVE):
+        raise Decline(f"mask fill {fill} is not -inf or <= {HUGE_NEGATIVE}: not an exact mask")
+    return Mask(cond, additive=False, keep_if_true=keep_if_true, fill=fill)
+
+
+@dataclass
+class Scores:
+    bmm: fx.Node
+    chain: list[fx.Node]  # nodes after the bmm up to the softmax input
+    scale: float  # every scalar factor on the scores
+    mask_factor: float  # the factors applied after the mask (they scale an additive mask too)
+    mask: Optional[Mask] = None
+    mask_at: Optional[fx.Node] = None  # the node that applies the mask
+
+
+def _walk_scores(node: fx.Node) -> Scores:
+    """Back from the softmax input to the q @ k^T bmm."""
+    chain: list[fx.Node] = []
+    late, early, mask, mask_at = 1.0, 1.0, None, None  # factors after / before the mask
+    while node.op == "call_function" and node.target is not aten.bmm.default:
+        chain.append(node)
+        multiplier = _scalar_multiplier(node)
+        if _passes_order(node) or _is_float_cast(node):
+            node = node.args[0]
+        elif multiplier is not None:
+            node, factor = multiplier
+            late, early = (late * factor, early) if mask is None else (late, early * factor)
+        elif (found := _mask_op(node)) is not None:
+            if mask is not None:
+                raise Decline("more than one mask op on the scores")
+            (mask, node), mask_at = found, node
+            if _shape(node) != _shape(mask_at):
+                raise Decline(f"the mask at {mask_at.name} broadcasts the scores")
+        else:
+            raise Decline(f"{node.name}: {op_name(node.target)} on the scores")
+    if node.target is not aten.bmm.default:
+        raise Decline("the softmax input does not come from a bmm")
+    return Scores(node, chain[::-1], early * late, late, mask, mask_at)
+
+
+def _softmax_to_bmm(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Forward from the softmax to the bmm that takes its result as the first operand."""
+    chain, node = [], softmax
+    while True:
+        if len(node.users) != 1:
+            raise Decline(f"{node.name} (attention weights) has {len(node.users)} users")
+        user = next(iter(node.users))
+        if user.target is aten.bmm.default and user.args[0] is node:
+            return user, chain
+        if not (_passes_order(user) or _is_float_cast(user)) or user.args[0] is not node:
+            raise Decline(f"the softmax result reaches {op_name(user.target)} before the matmul with v")
+        chain.append(user)
+        node = user
+
+
+def _unrepeat(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
+    """(kv, n_rep) when ``node`` ``[B, Hkv*n_rep, L, D]`` is ``repeat_kv(kv [B, Hkv, L, D])``."""
+    while _passes_order(node):
+        node = node.args[0]
+    if node.target is not aten.expand.default:
+        return None
+    expanded, src = _meta(node), _meta(node.args[0])
+    if expanded.rank != 5 or src is None or src.rank != 5 or src.shape[2] != 1 or \
+            src.shape[:2] != expanded.shape[:2] or src.shape[3:] != expanded.shape[3:]:
+        return None
+    b, hkv, rep, length, d = expanded.shape
+    node = node.args[0]
+    while True:
+        if _shape(node) == (b, hkv, length, d):
+            return node, rep
+        if not _passes_order(node):
+            return None
+        node = node.args[0]
+
+
+def _class_of(value: torch.Tensor) -> Optional[str]:
+    if value.dim() < 2 or value.shape[-1] * value.shape[-2] == 0:
+        return None
+    if value.dtype == torch.bool:
+        keep = value
+    elif value.is_floating_point():
+        dropped = value <= torch.finfo(value.dtype).min / 2
+        if not bool(((value == 0) | dropped).all()):
+            return None
+        keep = value == 0
+    else:
+        return None
+    n, m = keep.shape[-2:]
+    slabs = keep.reshape(-1, n, m)
+    if not bool((slabs == slabs[:1]).all()):
+        return None
+    pattern, lower = slabs[0], torch.ones(n, m, dtype=torch.bool).tril()
+    if bool(pattern.all()):
+        return "all"
+    if not bool(pattern.any()):
+        return "none"
+    if torch.equal(pattern, lower):
+        return "lower"
+    return "strict_upper" if torch.equal(pattern, ~lower) else None
+
+
+def _combine(a: Optional[str], b: Optional[str], both: bool) -> Optional[str]:
+    """Kept positions of ``a and b`` (``both``) or ``a or b``."""
+    if a is None or b is None:
+        return None
+    if not both:  # De Morgan: a or b = not (not a and not b)
+        a, b = _NEGATE[a], _NEGATE[b]
+    if "none" in (a, b) or {a, b} == {"lower", "strict_upper"}:
+        result = "none"
+    else:
+        result = b if a == "all" else a
+    return result if both else _NEGATE[result]
+
+
+def _mask_value(mask: Mask, value: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """A constant mask in SDPA's form; declines one that leaves a query row without keys."""
+    if mask.additive:
+        result = value * factor if factor != 1.0 else value.clone()
+        kept = result != -math.inf
+    elif mask.fill != -math.inf:
+        zero, fill = torch.tensor(0.0, dtype=dtype), torch.tensor(mask.fill, dtype=dtype)
+        result = torch.where(value, zero, fill) if mask.keep_if_true else torch.where(value, fill, zero)
+        kept = torch.ones((), dtype=torch.bool)
+    else:
+        result = kept = value.clone() if mask.keep_if_true else ~value
+    if not bool(kept.any(-1).all() if kept.dim() else kept):
+        raise Decline("a constant mask leaves a query row with no key (eager gives NaN there)")
+    return result
+
+
+def _check_broadcast(mask: fx.Node, applied_at: fx.Node, target: tuple) -> None:
+    """The mask was broadcast against ``applied_at``; it must mean the same against ``target``."""
+    shape, at = _shape(mask), _shape(applied_at)
+    if at[-2:] != target[-2:] or len(shape) > 4:
+        raise Decline(f"mask applied to scores of shape {at}")
+    if at != target and any(s != 1 for s in shape[:-2]):
+        raise Decline(f"mask {shape} on scores {at} would not broadcast the same to {target}")
