@@ -144,6 +144,10 @@ def unavailable_reason(candidate: str, compute_dtype: torch.dtype) -> Optional[s
 # Below this M, oneDNN's fixed cost per call (~50-100 us here: it sets up the primitive each
 # call) outweighs the GEMM; aten addmm on the pre-transposed weight wins.
 ONEDNN_MIN_M = 8
+# Below this output width oneDNN's blocking gains nothing over MKL's addmm and its fixed cost
+# shows (M=128, 2 threads, quiet machine: N=384 aten 210 us vs oneDNN 243; N=512 405 vs 415;
+# N=128 219 vs 255); from here on it wins (N=8192: 7.4 ms vs 9.7).
+ONEDNN_MIN_N = 2048
 
 
 def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch.float32) -> str:
@@ -154,9 +158,11 @@ def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch
     same as our GEMM + in-place epilogue) and 1.7x at N=8192, oneDNN 0.6-0.9x; M >= 8 oneDNN
     ties the others within noise at K, N <= 1024 and wins at N=8192 (1.2x at M=128, 3.8x at
     M=8 vs eager). MKL's packed GEMM never won clearly and only helps the M it was packed for;
-    it stays for the autotuner. ``k``/``n`` are accepted for rules that need them later.
+    it stays for the autotuner. On a quiet machine at 2 threads, oneDNN lost to aten at M=128
+    for N <= 512 and won for N=8192 (:data:`ONEDNN_MIN_N`).
     """
-    preferred = ["aten", "onednn"] if m < ONEDNN_MIN_M else ["onednn", "aten"]
+    small = m < ONEDNN_MIN_M or n < ONEDNN_MIN_N
+    preferred = ["aten", "onednn"] if small else ["onednn", "aten"]
     for name in preferred + list(CANDIDATES):
         if unavailable_reason(name, compute_dtype) is None:
             return name

@@ -44,7 +44,8 @@ def test_cpu_backend_matches_eager_and_uses_its_kernels(make):
     paths = _paths(graphs)
     # Residual adds and activations go into the linears' epilogues; norms and the rest fuse here.
     assert paths["generated C++"] >= 1 and paths["PyTorch CPU flash attention"] == 2
-    assert sum(n for p, n in paths.items() if "linear" in p or "addmm" in p) >= 6
+    linears = [c for g in graphs for c in g.lowered.choices if c.op.rsplit(".", 2)[-2:-1] in (["linear"], ["addmm"], ["mm"])]
+    assert len(linears) >= 6 and all("prepacked" in c.path or "pre-transposed" in c.path for c in linears)
     assert not [c for g in graphs for c in g.lowered.choices if "fallback" in c.path]
     eager_graph = graphs[0].lowered
     assert eager_graph.kernels is not None and eager_graph.kernels < len(graphs[0].captured.call_nodes())

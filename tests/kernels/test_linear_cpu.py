@@ -5,7 +5,8 @@ import torch
 import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
 from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.cpu_isa import CPUFeatures, choose_matmul_path
-from fxforge.kernels.linear_cpu import (CANDIDATES, LINEAR_CPU_SPACE, ONEDNN_MIN_M, PackedLinear,
+from fxforge.kernels.linear_cpu import (CANDIDATES, LINEAR_CPU_SPACE, ONEDNN_MIN_M, ONEDNN_MIN_N,
+                                        PackedLinear,
                                         candidate_of, config_for, default_candidate,
                                         unavailable_reason)
 from fxforge.testing import assert_close_to_eager
@@ -139,9 +140,9 @@ def test_tuning_space_prunes_what_cannot_run():
 def test_default_candidate_is_runnable(m, k, n):
     name = default_candidate(m, k, n)
     onednn_runs = unavailable_reason("onednn", torch.float32) is None
-    assert name == ("onednn" if m >= ONEDNN_MIN_M and onednn_runs else "aten")
+    assert name == ("onednn" if m >= ONEDNN_MIN_M and n >= ONEDNN_MIN_N and onednn_runs else "aten")
     assert default_candidate(m, k, n, torch.bfloat16) in ("onednn", "aten")
-    assert PackedLinear(torch.randn(8, 4), batch_hint=m).candidate == name
+    assert PackedLinear(torch.randn(k, n), batch_hint=m).candidate == name
 
 
 def test_describe_names_the_path():
