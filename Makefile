@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 	$(PY) bench/run.py
 	$(PY) bench/fused_cpu.py --threads 1
+	$(PY) bench/precision_accuracy.py
 
 # On a lent GPU machine (torch and triton preinstalled, no network): install fxforge
 # into the system Python without touching its packages, run the GPU tests and benchmarks.
