@@ -23,10 +23,10 @@ aten = torch.ops.aten
 
 
 def _fused_cpu(sub: fx.GraphModule) -> tuple[Callable, str]:
-    from fxforge.kernels.cpu_isa import detect_hardware
+    from fxforge.kernels.cpu_isa import hardware
     from fxforge.kernels.fused_cpp import compile_fused_cpu
     kernel = compile_fused_cpu(sub)
-    features = detect_hardware()  # what -march=native built for, not an FXFORGE_CPU_ISA pretence
+    features = hardware()  # what -march=native built for, not an FXFORGE_CPU_ISA pretence
     isa = "AVX-512" if features.avx512f else "AVX2" if features.avx2 else "scalar"
     return kernel, f"generated C++ ({isa})"
 

@@ -125,7 +125,8 @@ def detect_hardware(cpuinfo_path: str = "/proc/cpuinfo") -> CPUFeatures:
 
 
 @functools.lru_cache(maxsize=1)
-def _hardware() -> CPUFeatures:
+def hardware() -> CPUFeatures:
+    """The CPU as detected (cached), ignoring ``FXFORGE_CPU_ISA``: what ``-march=native`` builds for."""
     return detect_hardware()
 
 
@@ -147,7 +148,7 @@ def apply_isa_override(features: CPUFeatures, spec: str) -> CPUFeatures:
 def cpu_features() -> CPUFeatures:
     """This CPU's features, with ``FXFORGE_CPU_ISA`` applied when it is set."""
     spec: Optional[str] = os.environ.get(ISA_ENV)
-    return apply_isa_override(_hardware(), spec) if spec else _hardware()
+    return apply_isa_override(hardware(), spec) if spec else hardware()
 
 
 def _is_int8(dtype: torch.dtype) -> bool:

@@ -139,9 +139,9 @@ def test_capabilities_keys_are_read(monkeypatch):
 
 def test_hardware_is_detected_once(monkeypatch):
     monkeypatch.delenv(ISA_ENV, raising=False)
-    cpu_isa._hardware.cache_clear()
+    cpu_isa.hardware.cache_clear()
     calls = []
     monkeypatch.setattr(cpu_isa, "detect_hardware", lambda: calls.append(1) or CPUFeatures(avx2=True))
     assert cpu_features() is cpu_features()
     assert len(calls) == 1
-    cpu_isa._hardware.cache_clear()
+    cpu_isa.hardware.cache_clear()
