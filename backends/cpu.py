@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import register_backend
-from fxforge.backends.kernel_lowering import KernelTable, lower_to_kernels
+from fxforge.backends.kernel_lowering import (LINEAR_OPS, KernelTable, attention_operands,
+                                               linear_operands, lower_to_kernels)
 from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import META_KEY, TensorMeta
 
@@ -39,44 +40,33 @@ def _meta(node) -> Optional[TensorMeta]:
 def make_table() -> KernelTable:
     table = KernelTable("cpu", _fused_cpu)
 
-    @table.rule(torch.ops.fxforge.linear.default, aten.addmm.default, aten.mm.default)
+    @table.rule(*LINEAR_OPS)
     def linear(node: fx.Node, constant) -> Optional[tuple]:
         from fxforge.kernels.linear_cpu import PackedLinear
-        if node.target is torch.ops.fxforge.linear.default:
-            x, w, bias, activation, residual = node.args[:5]
-            out_dtype = node.args[5] if len(node.args) > 5 else node.kwargs.get("out_dtype")
-        elif node.target is aten.addmm.default:
-            if node.kwargs:
-                return None  # beta/alpha
-            bias, x, w = node.args
-            activation, residual, out_dtype = "none", None, None
-        else:
-            x, w = node.args
-            bias, activation, residual, out_dtype = None, "none", None, None
-        weight = constant(w)
-        bias_value = constant(bias) if bias is not None else None
-        if weight is None or (bias is not None and bias_value is None):
+        ops = linear_operands(node)
+        if ops is None:
+            return None
+        weight = constant(ops.weight)
+        bias = constant(ops.bias) if ops.bias is not None else None
+        if weight is None or (ops.bias is not None and bias is None):
             return None  # activations times activations: ATen's matmul
-        meta = _meta(x)
+        meta = _meta(ops.x)
         if meta is None or meta.dtype not in (torch.float32, torch.bfloat16) or meta.rank != 2:
             return None
         rows = meta.shape[0] if isinstance(meta.shape[0], int) else 128  # dynamic M: pack for prefill
-        packed = PackedLinear(weight, bias_value, activation, residual is not None, out_dtype,
+        packed = PackedLinear(weight, bias, ops.activation, ops.residual is not None, ops.out_dtype,
                               batch_hint=rows)
-        args = (x, residual) if residual is not None else (x,)
+        args = (ops.x, ops.residual) if ops.residual is not None else (ops.x,)
         return packed, args, packed.describe(), packed.path.reason
 
     @table.rule(aten.scaled_dot_product_attention.default)
     def attention(node: fx.Node, constant) -> Optional[tuple]:
         from fxforge.kernels.attention_cpu import cpu_attention
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        values = dict(zip(names, node.args))
-        values.update(node.kwargs)
-        if values.get("dropout_p", 0.0):
+        ops = attention_operands(node)
+        if ops is None:
             return None
-        call = _Attention(cpu_attention, bool(values.get("is_causal", False)), values.get("scale"),
-                          bool(values.get("enable_gqa", False)))
-        args = (values["query"], values["key"], values["value"], values.get("attn_mask"))
+        call = _Attention(cpu_attention, ops["is_causal"], ops["scale"], ops["enable_gqa"])
+        args = (ops["query"], ops["key"], ops["value"], ops["attn_mask"])
         return call, args, "PyTorch CPU flash attention", ""
 
     return table

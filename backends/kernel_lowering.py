@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from fxforge.backends.base import copy_module
-from fxforge.irgraph import GROUP_KEY, META_KEY, op_name
+from fxforge.irgraph import GROUP_KEY, op_name
 from fxforge.passes.pattern import is_view_op
 
 log = logging.getLogger("fxforge.backends")
@@ -72,6 +72,46 @@ def constant_resolver(gm: fx.GraphModule) -> Callable[[Any], Optional[torch.Tens
             return node.target(base, *node.args[1:], **node.kwargs)
         return None
     return value
+
+
+@dataclass
+class LinearOperands:
+    """``fxforge::linear``, ``addmm`` (no beta/alpha) or ``mm`` read as one matmul + epilogue."""
+    x: fx.Node
+    weight: fx.Node
+    bias: Optional[fx.Node] = None
+    activation: str = "none"
+    residual: Optional[fx.Node] = None
+    out_dtype: Optional[torch.dtype] = None
+
+
+LINEAR_OPS = (torch.ops.fxforge.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+
+
+def linear_operands(node: fx.Node) -> Optional[LinearOperands]:
+    if node.target is torch.ops.fxforge.linear.default:
+        x, w, bias, activation, residual = node.args[:5]
+        out_dtype = node.args[5] if len(node.args) > 5 else node.kwargs.get("out_dtype")
+        return LinearOperands(x, w, bias, activation, residual, out_dtype)
+    if node.target is torch.ops.aten.addmm.default:
+        return None if node.kwargs else LinearOperands(node.args[1], node.args[2], node.args[0])
+    if node.target is torch.ops.aten.mm.default:
+        return LinearOperands(*node.args)
+    return None
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def attention_operands(node: fx.Node) -> Optional[dict]:
+    """``scaled_dot_product_attention``'s arguments by name; ``None`` when it has dropout."""
+    values = dict(zip(_SDPA_ARGS, node.args))
+    values.update(node.kwargs)
+    if values.get("dropout_p", 0.0):
+        return None
+    return {"query": values["query"], "key": values["key"], "value": values["value"],
+            "attn_mask": values.get("attn_mask"), "is_causal": bool(values.get("is_causal", False)),
+            "scale": values.get("scale"), "enable_gqa": bool(values.get("enable_gqa", False))}
 
 
 class _Named:
@@ -263,7 +303,3 @@ def kernel_count(gm: fx.GraphModule) -> int:
             else:
                 count += 1
     return count
-
-
-def tensor_meta_of(node: fx.Node):
-    return node.meta.get(META_KEY)

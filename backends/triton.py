@@ -12,7 +12,8 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import register_backend
-from fxforge.backends.kernel_lowering import KernelTable, lower_to_kernels
+from fxforge.backends.kernel_lowering import (LINEAR_OPS, KernelTable, attention_operands,
+                                               linear_operands, lower_to_kernels)
 from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import META_KEY, TensorMeta
 
@@ -48,41 +49,28 @@ class _Bound:
 def make_table() -> KernelTable:
     table = KernelTable("triton", _fused_triton)
 
-    @table.rule(torch.ops.fxforge.linear.default, aten.addmm.default, aten.mm.default)
+    @table.rule(*LINEAR_OPS)
     def linear(node: fx.Node, constant) -> Optional[tuple]:
         from fxforge.kernels.matmul import triton_linear
-        if not _runs_here(node):
+        ops = linear_operands(node)
+        if ops is None or not _runs_here(node):
             return None
-        if node.target is torch.ops.fxforge.linear.default:
-            x, w, bias, activation, residual = node.args[:5]
-            out_dtype = node.args[5] if len(node.args) > 5 else node.kwargs.get("out_dtype")
-        elif node.target is aten.addmm.default:
-            if node.kwargs:
-                return None
-            (bias, x, w), activation, residual, out_dtype = node.args, "none", None, None
-        else:
-            (x, w), bias, activation, residual, out_dtype = node.args, None, "none", None, None
-        call = _Bound("triton_linear", _linear_call, activation=activation, out_dtype=out_dtype,
-                      has_bias=bias is not None, has_residual=residual is not None, fn=triton_linear)
-        args = [a for a in (x, w, bias, residual) if a is not None]
-        return call, args, "Triton matmul template (fused epilogue)", f"activation={activation}"
+        call = _Bound("triton_linear", _linear_call, activation=ops.activation, out_dtype=ops.out_dtype,
+                      has_bias=ops.bias is not None, has_residual=ops.residual is not None, fn=triton_linear)
+        args = [a for a in (ops.x, ops.weight, ops.bias, ops.residual) if a is not None]
+        return call, args, "Triton matmul template (fused epilogue)", f"activation={ops.activation}"
 
     @table.rule(aten.scaled_dot_product_attention.default)
     def attention(node: fx.Node, constant) -> Optional[tuple]:
         from fxforge.kernels.attention import triton_attention
-        if not _runs_here(node):
+        ops = attention_operands(node)
+        if ops is None or not _runs_here(node):
             return None
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        values = dict(zip(names, node.args))
-        values.update(node.kwargs)
-        if values.get("dropout_p", 0.0):
-            return None
-        mask = values.get("attn_mask")
+        mask = ops["attn_mask"]
         call = _Bound("triton_attention", _attention_call, fn=triton_attention, has_mask=mask is not None,
-                      is_causal=bool(values.get("is_causal", False)), scale=values.get("scale"),
-                      enable_gqa=bool(values.get("enable_gqa", False)))
-        args = [values["query"], values["key"], values["value"]] + ([mask] if mask is not None else [])
-        return call, args, "Triton flash attention", "causal" if values.get("is_causal") else ""
+                      is_causal=ops["is_causal"], scale=ops["scale"], enable_gqa=ops["enable_gqa"])
+        args = [ops["query"], ops["key"], ops["value"]] + ([mask] if mask is not None else [])
+        return call, args, "Triton flash attention", "causal" if ops["is_causal"] else ""
 
     return table
 
