@@ -5,7 +5,8 @@ A fusion pass does not restructure the graph: it tags each member node with
 verifies, runs on the reference backend, prints and serializes), and a backend turns each
 group into one kernel. A group is valid when merging it makes no cycle
 (:func:`fxforge.irgraph.would_create_cycle`) and every member is in :data:`POINTWISE` or
-:data:`ROW_REDUCTIONS` (reductions over the last dimension only: one row per kernel program).
+:data:`ROW_REDUCTIONS` (reductions over the last dimension only: one row per kernel program),
+or is in :data:`LAST_DIM_LAYOUT` and :func:`acts_on_last_dim` holds for it.
 
 The kernel-side contract (``fxforge.kernels.fused``): a group arrives as a small
 ``fx.GraphModule`` of these ops whose placeholders are the group's inputs and whose output
@@ -48,6 +49,29 @@ ROW_REDUCTIONS = frozenset({
 })
 
 FUSIBLE = POINTWISE | ROW_REDUCTIONS | {operator.getitem}
+
+# Column moves within a row: a slice reads its source at a shifted column, a cat picks a piece
+# by column range (rotary embeddings' ``rotate_half``). Fusible ONLY when
+# :func:`acts_on_last_dim` holds, so they are kept out of FUSIBLE (fusible whatever the args).
+LAST_DIM_LAYOUT = frozenset({aten.slice.Tensor, aten.cat.default})
+
+
+def acts_on_last_dim(node: fx.Node) -> bool:
+    """A ``slice`` (step 1) or ``cat`` over the last dimension of its tensors."""
+    if node.op != "call_function" or node.target not in LAST_DIM_LAYOUT:
+        return False
+    first = node.args[0][0] if node.target is aten.cat.default else node.args[0]
+    val = first.meta.get("val") if isinstance(first, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return False
+    if node.target is aten.cat.default:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        if step != 1:
+            return False
+    return isinstance(dim, int) and dim % val.dim() == val.dim() - 1
 
 
 def group_of(node: fx.Node) -> Optional[str]:

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.errors import FxforgeError
-from fxforge.irgraph.fusion import POINTWISE, ROW_REDUCTIONS
+from fxforge.irgraph.fusion import POINTWISE, ROW_REDUCTIONS, acts_on_last_dim
 
 aten = torch.ops.aten
 CONST, ROW, ELEM = 0, 1, 2
@@ -57,7 +57,8 @@ def kind_of(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Value:
-    op: str                 # "load", "const", "ncols", "sum"/"max"/"min", or a pointwise op
+    op: str                 # "load", "load_at", "const", "ncols", "sum"/"max"/"min",
+                            # "select_col", or a pointwise op
     args: tuple[int, ...]   # ids of earlier values
     dtype: torch.dtype      # result dtype; bf16/fp16 results are rounded to it
     level: int              # CONST, ROW or ELEM
@@ -226,6 +227,24 @@ class _Builder:
             return self.emit("const", (), torch.float32, attr=arg)
         raise Unsupported(f"operand {arg!r} of type {type(arg).__name__}")
 
+    def shift(self, vid: int, offset: int) -> int:
+        """The value ``vid`` evaluated at column ``j + offset`` (row values do not move)."""
+        value = self.values[vid]
+        if value.level != ELEM or offset == 0:
+            return vid
+        if value.op == "load":
+            return self.emit("load_at", (), value.dtype, attr=(value.attr, offset), level=ELEM,
+                             ctype=value.ctype)
+        if value.op == "load_at":
+            index, base = value.attr
+            return self.emit("load_at", (), value.dtype, attr=(index, base + offset), level=ELEM,
+                             ctype=value.ctype)
+        if value.op == "select_col":
+            raise Unsupported("a slice of a cat over the last dim")
+        args = tuple(self.shift(a, offset) for a in value.args)
+        return self.emit(value.op, args, value.dtype, attr=value.attr, level=value.level,
+                         ctype=value.ctype)
+
     def check_last_dim(self, node: fx.Node, dims: Any, rank: int) -> None:
         if isinstance(dims, int):
             dims = [dims]
@@ -309,6 +328,51 @@ def _lower_pointwise(b: _Builder, node: fx.Node, dtype: torch.dtype) -> int:
     raise Unsupported(f"{node.name}: {target} is not a fused-kernel op")
 
 
+def _static_last_size(node: fx.Node) -> int:
+    size = _tensor_meta(node).shape[-1]
+    if not isinstance(size, int):
+        raise Unsupported(f"{node.name}: a symbolic last-dim size {size}")
+    return size
+
+
+def _lower_slice(b: _Builder, node: fx.Node) -> int:
+    """``x[..., start:]`` over the last dim: ``x`` read ``start`` columns further on."""
+    args = _bind(node)
+    src = args["self"]
+    if not acts_on_last_dim(node) or not isinstance(src, fx.Node):
+        raise Unsupported(f"{node.name}: a slice not over the last dim")
+    if _dims(_tensor_meta(src))[-1] not in (b.iter_dims[-1], "1"):
+        raise Unsupported(f"{node.name}: slices a last dim unlike the iteration's")
+    start = args.get("start") or 0
+    if not isinstance(start, int):
+        raise Unsupported(f"{node.name}: a symbolic slice start")
+    if start < 0:
+        start = max(start + _static_last_size(src), 0)
+    return b.shift(b.operand(src), start)
+
+
+def _lower_cat(b: _Builder, node: fx.Node) -> int:
+    """``cat`` over the last dim: piece k where ``split_k <= j < split_k+1``."""
+    if not acts_on_last_dim(node):
+        raise Unsupported(f"{node.name}: a cat not over the last dim")
+    if _dims(_tensor_meta(node))[-1] != b.iter_dims[-1]:
+        raise Unsupported(f"{node.name}: a cat whose result is not the iteration shape")
+    pieces, starts, start = node.args[0], [], 0
+    for piece in pieces:
+        starts.append(start)
+        start += _static_last_size(piece)
+    dtype = _tensor_meta(node).dtype
+
+    def piece_at(piece: fx.Node, first: int) -> int:   # cat promotes mixed dtypes
+        value = b.shift(b.operand(piece), -first)
+        return value if b.values[value].dtype == dtype else b.emit("cast", (value,), dtype)
+
+    out = piece_at(pieces[-1], starts[-1])
+    for piece, first, end in reversed(list(zip(pieces[:-1], starts[:-1], starts[1:]))):
+        out = b.emit("select_col", (piece_at(piece, first), out), dtype, attr=end, level=ELEM)
+    return out
+
+
 def _lower_reduction(b: _Builder, node: fx.Node, val: Any) -> Any:
     target, args = node.target, _bind(node)
     x = b.operand(args.get("self", args.get("input")))
@@ -383,6 +447,10 @@ def build_program(gm: fx.GraphModule) -> RowProgram:
             b.env[node] = b.env[node.args[0]][node.args[1]]
         elif node.target in POINTWISE:
             b.env[node] = _lower_pointwise(b, node, _tensor_meta(node).dtype)
+        elif node.target is aten.slice.Tensor:
+            b.env[node] = _lower_slice(b, node)
+        elif node.target is aten.cat.default:
+            b.env[node] = _lower_cat(b, node)
         elif node.target in ROW_REDUCTIONS:
             val = node.meta.get("val")
             b.env[node] = _lower_reduction(b, node, val if isinstance(val, torch.Tensor)

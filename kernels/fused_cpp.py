@@ -52,6 +52,7 @@ static inline uint16_t bf16_store(float f) {
 }
 static inline float bf16_round(float f) { return bf16_load(bf16_store(f)); }
 static inline float f16_round(float f) { return (float)(_Float16)f; }
+static inline int64_t fxf_col(int64_t c, int64_t n) { return c < 0 ? 0 : (c >= n ? n - 1 : c); }
 """
 
 REGISTER = {"f": "float", "i": "int64_t", "b": "bool"}
@@ -151,6 +152,8 @@ class CExprs:
             expr = self.gelu(args[0], value.attr)
         elif value.op == "clamp":
             expr = self.clamp(args[0], value.attr, value.ctype)
+        elif value.op == "select_col":   # cat over the last dim (j: the column)
+            expr = f"(j < {value.attr}LL ? {args[0]} : {args[1]})"
         else:
             table = {"f": FLOAT_OPS, "i": INT_OPS, "b": BOOL_OPS}[value.ctype]
             if value.op not in table:
@@ -302,6 +305,10 @@ class _RowBody:
 
     def load(self, vid: int) -> Optional[str]:
         value = self.p.values[vid]
+        if value.op == "load_at":   # a last-dim slice: another column of the row
+            index, offset = value.attr
+            col = f"fxf_col(j + ({offset}LL), N)"
+            return self.exprs.load_expr(index, col if self.fast else f"{col} * s{index}")
         if value.op != "load":
             return None
         index = "0" if value.level == ROW else ("j" if self.fast else f"j * s{value.attr}")

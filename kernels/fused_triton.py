@@ -151,6 +151,8 @@ class _Emitter:
             expr = (f"(0.5 * {x} * (1.0 + _tanh(0.7978845608028654 * ({x} + 0.044715 * "
                     f"{x} * {x} * {x}))))" if value.attr == "tanh" else
                     f"(0.5 * {x} * (1.0 + _erf({x} * 0.7071067811865476)))")
+        elif value.op == "select_col":   # cat over the last dim
+            expr = f"tl.where(cols < {value.attr}, {args[0]}, {args[1]})"
         elif value.op == "clamp":
             expr = args[0]
             lo, hi = value.attr
@@ -170,7 +172,12 @@ class _Emitter:
 
     def load(self, vid: int, elem_offsets: str, mask: str) -> str:
         value = self.values[vid]
-        i = value.attr
+        if value.op == "load_at":   # a last-dim slice: columns shifted, masked to the row
+            i, shift = value.attr
+            elem_offsets = f"({elem_offsets} + {shift})"
+            mask = f"{mask} & ({elem_offsets} >= 0) & ({elem_offsets} < N)"
+        else:
+            i = value.attr
         offsets = f"b{i}" if value.level == ROW else f"b{i} + {elem_offsets} * s{i}"
         row_mask = "rmask" if value.level == ROW else mask
         raw = f"tl.load(in{i} + {offsets}, mask={row_mask}, other=0)"
@@ -179,7 +186,8 @@ class _Emitter:
 
     def define(self, vid: int, cols: str, mask: str) -> str:
         value = self.values[vid]
-        expr = self.load(vid, cols, mask) if value.op == "load" else self.op_expr(vid)
+        expr = (self.load(vid, cols, mask) if value.op in ("load", "load_at")
+                else self.op_expr(vid))
         return f"{self.ref(vid)} = {expr}"
 
 

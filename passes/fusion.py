@@ -10,6 +10,12 @@ inputs from outside must broadcast to the domain. A node joins the group of one 
 when its shape fits that group's domain and the merge creates no cycle (a path that leaves the
 group and comes back into it).
 
+Rotary's ``rotate_half`` (``cat((-x[..., h:], x[..., :h]), -1)``) joins too: a ``cat`` over the
+last dimension whose pieces are last-dim slices (or negations of them) of domain-shaped tensors
+is placed as one unit with its pieces. The slices and negs are members (not shaped like the
+domain, but used only by the cat); the cat's result is domain-shaped and its inputs are the
+slices' sources. A slice or cat in any other form stays outside groups.
+
 Profitability: fusing a producer into its consumer keeps the intermediate in registers instead
 of writing it to memory and reading it back, and saves a kernel launch. It never adds memory
 traffic: an intermediate that is also used outside the group is still written once, as a group
@@ -24,9 +30,14 @@ from typing import Optional
 import torch.fx as fx
 
 from fxforge.irgraph import IRGraph, TensorMeta
-from fxforge.irgraph.fusion import FUSIBLE, GROUP_KEY, ROW_REDUCTIONS, clear_groups
+import torch
+
+from fxforge.irgraph.fusion import (FUSIBLE, GROUP_KEY, ROW_REDUCTIONS, acts_on_last_dim,
+                                    clear_groups)
 from fxforge.irgraph.meta import META_KEY
 from fxforge.passes.base import PassResult, register_pass
+
+aten = torch.ops.aten
 
 
 def _shape(node: fx.Node) -> Optional[tuple]:
@@ -70,8 +81,37 @@ def _reduces_last_dim(node: fx.Node, rank: int) -> bool:
     return dims is not None and len(dims) == 1 and dims[0] in (-1, rank - 1)
 
 
+def _is_call(node: object, target: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _cat_pieces(cat: fx.Node) -> Optional[list[fx.Node]]:
+    """The slices (and negs of slices) a last-dim ``cat`` gathers, when they can be fused with
+    it: each used only on the way to the cat, each slicing the last dim of a tensor of the cat's
+    shape (or one broadcasting to it with the same last dim). None otherwise."""
+    if not _is_call(cat, aten.cat.default) or not acts_on_last_dim(cat):
+        return None
+    domain, pieces = _shape(cat), []
+    for arg in cat.args[0]:
+        piece = arg
+        if _is_call(piece, aten.neg.default) and len(piece.users) == 1:
+            pieces.append(piece)
+            piece = piece.args[0]
+        if not (_is_call(piece, aten.slice.Tensor) and acts_on_last_dim(piece)
+                and len(piece.users) == 1 and isinstance(piece.args[0], fx.Node)):
+            return None
+        source = _shape(piece.args[0])
+        if domain is None or source is None or not source or not _broadcasts_to(source, domain) \
+                or source[-1] != domain[-1]:
+            return None
+        pieces.append(piece)
+    return list(dict.fromkeys(pieces))
+
+
 def _fits(node: fx.Node, domain: tuple) -> bool:
     """``node`` may live in a group of ``domain``: its result and its tensor inputs fit."""
+    if node.target is aten.cat.default:   # only placed with its pieces (see _cat_pieces)
+        return _shape(node) == domain
     if node.target in ROW_REDUCTIONS:
         return _domain_of(node) == domain
     if node.target is operator.getitem:
@@ -94,13 +134,14 @@ class _Grouper:
         self.domain: dict[int, tuple] = {}
         self.next_id = 0
 
-    def creates_cycle(self, members: set[fx.Node], node: fx.Node) -> bool:
-        """Would ``members`` plus ``node`` (the latest of them) close a path that leaves the set
-        and comes back into it? Such a path runs through nodes before ``node`` in topological
-        order, so the search never goes past it."""
-        merged = members | {node}
+    def creates_cycle(self, members: set[fx.Node], node: fx.Node,
+                      pieces: tuple[fx.Node, ...] = ()) -> bool:
+        """Would ``members`` plus ``node`` (the latest of them) and its ``pieces`` close a path
+        that leaves the set and comes back into it? Such a path runs through nodes before
+        ``node`` in topological order, so the search never goes past it."""
+        merged = members | {node} | set(pieces)
         limit = self.order[node]
-        stack = [u for m in members for u in m.users if u not in merged]
+        stack = [u for m in members | set(pieces) for u in m.users if u not in merged]
         seen: set[fx.Node] = set()
         while stack:
             cur = stack.pop()
@@ -113,15 +154,18 @@ class _Grouper:
                 stack.append(user)
         return False
 
-    def place(self, node: fx.Node) -> None:
-        """Join (and merge) the producers' groups that ``node`` fits, or start a group."""
-        candidates = sorted({self.group_of[a] for a in node.all_input_nodes if a in self.group_of})
+    def place(self, node: fx.Node, pieces: tuple[fx.Node, ...] = ()) -> None:
+        """Join (and merge) the producers' groups that ``node`` fits, or start a group;
+        ``pieces`` (a cat's slices and negs) come along as members."""
+        inputs = [a for a in node.all_input_nodes if a not in pieces]
+        inputs += [a for p in pieces for a in p.all_input_nodes if a not in pieces]
+        candidates = sorted({self.group_of[a] for a in inputs if a in self.group_of})
         joined: Optional[int] = None
         for gid in candidates:
             if not _fits(node, self.domain[gid]):
                 continue
             members = set(self.members[gid]) | (set(self.members[joined]) if joined is not None else set())
-            if self.creates_cycle(members, node):
+            if self.creates_cycle(members, node, pieces):
                 continue
             if joined is None:
                 joined = gid
@@ -130,7 +174,8 @@ class _Grouper:
                     self.group_of[member] = joined
                     self.members[joined].append(member)
         if joined is not None:
-            self._add(joined, node)
+            for member in (*pieces, node):
+                self._add(joined, member)
             return
         if node.target is operator.getitem:
             return  # the getitem of an ungrouped multi-output op
@@ -139,7 +184,8 @@ class _Grouper:
             gid = self.next_id
             self.next_id += 1
             self.members[gid], self.domain[gid] = [], domain
-            self._add(gid, node)
+            for member in (*pieces, node):
+                self._add(gid, member)
 
     def _add(self, gid: int, node: fx.Node) -> None:
         self.group_of[node] = gid
@@ -155,8 +201,13 @@ def fuse_elementwise(ir: IRGraph) -> PassResult:
     """Tag chains of elementwise ops and last-dim reductions as fusion groups."""
     clear_groups(ir)
     grouper = _Grouper(ir)
+    cat_pieces = {n: _cat_pieces(n) for n in ir.call_nodes() if n.target is aten.cat.default}
+    cat_pieces = {cat: tuple(p) for cat, p in cat_pieces.items() if p is not None}
+    deferred = {p for pieces in cat_pieces.values() for p in pieces}
     for node in ir.call_nodes():
-        if node.target in FUSIBLE:
+        if node in cat_pieces:
+            grouper.place(node, cat_pieces[node])
+        elif node.target in FUSIBLE and node not in deferred:
             grouper.place(node)
     kept = single = 0
     fused_ops = 0

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxforge.irgraph import FUSIBLE, decomposition_table
+from fxforge.irgraph.fusion import acts_on_last_dim
 from fxforge.kernels.fused import Unsupported, build_program, reference
 from fxforge.kernels.fused_cpp import compile_fused_cpu
 from fxforge.kernels.fused_triton import compile_fused_triton
@@ -24,12 +25,14 @@ def _kernel_cache(tmp_path_factory):
         yield
 
 
-def group(fn, *example):
-    """Trace ``fn`` into a fusion group as the backend hands it over (checked against FUSIBLE)."""
-    gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*example)
+def group(fn, *example, mode="symbolic"):
+    """Trace ``fn`` into a fusion group as the backend hands it over (checked against FUSIBLE);
+    ``mode="fake"`` keeps sizes static (a last-dim cat needs its split point as a literal)."""
+    gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode=mode)(*example)
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            assert node.target in FUSIBLE, f"{node.target} is outside the fusion contract"
+            assert node.target in FUSIBLE or acts_on_last_dim(node), \
+                f"{node.target} is outside the fusion contract"
     return gm
 
 
@@ -280,3 +283,35 @@ def test_softmax_computes_exp_once_per_element():
     assert body.count("fxf_exp(") == 2   # one loop each in the contiguous and strided variants
     inputs = (torch.randn(2, 3, 16) * 4, torch.randn(1, 1, 16))
     check("cpp", gm, *inputs, kernel=kernel)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def hf_rotary(q, cos, sin):
+    """HF Llama's ``apply_rotary_pos_emb`` for one tensor, rotate_half included."""
+    return q * cos + rotate_half(q) * sin
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cos_shape", [(1, 1, 5, 8), (5, 8)])
+def test_rotary_with_rotate_half_on_transposed_q(backend, cos_shape):
+    q = torch.randn(2, 5, 3, 8).transpose(1, 2)   # [B, H, T, D] from [B, T, H, D]
+    cos, sin = torch.randn(cos_shape), torch.randn(cos_shape)
+    gm = group(hf_rotary, q, cos, sin, mode="fake")
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert {aten.slice.Tensor, aten.cat.default, aten.neg.default} <= ops
+    check(backend, gm, q, cos, sin)
+    check(backend, gm, q.contiguous(), cos, sin)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cat_of_three_slices_with_computed_source(backend):
+    def shuffle(x, w):
+        h = torch.exp(x) * w
+        return torch.cat((h[..., 4:6], -h[..., :4], h[..., 6:]), dim=-1) + x
+
+    x, w = torch.randn(3, 10), torch.randn(10)
+    check(backend, group(shuffle, x, w, mode="fake"), x, w)

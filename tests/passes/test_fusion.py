@@ -90,3 +90,27 @@ def test_no_cycle_through_a_matmul():
 
     stats, found = run(Fn(f), torch.randn(4, 8))
     assert ["mul", "relu"] in found and ["add", "exp"] in found
+
+
+def test_hf_rotary_with_rotate_half_is_one_group():
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def rotary(q, cos, sin):
+        q = q.transpose(1, 2)   # [B, T, H, D] -> [B, H, T, D]
+        return q * cos + rotate_half(q) * sin
+
+    q, cos, sin = torch.randn(2, 5, 3, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    stats, found = run(Fn(rotary), q, cos, sin)
+    assert found == [["add", "cat", "mul", "mul", "neg", "slice", "slice"]]
+    assert stats["groups"] == 1
+
+
+def test_slice_used_outside_the_cat_stays_out_of_groups():
+    def fn(x, w):
+        tail = x[..., 4:]
+        return torch.cat((-tail, x[..., :4]), dim=-1) * w + tail.repeat(1, 2)
+
+    stats, found = run(Fn(fn), torch.randn(3, 8), torch.randn(8))
+    assert all("cat" not in ops and "slice" not in ops for ops in found)
