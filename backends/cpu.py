@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import register_backend
-from fxforge.backends.kernel_lowering import (LINEAR_OPS, KernelTable, attention_operands,
+from fxforge.backends.kernel_lowering import (LINEAR_OPS, Bound, KernelTable, attention_operands,
                                                linear_operands, lower_to_kernels)
 from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import META_KEY, TensorMeta
@@ -65,22 +65,12 @@ def make_table() -> KernelTable:
         ops = attention_operands(node)
         if ops is None:
             return None
-        call = _Attention(cpu_attention, ops["is_causal"], ops["scale"], ops["enable_gqa"])
+        call = Bound("cpu_attention", cpu_attention, is_causal=ops["is_causal"], scale=ops["scale"],
+                     enable_gqa=ops["enable_gqa"])
         args = (ops["query"], ops["key"], ops["value"], ops["attn_mask"])
         return call, args, "PyTorch CPU flash attention", ""
 
     return table
-
-
-class _Attention:
-    """Binds the attention flags (constants of the node) so the call passes only tensors."""
-
-    def __init__(self, fn: Callable, is_causal: bool, scale, enable_gqa: bool):
-        self.fn, self.is_causal, self.scale, self.enable_gqa = fn, is_causal, scale, enable_gqa
-        self.__name__ = "cpu_attention"
-
-    def __call__(self, q, k, v, mask):
-        return self.fn(q, k, v, mask, self.is_causal, self.scale, self.enable_gqa)
 
 
 class CPUBackend(ReferenceBackend):

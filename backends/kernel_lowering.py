@@ -114,14 +114,16 @@ def attention_operands(node: fx.Node) -> Optional[dict]:
             "scale": values.get("scale"), "enable_gqa": bool(values.get("enable_gqa", False))}
 
 
-class _Named:
-    """A callable with the ``__name__`` fx's code generation needs for a call target."""
+class Bound:
+    """A kernel call with the node's non-tensor arguments bound, and the ``__name__`` fx's code
+    generation needs for a call target: the lowered graph passes only tensors."""
 
-    def __init__(self, fn: Callable, name: str):
-        self.fn, self.__name__ = fn, name
+    def __init__(self, name: str, call: Callable, **fixed):
+        self.__name__ = name
+        self.call, self.fixed = call, fixed
 
-    def __call__(self, *args):
-        return self.fn(*args)
+    def __call__(self, *tensors):
+        return self.call(*tensors, **self.fixed)
 
 
 def _named(kernel: Callable, hint: str) -> Callable:
@@ -131,7 +133,7 @@ def _named(kernel: Callable, hint: str) -> Callable:
         kernel.__name__ = hint
         return kernel
     except (AttributeError, TypeError):
-        return _Named(kernel, hint)
+        return Bound(hint, kernel)
 
 
 def describe_group(sub: fx.GraphModule) -> str:

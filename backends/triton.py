@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import register_backend
-from fxforge.backends.kernel_lowering import (LINEAR_OPS, KernelTable, attention_operands,
+from fxforge.backends.kernel_lowering import (LINEAR_OPS, Bound, KernelTable, attention_operands,
                                                linear_operands, lower_to_kernels)
 from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import META_KEY, TensorMeta
@@ -35,17 +35,6 @@ def _fused_triton(sub: fx.GraphModule) -> tuple[Callable, str]:
     return compile_fused_triton(sub), "generated Triton"
 
 
-class _Bound:
-    """A kernel call with the node's non-tensor arguments bound (the graph passes tensors)."""
-
-    def __init__(self, name: str, call: Callable, **fixed):
-        self.__name__ = name
-        self.call, self.fixed = call, fixed
-
-    def __call__(self, *tensors):
-        return self.call(*tensors, **self.fixed)
-
-
 def make_table() -> KernelTable:
     table = KernelTable("triton", _fused_triton)
 
@@ -55,7 +44,7 @@ def make_table() -> KernelTable:
         ops = linear_operands(node)
         if ops is None or not _runs_here(node):
             return None
-        call = _Bound("triton_linear", _linear_call, activation=ops.activation, out_dtype=ops.out_dtype,
+        call = Bound("triton_linear", _linear_call, activation=ops.activation, out_dtype=ops.out_dtype,
                       has_bias=ops.bias is not None, has_residual=ops.residual is not None, fn=triton_linear)
         args = [a for a in (ops.x, ops.weight, ops.bias, ops.residual) if a is not None]
         return call, args, "Triton matmul template (fused epilogue)", f"activation={ops.activation}"
@@ -67,7 +56,7 @@ def make_table() -> KernelTable:
         if ops is None or not _runs_here(node):
             return None
         mask = ops["attn_mask"]
-        call = _Bound("triton_attention", _attention_call, fn=triton_attention, has_mask=mask is not None,
+        call = Bound("triton_attention", _attention_call, fn=triton_attention, has_mask=mask is not None,
                       is_causal=ops["is_causal"], scale=ops["scale"], enable_gqa=ops["enable_gqa"])
         args = [ops["query"], ops["key"], ops["value"]] + ([mask] if mask is not None else [])
         return call, args, "Triton flash attention", "causal" if ops["is_causal"] else ""
