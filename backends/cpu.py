@@ -42,7 +42,7 @@ def make_table() -> KernelTable:
 
     @table.rule(*LINEAR_OPS)
     def linear(node: fx.Node, constant) -> Optional[tuple]:
-        from fxforge.kernels.linear_cpu import PackedLinear
+        from fxforge.kernels.linear_cpu import tuned_linear
         ops = linear_operands(node)
         if ops is None:
             return None
@@ -54,8 +54,8 @@ def make_table() -> KernelTable:
         if meta is None or meta.dtype not in (torch.float32, torch.bfloat16) or meta.rank != 2:
             return None
         rows = meta.shape[0] if isinstance(meta.shape[0], int) else 128  # dynamic M: pack for prefill
-        packed = PackedLinear(weight, bias, ops.activation, ops.residual is not None, ops.out_dtype,
-                              batch_hint=rows)
+        packed = tuned_linear(weight, bias, ops.activation, ops.residual is not None, ops.out_dtype,
+                              rows)
         args = (ops.x, ops.residual) if ops.residual is not None else (ops.x,)
         return packed, args, packed.describe(), packed.path.reason
 

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from fxforge.autotune.session import current as tuning_session
+from fxforge.autotune.task import bucket
 from fxforge.backends.base import register_backend
 from fxforge.backends.kernel_lowering import (LINEAR_OPS, Bound, KernelTable, attention_operands,
                                                linear_operands, lower_to_kernels)
@@ -31,8 +33,9 @@ def _runs_here(node: fx.Node) -> bool:
 
 
 def _fused_triton(sub: fx.GraphModule) -> tuple[Callable, str]:
-    from fxforge.kernels.fused_triton import compile_fused_triton
-    return compile_fused_triton(sub), "generated Triton"
+    from fxforge.kernels.triton_tuning import compile_tuned_fused
+    kernel = compile_tuned_fused(sub)  # the tuning session's config, if one is open
+    return kernel, "generated Triton" + (f" (tuned {kernel.config.describe()})" if kernel.config else "")
 
 
 def make_table() -> KernelTable:
@@ -44,10 +47,13 @@ def make_table() -> KernelTable:
         ops = linear_operands(node)
         if ops is None or not _runs_here(node):
             return None
+        tuned = _tuned_linear(node, ops)
         call = Bound("triton_linear", _linear_call, activation=ops.activation, out_dtype=ops.out_dtype,
-                      has_bias=ops.bias is not None, has_residual=ops.residual is not None, fn=triton_linear)
+                      has_bias=ops.bias is not None, has_residual=ops.residual is not None, fn=triton_linear,
+                      tuned=tuned)
         args = [a for a in (ops.x, ops.weight, ops.bias, ops.residual) if a is not None]
-        return call, args, "Triton matmul template (fused epilogue)", f"activation={ops.activation}"
+        return call, args, "Triton matmul template (fused epilogue)", \
+            f"activation={ops.activation}" + _tuned_note(tuned)
 
     @table.rule(aten.scaled_dot_product_attention.default)
     def attention(node: fx.Node, constant) -> Optional[tuple]:
@@ -56,24 +62,88 @@ def make_table() -> KernelTable:
         if ops is None or not _runs_here(node):
             return None
         mask = ops["attn_mask"]
+        tuned = _tuned_attention(ops)
         call = Bound("triton_attention", _attention_call, fn=triton_attention, has_mask=mask is not None,
-                      is_causal=ops["is_causal"], scale=ops["scale"], enable_gqa=ops["enable_gqa"])
+                      is_causal=ops["is_causal"], scale=ops["scale"], enable_gqa=ops["enable_gqa"],
+                      tuned=tuned)
         args = [ops["query"], ops["key"], ops["value"]] + ([mask] if mask is not None else [])
-        return call, args, "Triton flash attention", "causal" if ops["is_causal"] else ""
+        return call, args, "Triton flash attention", \
+            ("causal" if ops["is_causal"] else "") + _tuned_note(tuned)
 
     return table
 
 
-def _linear_call(x, w, *rest, fn, activation, out_dtype, has_bias, has_residual):
+# --- autotuning: configs are chosen at lowering, inside the compiler's tuning session, and bound
+# into the call as (shape bucket, config). A call whose shape falls in another bucket (a dynamic
+# length) gets None: the launcher's untuned per-shape choice, never a session lookup per call.
+
+def _example_sizes(node) -> Optional[list[int]]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    sizes = []
+    for size in val.shape:
+        if isinstance(size, torch.SymInt):
+            if not size.node.has_hint():
+                return None
+            size = size.node.hint
+        sizes.append(int(size))
+    return sizes
+
+
+def _tuned_linear(node: fx.Node, ops) -> Optional[tuple]:
+    from fxforge.kernels.triton_tuning import tuned_linear_config
+    active = tuning_session()
+    if active is None or active.mode == "off":
+        return None
+    x, w = _example_sizes(ops.x), _example_sizes(ops.weight)
+    if x is None or w is None or len(x) != 2 or len(w) != 2:
+        return None
+    dtype, device = node.meta[META_KEY].dtype, node.meta[META_KEY].device
+    x_dtype = ops.x.meta["val"].dtype
+    config = tuned_linear_config(x[0], x[1], w[1], x_dtype, ops.activation, ops.bias is not None,
+                                 ops.residual is not None, device, dtype)
+    return None if config is None else (bucket(x[0]), config)
+
+
+def _tuned_attention(ops: dict) -> Optional[tuple]:
+    from fxforge.kernels.triton_tuning import tuned_attention_config
+    active = tuning_session()
+    if active is None or active.mode == "off":
+        return None
+    q, k = _example_sizes(ops["query"]), _example_sizes(ops["key"])
+    if q is None or k is None or len(q) != 4 or len(k) != 4:
+        return None
+    mask = ops["attn_mask"]
+    if mask is not None and not isinstance(mask.meta.get("val"), torch.Tensor):
+        return None
+    mask_kind = "none" if mask is None else \
+        ("bool" if mask.meta["val"].dtype == torch.bool else "additive")
+    val = ops["query"].meta["val"]
+    config = tuned_attention_config(q[0], q[1], k[1], q[2], k[2], q[3], val.dtype,
+                                    ops["is_causal"], mask_kind, val.device)
+    return None if config is None else ((bucket(q[0]), bucket(q[2]), bucket(k[2])), config)
+
+
+def _tuned_note(tuned: Optional[tuple]) -> str:
+    return f"; tuned {tuned[1].describe()}" if tuned else ""
+
+
+def _linear_call(x, w, *rest, fn, activation, out_dtype, has_bias, has_residual, tuned):
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
-    return fn(x, w, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype)
+    config = tuned[1] if tuned is not None and bucket(x.shape[0]) == tuned[0] else None
+    return fn(x, w, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
+              config=config)
 
 
-def _attention_call(q, k, v, *mask, fn, has_mask, is_causal, scale, enable_gqa):
+def _attention_call(q, k, v, *mask, fn, has_mask, is_causal, scale, enable_gqa, tuned):
+    config = None
+    if tuned is not None and (bucket(q.shape[0]), bucket(q.shape[2]), bucket(k.shape[2])) == tuned[0]:
+        config = tuned[1]
     return fn(q, k, v, attn_mask=mask[0] if has_mask else None, is_causal=is_causal, scale=scale,
-              enable_gqa=enable_gqa)
+              enable_gqa=enable_gqa, config=config)
 
 
 class CUDAGraphRunner:

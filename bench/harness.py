@@ -25,10 +25,12 @@ from typing import Callable
 
 import torch
 
-COMPILERS = ("eager", "inductor", "fxforge", "fxforge_bf16")
+COMPILERS = ("eager", "inductor", "fxforge", "fxforge_tuned", "fxforge_bf16")
 # fxforge variants: the options each runs with (fxforge_bf16: matmuls/attention in bf16 where the
-# hardware has a bf16 path; on a CPU without one fxforge keeps fp32 and says so).
-FXFORGE_OPTIONS = {"fxforge": {}, "fxforge_bf16": {"precision": "bf16"}}
+# hardware has a bf16 path; on a CPU without one fxforge keeps fp32 and says so; fxforge_tuned:
+# autotuned configs from the tuning cache, tuning what is missing during its compile).
+FXFORGE_OPTIONS = {"fxforge": {}, "fxforge_tuned": {"autotune": True},
+                   "fxforge_bf16": {"precision": "bf16"}}
 WORKLOADS = ("prefill", "decode1")
 
 

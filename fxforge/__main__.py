@@ -1,6 +1,7 @@
 """Command line: ``python -m fxforge compile MODULE:FACTORY --example SPEC -o DIR``,
-``python -m fxforge explain MODULE:FACTORY --example SPEC [-o report.html]`` and
-``python -m fxforge info DIR``."""
+``python -m fxforge explain MODULE:FACTORY --example SPEC [-o report.html]``,
+``python -m fxforge tune MODULE:FACTORY --example SPEC [--batch-sizes ...] [--budget-ms ...]``
+and ``python -m fxforge info DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -106,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = sub.add_parser("info", help="load an artifact and print its manifest")
     info.add_argument("artifact")
     info.set_defaults(run=cmd_info)
+    from fxforge.tune import add_parser
+    add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")

@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 import fxforge
 from fxforge.backends import lower, resolve_backend
-from fxforge.compiler import check_against_eager, optimize
+from fxforge.compiler import check_against_eager, optimize, tuning_session
 from fxforge.errors import ArtifactError, InputSpecError
 from fxforge.irgraph import TensorMeta, capture_export, ir_from_json, ir_to_json
 from fxforge.options import CompileOptions, parse_options
@@ -29,6 +29,7 @@ from fxforge.specs import TensorSignature, check_inputs
 
 log = logging.getLogger("fxforge.aot")
 MANIFEST, GRAPH, WEIGHTS = "manifest.json", "graph.json", "weights.safetensors"
+TUNING = "tuning.json"   # the tuning-cache entries the artifact was lowered with (if any)
 ARTIFACT_FORMAT = 1
 
 
@@ -85,7 +86,8 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         ir = optimize(ir, opts, backend)
         flat_inputs, in_spec = pytree.tree_flatten((example_inputs, {}))
         expected = model(*example_inputs)
-        lowered = lower(ir, backend)
+        with tuning_session(opts.autotune) as active:
+            lowered = lower(ir, backend)
         flat_expected, out_spec = pytree.tree_flatten(expected)
         check_against_eager(list(lowered(*flat_inputs)), flat_expected, ir.info.get("precision", "fp32"))
     out = Path(out_dir)
@@ -93,6 +95,13 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
     unique, aliases = _dedup_constants(ir.constants())
     save_file(unique, str(out / WEIGHTS))
     (out / GRAPH).write_text(json.dumps(ir_to_json(ir)))
+    shipped = [GRAPH, WEIGHTS]
+    (out / TUNING).unlink(missing_ok=True)
+    if active is not None and active.keys:
+        if active.cache.export(out / TUNING, active.keys):
+            shipped.append(TUNING)
+        else:
+            (out / TUNING).unlink(missing_ok=True)
     metas = [p.meta.get("fxf") for p in ir.placeholders()]
     if not all(isinstance(m, TensorMeta) for m in metas):
         raise ArtifactError("AOT artifacts take tensor inputs only")
@@ -107,7 +116,7 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         "in_spec": pytree.treespec_dumps(in_spec) if _builtin_spec(in_spec) else None,
         "out_spec": pytree.treespec_dumps(out_spec) if _builtin_spec(out_spec) else None,
         "kernels": {},  # generated kernel sources, by name (filled by code-generating backends)
-        "files": {name: _sha256(out / name) for name in (GRAPH, WEIGHTS)},
+        "files": {name: _sha256(out / name) for name in shipped},
     }
     if manifest["out_spec"] is None:
         log.warning("fxforge: %s returns %s; the artifact returns its tensors as a flat tuple",
@@ -145,7 +154,11 @@ class Artifact:
         self.ranges = {k: tuple(v) for k, v in manifest["ranges"].items()}
         self.in_spec = pytree.treespec_loads(manifest["in_spec"]) if manifest["in_spec"] else None
         self.out_spec = pytree.treespec_loads(manifest["out_spec"]) if manifest["out_spec"] else None
-        self.lowered = lower(ir, resolve_backend(options.backend, ir))
+        tuned = path / TUNING if TUNING in manifest["files"] else None
+        # shipped tuning results are used, never re-measured on load
+        with tuning_session("cache" if options.autotune != "off" else "off", overlay=tuned) as active:
+            self.lowered = lower(ir, resolve_backend(options.backend, ir))
+            self.tuning = list(dict.fromkeys(active.picks)) if active else []
 
     def __call__(self, *args: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, {}))
@@ -214,7 +227,7 @@ def _read_manifest(root: Path) -> dict:
     if manifest["format"] != ARTIFACT_FORMAT:
         raise ArtifactError(f"artifact {root}: format {manifest['format']}, this fxforge reads "
                             f"format {ARTIFACT_FORMAT}")
-    if set(manifest["files"]) != {GRAPH, WEIGHTS}:
+    if not {GRAPH, WEIGHTS} <= set(manifest["files"]) <= {GRAPH, WEIGHTS, TUNING}:
         raise ArtifactError(f"artifact {root}: {MANIFEST} lists files {sorted(manifest['files'])}")
     return manifest
 

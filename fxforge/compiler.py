@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from fxforge.autotune import session as tuning
 from fxforge.backends import Backend, LoweredGraph, lower, resolve_backend
 from fxforge.errors import VerificationError
 from fxforge.irgraph import IRGraph, build_ir
@@ -72,6 +73,20 @@ def optimize(ir: IRGraph, options: CompileOptions, backend: Optional[Backend] = 
     return out
 
 
+@contextlib.contextmanager
+def tuning_session(mode: str, overlay=None):
+    """The autotuning session lowering runs in: an enclosing one (a ``fxforge tune`` run, an
+    artifact's shipped results) wins; else one for the ``autotune`` option; else none."""
+    outer = tuning.current()
+    if outer is not None:
+        yield outer
+    elif mode != "off" or overlay is not None:
+        with tuning.session(mode if mode != "off" else "cache", overlay=overlay) as active:
+            yield active
+    else:
+        yield None
+
+
 def freeze(ir: IRGraph, positions: Sequence[int], values: Sequence[torch.Tensor]) -> IRGraph:
     """Placeholders at ``positions`` become constants holding ``values``."""
     placeholders = ir.placeholders()
@@ -107,7 +122,10 @@ class CompiledGraph:
         ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
         backend = resolve_backend(self.options.backend, ir)
         self.ir = optimize(ir, self.options, backend)
-        self.lowered: LoweredGraph = lower(self.ir, backend)
+        with tuning_session(self.options.autotune) as active:
+            first = len(active.picks) if active else 0
+            self.lowered: LoweredGraph = lower(self.ir, backend)
+            self.tuning = list(dict.fromkeys(active.picks[first:])) if active else []
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
                  "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(self.ir.gm.graph.nodes),
                  len(weights), len(self.lowered.fallbacks), (time.perf_counter() - start) * 1e3)

@@ -95,6 +95,7 @@ class GraphReport:
     kernels: int  # kernels one call of this graph launches
     paths: dict[str, int]  # kernels by path ("generated C++ (AVX2)", "ATen", ...)
     ir: Optional[IRGraph] = field(default=None, repr=False, compare=False)
+    tuning: list = field(default_factory=list)  # autotune Picks: config per tuned kernel
 
     @property
     def fallback_nodes(self) -> set[str]:
@@ -164,7 +165,8 @@ def graph_report(index: int, compiled: Any) -> GraphReport:
                 for name, nodes in group_members.items()},
         group_nodes={name: [n.name for n in nodes] for name, nodes in group_members.items()},
         choices=choices, fallbacks=fallbacks, kernels=kernels,
-        paths=_kernel_paths(ir, lowered.backend, choices, fallbacks, kernels), ir=ir)
+        paths=_kernel_paths(ir, lowered.backend, choices, fallbacks, kernels), ir=ir,
+        tuning=list(getattr(compiled, "tuning", [])))
 
 
 @dataclass
@@ -285,6 +287,21 @@ def _graph_text(g: GraphReport) -> list[str]:
     lines.append(f"eager fallbacks: {len(eager) or 'none'}")
     lines += [f"  {node} ({op}): {reason}" for node, op, reason in eager]
     lines.append(f"kernels per call of this graph: {g.kernels}")
+    return lines + _tuning_text(g.tuning)
+
+
+def _tuning_text(picks: list) -> list[str]:
+    """One line per tuned kernel: its config, where it came from, the gain over its default."""
+    if not picks:
+        return []
+    lines = [f"autotuning: {len(picks)} kernel{'s' * (len(picks) != 1)}"]
+    for pick in picks:
+        result = pick.result
+        config = result.describe(pick.config) if result else pick.config.describe()
+        detail = (f"{result.gain:.2f}x over default ({result.describe(result.default)}), "
+                  f"measured {result.measured} of {result.total}, {result.pruned} pruned"
+                  if result else pick.reason)
+        lines.append(f"  {pick.task.label()}: {config} [{pick.source}] {detail}".rstrip())
     return lines
 
 

@@ -16,7 +16,7 @@ class CompileOptions:
     quantize: Optional[str] = None
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
-    autotune: bool = False
+    autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"
     verify: bool = False          # run eager alongside and raise VerificationError on mismatch
     passes: Optional[tuple] = None  # explicit pass pipeline (names), replacing the default
     backend: str = "auto"         # "auto" (Triton on GPUs, cpu otherwise), "cpu", "triton", "reference"
@@ -30,7 +30,8 @@ class CompileOptions:
 
 # Options whose feature has not landed yet: a clear error beats silently ignoring them.
 _NOT_YET = {"kv_cache": "KV-cache insertion", "quantize": "quantization", "prune": "pruning",
-            "attention": "sparse/linear attention rewrites", "autotune": "autotuning"}
+            "attention": "sparse/linear attention rewrites"}
+AUTOTUNE_MODES = {False: "off", True: "tune", "off": "off", "tune": "tune", "cache": "cache"}
 
 
 def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> CompileOptions:
@@ -47,6 +48,12 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
         if merged.get(key):
             raise OptionsError(f"option {key}={merged[key]!r}: {feature} is not available in this "
                                "version of fxforge")
+    if "autotune" in merged:
+        mode = merged["autotune"]
+        if not isinstance(mode, (bool, str)) or mode not in AUTOTUNE_MODES:
+            raise OptionsError(f"option autotune must be True, False, 'tune', 'cache' or 'off', "
+                               f"got {mode!r}")
+        merged["autotune"] = AUTOTUNE_MODES[mode]
     if merged.get("passes") is not None:
         merged["passes"] = tuple(_check_passes(merged["passes"]))
     if "backend" in merged:

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fxforge.kernels.matmul import SUPPORTED_DTYPES, interpreting
+from fxforge.autotune.session import current as current_session
+from fxforge.kernels.matmul import SUPPORTED_DTYPES, dtype_itemsize, interpreting
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
 
 MAX_HEAD_DIM = 256
@@ -189,7 +190,7 @@ def head_block(head_dim: int) -> int:
 def prune(config: Config, problem: Problem) -> Optional[str]:
     """Why ``config`` cannot run well on ``problem`` ({Lq, Lk, D, dtype[, smem_limit]}), or None."""
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], head_block(problem["D"])
-    itemsize = torch.empty((), dtype=problem.get("dtype", torch.float32)).element_size()
+    itemsize = dtype_itemsize(problem.get("dtype", torch.float32))
     smem = (bm * bd + config.num_stages * 2 * bn * bd) * itemsize  # q, then k and v per stage
     limit = problem.get("smem_limit", DEFAULT_SMEM_LIMIT)
     if smem > limit:
@@ -220,6 +221,28 @@ def choose_config(problem: Problem) -> Config:
     if TUNING_SPACE.default in survivors or not survivors:
         return TUNING_SPACE.default
     return survivors[0]
+
+
+_UNTUNED: dict[tuple, Config] = {}  # choose_config per (Lq bucket, Lk bucket, D, dtype)
+
+
+def launch_config(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  is_causal: bool) -> Config:
+    """The config of a launch given none: the tuning session's pick inside one (the backend
+    binds tuned configs at lowering; this serves direct calls), else :func:`choose_config`,
+    looked up once per shape bucket (pruning sees the lengths only through
+    ``next_power_of_2``)."""
+    active = current_session()
+    if active is not None and active.mode != "off":
+        from fxforge.kernels.triton_tuning import attention_config, mask_kind_name
+        return attention_config(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
+                                q.shape[3], q.dtype, is_causal, mask_kind_name(attn_mask), q.device)
+    key = (triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2]), q.shape[3],
+           q.dtype)
+    config = _UNTUNED.get(key)
+    if config is None:
+        config = _UNTUNED[key] = choose_config(attention_problem(q, k))
+    return config
 
 
 # --------------------------------------------------------------------------------- launcher
@@ -267,7 +290,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                      scale: Optional[float] = None, enable_gqa: bool = False,
                      config: Optional[Config] = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` (no dropout) as one flash-attention kernel launch."""
+    """``F.scaled_dot_product_attention`` (no dropout) as one flash-attention kernel launch;
+    ``config`` None: :func:`launch_config`."""
     _check_inputs(q, k, v, attn_mask, enable_gqa)
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
@@ -280,7 +304,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask = _broadcast_mask(attn_mask, (batch, heads, len_q, len_k))
         mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_ADDITIVE
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    config = config or choose_config(attention_problem(q, k))
+    config = config or launch_config(q, k, attn_mask, is_causal)
     grid = (triton.cdiv(len_q, config["BLOCK_M"]) * batch * heads,)
     _attention_kernel[grid](
         q, k, v, mask, out,

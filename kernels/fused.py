@@ -115,9 +115,9 @@ def source_hash(*parts: str) -> str:
 
 
 def cache_dir() -> Path:
-    """``$FXFORGE_CACHE_DIR/kernels``, else ``~/.cache/fxforge/kernels`` (created)."""
-    root = os.environ.get("FXFORGE_CACHE_DIR")
-    path = (Path(root) if root else Path.home() / ".cache" / "fxforge") / "kernels"
+    """``<cache root>/kernels`` (``$FXFORGE_CACHE_DIR``, else the user's cache dir; created)."""
+    from fxforge.autotune.cache import cache_root
+    path = cache_root() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -287,8 +287,9 @@ def load_function(source: str, symbol: str, name: str = "fused") -> Callable:
 class _RowBody:
     """Emits the statements for one row: row loads, reduction phases, stores."""
 
-    def __init__(self, program: RowProgram, fast: bool):
+    def __init__(self, program: RowProgram, fast: bool, simdlen: int = 0):
         self.p, self.fast, self.rank = program, fast, program.rank
+        self.simdlen = f" simdlen({simdlen})" if simdlen else ""   # a tuning knob
         self.exprs = CExprs(program)
         self.ready: set[int] = set()   # ROW values already defined in the row scope
         self.cached: dict[int, int] = {}   # ELEM value -> output whose buffer holds it
@@ -300,7 +301,7 @@ class _RowBody:
         deps = [i for i in _elem_cone(self.p, targets, set(reuse))]
         body = [self.exprs.define(i, f"o{reuse[i]}[r * N + j]" if i in reuse else self.load(i))
                 for i in deps]
-        return (prologue + [pragma, "for (int64_t j = 0; j < N; ++j) {"]
+        return (prologue + [pragma + self.simdlen, "for (int64_t j = 0; j < N; ++j) {"]
                 + ["  " + line for line in body + body_tail] + ["}"])
 
     def load(self, vid: int) -> Optional[str]:
@@ -428,9 +429,11 @@ def _row_setup(program: RowProgram) -> list[str]:
     return lines
 
 
-def generate_source(program: RowProgram, symbol: str) -> str:
+def generate_source(program: RowProgram, symbol: str, chunk: int = 0, simdlen: int = 0) -> str:
     """``void symbol(meta, nthreads, in_0.., out_0..)``: pointers as arguments, so a call
-    needs no pointer array; ``nthreads`` > 1 runs rows in parallel (the caller decides)."""
+    needs no pointer array; ``nthreads`` > 1 runs rows in parallel (the caller decides).
+    Tuning knobs: ``chunk`` rows per OpenMP chunk (0: even static split), ``simdlen`` the
+    vector loops' preferred lanes (0: the compiler's choice)."""
     rank, n_in = program.rank, len(program.inputs)
     elem_inputs = [i for i, s in enumerate(program.inputs) if s.level == ELEM]
     params = ", ".join(f"void* a{i}" for i in range(n_in + len(program.outputs)))
@@ -449,9 +452,10 @@ def generate_source(program: RowProgram, symbol: str) -> str:
     head.append(f"  const bool fast = {fast};")
     body = []
     for variant in (True, False):
-        rows_body = _row_setup(program) + _RowBody(program, variant).lines()
+        rows_body = _row_setup(program) + _RowBody(program, variant, simdlen).lines()
+        schedule = f"static, {chunk}" if chunk else "static"
         body += [f"  if ({'' if variant else '!'}fast) {{",
-                 "    #pragma omp parallel for schedule(static) num_threads(nthreads) if(parallel)",
+                 f"    #pragma omp parallel for schedule({schedule}) num_threads(nthreads) if(parallel)",
                  "    for (int64_t r = 0; r < rows; ++r) {"]
         body += ["      " + line for line in rows_body] + ["    }", "  }"]
     return "\n".join(head + body + ["}", ""])
@@ -471,8 +475,9 @@ class CpuFusedKernel:
     layout-key lookup, one ``torch.empty_strided`` per output from cached shapes and strides,
     and a ctypes call with precomputed argtypes taking the data pointers as plain ints."""
 
-    def __init__(self, program: RowProgram, function: Callable, source: str):
+    def __init__(self, program: RowProgram, function: Callable, source: str, threads: int = 0):
         self.program, self.source = program, source
+        self.threads = threads      # 0: one thread below PARALLEL_MIN_WORK, else torch's
         self.function = function
         n_ptrs = len(program.inputs) + len(program.outputs)
         function.restype = None
@@ -495,7 +500,7 @@ class CpuFusedKernel:
         meta_address, out_specs, parallel, _ = plan
         empty = torch.empty_strided
         outs = [empty(shape, stride, dtype=dtype) for shape, stride, dtype in out_specs]
-        self.function(meta_address, torch.get_num_threads() if parallel else 1,
+        self.function(meta_address, self.threads or (torch.get_num_threads() if parallel else 1),
                       *[t.data_ptr() for t in inputs], *[o.data_ptr() for o in outs])
         return tuple(outs)
 
@@ -526,12 +531,16 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def compile_program_cpu(program: RowProgram) -> CpuFusedKernel:
+def compile_program_cpu(program: RowProgram, threads: int = 0, chunk: int = 0,
+                        simdlen: int = 0) -> CpuFusedKernel:
     symbol = f"fused_{program.digest()}"
-    source = generate_source(program, symbol)
-    return CpuFusedKernel(program, load_function(source, symbol), source)
+    source = generate_source(program, symbol, chunk, simdlen)
+    return CpuFusedKernel(program, load_function(source, symbol), source, threads)
 
 
 def compile_fused_cpu(gm: fx.GraphModule) -> CpuFusedKernel:
-    """A fusion group -> a CPU callable (raises Unsupported or KernelBuildError)."""
-    return compile_program_cpu(build_program(gm))
+    """A fusion group -> a CPU callable (raises Unsupported or KernelBuildError), with the
+    knobs the tuning session picks for it (``fused_cpp_tuning``; defaults outside a session)."""
+    from fxforge.kernels.fused_cpp_tuning import tuned_knobs
+    program = build_program(gm)
+    return compile_program_cpu(program, **tuned_knobs(program, gm))

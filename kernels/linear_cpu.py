@@ -17,10 +17,15 @@ The reference (test oracle) is ``torch.ops.fxforge.linear`` in ``irgraph/ops.py`
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from fxforge.autotune.session import choose
+from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.cpu_isa import MatmulPath, choose_matmul_path
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
@@ -101,10 +106,14 @@ class _MKLLinear:
 
 
 class _AtenLinear:
+    """``layout`` "kn": the weight stored [K, N] (BLAS "nn"); "nk": stored [N, K] and read
+    transposed (BLAS "nt", as ``F.linear`` does): which one is faster depends on the shape."""
     name = "aten"
 
-    def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int):
-        self.weight_kn = weight_nk.t().contiguous()
+    def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int,
+                 layout: str = "kn"):
+        self.layout = layout
+        self.weight_kn = weight_nk.t().contiguous() if layout == "kn" else weight_nk.t()
         self.bias, self.activation = bias, activation
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
@@ -114,7 +123,8 @@ class _AtenLinear:
 
     def describe(self, dtype_name: str, has_residual: bool) -> str:
         op = "addmm" if self.bias is not None else "mm"
-        return (f"aten {op} {dtype_name}, weight pre-transposed contiguous [K,N]"
+        stored = "pre-transposed contiguous [K,N]" if self.layout == "kn" else "kept [N,K]"
+        return (f"aten {op} {dtype_name}, weight {stored}"
                 + _describe_epilogue(self.activation, has_residual))
 
 
@@ -169,24 +179,55 @@ def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch
     raise RuntimeError("no CPU linear candidate can run here")  # aten always can
 
 
+LAYOUTS = ("kn", "nk")
+
+
+def thread_counts(limit: Optional[int] = None) -> list[int]:
+    """1, 2, 4, ... below ``limit`` (torch's thread count), and ``limit`` itself."""
+    limit = limit or torch.get_num_threads()
+    counts = [1 << i for i in range(limit.bit_length()) if (1 << i) < limit]
+    return counts + [limit]
+
+
 def _prune(config: Config, problem: Problem) -> Optional[str]:
     index = config["candidate"]
     if not 0 <= index < len(CANDIDATES):
         return f"candidate index {index} out of range"
-    return unavailable_reason(CANDIDATES[index], problem.get("dtype", torch.float32))
+    if config.kwargs().get("layout", 0) and CANDIDATES[index] != "aten":
+        return "the weight layout is a knob of the aten candidate only"
+    if config.kwargs().get("threads", 1) > torch.get_num_threads():
+        return f"more threads than torch's {torch.get_num_threads()}"
+    dtype = problem.get("dtype", torch.float32)
+    return unavailable_reason(CANDIDATES[index], getattr(torch, dtype) if isinstance(dtype, str)
+                              else dtype)
 
 
-def config_for(candidate: str) -> Config:
-    return Config.of(candidate=CANDIDATES.index(candidate))
+def config_for(candidate: str, threads: Optional[int] = None, layout: str = "kn") -> Config:
+    return Config.of(candidate=CANDIDATES.index(candidate),
+                     threads=threads or torch.get_num_threads(), layout=LAYOUTS.index(layout))
 
 
 def candidate_of(config: Config) -> str:
     return CANDIDATES[config["candidate"]]
 
 
-LINEAR_CPU_SPACE = TuningSpace(kernel="linear_cpu",
-                               configs=tuple(config_for(name) for name in CANDIDATES),
-                               default=config_for("aten"), prune=_prune)  # the one that always runs
+def linear_cpu_space(m: int = 128, k: int = 1024, n: int = 1024,
+                     compute_dtype: torch.dtype = torch.float32) -> TuningSpace:
+    """Implementation x thread count (x weight layout for aten); the default is
+    :func:`default_candidate`'s measured rule at all of torch's threads."""
+    configs = tuple(config_for(name, threads, layout) for name in CANDIDATES
+                    for threads in thread_counts()
+                    for layout in (LAYOUTS if name == "aten" else LAYOUTS[:1]))
+    default = config_for(default_candidate(m, k, n, compute_dtype))
+    return TuningSpace("linear_cpu", configs, default=default, prune=_prune, describe=describe_config)
+
+
+def describe_config(config: Config) -> str:
+    layout = f" {LAYOUTS[config['layout']]}" if candidate_of(config) == "aten" else ""
+    return f"{candidate_of(config)}{layout}, {config['threads']} thr"
+
+
+LINEAR_CPU_SPACE = linear_cpu_space()
 
 
 class PackedLinear:
@@ -201,7 +242,8 @@ class PackedLinear:
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  activation: str = "none", has_residual: bool = False,
                  out_dtype: Optional[torch.dtype] = None, *, path: Optional[MatmulPath] = None,
-                 candidate: Optional[str] = None, batch_hint: int = 1):
+                 candidate: Optional[str] = None, batch_hint: int = 1, threads: int = 0,
+                 layout: str = "kn"):
         if weight.dim() != 2 or (bias is not None and list(bias.shape) != [weight.shape[1]]):
             raise ValueError(f"PackedLinear: weight {list(weight.shape)} must be [K, N] and bias [N]")
         if activation not in ACTIVATIONS:
@@ -220,7 +262,10 @@ class PackedLinear:
             raise ValueError(f"PackedLinear: {reason}")
         weight_nk = weight.detach().t().to(self.compute_dtype).contiguous()
         bias = bias.detach().to(self.compute_dtype).contiguous() if bias is not None else None
-        self.impl = _IMPLEMENTATIONS[self.candidate](weight_nk, bias, activation, max(1, batch_hint))
+        extra = {"layout": layout} if self.candidate == "aten" else {}
+        self.impl = _IMPLEMENTATIONS[self.candidate](weight_nk, bias, activation, max(1, batch_hint),
+                                                     **extra)
+        self.threads = threads  # 0: torch's; else this many for this GEMM (the tuner's knob)
 
     def _result_dtype(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
         """The dtype ``fxforge::linear`` returns (its fake implementation's promotion rule)."""
@@ -248,12 +293,93 @@ class PackedLinear:
         compute = self.compute_dtype
         if residual is not None and residual.dtype != compute:
             residual = residual.to(compute)
-        y = self.impl(x if x.dtype == compute else x.to(compute), residual)
+        if self.threads and self.threads != torch.get_num_threads():
+            y = self._call_with_threads(x if x.dtype == compute else x.to(compute), residual)
+        else:
+            y = self.impl(x if x.dtype == compute else x.to(compute), residual)
         return y if y.dtype == result_dtype else y.to(result_dtype)
+
+    def _call_with_threads(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)   # ~0.3 us; restored even if the GEMM raises
+        try:
+            return self.impl(x, residual)
+        finally:
+            torch.set_num_threads(previous)
 
     def describe(self) -> str:
         dtype_name = "fp32" if self.compute_dtype == torch.float32 else "bf16"
         text = self.impl.describe(dtype_name, self.has_residual)
+        if self.threads and self.threads != torch.get_num_threads():
+            text += f", {self.threads} thread{'s' if self.threads > 1 else ''}"
         if self.compute_dtype != self.weight_dtype:
             text += f" ({self.path.reason})"
         return text
+
+
+# --- autotuning: the task a PackedLinear is tuned as, and how the tuner builds candidates ----
+
+@functools.lru_cache(maxsize=1)
+def _module_source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def linear_task(m: int, k: int, n: int, compute_dtype: torch.dtype, activation: str,
+                has_bias: bool, has_residual: bool) -> TuningTask:
+    problem = {"M": bucket(m), "K": k, "N": n, "dtype": str(compute_dtype).split(".")[-1],
+               "activation": activation, "bias": has_bias, "residual": has_residual}
+    return TuningTask.make("linear_cpu", __name__, problem, _module_source_hash())
+
+
+class LinearCpuTunable(Tunable):
+    """Random operands of the task's shape (timing does not depend on the values)."""
+
+    parallel_build = False   # packing is cheap; concurrent oneDNN reorders buy nothing
+
+    def __init__(self, task: TuningTask):
+        super().__init__(task)
+        p = self.problem
+        self.dtype = getattr(torch, p["dtype"])
+        self.space = linear_cpu_space(p["M"], p["K"], p["N"], self.dtype)
+        g = torch.Generator().manual_seed(1234)
+        self.weight = torch.randn(p["K"], p["N"], generator=g) / p["K"] ** 0.5
+        self.bias = torch.randn(p["N"], generator=g) if p["bias"] else None
+        self.x = torch.randn(p["M"], p["K"], generator=g)
+        self.residual = torch.randn(p["M"], p["N"], generator=g) if p["residual"] else None
+
+    def build(self, config: Config):
+        linear = PackedLinear(self.weight, self.bias, self.problem["activation"],
+                              self.residual is not None, candidate=candidate_of(config),
+                              batch_hint=self.problem["M"], threads=config["threads"],
+                              layout=LAYOUTS[config["layout"]])
+        x, residual = self.x, self.residual
+        return (lambda: linear(x, residual)) if residual is not None else (lambda: linear(x))
+
+    def reference(self):
+        return torch.ops.fxforge.linear(self.x, self.weight, self.bias, self.problem["activation"],
+                                        self.residual, None)
+
+    def cost(self, config: Config) -> float:
+        """Roofline-ish: GEMM flops over the threads' throughput, plus each path's fixed cost
+        and a fork/join cost per extra thread (the figures measured on the dev box)."""
+        p = self.problem
+        flops = 2.0 * p["M"] * p["K"] * p["N"]
+        threads = config["threads"]
+        fixed = {"onednn": 40e-6, "mkl": 15e-6, "aten": 5e-6}[candidate_of(config)]
+        return flops / (30e9 * threads) + fixed + 3e-6 * (threads - 1) + 1e-7 * config["layout"]
+
+
+register_family("linear_cpu", LinearCpuTunable)
+
+
+def tuned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                 has_residual: bool, out_dtype: Optional[torch.dtype], rows: int) -> PackedLinear:
+    """A PackedLinear with the config the tuning session picks (the default outside one)."""
+    path = choose_matmul_path(weight.dtype)
+    k, n = weight.shape
+    space = linear_cpu_space(rows, k, n, path.compute_dtype)
+    config = choose(space, lambda: linear_task(rows, k, n, path.compute_dtype, activation,
+                                               bias is not None, has_residual))
+    return PackedLinear(weight, bias, activation, has_residual, out_dtype, path=path,
+                        candidate=candidate_of(config), batch_hint=rows, threads=config["threads"],
+                        layout=LAYOUTS[config["layout"]])

@@ -14,12 +14,13 @@ groups of ``GROUP_M`` row-blocks so that the blocks running together share ``wei
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
+from fxforge.autotune.session import current as current_session
 from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
 
@@ -142,6 +143,11 @@ DEFAULT_SMEM_LIMIT = 232448  # bytes per block on H100 (227 KiB); pass problem["
 MAX_ACC_REGISTERS = 128      # fp32 accumulator registers per thread before spilling is likely
 
 
+def dtype_itemsize(dtype: Union[torch.dtype, str]) -> int:
+    """Bytes per element of a dtype given as a torch dtype or by name (a tuning task's problem)."""
+    return (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
+
+
 def _fits(block: int, extent: int, smallest: int) -> bool:
     """A block no larger than the problem's extent rounded up (to the smallest block we have)."""
     return block <= max(smallest, triton.next_power_of_2(max(int(extent), 1)))
@@ -150,7 +156,7 @@ def _fits(block: int, extent: int, smallest: int) -> bool:
 def prune(config: Config, problem: Problem) -> Optional[str]:
     """Why ``config`` cannot run well on ``problem`` ({M, N, K, dtype[, smem_limit]}), or None."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    itemsize = torch.empty((), dtype=problem.get("dtype", torch.float32)).element_size()
+    itemsize = dtype_itemsize(problem.get("dtype", torch.float32))
     smem = config.num_stages * (bm * bk + bk * bn) * itemsize
     limit = problem.get("smem_limit", DEFAULT_SMEM_LIMIT)
     if smem > limit:
@@ -178,6 +184,29 @@ def choose_config(problem: Problem) -> Config:
     if TUNING_SPACE.default in survivors or not survivors:
         return TUNING_SPACE.default
     return survivors[0]
+
+
+_UNTUNED: dict[tuple, Config] = {}  # choose_config per (M bucket, N, K, dtype): it depends on no more
+
+
+def launch_config(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  activation: str, residual: Optional[torch.Tensor],
+                  out_dtype: Optional[torch.dtype]) -> Config:
+    """The config of a launch given none. Inside an autotuning session, the session's pick
+    (the backend binds tuned configs at lowering; this serves direct calls); outside one,
+    :func:`choose_config`, looked up once per shape bucket (pruning sees M only through
+    ``next_power_of_2``), so a forward pays a dict lookup, not a pruning pass."""
+    active = current_session()
+    if active is not None and active.mode != "off":
+        from fxforge.kernels.triton_tuning import linear_config
+        return linear_config(x.shape[0], x.shape[1], weight.shape[1], x.dtype, activation,
+                             bias is not None, residual is not None, x.device,
+                             _output_dtype(x, residual, out_dtype))
+    key = (triton.next_power_of_2(x.shape[0]), weight.shape[1], x.shape[1], x.dtype)
+    config = _UNTUNED.get(key)
+    if config is None:
+        config = _UNTUNED[key] = choose_config(linear_problem(x, weight))
+    return config
 
 
 # --------------------------------------------------------------------------------- launcher
@@ -224,7 +253,7 @@ def _output_dtype(x, residual, out_dtype) -> torch.dtype:
 def triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   activation: str = "none", residual: Optional[torch.Tensor] = None,
                   out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None) -> torch.Tensor:
-    """``torch.ops.fxforge.linear`` as one Triton kernel; ``config`` None picks :func:`choose_config`."""
+    """``torch.ops.fxforge.linear`` as one Triton kernel; ``config`` None: :func:`launch_config`."""
     _check_inputs(x, weight, bias, activation, residual, out_dtype)
     M, K = x.shape
     N = weight.shape[1]
@@ -235,7 +264,7 @@ def triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
         y = ACTIVATIONS[activation](y + bias.float() if bias is not None else y)
         return out.copy_(y + residual.float() if residual is not None else y)
-    config = config or choose_config(linear_problem(x, weight))
+    config = config or launch_config(x, weight, bias, activation, residual, out_dtype)
     params = config.kwargs()
     grid = (triton.cdiv(M, params["BLOCK_M"]) * triton.cdiv(N, params["BLOCK_N"]),)
     res = residual if residual is not None else out  # unused pointer when HAS_RESIDUAL is False

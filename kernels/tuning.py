@@ -32,6 +32,20 @@ class Config:
         inner = ", ".join(f"{k}={v}" for k, v in self.params)
         return f"{inner}, warps={self.num_warps}, stages={self.num_stages}"
 
+    def to_json(self) -> dict:
+        return {"params": dict(self.params), "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
+
+    @staticmethod
+    def from_json(data: Any) -> "Config":
+        """The inverse of ``to_json``; ValueError on anything that is not one."""
+        if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
+            raise ValueError(f"not a config: {data!r}")
+        ints = [data.get("num_warps"), data.get("num_stages"), *data["params"].values()]
+        if not all(type(v) is int for v in ints) or not all(isinstance(k, str) for k in data["params"]):
+            raise ValueError(f"config values must be integers: {data!r}")
+        return Config(tuple(sorted(data["params"].items())), data["num_warps"], data["num_stages"])
+
 
 Problem = Mapping[str, Any]  # e.g. {"M": 128, "N": 768, "K": 256, "dtype": torch.bfloat16}
 
@@ -42,6 +56,7 @@ class TuningSpace:
     configs: tuple[Config, ...]
     default: Config
     prune: Callable[[Config, Problem], Optional[str]] = field(default=lambda config, problem: None)
+    describe: Callable[[Config], str] = field(default=Config.describe)  # for reports and plots
 
     def survivors(self, problem: Problem) -> tuple[list[Config], dict[Config, str]]:
         """The configs worth measuring for ``problem``, and the pruned ones with the reason."""

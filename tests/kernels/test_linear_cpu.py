@@ -5,10 +5,11 @@ import torch
 import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
 from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.cpu_isa import CPUFeatures, choose_matmul_path
-from fxforge.kernels.linear_cpu import (CANDIDATES, LINEAR_CPU_SPACE, ONEDNN_MIN_M, ONEDNN_MIN_N,
-                                        PackedLinear,
-                                        candidate_of, config_for, default_candidate,
+from fxforge.kernels.linear_cpu import (CANDIDATES, LAYOUTS, LINEAR_CPU_SPACE, ONEDNN_MIN_M,
+                                        ONEDNN_MIN_N, PackedLinear, _prune, candidate_of,
+                                        config_for, default_candidate, thread_counts,
                                         unavailable_reason)
+from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
 
 FP32_CANDIDATES = [c for c in CANDIDATES if unavailable_reason(c, torch.float32) is None]
@@ -128,12 +129,30 @@ def test_bf16_path_as_if_on_an_amx_cpu():
 
 
 def test_tuning_space_prunes_what_cannot_run():
-    assert [candidate_of(c) for c in LINEAR_CPU_SPACE.configs] == list(CANDIDATES)
+    threads = thread_counts()
+    assert threads[-1] == torch.get_num_threads() and threads == sorted(set(threads))
+    # every candidate at every thread count, and aten in both weight layouts
+    assert len(LINEAR_CPU_SPACE.configs) == (len(CANDIDATES) + 1) * len(threads)
+    assert {candidate_of(c) for c in LINEAR_CPU_SPACE.configs} == set(CANDIDATES)
     kept, pruned = LINEAR_CPU_SPACE.survivors({"M": 4, "K": 16, "N": 8, "dtype": torch.bfloat16})
     assert config_for("mkl") in pruned and config_for("aten") in kept
-    kept32, _ = LINEAR_CPU_SPACE.survivors({"M": 4, "K": 16, "N": 8, "dtype": torch.float32})
-    assert [candidate_of(c) for c in kept32] == FP32_CANDIDATES
+    assert "fp32 only" in pruned[config_for("mkl")]
+    kept32, _ = LINEAR_CPU_SPACE.survivors({"M": 4, "K": 16, "N": 8, "dtype": "float32"})
+    assert {candidate_of(c) for c in kept32} == set(FP32_CANDIDATES)
     assert LINEAR_CPU_SPACE.default in LINEAR_CPU_SPACE.configs
+    bad_layout = Config.of(candidate=CANDIDATES.index("onednn"), threads=1, layout=1)
+    assert "aten" in _prune(bad_layout, {"dtype": torch.float32})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_aten_layouts_and_thread_knob_match_reference(layout, threads):
+    x, weight, b, res = _problem(7, 48, 40, residual=True)
+    linear = PackedLinear(weight, b, "silu", True, candidate="aten", batch_hint=7, threads=threads,
+                          layout=layout)
+    before = torch.get_num_threads()
+    assert_close_to_eager([linear(x, res)], [_reference(x, weight, b, "silu", res)])
+    assert torch.get_num_threads() == before   # the knob never leaks out of the call
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 256, 256), (1, 256, 8192), (128, 1024, 256), (128, 256, 8192)])

@@ -1,0 +1,273 @@
+"""Search a kernel's tuning space for its fastest valid config.
+
+1. **Prune**: the space's own rule drops configs that cannot run for this problem (shared memory,
+   registers, blocks larger than the problem, a path this CPU lacks), with the reason.
+2. **Rank**: the tunable's cost model orders the survivors; nothing is measured yet.
+3. **Measure** (``guided``): the default config and the best-ranked few first, then a local
+   search: the current best's neighbours (one knob moved one step) are built — concurrently
+   where the backend allows — checked against the reference, and timed interleaved with the
+   current best; the search moves while a neighbour beats it by more than ``MIN_GAIN`` and
+   stops at a local optimum or when ``max_fraction`` of the space has been measured.
+   ``exhaustive`` measures every survivor (the yardstick the guided search is judged against).
+
+A candidate that gives a wrong result is disqualified; one that fails to build, runs out of
+memory or raises is skipped and recorded. The default and the winner are finally re-timed head
+to head, so the reported gain does not mix measurements taken at different moments.
+"""
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from fxforge.autotune.measure import Timing, measure_interleaved
+from fxforge.autotune.task import Tunable
+from fxforge.kernels.tuning import Config
+
+MIN_GAIN = 0.01          # a neighbour must be this much faster to move the search
+SMALL_SPACE = 8          # spaces this small are measured exhaustively
+STRATEGIES = ("guided", "exhaustive")
+
+
+class TuningError(RuntimeError):
+    """Nothing valid to choose: every candidate was pruned, or the reference itself fails."""
+
+
+@dataclass
+class CandidateRecord:
+    config: Config
+    status: str                      # ok | pruned | wrong | build_failed | oom | error
+    timing: Optional[Timing] = None
+    reason: str = ""
+    label: str = ""                  # the space's description of the config
+
+    def to_json(self) -> dict:
+        t = self.timing
+        return {"config": self.label or self.config.describe(), "config_json": self.config.to_json(),
+                "status": self.status, "reason": self.reason,
+                "median_s": t.median if t else None, "p20_s": t.p20 if t else None,
+                "p80_s": t.p80 if t else None}
+
+
+@dataclass
+class TuningResult:
+    kernel: str
+    label: str
+    best: Config
+    default: Config
+    records: list[CandidateRecord]
+    best_time: float
+    default_time: float
+    total: int                       # configs in the space
+    strategy: str
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def describe(self, config: Config) -> str:
+        for record in self.records:
+            if record.config == config and record.label:
+                return record.label
+        return config.describe()
+
+    @property
+    def measured(self) -> int:
+        return sum(r.status not in ("pruned",) for r in self.records)
+
+    @property
+    def pruned(self) -> int:
+        return sum(r.status == "pruned" for r in self.records)
+
+    @property
+    def gain(self) -> float:
+        return self.default_time / self.best_time if self.best_time > 0 else 1.0
+
+    def to_json(self) -> dict:
+        return {"kernel": self.kernel, "label": self.label, "config": self.best.to_json(),
+                "best": self.describe(self.best), "default": self.describe(self.default),
+                "default_config": self.default.to_json(), "best_s": self.best_time,
+                "default_s": self.default_time, "total": self.total, "measured": self.measured,
+                "pruned": self.pruned, "strategy": self.strategy, "seconds": self.seconds,
+                "records": [r.to_json() for r in self.records], **self.extra}
+
+    @staticmethod
+    def from_json(data: dict) -> "TuningResult":
+        records = [CandidateRecord(Config.from_json(r["config_json"]), r["status"],
+                                   Timing(r["median_s"], r["p20_s"], r["p80_s"], 0)
+                                   if r.get("median_s") is not None else None, r.get("reason", ""),
+                                   r.get("config", ""))
+                   for r in data.get("records", [])]
+        return TuningResult(data["kernel"], data["label"], Config.from_json(data["config"]),
+                            Config.from_json(data["default_config"]), records, data["best_s"],
+                            data["default_s"], data["total"], data["strategy"], data["seconds"])
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or \
+        "out of memory" in str(exc).lower()
+
+
+class _Trial:
+    """Builds, checks and times candidates of one tunable, keeping every outcome."""
+
+    def __init__(self, tunable: Tunable, rounds: int):
+        self.tunable, self.rounds = tunable, rounds
+        self.records: dict[Config, CandidateRecord] = {}
+        self.runnables: dict[Config, Callable[[], Any]] = {}
+        try:
+            self.expected = tunable.reference()
+        except Exception as exc:
+            raise TuningError(f"{tunable.task.label()}: the default config fails: {exc}") from exc
+
+    def _build(self, config: Config) -> None:
+        try:
+            runnable = self.tunable.build(config)
+            why = self.tunable.check(runnable(), self.expected)
+        except Exception as exc:  # a candidate's failure is recorded, never fatal
+            status = "oom" if is_oom(exc) else "build_failed"
+            self.records[config] = CandidateRecord(config, status, reason=_short(exc))
+            return
+        if why is not None:
+            self.records[config] = CandidateRecord(config, "wrong", reason=why)
+        else:
+            self.runnables[config] = runnable
+
+    def run(self, configs: list[Config], incumbent: Optional[Config] = None) -> None:
+        """Build and check ``configs`` (new ones), then time them with ``incumbent``."""
+        fresh = [c for c in configs if c not in self.records and c not in self.runnables]
+        if self.tunable.parallel_build and len(fresh) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(fresh), 8)) as pool:
+                list(pool.map(self._build, fresh))
+        else:
+            for config in fresh:
+                self._build(config)
+        timed = [c for c in fresh if c in self.runnables]
+        if incumbent is not None and incumbent in self.runnables and incumbent not in timed:
+            timed.append(incumbent)
+        self.time(timed)
+
+    def time(self, configs: list[Config]) -> None:
+        if not configs:
+            return
+        try:
+            timings = measure_interleaved({c: self.runnables[c] for c in configs},
+                                          device=self.tunable.device, rounds=self.rounds)
+        except Exception:
+            for config in configs:        # find the culprit(s) one by one
+                self._time_alone(config)
+            return
+        for config, timing in timings.items():
+            self.records[config] = CandidateRecord(config, "ok", timing)
+
+    def _time_alone(self, config: Config) -> None:
+        try:
+            timing = measure_interleaved({0: self.runnables[config]}, device=self.tunable.device,
+                                         rounds=self.rounds)[0]
+            self.records[config] = CandidateRecord(config, "ok", timing)
+        except Exception as exc:
+            status = "oom" if is_oom(exc) else "error"
+            self.records[config] = CandidateRecord(config, status, reason=_short(exc))
+            self.runnables.pop(config, None)
+
+    def best(self, among: Optional[list[Config]] = None) -> Optional[Config]:
+        pool = [c for c in (among if among is not None else self.records)
+                if c in self.records and self.records[c].status == "ok"]
+        return min(pool, key=lambda c: self.records[c].timing.median, default=None)
+
+    def median(self, config: Config) -> float:
+        record = self.records.get(config)
+        return record.timing.median if record and record.timing else math.inf
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def neighbours(config: Config, pool: list[Config]) -> list[Config]:
+    """For each knob and direction, the closest config in ``pool`` with that knob one value
+    up or down (fewest other knobs changed)."""
+    def knobs(c: Config) -> dict:
+        return {**dict(c.params), "num_warps": c.num_warps, "num_stages": c.num_stages}
+    mine = knobs(config)
+    found: list[Config] = []
+    for name in mine:
+        values = sorted({knobs(c)[name] for c in pool if name in knobs(c)})
+        if mine[name] not in values:
+            continue
+        at = values.index(mine[name])
+        for step in (-1, 1):
+            if not 0 <= at + step < len(values):
+                continue
+            wanted = values[at + step]
+            options = [c for c in pool if knobs(c).get(name) == wanted]
+            if options:
+                distance = lambda c: sum(knobs(c).get(k) != v for k, v in mine.items())
+                found.append(min(options, key=distance))
+    return list(dict.fromkeys(found))
+
+
+def search(tunable: Tunable, *, strategy: str = "guided", max_fraction: float = 0.25,
+           rounds: int = 7, seeds: int = 2, progress: Optional[Callable[[int], None]] = None
+           ) -> TuningResult:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    start = time.perf_counter()
+    space, problem = tunable.space, tunable.problem
+    kept, pruned = space.survivors(problem)
+    default = space.default
+    if default not in kept:
+        raise TuningError(f"{tunable.task.label()}: the default config {default.describe()} is "
+                          f"pruned: {pruned.get(default, 'not in the space')}")
+    trial = _Trial(tunable, rounds)
+    ranked = sorted(kept, key=tunable.cost)
+    if strategy == "exhaustive" or len(kept) <= SMALL_SPACE:
+        used = "exhaustive"
+        for at in range(0, len(ranked), 8):
+            trial.run(ranked[at:at + 8], incumbent=trial.best())
+            if progress:
+                progress(len(trial.records))
+    else:
+        used = "guided"
+        _guided(trial, ranked, default, max(2, math.floor(max_fraction * len(space.configs))),
+                seeds, progress)
+    best = trial.best() or default
+    best_time = default_time = trial.median(default)
+    if best != default and default in trial.runnables:
+        # the head-to-head the reported gain comes from (records keep the search's timings)
+        final = measure_interleaved({c: trial.runnables[c] for c in (default, best)},
+                                    device=tunable.device, rounds=rounds)
+        best_time, default_time = final[best].median, final[default].median
+        if default_time <= best_time:
+            best, best_time = default, default_time
+    records = [trial.records[c] for c in space.configs if c in trial.records]
+    records += [CandidateRecord(c, "pruned", reason=r) for c, r in pruned.items()]
+    for record in records:
+        record.label = space.describe(record.config)
+    return TuningResult(space.kernel, tunable.task.label(), best, default, records, best_time,
+                        default_time, len(space.configs), used, time.perf_counter() - start)
+
+
+def _guided(trial: _Trial, ranked: list[Config], default: Config, budget: int, seeds: int,
+            progress) -> None:
+    first = [default] + [c for c in ranked if c != default][:max(1, min(seeds, budget - 1))]
+    trial.run(first)
+    if progress:
+        progress(len(trial.records))
+    incumbent = trial.best()
+    while incumbent is not None and len(trial.records) < budget:
+        order = {c: i for i, c in enumerate(ranked)}
+        fresh = [c for c in neighbours(incumbent, ranked) if c not in trial.records]
+        fresh = sorted(fresh, key=order.__getitem__)[:budget - len(trial.records)]
+        if not fresh:
+            break
+        trial.run(fresh, incumbent)
+        if progress:
+            progress(len(trial.records))
+        challenger = trial.best(fresh)
+        if challenger is None or trial.median(challenger) >= trial.median(incumbent) * (1 - MIN_GAIN):
+            break
+        incumbent = challenger
