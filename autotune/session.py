@@ -91,7 +91,7 @@ class Session:
         self.cache.put(key, result.to_json())
         pick = Pick(task, result.best, "tuned", result)
         log.info("fxforge autotune: %s -> %s (%.2fx over default; measured %d of %d, %d pruned, "
-                 "%.1f s)", task.label(), result.best.describe(), result.gain, result.measured,
+                 "%.1f s)", task.label(), result.describe(result.best), result.gain, result.measured,
                  result.total, result.pruned, result.seconds)
         if self.on_tuned:
             self.on_tuned(pick)

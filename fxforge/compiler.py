@@ -126,9 +126,10 @@ class CompiledGraph:
             first = len(active.picks) if active else 0
             self.lowered: LoweredGraph = lower(self.ir, backend)
             self.tuning = list(dict.fromkeys(active.picks[first:])) if active else []
+        self.compile_seconds = time.perf_counter() - start   # passes + lowering (+ tuning)
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
                  "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(self.ir.gm.graph.nodes),
-                 len(weights), len(self.lowered.fallbacks), (time.perf_counter() - start) * 1e3)
+                 len(weights), len(self.lowered.fallbacks), self.compile_seconds * 1e3)
 
     def _weights_changed(self, args: Sequence[Any]) -> bool:
         for pos, weight, version in zip(self.weight_positions, self.weights, self.versions):
