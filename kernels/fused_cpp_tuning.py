@@ -9,14 +9,15 @@ example shape (rows bucketed to a power of two); a dynamic shape keeps the tuned
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from fxforge.autotune.session import choose, current
 from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
-from fxforge.kernels.fused import RowProgram, bind_shapes, source_hash
+from fxforge.kernels.fused import RowProgram, source_hash
+from fxforge.kernels.fused_inputs import example_shapes, random_inputs, rows_and_cols
 from fxforge.kernels.fused_cpp import (PARALLEL_MIN_WORK, compile_program_cpu, generate_source,
                                        work_per_element)
 from fxforge.kernels.linear_cpu import thread_counts
@@ -51,59 +52,19 @@ def fused_cpp_space(rows: int, ncols: int, work: int) -> TuningSpace:
                        describe=lambda c: f"{c['threads']} thr, chunk {c['chunk']}, simdlen {c['simdlen']}")
 
 
-def _example(size) -> Optional[int]:
-    if isinstance(size, torch.SymInt):
-        return size.node.hint if size.node.has_hint() else None
-    return int(size)
-
-
-def example_shapes(program: RowProgram, gm: fx.GraphModule) -> Optional[list[tuple]]:
-    """(shape, dtype) of the group's tensor inputs at the example sizes, or None if unknown."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    shapes = []
-    for position in program.tensor_args:
-        val = placeholders[position].meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            return None
-        dims = [_example(d) for d in val.shape]
-        if any(d is None for d in dims):
-            return None
-        shapes.append((tuple(dims), val.dtype))
-    return shapes
-
-
-def random_inputs(shapes: Sequence[tuple], seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for shape, dtype in shapes:
-        if dtype == torch.bool:
-            out.append(torch.rand(shape, generator=g) > 0.5)
-        elif dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=g).to(dtype))
-        else:
-            out.append(torch.randint(0, 4, shape, generator=g).to(dtype))
-    return out
-
-
 def fused_task(program: RowProgram, shapes: list[tuple]) -> TuningTask:
-    rows, ncols = _rows_cols(program, shapes)
+    rows, ncols = rows_and_cols(program, shapes)
     source = generate_source(program, f"fused_{program.digest()}")
     problem = {"rows": bucket(rows), "N": ncols, "work": work_per_element(program)}
     return TuningTask.make("fused_cpp", __name__, problem, source_hash(source),
                            payload=(program, shapes))
 
 
-def _rows_cols(program: RowProgram, shapes: list[tuple]) -> tuple[int, int]:
-    meta = [torch.empty_strided(s, [0] * len(s), dtype=d) for s, d in shapes]  # no memory
-    bound = bind_shapes(program, meta)
-    return bound.rows, bound.ncols
-
-
 class FusedCppTunable(Tunable):
     def __init__(self, task: TuningTask):
         super().__init__(task)
         self.program, shapes = task.payload
-        rows, ncols = _rows_cols(self.program, shapes)
+        rows, ncols = rows_and_cols(self.program, shapes)
         self.space = fused_cpp_space(rows, ncols, self.problem["work"])
         self.inputs = random_inputs(shapes)
         self.rows, self.ncols = rows, ncols
@@ -140,7 +101,7 @@ def tuned_knobs(program: RowProgram, gm: fx.GraphModule) -> dict:
     if shapes is None:
         return {}
     task = fused_task(program, shapes)
-    rows, ncols = _rows_cols(program, shapes)
+    rows, ncols = rows_and_cols(program, shapes)
     space = fused_cpp_space(rows, ncols, task.problem_dict["work"])
     config = choose(space, lambda: task)
     if config == space.default:

@@ -27,7 +27,8 @@ import torch.fx as fx
 from fxforge.autotune.session import choose, current
 from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.kernels import attention, fused_triton, matmul
-from fxforge.kernels.fused import RowProgram, bind_shapes, build_program, source_hash
+from fxforge.kernels.fused import RowProgram, build_program, source_hash
+from fxforge.kernels.fused_inputs import example_shapes, random_inputs, rows_and_cols
 from fxforge.kernels.tuning import Config, TuningSpace
 
 SM_COUNT = 132                   # H100 SXM; the cost model's default when no GPU is visible
@@ -299,7 +300,7 @@ def fused_space(problem: dict) -> TuningSpace:
 def fused_task(program: RowProgram, shapes: list[tuple], device: torch.device | str = "cpu"
                ) -> TuningTask:
     """``shapes``: (shape, dtype) of the group's tensor inputs at the example sizes."""
-    rows, ncols = _rows_cols(program, shapes)
+    rows, ncols = rows_and_cols(program, shapes)
     name = f"fused_{program.digest()}"
     problem = {"rows": bucket(rows), "N": ncols}
     return TuningTask.make("triton_fused", __name__, problem,
@@ -307,21 +308,14 @@ def fused_task(program: RowProgram, shapes: list[tuple], device: torch.device | 
                            device_kind(device), payload=(program, shapes))
 
 
-def _rows_cols(program: RowProgram, shapes: list[tuple]) -> tuple[int, int]:
-    meta = [torch.empty_strided(s, [0] * len(s), dtype=d) for s, d in shapes]  # no memory
-    bound = bind_shapes(program, meta)
-    return bound.rows, bound.ncols
-
-
 class FusedTritonTunable(_TritonTunable):
     """The group's kernel at its example shapes; the reference is the default config's output."""
 
     def __init__(self, task: TuningTask):
-        from fxforge.kernels.fused_cpp_tuning import random_inputs
         super().__init__(task)
         self.program, shapes = task.payload
         self.space = fused_space(self.problem)
-        self.rows, self.ncols = _rows_cols(self.program, shapes)
+        self.rows, self.ncols = rows_and_cols(self.program, shapes)
         tensors = iter(t.to(self.device) for t in random_inputs(shapes))
         positions = set(self.program.tensor_args)   # SymInt arguments are ignored: pass 0
         self.args = [next(tensors) if k in positions else 0 for k in range(self.program.n_args)]
@@ -348,7 +342,6 @@ register_family("triton_fused", FusedTritonTunable)
 def example_inputs(program: RowProgram, gm: fx.GraphModule) -> Optional[tuple[list, str]]:
     """(shape, dtype) of the group's tensor inputs at the example sizes and their device, or
     None when a size has no example value."""
-    from fxforge.kernels.fused_cpp_tuning import example_shapes
     shapes = example_shapes(program, gm)
     if shapes is None:
         return None
