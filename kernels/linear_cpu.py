@@ -199,13 +199,20 @@ def _prune(config: Config, problem: Problem) -> Optional[str]:
     if config.kwargs().get("threads", 1) > torch.get_num_threads():
         return f"more threads than torch's {torch.get_num_threads()}"
     dtype = problem.get("dtype", torch.float32)
-    return unavailable_reason(CANDIDATES[index], getattr(torch, dtype) if isinstance(dtype, str)
-                              else dtype)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if config.kwargs().get("fp32"):
+        if dtype != torch.bfloat16:
+            return "an fp32 GEMM is a choice for bf16 linears only"
+        dtype = torch.float32
+    return unavailable_reason(CANDIDATES[index], dtype)
 
 
-def config_for(candidate: str, threads: Optional[int] = None, layout: str = "kn") -> Config:
+def config_for(candidate: str, threads: Optional[int] = None, layout: str = "kn",
+               fp32: bool = False) -> Config:
+    """``fp32``: run a bf16 linear's GEMM in fp32 (more exact; for some shapes faster)."""
     return Config.of(candidate=CANDIDATES.index(candidate),
-                     threads=threads or torch.get_num_threads(), layout=LAYOUTS.index(layout))
+                     threads=threads or torch.get_num_threads(), layout=LAYOUTS.index(layout),
+                     fp32=int(fp32))
 
 
 def candidate_of(config: Config) -> str:
@@ -214,18 +221,21 @@ def candidate_of(config: Config) -> str:
 
 def linear_cpu_space(m: int = 128, k: int = 1024, n: int = 1024,
                      compute_dtype: torch.dtype = torch.float32) -> TuningSpace:
-    """Implementation x thread count (x weight layout for aten); the default is
-    :func:`default_candidate`'s measured rule at all of torch's threads."""
-    configs = tuple(config_for(name, threads, layout) for name in CANDIDATES
+    """Implementation x thread count (x weight layout for aten; x bf16 or fp32 GEMM where the
+    path is bf16); the default is :func:`default_candidate`'s measured rule at all threads."""
+    precisions = (False, True) if compute_dtype == torch.bfloat16 else (False,)
+    configs = tuple(config_for(name, threads, layout, fp32) for name in CANDIDATES
                     for threads in thread_counts()
-                    for layout in (LAYOUTS if name == "aten" else LAYOUTS[:1]))
+                    for layout in (LAYOUTS if name == "aten" else LAYOUTS[:1])
+                    for fp32 in precisions)
     default = config_for(default_candidate(m, k, n, compute_dtype))
     return TuningSpace("linear_cpu", configs, default=default, prune=_prune, describe=describe_config)
 
 
 def describe_config(config: Config) -> str:
     layout = f" {LAYOUTS[config['layout']]}" if candidate_of(config) == "aten" else ""
-    return f"{candidate_of(config)}{layout}, {config['threads']} thr"
+    fp32 = ", fp32 GEMM" if config.kwargs().get("fp32") else ""
+    return f"{candidate_of(config)}{layout}, {config['threads']} thr{fp32}"
 
 
 LINEAR_CPU_SPACE = linear_cpu_space()
@@ -352,15 +362,18 @@ class LinearCpuTunable(Tunable):
         self.space = linear_cpu_space(p["M"], p["K"], p["N"], self.dtype)
         g = torch.Generator().manual_seed(1234)
         copies = max(1, min(MAX_COPIES, WORKING_SET_BYTES // (4 * p["K"] * p["N"])))
-        self.weights = [torch.randn(p["K"], p["N"], generator=g) / p["K"] ** 0.5
+        dtype = self.dtype     # the operands arrive in the compute dtype the task was made for
+        self.weights = [(torch.randn(p["K"], p["N"], generator=g) / p["K"] ** 0.5).to(dtype)
                         for _ in range(copies)]
-        self.bias = torch.randn(p["N"], generator=g) if p["bias"] else None
-        self.x = torch.randn(p["M"], p["K"], generator=g)
-        self.residual = torch.randn(p["M"], p["N"], generator=g) if p["residual"] else None
+        self.bias = torch.randn(p["N"], generator=g).to(dtype) if p["bias"] else None
+        self.x = torch.randn(p["M"], p["K"], generator=g).to(dtype)
+        self.residual = torch.randn(p["M"], p["N"], generator=g).to(dtype) if p["residual"] else None
 
     def build(self, config: Config):
+        path = (MatmulPath("fp32", "fp32 GEMM", torch.float32) if config["fp32"]
+                else choose_matmul_path(self.dtype))
         linears = [PackedLinear(weight, self.bias, self.problem["activation"],
-                                self.residual is not None, candidate=candidate_of(config),
+                                self.residual is not None, path=path, candidate=candidate_of(config),
                                 batch_hint=self.problem["M"], threads=config["threads"],
                                 layout=LAYOUTS[config["layout"]]) for weight in self.weights]
         x, residual, turn = self.x, self.residual, itertools.count()
@@ -398,6 +411,9 @@ def tuned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], activation:
     space = linear_cpu_space(rows, k, n, path.compute_dtype)
     config = choose(space, lambda: linear_task(rows, k, n, path.compute_dtype, activation,
                                                bias is not None, has_residual))
+    if config["fp32"]:
+        path = MatmulPath("fp32", f"tuned: an fp32 GEMM beat {path.name} for this shape",
+                          torch.float32)
     return PackedLinear(weight, bias, activation, has_residual, out_dtype, path=path,
                         candidate=candidate_of(config), batch_hint=rows, threads=config["threads"],
                         layout=LAYOUTS[config["layout"]])

@@ -7,7 +7,8 @@ from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.cpu_isa import CPUFeatures, choose_matmul_path
 from fxforge.kernels.linear_cpu import (CANDIDATES, LAYOUTS, LINEAR_CPU_SPACE, ONEDNN_MIN_M,
                                         ONEDNN_MIN_N, PackedLinear, _prune, candidate_of,
-                                        config_for, default_candidate, thread_counts,
+                                        config_for, default_candidate, linear_cpu_space,
+                                        thread_counts,
                                         unavailable_reason)
 from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
@@ -189,3 +190,24 @@ def test_bad_inputs_are_clear_errors():
         linear(x, torch.randn(2, 5))
     with pytest.raises(ValueError, match="quantized"):
         PackedLinear(weight, path=choose_matmul_path(torch.int8, CPUFeatures(avx512_vnni=True)))
+
+
+def test_bf16_linears_can_be_tuned_to_an_fp32_gemm(monkeypatch):
+    """On a CPU with a bf16 path the space offers the fp32 GEMM too; a search over it (forced
+    here through FXFORGE_CPU_ISA, measured with this CPU's kernels) checks every candidate
+    against the bf16 reference and picks a valid one."""
+    from fxforge.autotune.search import search
+    from fxforge.autotune.task import make_tunable
+    from fxforge.kernels.linear_cpu import linear_task
+
+    monkeypatch.setenv("FXFORGE_CPU_ISA", "avx512_bf16")
+    assert choose_matmul_path(torch.bfloat16).compute_dtype == torch.bfloat16
+    space = linear_cpu_space(4, 32, 24, torch.bfloat16)
+    assert {c["fp32"] for c in space.configs} == {0, 1}
+    assert {c["fp32"] for c in linear_cpu_space(4, 32, 24, torch.float32).configs} == {0}
+    result = search(make_tunable(linear_task(4, 32, 24, torch.bfloat16, "silu", True, False)),
+                    strategy="exhaustive", rounds=2)
+    statuses = {r.config: r.status for r in result.records}
+    assert all(statuses[c] == "ok" for c in space.configs if c["fp32"] and
+               statuses[c] != "pruned"), result.records
+    assert statuses[result.best] == "ok"
