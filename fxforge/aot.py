@@ -24,6 +24,7 @@ from fxforge.backends import lower, resolve_backend
 from fxforge.compiler import check_against_eager, optimize, tuning_session
 from fxforge.errors import ArtifactError, InputSpecError
 from fxforge.irgraph import TensorMeta, capture_export, ir_from_json, ir_to_json
+from fxforge.irgraph.meta import restore_example_values
 from fxforge.options import CompileOptions, parse_options
 from fxforge.specs import TensorSignature, check_inputs
 
@@ -207,7 +208,26 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
         ir = ir_from_json(graph, constants)
     except Exception as exc:
         raise ArtifactError(f"artifact {root}: {GRAPH} cannot be rebuilt: {exc}") from exc
+    why = restore_example_values(ir.gm, _size_hints(ir, manifest))
+    if why is not None:
+        log.warning("fxforge: artifact %s: no example values for its graph (%s); fused kernels "
+                    "that need them run op by op", root, why)
     return Artifact(root, manifest, ir, options)
+
+
+def _size_hints(ir, manifest: dict) -> dict[str, int]:
+    """Example size of each symbol of the graph's inputs: 16 clamped to the user's range."""
+    hints: dict[str, int] = {}
+    ranges = manifest["ranges"]
+    for placeholder, signature in zip(ir.placeholders(), manifest["inputs"]):
+        meta = placeholder.meta.get("fxf")
+        if not isinstance(meta, TensorMeta):
+            continue
+        for symbol, user in zip(meta.shape, signature["shape"]):
+            low, high = ranges.get(str(user), (2, 16))
+            if not isinstance(symbol, int):
+                hints[str(symbol)] = max(low or 2, min(16, high or 16))
+    return hints
 
 
 def _read_manifest(root: Path) -> dict:

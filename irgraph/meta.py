@@ -133,3 +133,53 @@ def infer_node(node: fx.Node, fake_mode) -> NodeMeta:
     with fake_mode:
         value = node.target(*args, **kwargs)
     return set_meta(node, value)
+
+
+def restore_example_values(gm: fx.GraphModule, hints: Optional[dict[str, int]] = None,
+                           default_hint: int = 16) -> Optional[str]:
+    """Give a graph rebuilt from typed metadata alone (an AOT artifact's) its fake example values
+    (``meta["val"]``) again, by fake-tensor propagation from its placeholders: kernel builders
+    (fusion groups) read shapes and dtypes from them. Symbolic input sizes become symbols of a
+    fresh ShapeEnv, one per symbol name, with ``hints[name]`` (else ``default_hint``) as their
+    example size. Returns None, or why the values could not be restored (nothing is changed
+    then: the graph still runs, its kernels fall back where they need the values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    shape_env = ShapeEnv()
+    symbols: dict[str, torch.SymInt] = {}
+
+    def size(dim: Dim):
+        if isinstance(dim, int):
+            return dim
+        if not getattr(dim, "is_Symbol", False):
+            raise ValueError(f"input size {dim} is an expression, not a symbol")
+        name = str(dim)
+        if name not in symbols:
+            hint = max(2, (hints or {}).get(name, default_hint))
+            sym = shape_env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+            symbols[name] = shape_env.create_symintnode(sym, hint=hint)
+        return symbols[name]
+
+    mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+    try:
+        inputs = []
+        for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+            meta = node.meta.get(META_KEY)
+            if not isinstance(meta, TensorMeta):
+                raise ValueError(f"input {node.name} has no tensor metadata")
+            with mode:
+                inputs.append(torch.empty([size(d) for d in meta.shape], dtype=meta.dtype,
+                                          device=meta.device))
+        saved = {node: node.meta.get("val") for node in gm.graph.nodes}
+        try:
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        except Exception:
+            for node, value in saved.items():   # all or nothing
+                node.meta.pop("val", None) if value is None else node.meta.update(val=value)
+            raise
+    except Exception as exc:  # a graph we cannot propagate keeps running, without the values
+        return f"{type(exc).__name__}: {exc}"
+    return None
