@@ -4,6 +4,7 @@ Ways in:
   * ``torch.compile(model, backend="fxforge", options={...})``
   * ``fxforge.compile(model, example_inputs, **options)``
   * ``fxforge.aot_compile(...)`` / ``python -m fxforge compile`` and ``fxforge.load(dir)``
+  * ``fxforge.generate(model, input_ids, max_new_tokens, ...)`` decodes with any of them
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from fxforge.backend_entry import fxforge_backend, register as _register_backend
 from fxforge.api import compile
 from fxforge.aot import Artifact, aot_compile, load
 from fxforge.explain import ExplainReport, explain
+from fxforge.generate import generate
 
 _register_backend()
 
 __all__ = ["Artifact", "ArtifactError", "CompileOptions", "ExplainReport", "FxforgeError",
            "InputSpecError", "OptionsError", "VerificationError", "__version__", "aot_compile",
-           "compile", "explain", "fxforge_backend", "load", "parse_options"]
+           "compile", "explain", "fxforge_backend", "generate", "load", "parse_options"]

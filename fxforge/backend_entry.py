@@ -40,12 +40,20 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     try:
         return capture_aot_inference(gm, example_inputs, weight_indices, compile_ir)
     except Exception as exc:
-        if _strict() and _is_fxforge_bug(exc):
+        if _is_dynamo_restart(exc) or (_strict() and _is_fxforge_bug(exc)):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         log.warning("fxforge: could not compile a graph of %d nodes (%s: %s); it runs eagerly",
                     len(gm.graph.nodes), type(exc).__name__, first[:300])
         return gm.forward
+
+
+def _is_dynamo_restart(exc: BaseException) -> bool:
+    """Dynamo's own control flow (e.g. TensorifyScalarRestartAnalysis under dynamic=True): it
+    restarts the compile on seeing it; swallowing it would run the whole graph eagerly."""
+    from torch._dynamo import exc as dynamo_exc
+    restart = getattr(dynamo_exc, "RestartAnalysis", ())
+    return isinstance(exc, restart) if restart else False
 
 
 def _strict() -> bool:

@@ -125,11 +125,24 @@ class CompiledGraph:
         with tuning_session(self.options.autotune) as active:
             first = len(active.picks) if active else 0
             self.lowered: LoweredGraph = lower(self.ir, backend)
+            self.kv = self._kv_cache(backend) if self.options.kv_cache else None
             self.tuning = list(dict.fromkeys(active.picks[first:])) if active else []
         self.compile_seconds = time.perf_counter() - start   # passes + lowering (+ tuning)
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
                  "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(self.ir.gm.graph.nodes),
                  len(weights), len(self.lowered.fallbacks), self.compile_seconds * 1e3)
+
+    def _kv_cache(self, backend: Backend):
+        """The incremental decoder over the KV-cache pass's step graph, or None (logged)."""
+        from fxforge.kv_runtime import IncrementalDecoder, describe
+        from fxforge.passes.kv_cache import insert_kv_cache
+        plan = insert_kv_cache(self.ir)
+        if isinstance(plan, str):
+            log.info("fxforge: kv_cache: not applied (%s); the graph runs uncached", plan)
+            return None
+        log.info("fxforge: %s", describe(plan))
+        return IncrementalDecoder(plan, lower(plan.ir, backend), self.lowered,
+                                  self.options.max_seq_len)
 
     def _weights_changed(self, args: Sequence[Any]) -> bool:
         for pos, weight, version in zip(self.weight_positions, self.weights, self.versions):
@@ -142,7 +155,8 @@ class CompiledGraph:
         if self.weight_positions and self._weights_changed(args):
             log.warning("fxforge: model weights changed since compilation; re-freezing them")
             self._build([args[p] for p in self.weight_positions])
-        outputs = self.lowered(*[args[i] for i in self.runtime_positions])
+        runtime_args = [args[i] for i in self.runtime_positions]
+        outputs = self.kv(runtime_args) if self.kv is not None else self.lowered(*runtime_args)
         if self.options.verify:
             check_against_eager(outputs, self.captured.gm(*args), self.ir.info.get("precision", "fp32"))
         return outputs

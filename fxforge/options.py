@@ -12,7 +12,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 @dataclass(frozen=True)
 class CompileOptions:
     precision: str = "fp32"       # matmul/attention precision; norms and accumulations stay fp32
-    kv_cache: bool = False        # KV-cache insertion for causal decoders
+    kv_cache: bool = False        # KV-cache insertion for causal decoders (transparent mode)
+    max_seq_len: int = 2048       # positions a KV cache holds; longer inputs run uncached
     quantize: Optional[str] = None
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
@@ -29,7 +30,7 @@ class CompileOptions:
 
 
 # Options whose feature has not landed yet: a clear error beats silently ignoring them.
-_NOT_YET = {"kv_cache": "KV-cache insertion", "quantize": "quantization", "prune": "pruning",
+_NOT_YET = {"quantize": "quantization", "prune": "pruning",
             "attention": "sparse/linear attention rewrites"}
 AUTOTUNE_MODES = {False: "off", True: "tune", "off": "off", "tune": "tune", "cache": "cache"}
 
@@ -60,7 +61,11 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
         from fxforge.backends import available_backends
         if merged["backend"] != "auto" and merged["backend"] not in available_backends():
             raise OptionsError(f"unknown backend {merged['backend']!r}; available: {available_backends()}")
-    for key in ("verify", "freeze_weights"):
+    if "max_seq_len" in merged and (type(merged["max_seq_len"]) is not int
+                                    or merged["max_seq_len"] < 1):
+        raise OptionsError(f"option max_seq_len must be a positive integer, got "
+                           f"{merged['max_seq_len']!r}")
+    for key in ("verify", "freeze_weights", "kv_cache"):
         if key in merged and not isinstance(merged[key], bool):
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
     return CompileOptions(**merged)

@@ -64,3 +64,53 @@ def _linear_fake(x, weight, bias, activation, residual, out_dtype=None):
 
 
 fxforge_linear = torch.ops.fxforge.linear.default
+
+
+# ``fxforge::cached_attention``: causal attention of ``t`` new positions against a static KV
+# cache, the op the KV-cache pass puts where a causal ``scaled_dot_product_attention`` was.
+#
+#   q [B, H, t, D]; k, v [B, Hkv, t, D] (the new positions' keys/values); k_cache, v_cache
+#   [B, Hkv, Lmax, D]; cache_pos: int64 tensor, one element: L, positions already cached.
+#   Writes k, v into k_cache/v_cache[:, :, L:L+t], then query i (absolute position L+i) attends
+#   keys 0..L+i of the cache. GQA: query head h reads kv head h // (H // Hkv).
+#   Returns [B, H, t, Dv] in q's dtype. L + t > Lmax is an error naming the cache size.
+
+def _check_cached(q, k, v, k_cache, v_cache, cache_pos) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError("fxforge::cached_attention: q, k, v and the caches must be 4-D "
+                         "[batch, heads, positions, head_dim]")
+    if k.shape[:2] != k_cache.shape[:2] or v.shape[:2] != v_cache.shape[:2] or \
+            q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"fxforge::cached_attention: q {list(q.shape)}, k {list(k.shape)}, "
+                         f"cache {list(k_cache.shape)} do not match (batch, kv heads, GQA groups)")
+    if cache_pos.numel() != 1:
+        raise ValueError("fxforge::cached_attention: cache_pos must hold one integer")
+
+
+def cache_overflow(length: int, new: int, capacity: int) -> ValueError:
+    return ValueError(f"KV cache full: {length} cached + {new} new positions exceed its "
+                      f"{capacity} positions (raise the max_seq_len option)")
+
+
+@torch.library.custom_op("fxforge::cached_attention", mutates_args=("k_cache", "v_cache"))
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cache_pos: torch.Tensor,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Reference (the test oracle): write the new positions, then SDPA with an offset mask."""
+    _check_cached(q, k, v, k_cache, v_cache, cache_pos)
+    length, new = int(cache_pos.reshape(-1)[0]), k.shape[2]
+    if length < 0 or length + new > k_cache.shape[2]:
+        raise cache_overflow(length, new, k_cache.shape[2])
+    k_cache[:, :, length:length + new].copy_(k)
+    v_cache[:, :, length:length + new].copy_(v)
+    keys, values = k_cache[:, :, :length + new], v_cache[:, :, :length + new]
+    rows = torch.arange(q.shape[2], device=q.device)[:, None] + length
+    mask = torch.arange(length + new, device=q.device)[None, :] <= rows
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@cached_attention.register_fake
+def _cached_attention_fake(q, k, v, k_cache, v_cache, cache_pos, scale=None):
+    _check_cached(q, k, v, k_cache, v_cache, cache_pos)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -1,0 +1,92 @@
+"""Transparent incremental decoding (``options={"kv_cache": True}``).
+
+The classic loop ``logits = model(ids); ids = cat(ids, next)`` calls the compiled graph with
+the whole sequence every step. :class:`IncrementalDecoder` keeps the previous call's tokens, the
+per-layer K/V buffers the KV-cache pass added and the outputs so far. When a call's tokens
+*extend* the previous ones (same batch, the old tokens unchanged: checked, not assumed), only
+the new positions run through the cached step graph; anything else (a new prompt, an edited
+prefix, another batch size) starts over with a fresh prefill. Past ``max_seq_len`` the plain
+graph runs, uncached and correct.
+
+Sequence outputs (logits) are written into a buffer of ``max_seq_len`` positions and returned
+as a view of the first ``L + t``: a step costs the new positions only. A fresh buffer is made
+for every new prompt, so a view returned earlier is never overwritten.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from fxforge.irgraph.meta import META_KEY, SymMeta
+
+log = logging.getLogger("fxforge")
+
+
+class IncrementalDecoder:
+    def __init__(self, plan, step: Callable, full: Callable, max_seq_len: int):
+        self.plan, self.step, self.full, self.max_seq_len = plan, step, full, max_seq_len
+        placeholders = plan.ir.placeholders()[:_original_inputs(plan)]
+        self.size_inputs = [i for i, p in enumerate(placeholders)
+                            if isinstance(p.meta.get(META_KEY), SymMeta)
+                            and p.meta[META_KEY].expr == plan.seq_symbol]
+        self.tokens: Optional[torch.Tensor] = None   # what the cache holds
+        self.caches: list[torch.Tensor] = []
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.stats = {"prefills": 0, "steps": 0, "uncached": 0, "positions": 0}
+
+    def __call__(self, args: Sequence[Any]) -> list:
+        ids = args[self.plan.tokens]
+        if ids.shape[1] > self.max_seq_len:
+            self.stats["uncached"] += 1
+            return list(self.full(*args))
+        start = self._cached_prefix(ids)
+        if start == 0:
+            self._reset(ids)
+        new = ids[:, start:]
+        step_args = list(args)
+        step_args[self.plan.tokens] = new
+        for i in self.size_inputs:
+            step_args[i] = new.shape[1]
+        position = torch.tensor([start], dtype=torch.int64)
+        outputs = list(self.step(*step_args, position, *self.caches))
+        self.tokens = ids.clone()
+        self.stats["positions"] += new.shape[1]
+        return [self._assemble(i, out, start, ids.shape[1]) for i, out in enumerate(outputs)]
+
+    def _cached_prefix(self, ids: torch.Tensor) -> int:
+        """How many leading positions of ``ids`` the cache already holds (0: start over)."""
+        old = self.tokens
+        if old is None or ids.shape[0] != old.shape[0] or ids.shape[1] <= old.shape[1] \
+                or ids.device != old.device or not torch.equal(ids[:, :old.shape[1]], old):
+            return 0
+        self.stats["steps"] += 1
+        return old.shape[1]
+
+    def _reset(self, ids: torch.Tensor) -> None:
+        batch = ids.shape[0]
+        self.caches = [torch.zeros(batch, spec.heads, self.max_seq_len, spec.head_dim,
+                                   dtype=spec.dtype, device=ids.device)
+                       for spec in self.plan.caches]
+        self.buffers = {}
+        self.stats["prefills"] += 1
+
+    def _assemble(self, index: int, out: Any, start: int, end: int) -> Any:
+        if index not in self.plan.seq_outputs or not isinstance(out, torch.Tensor):
+            return out
+        buffer = self.buffers.get(index)
+        if buffer is None:
+            buffer = out.new_empty((out.shape[0], self.max_seq_len, *out.shape[2:]))
+            self.buffers[index] = buffer
+        buffer[:, start:end].copy_(out)
+        return buffer[:, :end]
+
+
+def _original_inputs(plan) -> int:
+    return len(plan.ir.placeholders()) - 1 - len(plan.caches)
+
+
+def describe(plan) -> str:
+    return (f"KV cache: {plan.sites} causal attention site(s) cached, {plan.positions} position "
+            f"input(s) offset, {len(plan.caches)} buffers")

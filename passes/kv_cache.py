@@ -1,0 +1,234 @@
+"""KV-cache insertion: a captured causal decoder -> one *cached step* graph.
+
+The step graph computes ``t`` new positions given ``L`` already cached ones: with ``L = 0`` it
+is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR, not by names:
+
+* the **token input** is the rank-2 integer placeholder; its dim 1 is the **sequence size**,
+  which must be symbolic (dynamo makes it so once it has seen two lengths): with a static size
+  a sequence dim cannot be told apart from a hidden dim of the same size;
+* every **attention site** is a ``scaled_dot_product_attention`` (``fuse_attention`` has turned
+  explicit attention into one) with ``is_causal`` and no other mask, over the sequence dim;
+  each becomes ``fxforge::cached_attention`` reading and writing per-layer K/V buffers that
+  become new graph inputs (GQA keeps its ``Hkv`` heads in the cache);
+* **positions**: ``arange(0, seq)`` (learned position embeddings, rotary ``position_ids``,
+  ``cache_position``) becomes ``arange(0, t) + cache_pos``;
+* any other op that **mixes positions** — a matmul contracting over the sequence, a reduction,
+  softmax, cumsum or sort along it, a non-causal or masked attention — makes the pass decline
+  with the reason: the model then runs as it is, correct and uncached.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import sympy
+import torch
+import torch.fx as fx
+
+from fxforge.irgraph import IRGraph, TensorMeta
+from fxforge.irgraph.meta import META_KEY, SymMeta, set_meta
+
+aten = torch.ops.aten
+
+MIXING_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
+                     aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
+                     aten.sort.default, aten.topk.default, aten.argmax.default,
+                     aten.argmin.default, aten.logsumexp.default, aten.max.dim, aten.min.dim,
+                     aten.var.correction, aten.std.correction, aten.cumprod.default}
+CONTRACTIONS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
+                aten.matmul.default}
+
+
+@dataclass
+class CacheSpec:
+    """One layer's K (or V) buffer: [batch, kv_heads, max_seq_len, head_dim] of ``dtype``."""
+    placeholder: str
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+@dataclass
+class KVCachePlan:
+    ir: IRGraph                        # the cached step graph
+    tokens: int                        # position of the token input among the placeholders
+    seq_symbol: sympy.Symbol
+    cache_pos: str                     # placeholder name of the int64 [1] cache length
+    caches: list[CacheSpec] = field(default_factory=list)   # k0, v0, k1, v1, ... in order
+    seq_outputs: list[int] = field(default_factory=list)    # outputs with the sequence at dim 1
+    sites: int = 0
+    positions: int = 0
+
+
+def _meta(node: Any) -> Optional[TensorMeta]:
+    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
+    return meta if isinstance(meta, TensorMeta) else None
+
+
+def _is_seq(dim: Any, seq: sympy.Symbol) -> bool:
+    return isinstance(dim, sympy.Expr) and sympy.simplify(dim - seq) == 0
+
+
+def _token_input(ir: IRGraph) -> Union[tuple[int, sympy.Symbol], str]:
+    for i, node in enumerate(ir.placeholders()):
+        meta = _meta(node)
+        if meta is not None and meta.rank == 2 and not meta.dtype.is_floating_point \
+                and meta.dtype != torch.bool:
+            seq = meta.shape[1]
+            if isinstance(seq, sympy.Symbol):
+                return i, seq
+            return (f"the sequence size of token input {node.name} is static ({seq}); the "
+                    "pass needs the dynamic graph (dynamo compiles one from the second length)")
+    return "no token input (a rank-2 integer tensor)"
+
+
+def _sdpa_site(node: fx.Node, seq) -> Union[bool, str]:
+    """True for a causal self-attention over the sequence; a reason if it blocks the pass."""
+    args = list(node.args) + [None] * (6 - len(node.args))
+    mask = node.kwargs.get("attn_mask", args[3])
+    dropout = node.kwargs.get("dropout_p", args[4] or 0.0)
+    causal = node.kwargs.get("is_causal", args[5] or False)
+    q, k = _meta(node.args[0]), _meta(node.args[1])
+    if q is None or k is None or q.rank != 4:
+        return f"{node.name}: attention without 4-D tensor metadata"
+    if not (_is_seq(q.shape[2], seq) and _is_seq(k.shape[2], seq)):
+        return False if not any(_is_seq(d, seq) for d in (*q.shape, *k.shape)) else \
+            f"{node.name}: attention whose query/key length is not the sequence"
+    if mask is not None or not causal or dropout:
+        return f"{node.name}: attention is not plain causal (mask or bidirectional)"
+    return True
+
+
+def _reduced_dims(node: fx.Node) -> list[int]:
+    if node.target in (aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
+                       aten.cumprod.default, aten.sort.default, aten.argmax.default,
+                       aten.argmin.default, aten.max.dim, aten.min.dim):
+        dims = [node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)]
+    elif node.target == aten.topk.default:
+        dims = [node.args[2] if len(node.args) > 2 else -1]
+    else:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = list(range(_meta(node.args[0]).rank)) if dims in (None, []) else dims
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return [d for d in dims if d is not None]
+
+
+def _mixes_positions(node: fx.Node, seq) -> Optional[str]:
+    """Why ``node`` combines values of different positions (so a cache cannot serve it)."""
+    if node.target in MIXING_REDUCTIONS:
+        source = _meta(node.args[0])
+        if source is not None:
+            for dim in _reduced_dims(node):
+                if _is_seq(source.shape[dim % source.rank], seq):
+                    return f"{node.name} ({node.target}) reduces over the sequence"
+    if node.target in CONTRACTIONS:
+        a, b = (node.args[1], node.args[2]) if node.target in (aten.addmm.default,
+                                                               aten.baddbmm.default) else node.args[:2]
+        ma = _meta(a)
+        if ma is not None and _is_seq(ma.shape[-1], seq):
+            return f"{node.name} ({node.target}) contracts over the sequence"
+    if node.target == torch.ops.fxforge.linear.default:
+        mx = _meta(node.args[0])
+        if mx is not None and _is_seq(mx.shape[-1], seq):
+            return f"{node.name} (linear) contracts over the sequence"
+    return None
+
+
+def _position_arange(node: fx.Node, seq_nodes: set) -> bool:
+    if node.target == aten.arange.default:
+        return len(node.args) == 1 and node.args[0] in seq_nodes
+    if node.target in (aten.arange.start, aten.arange.start_step):
+        step = node.args[2] if len(node.args) > 2 else 1
+        return node.args[0] == 0 and node.args[1] in seq_nodes and step == 1
+    return False
+
+
+def _sequence_size_nodes(ir: IRGraph, tokens: fx.Node, seq) -> set:
+    nodes = {n for n in ir.placeholders() if isinstance(n.meta.get(META_KEY), SymMeta)
+             and _is_seq(n.meta[META_KEY].expr, seq)}
+    nodes |= {n for n in ir.call_nodes() if n.target == aten.sym_size.int
+              and n.args[0] is tokens and n.args[1] in (1, -1)}
+    return nodes
+
+
+def _flat_outputs(ir: IRGraph) -> list:
+    out = ir.output_node().args[0]
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
+    """The cached step graph and what its runtime needs, or why the graph is not a causal
+    decoder the pass can serve (the input ``ir`` is never modified)."""
+    found = _token_input(ir)
+    if isinstance(found, str):
+        return found
+    tokens_at, seq = found
+    if ir.fake_mode is None:
+        return "the graph has no fake-tensor mode to propagate metadata with"
+    step = ir.copy()
+    graph = step.gm.graph
+    tokens = step.placeholders()[tokens_at]
+    seq_nodes = _sequence_size_nodes(step, tokens, seq)
+    sites, aranges = [], []
+    for node in step.call_nodes():
+        if node.target == aten.scaled_dot_product_attention.default:
+            verdict = _sdpa_site(node, seq)
+            if isinstance(verdict, str):
+                return verdict
+            if verdict:
+                sites.append(node)
+        elif _position_arange(node, seq_nodes):
+            aranges.append(node)
+        elif (why := _mixes_positions(node, seq)) is not None:
+            return why
+    if not sites:
+        return "no causal attention over the sequence: not a causal decoder"
+    seq_outputs = []
+    for i, value in enumerate(_flat_outputs(step)):
+        meta = _meta(value)
+        if meta is not None and meta.rank >= 2 and _is_seq(meta.shape[1], seq):
+            seq_outputs.append(i)
+        elif meta is not None and any(_is_seq(d, seq) for d in meta.shape):
+            return f"output {i} has the sequence at a dim other than 1"
+    plan = KVCachePlan(step, tokens_at, seq, "kv_cache_pos", sites=len(sites),
+                       positions=len(aranges), seq_outputs=seq_outputs)
+    cache_pos = _add_input(step, "kv_cache_pos", torch.zeros(1, dtype=torch.int64))
+    for i, site in enumerate(sites):
+        _cache_site(step, plan, site, cache_pos, i)
+    for node in aranges:
+        with graph.inserting_after(node):
+            shifted = graph.call_function(aten.add.Tensor, (node, cache_pos))
+        node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+        step.infer(shifted)
+    graph.lint()
+    step.gm.recompile()
+    return plan
+
+
+def _add_input(ir: IRGraph, name: str, example: torch.Tensor) -> fx.Node:
+    last = ir.placeholders()[-1]
+    with ir.gm.graph.inserting_after(last):
+        node = ir.gm.graph.placeholder(name)
+    set_meta(node, ir.fake_mode.from_tensor(example))
+    return node
+
+
+def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node, i: int) -> None:
+    q, k, v = site.args[:3]
+    buffers = []
+    for kind, value in (("k", k), ("v", v)):
+        meta = _meta(value)
+        name = f"kv_cache_{kind}{i}"
+        batch = value.meta["val"].shape[0]
+        with ir.fake_mode:
+            example = torch.empty(batch, meta.shape[1], 1, meta.shape[3], dtype=meta.dtype)
+        buffers.append(_add_input(ir, name, example))
+        plan.caches.append(CacheSpec(name, int(meta.shape[1]), int(meta.shape[3]), meta.dtype))
+    with ir.gm.graph.inserting_before(site):
+        cached = ir.gm.graph.call_function(torch.ops.fxforge.cached_attention.default,
+                                           (q, k, v, *buffers, cache_pos),
+                                           {"scale": site.kwargs.get("scale")})
+    site.replace_all_uses_with(cached)
+    ir.gm.graph.erase_node(site)
+    ir.infer(cached)

@@ -1,0 +1,236 @@
+"""fxforge.generate: greedy equals a hand-written eager loop, ragged batches, stops, sampling, streaming."""
+import math
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.examples.small_gpt import make_model
+
+transformers = pytest.importorskip("transformers")
+from fxforge.examples.hf_models import LogitsOnly  # noqa: E402  (needs transformers)
+
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return make_model(seed=1, n_layer=2)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+    return LogitsOnly(model)
+
+
+@pytest.fixture(params=["gpt", "llama"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+def vocab_of(model):
+    return 512 if not isinstance(model, LogitsOnly) else 1000
+
+
+def prompts(batch, length, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+def eager_greedy(model, ids, steps):
+    """The reference: the hand-written no-cache greedy loop."""
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+class Counting:
+    """A model wrapper counting calls and recording input shapes."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, ids):
+        self.shapes.append(tuple(ids.shape))
+        return self.model(ids)
+
+
+class FixedLogits:
+    """A model whose next-token logits are always `logits` (as a tuple output, [B, T, V])."""
+
+    def __init__(self, logits):
+        self.logits = torch.tensor(logits)
+
+    def __call__(self, ids):
+        return (self.logits.expand(ids.shape[0], ids.shape[1], -1),)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_matches_the_eager_loop(model, batch):
+    ids = prompts(batch, 8, vocab_of(model))
+    counted = Counting(model)
+    out = fxforge.generate(counted, ids, STEPS)
+    assert torch.equal(out, eager_greedy(model, ids, STEPS))
+    # the loop's exact form: the full sequence so far, same batch, one token longer each call
+    assert counted.shapes == [(batch, 8 + i) for i in range(STEPS)]
+
+
+def test_hf_model_output_and_one_dimensional_prompt(llama):
+    ids = prompts(1, 6, 1000)
+    hf = llama.model
+    out = fxforge.generate(lambda x: hf(x, use_cache=False), ids[0], 10)
+    assert out.shape == (16,)
+    assert torch.equal(out, eager_greedy(llama, ids, 10)[0])
+
+
+def test_ragged_prompts_equal_each_row_alone(model):
+    vocab = vocab_of(model)
+    rows = [prompts(1, n, vocab, seed=n)[0] for n in (5, 9, 7)]
+    as_lists = [rows[0].tolist(), rows[1], rows[2].tolist()]
+    out = fxforge.generate(model, as_lists, STEPS)
+    assert isinstance(out, list) and len(out) == 3
+    for got, row in zip(out, rows):
+        assert torch.equal(got, eager_greedy(model, row[None], STEPS)[0])
+
+
+def test_equal_length_rows_are_batched_together(gpt):
+    rows = [prompts(1, n, 512, seed=i)[0] for i, n in enumerate((5, 9, 5))]
+    calls = []
+    out = fxforge.generate(gpt, rows, 4, stream=lambda step, tokens, r: calls.append((step, list(r))))
+    assert calls == [(s, [0, 2]) for s in range(4)] + [(s, [1]) for s in range(4)]
+    batched = eager_greedy(gpt, torch.stack([rows[0], rows[2]]), 4)
+    assert torch.equal(out[0], batched[0]) and torch.equal(out[2], batched[1])
+    assert torch.equal(out[1], eager_greedy(gpt, rows[1][None], 4)[0])
+
+
+def test_stop_token_stops_rows_and_pads(gpt):
+    ids = prompts(3, 8, 512, seed=4)
+    reference = eager_greedy(gpt, ids, STEPS)
+    stop = int(reference[0, 8 + 3])  # row 0 certainly emits it at step 3
+    out, stats = fxforge.generate(gpt, ids, STEPS, stop_tokens=[stop], pad_token_id=511,
+                                  return_stats=True)
+    stop_steps = []
+    for row in range(3):
+        hits = (reference[row, 8:] == stop).nonzero()
+        stop_steps.append(int(hits[0]) if len(hits) else None)
+    assert stop_steps[0] <= 3
+    steps = STEPS if None in stop_steps else max(stop_steps) + 1
+    assert out.shape == (3, 8 + steps) and stats["steps"] == steps
+    for row, at in enumerate(stop_steps):
+        end = 8 + (steps if at is None else at + 1)
+        assert torch.equal(out[row, :end], reference[row, :end])
+        assert bool((out[row, end:] == 511).all())
+    assert stats["new_tokens"] == sum(steps if at is None else at + 1 for at in stop_steps)
+    assert set(stats) == {"steps", "new_tokens", "seconds", "tokens_per_second"}
+    assert stats["tokens_per_second"] == pytest.approx(stats["new_tokens"] / stats["seconds"])
+
+
+def test_all_rows_stopped_ends_the_loop_and_lists_are_trimmed(gpt):
+    row = prompts(1, 6, 512, seed=5)[0]
+    reference = eager_greedy(gpt, row[None], STEPS)[0]
+    first = int((reference[6:] == reference[6 + 3]).nonzero()[0])
+    counted = Counting(gpt)
+    out = fxforge.generate(counted, row[None], STEPS, stop_tokens={int(reference[6 + 3]), 100000})
+    assert torch.equal(out[0], reference[:6 + first + 1]) and len(counted.shapes) == first + 1
+    listed = fxforge.generate(gpt, [row, reference[:9]], STEPS, stop_tokens=int(reference[6 + 3]))
+    assert torch.equal(listed[0], reference[:6 + first + 1])
+    # the second prompt is the first one plus 3 greedy tokens: its first new token is the stop token
+    assert torch.equal(listed[1], reference[:10])
+
+
+def test_sampling_is_reproducible_with_a_seed_and_leaves_the_global_rng_alone(model):
+    ids = prompts(2, 5, vocab_of(model))
+    state = torch.get_rng_state()
+    first = fxforge.generate(model, ids, 16, temperature=1.5, seed=123)
+    again = fxforge.generate(model, ids, 16, temperature=1.5, seed=123)
+    other = fxforge.generate(model, ids, 16, temperature=1.5, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first, eager_greedy(model, ids, 16))
+
+
+def test_degenerate_sampling_equals_greedy(gpt):
+    ids = prompts(2, 5, 512, seed=9)
+    greedy = eager_greedy(gpt, ids, 12)
+    assert torch.equal(fxforge.generate(gpt, ids, 12, do_sample=True, top_k=1, seed=0), greedy)
+    assert torch.equal(fxforge.generate(gpt, ids, 12, temperature=1e-4, seed=0), greedy)
+    assert torch.equal(fxforge.generate(gpt, ids, 12, top_p=1e-6, seed=0), greedy)
+    assert torch.equal(fxforge.generate(gpt, ids, 12, do_sample=False, temperature=5.0, seed=0), greedy)
+
+
+@pytest.mark.parametrize("option, allowed", [({"top_k": 2}, {0, 1}), ({"top_p": 0.6}, {0, 1}),
+                                             ({"top_p": 0.5}, {0}), ({"top_p": 1.0}, {0, 1, 2, 3})])
+def test_top_k_and_top_p_keep_only_the_likeliest_tokens(option, allowed):
+    model = FixedLogits([math.log(p) for p in (0.5, 0.3, 0.15, 0.05)])
+    out = fxforge.generate(model, [[0]], 300, seed=0, **option)[0][1:]
+    assert set(out.tolist()) == allowed
+
+
+def test_stream_receives_every_step_in_order(gpt):
+    ids = prompts(3, 7, 512, seed=2)
+    seen = []
+    out = fxforge.generate(gpt, ids, 10, stream=lambda step, tokens, rows: seen.append((step, tokens, rows)))
+    assert [s for s, _, _ in seen] == list(range(10))
+    assert all(rows == [0, 1, 2] for _, _, rows in seen)
+    assert torch.equal(torch.stack([t for _, t, _ in seen], dim=1), out[:, 7:])
+
+
+def test_max_seq_len_and_zero_new_tokens(gpt):
+    ids = prompts(1, 8, 512)
+    with pytest.raises(ValueError, match=r"longest prompt \(9 tokens\).*max_seq_len=16"):
+        fxforge.generate(gpt, [ids[0], prompts(1, 9, 512)[0]], 8, max_seq_len=16)
+    assert fxforge.generate(gpt, ids, 8, max_seq_len=16).shape == (1, 16)
+    counted = Counting(gpt)
+    assert torch.equal(fxforge.generate(counted, ids, 0), ids) and counted.shapes == []
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"input_ids": torch.zeros(1, 0, dtype=torch.long)}, ValueError, "empty"),
+    ({"input_ids": [[1, 2], []]}, ValueError, r"input_ids\[1\] is empty"),
+    ({"input_ids": []}, ValueError, "no prompts"),
+    ({"input_ids": torch.ones(1, 4)}, TypeError, "integer token ids"),
+    ({"input_ids": [[1, 2.5]]}, TypeError, "non-integer token id: 2.5"),
+    ({"input_ids": [1, 2, 3]}, TypeError, "flat list"),
+    ({"input_ids": torch.tensor([[1, -2]])}, ValueError, "negative"),
+    ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be >= 0"),
+    ({"max_new_tokens": 2.0}, TypeError, "max_new_tokens must be an int"),
+    ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
+    ({"top_k": 0}, ValueError, "top_k must be >= 1"),
+    ({"temperature": 0.0}, ValueError, "temperature must be > 0 when sampling"),
+    ({"do_sample": True, "temperature": -1.0}, ValueError, "temperature must be > 0"),
+    ({"stop_tokens": [1, "x"]}, ValueError, "stop_tokens must be non-negative ints"),
+])
+def test_bad_arguments_name_the_problem(gpt, kwargs, error, message):
+    args = {"input_ids": prompts(1, 4, 512), "max_new_tokens": 4, **kwargs}
+    with pytest.raises(error, match=message):
+        fxforge.generate(gpt, args.pop("input_ids"), args.pop("max_new_tokens"), **args)
+
+
+def test_a_model_that_does_not_return_logits_is_reported(gpt):
+    with pytest.raises(TypeError, match="must return logits"):
+        fxforge.generate(lambda ids: "text", [[1, 2]], 2)
+    with pytest.raises(ValueError, match=r"expected \[B, T, V\]"):
+        fxforge.generate(lambda ids: torch.zeros(5), [[1, 2]], 2)
+
+
+def test_compiled_module_gives_eager_tokens(gpt):
+    torch._dynamo.reset()
+    compiled = torch.compile(gpt, backend="fxforge")
+    ids = prompts(1, 8, 512, seed=11)
+    assert torch.equal(fxforge.generate(compiled, ids, 8), eager_greedy(gpt, ids, 8))
+
+
+def test_aot_artifact_gives_eager_tokens(gpt, tmp_path):
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ids = prompts(1, 8, 512, seed=12)
+    artifact = fxforge.aot_compile(gpt, (ids,), tmp_path / "gpt", dynamic_shapes=({1: seq},))
+    assert torch.equal(fxforge.generate(artifact, ids, 8), eager_greedy(gpt, ids, 8))

@@ -1,0 +1,112 @@
+"""KV-cache insertion and the transparent incremental mode (``kv_cache=True``)."""
+import logging
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.compiler import recording
+from fxforge.errors import OptionsError
+from fxforge.examples.small_gpt import make_model
+from fxforge.testing import assert_close_to_eager
+
+
+def _greedy_loop(fn, ids, steps):
+    """The classic loop: the whole sequence every step; returns every step's logits."""
+    outs = []
+    for _ in range(steps):
+        logits = fn(ids)
+        outs.append(logits)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids, outs
+
+
+def _compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="fxforge", options={"kv_cache": True, **options})
+
+
+def _decoders(graphs):
+    return [g.kv for g in graphs if g.kv is not None]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_transparent_mode_matches_eager_at_every_step(batch):
+    model = make_model(n_layer=2).eval()
+    prompt = torch.randint(0, 512, (batch, 5))
+    with torch.no_grad(), recording() as graphs:
+        want_ids, want = _greedy_loop(model, prompt, 34)
+        got_ids, got = _greedy_loop(_compiled(model, max_seq_len=64), prompt, 34)
+    assert torch.equal(got_ids, want_ids)
+    for g, w in zip(got, want):
+        assert_close_to_eager([g], [w])
+    (decoder,) = _decoders(graphs)
+    # dynamo's first graph is static (5 tokens); the dynamic one caches from the second call
+    assert decoder.stats["prefills"] == 1 and decoder.stats["steps"] == 32
+    assert decoder.stats["positions"] == 6 + 32        # each position computed once
+
+
+def test_a_new_prompt_an_edited_prefix_and_another_batch_start_over():
+    model = make_model(n_layer=1).eval()
+    compiled = _compiled(model, max_seq_len=32)
+    a = torch.randint(0, 512, (1, 6))
+    with torch.no_grad(), recording() as graphs:
+        for ids in (a, torch.cat([a, a[:, :1]], 1), torch.cat([a, a[:, :2]], 1)):
+            assert_close_to_eager([compiled(ids)], [model(ids)])
+        edited = torch.cat([a, a[:, :2]], 1).clone()
+        edited[0, 1] = (edited[0, 1] + 1) % 512          # same length + 1, changed prefix
+        cases = [torch.cat([edited, a[:, :1]], 1), torch.randint(0, 512, (1, 9)),
+                 torch.randint(0, 512, (2, 9)), torch.randint(0, 512, (2, 7))]
+        for ids in cases:
+            assert_close_to_eager([compiled(ids)], [model(ids)])
+    stats = [d.stats for d in _decoders(graphs)]      # batch 2 is another dynamo graph
+    assert sum(s["steps"] for s in stats) == 1 and sum(s["prefills"] for s in stats) == 5
+
+
+def test_past_max_seq_len_the_graph_runs_uncached_and_correct():
+    model = make_model(n_layer=1).eval()
+    prompt = torch.randint(0, 512, (1, 6))
+    with torch.no_grad(), recording() as graphs:
+        got_ids, got = _greedy_loop(_compiled(model, max_seq_len=8), prompt, 5)  # 6..10 tokens
+        want_ids, want = _greedy_loop(model, prompt, 5)
+    assert torch.equal(got_ids, want_ids)
+    for g, w in zip(got, want):
+        assert_close_to_eager([g], [w])
+    (decoder,) = _decoders(graphs)
+    assert decoder.stats["uncached"] == 2 and decoder.stats["steps"] == 1
+
+
+def test_an_encoder_is_declined_with_a_reason_and_stays_correct(caplog):
+    transformers = pytest.importorskip("transformers")
+    from fxforge.examples.hf_models import LogitsOnly
+    config = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)
+    model = LogitsOnly(transformers.BertModel(config)).eval()
+    compiled = _compiled(model)
+    with torch.no_grad(), caplog.at_level(logging.INFO, "fxforge"), recording() as graphs:
+        for length in (6, 7, 8):
+            ids = torch.randint(0, 200, (1, length))
+            assert_close_to_eager([compiled(ids)], [model(ids)])
+    assert not _decoders(graphs)
+    assert "kv_cache: not applied" in caplog.text
+
+
+def test_the_step_graph_caches_every_attention_and_offsets_positions():
+    from fxforge.passes.kv_cache import insert_kv_cache
+    model = make_model(n_layer=3).eval()
+    compiled = _compiled(model)
+    with torch.no_grad(), recording() as graphs:
+        compiled(torch.randint(0, 512, (1, 4)))
+        compiled(torch.randint(0, 512, (1, 5)))
+    plan = insert_kv_cache(graphs[-1].ir)
+    assert plan.sites == 3 and plan.positions == 1 and len(plan.caches) == 6
+    ops = [n.target for n in plan.ir.call_nodes()]
+    assert torch.ops.fxforge.cached_attention.default in ops
+    assert torch.ops.aten.scaled_dot_product_attention.default not in ops
+    static = insert_kv_cache(graphs[0].ir)
+    assert isinstance(static, str) and "static" in static
+
+
+def test_max_seq_len_is_validated():
+    with pytest.raises(OptionsError, match="max_seq_len"):
+        fxforge.options.parse_options(kv_cache=True, max_seq_len=0)
