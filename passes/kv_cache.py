@@ -95,9 +95,60 @@ def _sdpa_site(node: fx.Node, seq) -> Union[bool, str]:
     if not (_is_seq(q.shape[2], seq) and _is_seq(k.shape[2], seq)):
         return False if not any(_is_seq(d, seq) for d in (*q.shape, *k.shape)) else \
             f"{node.name}: attention whose query/key length is not the sequence"
-    if mask is not None or not causal or dropout:
-        return f"{node.name}: attention is not plain causal (mask or bidirectional)"
+    if dropout or (mask is None and not causal):
+        return f"{node.name}: attention is not causal (bidirectional or dropout)"
+    if mask is not None and (causal or not mask_is_causal(node.graph.owning_module, mask, seq)):
+        return f"{node.name}: attention with a mask that is not the causal mask"
     return True
+
+
+CHECK_LENGTHS = (1, 2, 3, 5, 8, 13, 40)
+
+
+def mask_is_causal(gm: fx.GraphModule, mask: fx.Node, seq) -> bool:
+    """Whether ``mask`` is the causal mask: it must be computed from the sequence size and
+    constants only (no token data: Hugging Face builds it from ``arange`` positions, with a
+    packed-sequence check that is all-true for one sequence), and evaluated at several lengths
+    it must allow exactly the keys at or before each query (bool, or additive 0 / -inf)."""
+    cone, stack = {}, [mask]
+    while stack:
+        node = stack.pop()
+        if node in cone:
+            continue
+        if node.op == "placeholder":
+            meta = node.meta.get(META_KEY)
+            if not (isinstance(meta, SymMeta) and _is_seq(meta.expr, seq)):
+                return False            # depends on runtime data: not decidable here
+        elif node.op not in ("get_attr", "call_function"):
+            return False
+        cone[node] = None
+        stack.extend(node.all_input_nodes)
+    graph, env = fx.Graph(), {}
+    inputs = []
+    for node in gm.graph.nodes:            # graph order is a topological order
+        if node in cone:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if node.op == "placeholder":
+                inputs.append(node)
+    graph.output(env[mask])
+    evaluate = fx.GraphModule(gm, graph)
+    try:
+        return all(_causal_pattern(evaluate(*[n for _ in inputs]), n) for n in CHECK_LENGTHS)
+    except Exception:
+        return False
+
+
+def _causal_pattern(mask: Any, length: int) -> bool:
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or \
+            tuple(mask.shape[-2:]) != (length, length):
+        return False
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    flat = mask.reshape(-1, length, length)
+    if mask.dtype == torch.bool:
+        return bool((flat == allowed).all())
+    blocked = flat[:, ~allowed]
+    return bool((flat[:, allowed] == 0).all()) and bool((blocked == float("-inf")).all() or
+                                                        (blocked <= torch.finfo(mask.dtype).min).all())
 
 
 def _reduced_dims(node: fx.Node) -> list[int]:
@@ -178,7 +229,11 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
                 return verdict
             if verdict:
                 sites.append(node)
-        elif _position_arange(node, seq_nodes):
+    masks = _only_feeding({_mask_of(site) for site in sites} - {None}, set(sites))
+    for node in step.call_nodes():
+        if node in masks or node in sites:
+            continue                       # a causal mask the cached attention replaces
+        if _position_arange(node, seq_nodes):
             aranges.append(node)
         elif (why := _mixes_positions(node, seq)) is not None:
             return why
@@ -201,9 +256,28 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
             shifted = graph.call_function(aten.add.Tensor, (node, cache_pos))
         node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
         step.infer(shifted)
+    graph.eliminate_dead_code()            # the causal masks' computations
     graph.lint()
     step.gm.recompile()
     return plan
+
+
+def _mask_of(site: fx.Node) -> Optional[fx.Node]:
+    return site.kwargs.get("attn_mask", site.args[3] if len(site.args) > 3 else None)
+
+
+def _only_feeding(roots: set, sinks: set) -> set:
+    """Nodes upstream of ``roots`` whose every use leads to ``sinks`` (dead once they go)."""
+    dead: set = set()
+    frontier = list(roots)
+    while frontier:
+        node = frontier.pop()
+        if node in dead or not isinstance(node, fx.Node) or node.op != "call_function":
+            continue
+        if all(user in dead or user in sinks for user in node.users):
+            dead.add(node)
+            frontier.extend(node.all_input_nodes)
+    return dead
 
 
 def _add_input(ir: IRGraph, name: str, example: torch.Tensor) -> fx.Node:

@@ -110,3 +110,45 @@ def test_the_step_graph_caches_every_attention_and_offsets_positions():
 def test_max_seq_len_is_validated():
     with pytest.raises(OptionsError, match="max_seq_len"):
         fxforge.options.parse_options(kv_cache=True, max_seq_len=0)
+
+
+@pytest.mark.parametrize("arch,batch", [("gpt2", 1), ("llama", 3), ("mistral", 1), ("qwen2", 3)])
+def test_hf_decoders_in_transparent_mode_match_eager(arch, batch):
+    """HF models with use_cache=False: their dynamic-length graph builds the causal mask from
+    positions (with a packed-sequence check); the pass proves it causal and caches them."""
+    pytest.importorskip("transformers")
+    from fxforge.examples.hf_models import LogitsOnly, build
+    model = LogitsOnly(build(arch)).eval()
+    prompt = torch.randint(3, 200, (batch, 5))
+    with torch.no_grad(), recording() as graphs:
+        want_ids, want = _greedy_loop(model, prompt, 33)
+        got_ids, got = _greedy_loop(_compiled(model, max_seq_len=48), prompt, 33)
+    assert torch.equal(got_ids, want_ids)
+    for g, w in zip(got, want):
+        assert_close_to_eager([g], [w])
+    (decoder,) = _decoders(graphs)
+    assert decoder.stats["steps"] == 31 and decoder.stats["uncached"] == 0
+
+
+def test_a_mask_that_is_not_causal_is_not_taken_for_one():
+    from fxforge.passes.kv_cache import _causal_pattern
+    n = 5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    assert _causal_pattern(causal[None, None], n)
+    additive = torch.zeros(n, n).masked_fill(~causal, float("-inf"))
+    assert _causal_pattern(additive, n)
+    assert not _causal_pattern(torch.ones(n, n, dtype=torch.bool), n)        # bidirectional
+    sliding = causal & torch.ones(n, n, dtype=torch.bool).triu(-2)           # a window
+    assert not _causal_pattern(sliding, n)
+    assert not _causal_pattern(additive.masked_fill(~causal, -1.0), n)      # a soft bias
+
+
+def test_fxforge_generate_runs_incrementally_through_the_transparent_mode():
+    model = make_model(n_layer=2).eval()
+    prompts = [torch.randint(0, 512, (n,)) for n in (5, 9, 7)]      # ragged: grouped by length
+    with torch.no_grad(), recording() as graphs:
+        want = fxforge.generate(model, prompts, 32)
+        got = fxforge.generate(_compiled(model, max_seq_len=64), prompts, 32)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    stats = [d.stats for d in _decoders(graphs)]
+    assert sum(s["steps"] for s in stats) >= 3 * 30       # all but the first two calls per row
