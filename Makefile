@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(PY) bench/fused_cpu.py --threads 1
 	$(PY) bench/precision_accuracy.py
 	$(PY) bench/autotune.py all
+	$(PY) bench/decode.py
+	$(PY) bench/generate.py
 	$(PY) bench/run.py --models small_gpt,gpt2,llama --compilers eager,fxforge,fxforge_tuned
 
 # On a lent GPU machine (torch and triton preinstalled, no network): install fxforge
