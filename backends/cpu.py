@@ -70,6 +70,18 @@ def make_table() -> KernelTable:
         args = (ops["query"], ops["key"], ops["value"], ops["attn_mask"])
         return call, args, "PyTorch CPU flash attention", ""
 
+    @table.rule(torch.ops.fxforge.cached_attention.default)
+    def cached_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.decode_attention_cpu import cpu_cached_attention, cpu_decode_path
+        tensors = list(node.args[:6])  # q, k, v, k_cache, v_cache, cache_pos
+        scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
+        call = Bound("cpu_cached_attention", cpu_cached_attention, scale=scale)
+        vals = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in tensors]
+        static = all(isinstance(v, torch.Tensor) for v in vals) and \
+            all(isinstance(m, TensorMeta) and m.is_static for m in map(_meta, tensors))
+        reason = cpu_decode_path(*vals) if static else "C++ decode kernel where the layout allows"
+        return call, tensors, "CPU cached attention (decode)", reason
+
     return table
 
 

@@ -70,6 +70,18 @@ def make_table() -> KernelTable:
         return call, args, "Triton flash attention", \
             ("causal" if ops["is_causal"] else "") + _tuned_note(tuned)
 
+    @table.rule(torch.ops.fxforge.cached_attention.default)
+    def cached_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.decode_attention import triton_cached_attention
+        tensors = list(node.args[:6])  # q, k, v, k_cache, v_cache, cache_pos
+        scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
+        metas = [n.meta.get(META_KEY) if isinstance(n, fx.Node) else None for n in tensors[:5]]
+        if not _runs_here(node) or not all(isinstance(m, TensorMeta) for m in metas) \
+                or len({m.dtype for m in metas}) != 1:
+            return None  # mixed dtypes (a cache of another precision): the op's ATen reference
+        call = Bound("triton_cached_attention", triton_cached_attention, scale=scale)
+        return call, tensors, "Triton split-K decode attention", ""
+
     return table
 
 
