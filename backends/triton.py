@@ -194,9 +194,13 @@ class CUDAGraphRunner:
 
 
 def _static_cuda(gm: fx.GraphModule) -> bool:
+    """Replayable as a CUDA graph: static CUDA inputs, and no op that writes into an input (a
+    replay writes into the runner's private copies: a KV cache would never see its updates)."""
     metas = [n.meta.get(META_KEY) for n in gm.graph.nodes if n.op == "placeholder"]
-    return bool(metas) and all(isinstance(m, TensorMeta) and m.is_static and m.device.type == "cuda"
-                               for m in metas)
+    mutates = any(getattr(getattr(n.target, "_schema", None), "is_mutable", False)
+                  for n in gm.graph.nodes if n.op == "call_function")
+    return bool(metas) and not mutates and all(
+        isinstance(m, TensorMeta) and m.is_static and m.device.type == "cuda" for m in metas)
 
 
 class TritonBackend(ReferenceBackend):

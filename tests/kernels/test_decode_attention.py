@@ -265,3 +265,26 @@ def test_triton_backend_lowers_the_op_to_the_split_k_kernel():
     from fxforge.backends.triton import make_table
     _lower_and_check(make_table(), _inputs(B=2, H=4, Hkv=2, L=11, t=2, D=16),
                      "Triton split-K decode attention")
+
+
+def test_a_graph_that_writes_its_kv_cache_is_never_replayed_as_a_cuda_graph():
+    """CUDAGraphRunner copies inputs into private buffers: cache writes would be lost there."""
+    import torch.fx as fx
+    from fxforge.backends.triton import _static_cuda
+    from fxforge.irgraph.meta import META_KEY, TensorMeta
+
+    def graph(with_cache_write: bool) -> fx.GraphModule:
+        g = fx.Graph()
+        names = ("q", "k", "v", "k_cache", "v_cache", "cache_pos")
+        nodes = [g.placeholder(n) for n in names]
+        for node in nodes:
+            node.meta[META_KEY] = TensorMeta((1, 2, 4, 8), (64, 32, 8, 1), torch.float32,
+                                             torch.device("cuda"))
+        if with_cache_write:
+            out = g.call_function(torch.ops.fxforge.cached_attention.default, tuple(nodes))
+        else:
+            out = g.call_function(torch.ops.aten.add.Tensor, (nodes[0], nodes[1]))
+        g.output(out)
+        return fx.GraphModule(torch.nn.Module(), g)
+    assert _static_cuda(graph(False))
+    assert not _static_cuda(graph(True))
