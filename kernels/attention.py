@@ -56,6 +56,38 @@ def attention_reference(q, k, v, attn_mask=None, is_causal=False, scale=None, en
 
 # ---------------------------------------------------------------------------------- the kernel
 @triton.jit
+def _scores(q, k_t, qk_scale, FP32_EXACT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``q @ k_t`` scaled (log2 units); shared with the decode kernel (decode_attention.py)."""
+    if UPCAST_DOT:  # the CPU interpreter multiplies bf16 bit patterns as integers
+        k_t = k_t.to(tl.float32)
+    if FP32_EXACT:  # fp32 inputs: no TF32 rounding
+        return tl.dot(q, k_t, input_precision="ieee") * qk_scale
+    return tl.dot(q, k_t) * qk_scale
+
+
+@triton.jit
+def _online_softmax_step(qk, keep, v, acc, l_i, m_i, FP32_EXACT: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr):
+    """Fold one block of scores (``keep``: the visible ones) and its values into the running
+    (acc, l_i, m_i) of an online softmax; returns the new triple."""
+    qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    if FP32_EXACT:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_keys(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start, end,
                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                  Lq, Lk, D, qk_scale,
@@ -69,12 +101,7 @@ def _attend_keys(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start, end
         n_ok = offs_n < Lk
         k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                       mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST_DOT:  # the CPU interpreter multiplies bf16 bit patterns as integers
-            k_t = k_t.to(tl.float32)
-        if FP32_EXACT:  # fp32 inputs: no TF32 rounding
-            qk = tl.dot(q, k_t, input_precision="ieee") * qk_scale
-        else:
-            qk = tl.dot(q, k_t) * qk_scale
+        qk = _scores(q, k_t, qk_scale, FP32_EXACT, UPCAST_DOT)
         keep = n_ok[None, :] & (offs_m[:, None] >= 0)
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -85,23 +112,9 @@ def _attend_keys(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, start, end
                 keep = keep & (tl.load(mask_ptrs, mask=in_bounds, other=0) != 0)
             else:
                 qk += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
-        qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        p = p.to(v.dtype)
-        if UPCAST_DOT:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        if FP32_EXACT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(qk, keep, v, acc, l_i, m_i, FP32_EXACT, UPCAST_DOT)
     return acc, l_i, m_i
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from fxforge.irgraph.ops import _check_cached, cache_overflow
+from fxforge.kernels.attention import _online_softmax_step, _scores
 from fxforge.kernels.decode_attention_cpu import cpu_cached_attention  # noqa: F401  (re-export)
 from fxforge.kernels.matmul import SUPPORTED_DTYPES, dtype_itemsize, interpreting
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
@@ -63,30 +64,11 @@ def _fold_keys(acc, l_i, m_i, q, k_base, v_base, first_pos, first, last, length,
         rows = offs_n - first_pos
         k_t = tl.load(k_base + rows[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                       mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST_DOT:  # the CPU interpreter multiplies bf16 bit patterns as integers
-            k_t = k_t.to(tl.float32)
-        if FP32_EXACT:  # fp32 inputs: no TF32 rounding
-            qk = tl.dot(q, k_t, input_precision="ieee") * qk_scale
-        else:
-            qk = tl.dot(q, k_t) * qk_scale
+        qk = _scores(q, k_t, qk_scale, FP32_EXACT, UPCAST_DOT)
         keep = (offs_n[None, :] <= length + pos_m[:, None]) & n_ok[None, :]
-        qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        p = p.to(v.dtype)
-        if UPCAST_DOT:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        if FP32_EXACT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(qk, keep, v, acc, l_i, m_i, FP32_EXACT, UPCAST_DOT)
     return acc, l_i, m_i
 
 
