@@ -30,17 +30,23 @@ def _decoders(graphs):
     return [g.kv for g in graphs if g.kv is not None]
 
 
+def _loop_matches_eager(model, prompt, steps, **options) -> list:
+    """Greedy loops, eager and compiled with ``kv_cache``: same tokens and every step's logits
+    within tolerance. Returns the compiled graphs' incremental decoders."""
+    with torch.no_grad(), recording() as graphs:
+        want_ids, want = _greedy_loop(model, prompt, steps)
+        got_ids, got = _greedy_loop(_compiled(model, **options), prompt, steps)
+    assert torch.equal(got_ids, want_ids)
+    for g, w in zip(got, want):
+        assert_close_to_eager([g], [w])
+    return _decoders(graphs)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_transparent_mode_matches_eager_at_every_step(batch):
     model = make_model(n_layer=2).eval()
     prompt = torch.randint(0, 512, (batch, 5))
-    with torch.no_grad(), recording() as graphs:
-        want_ids, want = _greedy_loop(model, prompt, 34)
-        got_ids, got = _greedy_loop(_compiled(model, max_seq_len=64), prompt, 34)
-    assert torch.equal(got_ids, want_ids)
-    for g, w in zip(got, want):
-        assert_close_to_eager([g], [w])
-    (decoder,) = _decoders(graphs)
+    (decoder,) = _loop_matches_eager(model, prompt, 34, max_seq_len=64)
     # dynamo's first graph is static (5 tokens); the dynamic one caches from the second call
     assert decoder.stats["prefills"] == 1 and decoder.stats["steps"] == 32
     assert decoder.stats["positions"] == 6 + 32        # each position computed once
@@ -66,13 +72,7 @@ def test_a_new_prompt_an_edited_prefix_and_another_batch_start_over():
 def test_past_max_seq_len_the_graph_runs_uncached_and_correct():
     model = make_model(n_layer=1).eval()
     prompt = torch.randint(0, 512, (1, 6))
-    with torch.no_grad(), recording() as graphs:
-        got_ids, got = _greedy_loop(_compiled(model, max_seq_len=8), prompt, 5)  # 6..10 tokens
-        want_ids, want = _greedy_loop(model, prompt, 5)
-    assert torch.equal(got_ids, want_ids)
-    for g, w in zip(got, want):
-        assert_close_to_eager([g], [w])
-    (decoder,) = _decoders(graphs)
+    (decoder,) = _loop_matches_eager(model, prompt, 5, max_seq_len=8)   # 6..10 tokens
     assert decoder.stats["uncached"] == 2 and decoder.stats["steps"] == 1
 
 
@@ -120,13 +120,7 @@ def test_hf_decoders_in_transparent_mode_match_eager(arch, batch):
     from fxforge.examples.hf_models import LogitsOnly, build
     model = LogitsOnly(build(arch)).eval()
     prompt = torch.randint(3, 200, (batch, 5))
-    with torch.no_grad(), recording() as graphs:
-        want_ids, want = _greedy_loop(model, prompt, 33)
-        got_ids, got = _greedy_loop(_compiled(model, max_seq_len=48), prompt, 33)
-    assert torch.equal(got_ids, want_ids)
-    for g, w in zip(got, want):
-        assert_close_to_eager([g], [w])
-    (decoder,) = _decoders(graphs)
+    (decoder,) = _loop_matches_eager(model, prompt, 33, max_seq_len=48)
     assert decoder.stats["steps"] == 31 and decoder.stats["uncached"] == 0
 
 
