@@ -53,9 +53,10 @@ def make_table() -> KernelTable:
         meta = _meta(ops.x)
         if meta is None or meta.dtype not in (torch.float32, torch.bfloat16) or meta.rank != 2:
             return None
-        rows = meta.shape[0] if isinstance(meta.shape[0], int) else 128  # dynamic M: pack for prefill
+        varying = not isinstance(meta.shape[0], int)
+        rows = 128 if varying else meta.shape[0]  # dynamic M: pack for prefill, GEMV for decode
         packed = tuned_linear(weight, bias, ops.activation, ops.residual is not None, ops.out_dtype,
-                              rows)
+                              rows, varying)
         args = (ops.x, ops.residual) if ops.residual is not None else (ops.x,)
         return packed, args, packed.describe(), packed.path.reason
 

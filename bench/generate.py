@@ -10,7 +10,9 @@ Per model, the same prompt (32 tokens) and greedy decoding of ``--new-tokens`` t
     backend="fxforge", options={"kv_cache": True})`` — the plain no-cache loop, made
     incremental by the KV-cache pass.
 Tokens per second of the decode (total time minus a 1-token generate, over new tokens - 1),
-medians over rounds; every runner must produce the eager tokens.
+medians over rounds; every runner must produce the eager tokens. Then the bandwidth limit
+(bytes a token reads / measured read bandwidth), each runner's fraction of it, and where
+fxforge's decode token goes (``bench/decode_budget.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import torch
 
 import fxforge
 from fxforge.examples.hf_models import LogitsOnly
+
+from decode_budget import report  # bench/ is on sys.path when run as a script
 
 
 def _model(name: str):
@@ -72,7 +76,7 @@ def runners(model, prompt):
 
     def fxforge_kv(n):
         return fxforge.generate(fx, prompt, n)
-    return {"hf eager": hf_eager, "hf + inductor static": hf_static, "fxforge kv_cache": fxforge_kv}
+    return {"hf eager": hf_eager, "hf + inductor static": hf_static, "fxforge kv_cache": fxforge_kv}, fx
 
 
 def main(argv=None) -> int:
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
                                generator=torch.Generator().manual_seed(0))
         rates, reference = {}, None
         with torch.no_grad():
-            for label, fn in runners(model, prompt).items():
+            runs, compiled = runners(model, prompt)
+            for label, fn in runs.items():
                 if label in args.skip.split(","):
                     continue
                 rate, out = decode_rate(fn, args.new_tokens, args.rounds)
@@ -103,6 +108,10 @@ def main(argv=None) -> int:
         if base:
             print(f"  {name}: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in rates.items()),
                   flush=True)
+        if "fxforge kv_cache" in rates:
+            with torch.no_grad():
+                lines = report(model, compiled, prompt, args.new_tokens, rates)
+            print("\n".join(f"  {name}: {line}" for line in lines), flush=True)
     return 0
 
 

@@ -31,6 +31,7 @@ from fxforge.specs import TensorSignature, check_inputs
 log = logging.getLogger("fxforge.aot")
 MANIFEST, GRAPH, WEIGHTS = "manifest.json", "graph.json", "weights.safetensors"
 TUNING = "tuning.json"   # the tuning-cache entries the artifact was lowered with (if any)
+STEP_GRAPH = "step_graph.json"   # kv_cache=True: the KV-cache pass's cached step graph
 ARTIFACT_FORMAT = 1
 
 
@@ -87,16 +88,23 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         ir = optimize(ir, opts, backend)
         flat_inputs, in_spec = pytree.tree_flatten((example_inputs, {}))
         expected = model(*example_inputs)
+        step = _kv_step(ir) if opts.kv_cache else None
         with tuning_session(opts.autotune) as active:
             lowered = lower(ir, backend)
+            if step is not None:
+                lower(step.ir, backend)   # its tuning picks are shipped with the artifact too
         flat_expected, out_spec = pytree.tree_flatten(expected)
         check_against_eager(list(lowered(*flat_inputs)), flat_expected, ir.info.get("precision", "fp32"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unique, aliases = _dedup_constants(ir.constants())
+    unique, aliases = _dedup_constants(_all_constants(ir, step))
     save_file(unique, str(out / WEIGHTS))
     (out / GRAPH).write_text(json.dumps(ir_to_json(ir)))
     shipped = [GRAPH, WEIGHTS]
+    (out / STEP_GRAPH).unlink(missing_ok=True)
+    if step is not None:
+        (out / STEP_GRAPH).write_text(json.dumps(ir_to_json(step.ir)))
+        shipped.append(STEP_GRAPH)
     (out / TUNING).unlink(missing_ok=True)
     if active is not None and active.keys:
         if active.cache.export(out / TUNING, active.keys):
@@ -117,13 +125,38 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         "in_spec": pytree.treespec_dumps(in_spec) if _builtin_spec(in_spec) else None,
         "out_spec": pytree.treespec_dumps(out_spec) if _builtin_spec(out_spec) else None,
         "kernels": {},  # generated kernel sources, by name (filled by code-generating backends)
+        "kv_cache": step.to_json() if step is not None else None,
         "files": {name: _sha256(out / name) for name in shipped},
     }
     if manifest["out_spec"] is None:
         log.warning("fxforge: %s returns %s; the artifact returns its tensors as a flat tuple",
                     type(model).__name__, out_spec.type.__name__ if out_spec.type else "?")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return load(out)
+    artifact = load(out)
+    if artifact.kv is not None:   # the step graph, as loaded, runs the example as a prefill
+        flat_outputs = pytree.tree_flatten(artifact(*example_inputs))[0]
+        check_against_eager(flat_outputs, flat_expected, ir.info.get("precision", "fp32"))
+    return artifact
+
+
+def _kv_step(ir):
+    """The KV-cache pass's plan for ``ir``, or None (the reason is logged)."""
+    from fxforge.passes.kv_cache import insert_kv_cache
+    plan = insert_kv_cache(ir)
+    if isinstance(plan, str):
+        log.info("fxforge: kv_cache: not applied (%s); the artifact runs uncached", plan)
+        return None
+    return plan
+
+
+def _all_constants(ir, step) -> dict[str, torch.Tensor]:
+    """The graph's constants and the step graph's (the same tensors under the same names)."""
+    constants = dict(ir.constants())
+    for name, value in (step.ir.constants().items() if step is not None else ()):
+        if name in constants and constants[name] is not value and not torch.equal(constants[name], value):
+            raise ArtifactError(f"the step graph's constant {name} differs from the graph's")
+        constants[name] = value
+    return constants
 
 
 def _user_dim_names(metas: list, dynamic_shapes: Any) -> dict[str, str]:
@@ -149,7 +182,7 @@ def _rename(dim: Any, names: dict[str, str]) -> Any:
 class Artifact:
     """A loaded artifact: call it like the model (positional tensor inputs)."""
 
-    def __init__(self, path: Path, manifest: dict, ir, options: CompileOptions):
+    def __init__(self, path: Path, manifest: dict, ir, options: CompileOptions, step_ir=None):
         self.path, self.manifest, self.ir, self.options = path, manifest, ir, options
         self.signature = [TensorSignature.from_json(s) for s in manifest["inputs"]]
         self.ranges = {k: tuple(v) for k, v in manifest["ranges"].items()}
@@ -159,6 +192,14 @@ class Artifact:
         # shipped tuning results are used, never re-measured on load
         with tuning_session("cache" if options.autotune != "off" else "off", overlay=tuned) as active:
             self.lowered = lower(ir, resolve_backend(options.backend, ir))
+            self.kv = None   # kv_cache=True: the transparent incremental decoder, as compiled
+            if step_ir is not None:
+                from fxforge.kv_runtime import IncrementalDecoder
+                from fxforge.passes.kv_cache import KVCachePlan
+                plan = KVCachePlan.from_json(step_ir, manifest["kv_cache"])
+                self.kv = IncrementalDecoder(plan, lower(step_ir, resolve_backend(options.backend,
+                                                                                  step_ir)),
+                                             self.lowered, options.max_seq_len)
             self.tuning = list(dict.fromkeys(active.picks)) if active else []
 
     def __call__(self, *args: Any) -> Any:
@@ -172,7 +213,7 @@ class Artifact:
                                  f"artifact was compiled with: {spec} vs {self.in_spec}")
         check_inputs(flat, self.signature, self.ranges)
         with torch.no_grad():
-            outputs = list(self.lowered(*flat))
+            outputs = self.kv(flat) if self.kv is not None else list(self.lowered(*flat))
         return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec else tuple(outputs)
 
     def __repr__(self) -> str:
@@ -208,11 +249,22 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
         ir = ir_from_json(graph, constants)
     except Exception as exc:
         raise ArtifactError(f"artifact {root}: {GRAPH} cannot be rebuilt: {exc}") from exc
-    why = restore_example_values(ir.gm, _size_hints(ir, manifest))
-    if why is not None:
-        log.warning("fxforge: artifact %s: no example values for its graph (%s); fused kernels "
-                    "that need them run op by op", root, why)
-    return Artifact(root, manifest, ir, options)
+    step_ir = None
+    if manifest.get("kv_cache"):
+        try:
+            step_ir = ir_from_json(json.loads((root / STEP_GRAPH).read_text()), constants)
+        except Exception as exc:
+            raise ArtifactError(f"artifact {root}: {STEP_GRAPH} cannot be rebuilt: {exc}") from exc
+    for graph_ir in (ir, step_ir) if step_ir is not None else (ir,):
+        why = restore_example_values(graph_ir.gm, _size_hints(graph_ir, manifest))
+        if why is not None:
+            log.warning("fxforge: artifact %s: no example values for a graph (%s); fused kernels "
+                        "that need them run op by op", root, why)
+    try:
+        return Artifact(root, manifest, ir, options, step_ir)
+    except (ValueError, KeyError) as exc:
+        raise ArtifactError(f"artifact {root}: its KV-cache plan does not fit its step graph: "
+                            f"{exc}") from exc
 
 
 def _size_hints(ir, manifest: dict) -> dict[str, int]:
@@ -247,7 +299,8 @@ def _read_manifest(root: Path) -> dict:
     if manifest["format"] != ARTIFACT_FORMAT:
         raise ArtifactError(f"artifact {root}: format {manifest['format']}, this fxforge reads "
                             f"format {ARTIFACT_FORMAT}")
-    if not {GRAPH, WEIGHTS} <= set(manifest["files"]) <= {GRAPH, WEIGHTS, TUNING}:
+    if not {GRAPH, WEIGHTS} <= set(manifest["files"]) <= {GRAPH, WEIGHTS, TUNING, STEP_GRAPH} or \
+            (STEP_GRAPH in manifest["files"]) != bool(manifest.get("kv_cache")):
         raise ArtifactError(f"artifact {root}: {MANIFEST} lists files {sorted(manifest['files'])}")
     return manifest
 

@@ -29,6 +29,7 @@ from fxforge.autotune.session import choose
 from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.cpu_isa import MatmulPath, choose_matmul_path
+from fxforge.kernels.gemv_cpu import GEMV_MAX_M, GemvLinear, gemv_unavailable
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
 
 # fxforge activation name -> oneDNN unary post-op (attr, algorithm)
@@ -129,7 +130,16 @@ class _AtenLinear:
                 + _describe_epilogue(self.activation, has_residual))
 
 
-_IMPLEMENTATIONS = {impl.name: impl for impl in (_OneDNNLinear, _MKLLinear, _AtenLinear)}
+class _GemvLinear(GemvLinear):
+    """The C++ GEMV of ``kernels/gemv_cpu.py`` as a candidate (for M <= GEMV_MAX_M)."""
+    name = "gemv"
+
+    def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int):
+        super().__init__(weight_nk, bias, activation)
+
+
+_IMPLEMENTATIONS = {impl.name: impl for impl in (_OneDNNLinear, _MKLLinear, _AtenLinear,
+                                                 _GemvLinear)}
 CANDIDATES: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
 
 
@@ -149,6 +159,10 @@ def unavailable_reason(candidate: str, compute_dtype: torch.dtype) -> Optional[s
             return "mkl: this torch is built without MKL"
         if compute_dtype != torch.float32:
             return "mkl: the packed MKL GEMM is fp32 only"
+    if candidate == "gemv":
+        if compute_dtype != torch.float32:
+            return "gemv: the C++ GEMV is fp32 only"
+        return gemv_unavailable()
     return None
 
 
@@ -174,6 +188,8 @@ def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch
     """
     small = m < ONEDNN_MIN_M or n < ONEDNN_MIN_N
     preferred = ["aten", "onednn"] if small else ["onednn", "aten"]
+    if m <= GEMV_MAX_M:
+        preferred.insert(0, "gemv")
     for name in preferred + list(CANDIDATES):
         if unavailable_reason(name, compute_dtype) is None:
             return name
@@ -196,6 +212,8 @@ def _prune(config: Config, problem: Problem) -> Optional[str]:
         return f"candidate index {index} out of range"
     if config.kwargs().get("layout", 0) and CANDIDATES[index] != "aten":
         return "the weight layout is a knob of the aten candidate only"
+    if CANDIDATES[index] == "gemv" and problem.get("M", 1) > GEMV_MAX_M:
+        return f"gemv: more than {GEMV_MAX_M} rows"
     if config.kwargs().get("threads", 1) > torch.get_num_threads():
         return f"more threads than torch's {torch.get_num_threads()}"
     dtype = problem.get("dtype", torch.float32)
@@ -248,13 +266,15 @@ class PackedLinear:
     ``has_residual`` whether calls pass a residual [M, N]; ``path`` the matmul path (default:
     ``choose_matmul_path(weight.dtype)``); ``candidate`` one of :data:`CANDIDATES` (default:
     :func:`default_candidate` for ``batch_hint`` rows); ``batch_hint`` the M to pack for.
+    ``varying_rows``: M changes at run time (a KV-cache step graph runs the prompt, then one
+    token per call), so calls of at most GEMV_MAX_M rows take the C++ GEMV where it applies.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  activation: str = "none", has_residual: bool = False,
                  out_dtype: Optional[torch.dtype] = None, *, path: Optional[MatmulPath] = None,
                  candidate: Optional[str] = None, batch_hint: int = 1, threads: int = 0,
-                 layout: str = "kn"):
+                 layout: str = "kn", varying_rows: bool = False):
         if weight.dim() != 2 or (bias is not None and list(bias.shape) != [weight.shape[1]]):
             raise ValueError(f"PackedLinear: weight {list(weight.shape)} must be [K, N] and bias [N]")
         if activation not in ACTIVATIONS:
@@ -276,6 +296,10 @@ class PackedLinear:
         extra = {"layout": layout} if self.candidate == "aten" else {}
         self.impl = _IMPLEMENTATIONS[self.candidate](weight_nk, bias, activation, max(1, batch_hint),
                                                      **extra)
+        self.few_rows = None     # the GEMV for few-row calls of a varying-M linear
+        if varying_rows and self.candidate != "gemv" and \
+                unavailable_reason("gemv", self.compute_dtype) is None:
+            self.few_rows = GemvLinear(weight_nk, bias, activation)
         self.threads = threads  # 0: torch's; else this many for this GEMM (the tuner's knob)
 
     def _result_dtype(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
@@ -304,23 +328,27 @@ class PackedLinear:
         compute = self.compute_dtype
         if residual is not None and residual.dtype != compute:
             residual = residual.to(compute)
+        impl = self.impl if self.few_rows is None or x.shape[0] > GEMV_MAX_M else self.few_rows
         if self.threads and self.threads != torch.get_num_threads():
-            y = self._call_with_threads(x if x.dtype == compute else x.to(compute), residual)
+            y = self._call_with_threads(impl, x if x.dtype == compute else x.to(compute), residual)
         else:
-            y = self.impl(x if x.dtype == compute else x.to(compute), residual)
+            y = impl(x if x.dtype == compute else x.to(compute), residual)
         return y if y.dtype == result_dtype else y.to(result_dtype)
 
-    def _call_with_threads(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def _call_with_threads(self, impl, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)   # ~0.3 us; restored even if the GEMM raises
         try:
-            return self.impl(x, residual)
+            return impl(x, residual)
         finally:
             torch.set_num_threads(previous)
 
     def describe(self) -> str:
         dtype_name = "fp32" if self.compute_dtype == torch.float32 else "bf16"
         text = self.impl.describe(dtype_name, self.has_residual)
+        if self.few_rows is not None:
+            text += f"; calls of <= {GEMV_MAX_M} rows: " + self.few_rows.describe(dtype_name,
+                                                                                 self.has_residual)
         if self.threads and self.threads != torch.get_num_threads():
             text += f", {self.threads} thread{'s' if self.threads > 1 else ''}"
         if self.compute_dtype != self.weight_dtype:
@@ -396,7 +424,9 @@ class LinearCpuTunable(Tunable):
         p = self.problem
         flops = 2.0 * p["M"] * p["K"] * p["N"]
         threads = config["threads"]
-        fixed = {"onednn": 40e-6, "mkl": 15e-6, "aten": 5e-6}[candidate_of(config)]
+        fixed = {"onednn": 40e-6, "mkl": 15e-6, "aten": 5e-6, "gemv": 3e-6}[candidate_of(config)]
+        if candidate_of(config) == "gemv":   # bandwidth-bound: ~12 GB/s of weights per thread
+            return 4.0 * p["K"] * p["N"] / (12e9 * threads) + fixed + 3e-6 * (threads - 1)
         return flops / (30e9 * threads) + fixed + 3e-6 * (threads - 1) + 1e-7 * config["layout"]
 
 
@@ -404,8 +434,10 @@ register_family("linear_cpu", LinearCpuTunable)
 
 
 def tuned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                 has_residual: bool, out_dtype: Optional[torch.dtype], rows: int) -> PackedLinear:
-    """A PackedLinear with the config the tuning session picks (the default outside one)."""
+                 has_residual: bool, out_dtype: Optional[torch.dtype], rows: int,
+                 varying_rows: bool = False) -> PackedLinear:
+    """A PackedLinear with the config the tuning session picks (the default outside one);
+    ``varying_rows``: M is symbolic and ``rows`` only the size to tune and pack for."""
     path = choose_matmul_path(weight.dtype)
     k, n = weight.shape
     space = linear_cpu_space(rows, k, n, path.compute_dtype)
@@ -416,4 +448,4 @@ def tuned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], activation:
                           torch.float32)
     return PackedLinear(weight, bias, activation, has_residual, out_dtype, path=path,
                         candidate=candidate_of(config), batch_hint=rows, threads=config["threads"],
-                        layout=LAYOUTS[config["layout"]])
+                        layout=LAYOUTS[config["layout"]], varying_rows=varying_rows)

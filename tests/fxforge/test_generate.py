@@ -1,4 +1,5 @@
 """fxforge.generate: greedy equals a hand-written eager loop, ragged batches, stops, sampling, streaming."""
+import json
 import math
 
 import pytest
@@ -234,3 +235,22 @@ def test_aot_artifact_gives_eager_tokens(gpt, tmp_path):
     ids = prompts(1, 8, 512, seed=12)
     artifact = fxforge.aot_compile(gpt, (ids,), tmp_path / "gpt", dynamic_shapes=({1: seq},))
     assert torch.equal(fxforge.generate(artifact, ids, 8), eager_greedy(gpt, ids, 8))
+
+
+def test_aot_artifact_carries_the_cached_step_graph(gpt, tmp_path):
+    """kv_cache=True: the artifact ships the step graph and its plan; after a fresh load,
+    generation runs incrementally (one prefill, then one-token steps) with eager's tokens."""
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ids = prompts(1, 8, 512, seed=13)
+    fxforge.aot_compile(gpt, (ids,), tmp_path / "gpt", dynamic_shapes=({1: seq},),
+                        kv_cache=True, max_seq_len=64)
+    manifest = json.loads((tmp_path / "gpt" / "manifest.json").read_text())
+    assert manifest["kv_cache"]["sites"] == 2 and "step_graph.json" in manifest["files"]
+    artifact = fxforge.load(tmp_path / "gpt")
+    assert artifact.kv is not None
+    assert torch.equal(fxforge.generate(artifact, ids, 12), eager_greedy(gpt, ids, 12))
+    assert artifact.kv.stats["prefills"] == 1 and artifact.kv.stats["steps"] == 11
+    edited = ids.clone()
+    edited[0, 0] = (edited[0, 0] + 1) % 512          # a new prompt: a fresh prefill, still exact
+    assert torch.equal(fxforge.generate(artifact, edited, 4), eager_greedy(gpt, edited, 4))
+    assert artifact.kv.stats["prefills"] == 2

@@ -10,6 +10,7 @@ from fxforge.kernels.linear_cpu import (CANDIDATES, LAYOUTS, LINEAR_CPU_SPACE, O
                                         config_for, default_candidate, linear_cpu_space,
                                         thread_counts,
                                         unavailable_reason)
+from fxforge.kernels.gemv_cpu import GEMV_MAX_M
 from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
 
@@ -160,7 +161,9 @@ def test_aten_layouts_and_thread_knob_match_reference(layout, threads):
 def test_default_candidate_is_runnable(m, k, n):
     name = default_candidate(m, k, n)
     onednn_runs = unavailable_reason("onednn", torch.float32) is None
-    assert name == ("onednn" if m >= ONEDNN_MIN_M and n >= ONEDNN_MIN_N and onednn_runs else "aten")
+    gemv_runs = unavailable_reason("gemv", torch.float32) is None
+    expected = "onednn" if m >= ONEDNN_MIN_M and n >= ONEDNN_MIN_N and onednn_runs else "aten"
+    assert name == ("gemv" if m <= GEMV_MAX_M and gemv_runs else expected)
     assert default_candidate(m, k, n, torch.bfloat16) in ("onednn", "aten")
     assert PackedLinear(torch.randn(k, n), batch_hint=m).candidate == name
 

@@ -1,0 +1,117 @@
+"""Where a batch-1 decode token's time goes, against the memory-bandwidth limit.
+
+Used by ``bench/generate.py``: a decode step must read every weight a token passes through
+(and the KV cache so far), so ``bytes per token / measured read bandwidth`` is the least time a
+token can take. :func:`bytes_per_token` counts those bytes, :func:`read_bandwidth` measures the
+bandwidth the way a decode step reads (a sum over a buffer far larger than the caches), and
+:func:`step_breakdown` times, during one real ``fxforge.generate`` call, the kernels of the
+compiled step by kind (the linears, the attention, the fused pointwise/norm groups); the rest of
+a token is per-op overhead (Python glue, views, allocation, dynamo's guards) and sampling.
+"""
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+import fxforge
+
+
+def bytes_per_token(model: torch.nn.Module, position: int) -> int:
+    """Weights a decode step reads (an embedding table only as one row unless a linear also
+    uses it, as tied LM heads do) plus the K/V cache up to ``position``."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matmul_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total, seen = 0, set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        rows_only = id(p) in embeddings and id(p) not in matmul_weights
+        total += (p[0].numel() if rows_only else p.numel()) * p.element_size()
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * heads * head_dim * position * 4
+    return total + kv
+
+
+def read_bandwidth(megabytes: int = 512, rounds: int = 7) -> float:
+    """Bytes/s of a torch ``sum`` over a fresh fp32 buffer (median of rounds)."""
+    buffer = torch.rand(megabytes * 2 ** 20 // 4)
+    buffer.sum()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    return buffer.numel() * 4 / statistics.median(times)
+
+
+@contextmanager
+def _timing(targets: dict[str, tuple[type, str]]):
+    """Accumulate wall time per label while the wrapped methods run (restored on exit)."""
+    spent: collections.Counter = collections.Counter()
+    originals = []
+    for label, (cls, name) in targets.items():
+        original = getattr(cls, name)
+        originals.append((cls, name, original))
+
+        def timed(self, *args, _original=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter() - start
+        setattr(cls, name, timed)
+    try:
+        yield spent
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+
+
+def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Milliseconds per decode token by kind, from one ``fxforge.generate`` on the CPU backend
+    (the prefill, timed separately, is subtracted). Kernel kinds include their Python call."""
+    from fxforge.kernels.decode_attention_cpu import CpuDecodeAttention
+    from fxforge.kernels.fused_cpp import CpuFusedKernel
+    from fxforge.kernels.linear_cpu import PackedLinear
+    from fxforge.kv_runtime import IncrementalDecoder
+    targets = {"linears": (PackedLinear, "__call__"), "attention": (CpuDecodeAttention, "__call__"),
+               "fused groups": (CpuFusedKernel, "__call__"), "step": (IncrementalDecoder, "__call__")}
+    runs = {}
+    for tokens in (1, new_tokens):
+        with _timing(targets) as spent:
+            start = time.perf_counter()
+            fxforge.generate(compiled, prompt, tokens)
+            spent["token"] = time.perf_counter() - start
+        runs[tokens] = spent
+    per = {k: (runs[new_tokens][k] - runs[1][k]) / (new_tokens - 1) * 1e3 for k in runs[new_tokens]}
+    kernels = per["linears"] + per["attention"] + per["fused groups"]
+    return {"token": per["token"], "linears": per["linears"], "attention": per["attention"],
+            "fused groups": per["fused groups"],
+            "other ops and glue in the step graph": per["step"] - kernels,
+            "dynamo guards, cache check, sampling": per["token"] - per["step"]}
+
+
+def report(model: torch.nn.Module, compiled, prompt: torch.Tensor, new_tokens: int,
+           rates: dict[str, float]) -> list[str]:
+    """Lines: the bandwidth limit, each runner's fraction of it, and fxforge's breakdown."""
+    position = prompt.shape[1] + new_tokens // 2
+    nbytes = bytes_per_token(model, position)
+    bandwidth = read_bandwidth()
+    limit = bandwidth / nbytes
+    lines = [f"bandwidth limit: {nbytes / 1e6:.0f} MB per token (weights + KV at position "
+             f"{position}) / {bandwidth / 1e9:.1f} GB/s measured read = {limit:.1f} tok/s"]
+    lines += [f"  {label:<22} {rate / limit:6.1%} of the limit" for label, rate in rates.items()]
+    parts = step_breakdown(compiled, prompt, new_tokens)
+    token = parts.pop("token")
+    lines.append(f"  fxforge kv_cache, per decode token {token:.2f} ms (instrumented run): " +
+                 ", ".join(f"{k} {v:.2f} ms ({v / token:.0%})" for k, v in parts.items()))
+    weights_read = bytes_per_token(model, 0)
+    lines.append(f"  the linears read the weights at ~{weights_read / parts['linears'] / 1e6:.1f} GB/s")
+    return lines

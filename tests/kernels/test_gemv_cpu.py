@@ -1,0 +1,95 @@
+"""The C++ few-row linear (kernels/gemv_cpu.py) and how PackedLinear dispatches to it."""
+import pytest
+import torch
+
+import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
+from fxforge.kernels import gemv_cpu, linear_cpu
+from fxforge.kernels.gemv_cpu import GEMV_MAX_M, PARALLEL_MIN_WEIGHTS, GemvLinear, pack_weight
+from fxforge.kernels.linear_cpu import PackedLinear, config_for, linear_cpu_space
+from fxforge.testing import assert_close_to_eager
+
+pytestmark = pytest.mark.skipif(gemv_cpu.gemv_unavailable() is not None,
+                                reason="no C++ compiler for the GEMV kernel")
+
+
+def _reference(x, weight_kn, bias, activation, residual):
+    return torch.ops.fxforge.linear(x, weight_kn, bias, activation, residual, None)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 3), (8, 16), (13, 17), (579, 100), (200, 300)])
+@pytest.mark.parametrize("m", [1, 2, 3, GEMV_MAX_M, 6])
+def test_shapes_off_the_block_and_vector_sizes(n, k, m):
+    torch.manual_seed(n * 1000 + k * 10 + m)
+    weight = torch.randn(n, k)
+    bias, x, res = torch.randn(n), torch.randn(m, k), torch.randn(m, n)
+    got = GemvLinear(weight, bias, "gelu")(x, res)
+    assert_close_to_eager(got, _reference(x, weight.t(), bias, "gelu", res), f"M={m} N={n} K={k}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("activation", sorted(gemv_cpu.ACTIVATION_CODES))
+def test_threads_and_activations_on_a_parallel_size(threads, activation):
+    n, k = 333, 257                   # above PARALLEL_MIN_WEIGHTS, N not a multiple of 8
+    assert n * k >= PARALLEL_MIN_WEIGHTS
+    torch.manual_seed(threads)
+    weight, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(2, k)
+    kernel = GemvLinear(weight, bias, activation)
+    kernel.threads = threads
+    assert_close_to_eager(kernel(x, None), _reference(x, weight.t(), bias, activation, None))
+
+
+def test_strided_rows_and_residual():
+    torch.manual_seed(7)
+    weight = torch.randn(40, 24)
+    wide = torch.randn(3, 50)
+    x = wide[:, 5:29]                                 # row stride 50, unit stride in K
+    residual = torch.randn(3, 80)[:, ::2]             # non-unit stride in N: made contiguous
+    got = GemvLinear(weight, None, "none")(x, residual)
+    assert_close_to_eager(got, _reference(x, weight.t(), None, "none", residual))
+    x_t = torch.randn(24, 3).t()                      # unit stride along M only
+    assert_close_to_eager(GemvLinear(weight, None, "relu")(x_t, None),
+                          _reference(x_t, weight.t(), None, "relu", None))
+
+
+def test_pack_weight_layout():
+    weight = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+    packed = pack_weight(weight)
+    assert packed.shape == (2, 3, 8)
+    assert torch.equal(packed[0, :, 2], weight[2]) and torch.equal(packed[1, :, 1], weight[9])
+    assert torch.count_nonzero(packed[1, :, 2:]) == 0    # rows past N are zero padding
+
+
+def test_varying_rows_take_the_gemv_for_few_rows_only(monkeypatch):
+    torch.manual_seed(3)
+    weight, bias = torch.randn(64, 48), torch.randn(48)     # [K, N]
+    linear = PackedLinear(weight, bias, "silu", batch_hint=128, varying_rows=True)
+    assert linear.candidate != "gemv" and linear.few_rows is not None
+    assert "C++ GEMV" in linear.describe()
+    calls = []
+    monkeypatch.setattr(GemvLinear, "__call__", lambda self, x, r: calls.append(x.shape[0]) or
+                        torch.ops.fxforge.linear(x, weight, bias, "silu", r, None))
+    for m in (1, GEMV_MAX_M, GEMV_MAX_M + 1, 32):
+        x = torch.randn(m, 64)
+        assert_close_to_eager(linear(x), _reference(x, weight, bias, "silu", None), f"M={m}")
+    assert calls == [1, GEMV_MAX_M]
+
+
+def test_without_a_compiler_nothing_chooses_the_gemv(monkeypatch):
+    monkeypatch.setattr(linear_cpu, "gemv_unavailable", lambda: "gemv: no compiler (test)")
+    assert linear_cpu.default_candidate(1, 64, 64) == "aten"
+    linear = PackedLinear(torch.randn(64, 32), batch_hint=128, varying_rows=True)
+    assert linear.few_rows is None
+    with pytest.raises(ValueError, match="no compiler"):
+        PackedLinear(torch.randn(64, 32), candidate="gemv")
+    kept, pruned = linear_cpu_space(1, 64, 32).survivors({"M": 1, "K": 64, "N": 32,
+                                                          "dtype": "float32"})
+    assert config_for("gemv") in pruned
+
+
+def test_tuning_space_offers_the_gemv_for_few_rows_only():
+    space = linear_cpu_space(1, 576, 1536)
+    assert linear_cpu.candidate_of(space.default) == "gemv"
+    kept, _ = space.survivors({"M": 1, "K": 576, "N": 1536, "dtype": "float32"})
+    assert config_for("gemv") in kept
+    _, pruned = space.survivors({"M": 128, "K": 576, "N": 1536, "dtype": "float32"})
+    assert "more than" in pruned[config_for("gemv")]
