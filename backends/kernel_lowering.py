@@ -245,7 +245,8 @@ def _collapse_reshapes(gm: fx.GraphModule) -> None:
 
 # Shape ops called as Tensor methods: the same ATen kernels, without OpOverload's Python call
 # path (measured here: ``t.reshape(...)`` 2.8 us, ``torch.ops.aten.reshape.default(t, ...)``
-# 9.5 us; a small model's graph makes dozens of these calls per forward).
+# 9.5 us; a small model's graph makes dozens of these calls per forward). Their size lists are
+# passed as separate arguments: ``t.reshape(16, 1)`` 2.6 us, ``t.reshape([16, 1])`` 4.1 us.
 _AS_METHOD = {
     torch.ops.aten.reshape.default: "reshape", torch.ops.aten.permute.default: "permute",
     torch.ops.aten.unsqueeze.default: "unsqueeze", torch.ops.aten.expand.default: "expand",
@@ -256,11 +257,17 @@ _AS_METHOD = {
 }
 
 
+_SIZES_AS_ARGS = {"reshape", "permute", "expand"}
+
+
 def _shape_ops_as_methods(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         method = _AS_METHOD.get(node.target) if node.op == "call_function" else None
         if method is not None and not node.kwargs:
             node.op, node.target = "call_method", method
+            if method in _SIZES_AS_ARGS and len(node.args) == 2 and \
+                    isinstance(node.args[1], (list, tuple)) and node.args[1]:
+                node.args = (node.args[0], *node.args[1])
 
 
 def _match_layout(value: torch.Tensor, stride: tuple) -> torch.Tensor:

@@ -498,8 +498,9 @@ class CpuFusedKernel:
         if plan is None:
             plan = self._plan(inputs, key)
         meta_address, out_specs, parallel, _ = plan
-        empty = torch.empty_strided
-        outs = [empty(shape, stride, dtype=dtype) for shape, stride, dtype in out_specs]
+        empty = torch.empty   # outputs are contiguous; sizes as arguments cost ~1 us less
+        outs = [empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype)
+                for shape, dtype in out_specs]
         self.function(meta_address, self.threads or (torch.get_num_threads() if parallel else 1),
                       *[t.data_ptr() for t in inputs], *[o.data_ptr() for o in outs])
         return tuple(outs)
@@ -512,7 +513,7 @@ class CpuFusedKernel:
         bound = bind_shapes(self.program, inputs)
         meta = self.meta_array(bound.rows, bound.ncols, *bound.lead,
                                *[s for strides in bound.strides for s in strides])
-        out_specs = tuple((shape, _contiguous_strides(shape), dtype)
+        out_specs = tuple((tuple(shape), dtype)
                           for shape, dtype in zip(bound.out_shapes, self.out_dtypes))
         parallel = bound.rows * bound.ncols * self.work_per_element >= PARALLEL_MIN_WORK
         # meta is read-only in C; the plan keeps it alive while its address is in use
@@ -521,14 +522,6 @@ class CpuFusedKernel:
             self.plans.clear()
         self.plans[key] = plan
         return plan
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def compile_program_cpu(program: RowProgram, threads: int = 0, chunk: int = 0,
