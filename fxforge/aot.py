@@ -199,7 +199,8 @@ class Artifact:
                 plan = KVCachePlan.from_json(step_ir, manifest["kv_cache"])
                 self.kv = IncrementalDecoder(plan, lower(step_ir, resolve_backend(options.backend,
                                                                                   step_ir)),
-                                             self.lowered, options.max_seq_len)
+                                             self.lowered, options.max_seq_len,
+                                             options.decode_replay)
             self.tuning = list(dict.fromkeys(active.picks)) if active else []
 
     def __call__(self, *args: Any) -> Any:

@@ -142,7 +142,7 @@ class CompiledGraph:
             return None
         log.info("fxforge: %s", describe(plan))
         return IncrementalDecoder(plan, lower(plan.ir, backend), self.lowered,
-                                  self.options.max_seq_len)
+                                  self.options.max_seq_len, self.options.decode_replay)
 
     def _weights_changed(self, args: Sequence[Any]) -> bool:
         for pos, weight, version in zip(self.weight_positions, self.weights, self.versions):

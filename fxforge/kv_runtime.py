@@ -25,8 +25,10 @@ log = logging.getLogger("fxforge")
 
 
 class IncrementalDecoder:
-    def __init__(self, plan, step: Callable, full: Callable, max_seq_len: int):
+    def __init__(self, plan, step: Callable, full: Callable, max_seq_len: int,
+                 replay: bool = False):
         self.plan, self.step, self.full, self.max_seq_len = plan, step, full, max_seq_len
+        self.replay = StepReplay(len(plan.caches)) if replay else None
         placeholders = plan.ir.placeholders()[:_original_inputs(plan)]
         self.size_inputs = [i for i, p in enumerate(placeholders)
                             if isinstance(p.meta.get(META_KEY), SymMeta)
@@ -34,7 +36,7 @@ class IncrementalDecoder:
         self.tokens: Optional[torch.Tensor] = None   # what the cache holds
         self.caches: list[torch.Tensor] = []
         self.buffers: dict[int, torch.Tensor] = {}
-        self.stats = {"prefills": 0, "steps": 0, "uncached": 0, "positions": 0}
+        self.stats = {"prefills": 0, "steps": 0, "uncached": 0, "positions": 0, "replayed": 0}
 
     def __call__(self, args: Sequence[Any]) -> list:
         ids = args[self.plan.tokens]
@@ -50,7 +52,11 @@ class IncrementalDecoder:
         for i in self.size_inputs:
             step_args[i] = new.shape[1]
         position = torch.tensor([start], dtype=torch.int64)
-        outputs = list(self.step(*step_args, position, *self.caches))
+        step_args += [position, *self.caches]
+        if self.replay is not None and start > 0:
+            outputs = self.replay(self.step, step_args, self.plan.seq_outputs, self.stats)
+        else:
+            outputs = list(self.step(*step_args))
         self.tokens = ids.clone()
         self.stats["positions"] += new.shape[1]
         return [self._assemble(i, out, start, ids.shape[1]) for i, out in enumerate(outputs)]
@@ -68,6 +74,8 @@ class IncrementalDecoder:
         batch = ids.shape[0]
         # Never read before written (attention sees positions < L + t only): no zeroing, which
         # cost a 30-layer model ~70 ms per new prompt.
+        if self.replay is not None:
+            self.replay.forget()   # it points into the old caches
         self.caches = [torch.empty(batch, spec.heads, self.max_seq_len, spec.head_dim,
                                    dtype=spec.dtype, device=ids.device)
                        for spec in self.plan.caches]
@@ -92,3 +100,80 @@ def _original_inputs(plan) -> int:
 def describe(plan) -> str:
     return (f"KV cache: {plan.sites} causal attention site(s) cached, {plan.positions} position "
             f"input(s) offset, {len(plan.caches)} buffers")
+
+
+class StepReplay:
+    """Decode steps on the CPU replayed from a recording (``kernels/replay.py``): the first step
+    of a shape is recorded, the next one runs both ways and must give identical outputs, and
+    from then on steps of that shape replay. A recording that cannot be made or that disagrees
+    turns replay off for this decoder, with the reason logged; a shape change re-records (at
+    most ``MAX_RECORDINGS`` times). Running a step twice is harmless: it writes the same keys and
+    values at the same cache positions."""
+
+    MAX_RECORDINGS = 8
+
+    def __init__(self, n_caches: int):
+        self.n_caches = n_caches
+        self.recording = None
+        self.validated = False
+        self.recordings = 0
+        self.off: Optional[str] = None
+
+    def forget(self) -> None:
+        self.recording, self.validated = None, False
+
+    def __call__(self, step: Callable, args: list, seq_outputs, stats: dict) -> list:
+        from fxforge.kernels.replay import Recording, Unreplayable
+        if self.off is not None or not all(a.device.type == "cpu" for a in args
+                                           if isinstance(a, torch.Tensor)):
+            return list(step(*args))
+        rec = self.recording
+        try:
+            if rec is not None and rec.matches(args):
+                if self.validated:
+                    stats["replayed"] += 1
+                    return _own(rec.replay(args), seq_outputs)
+                return self._validate(rec, step, args, seq_outputs)
+            if self.recordings >= self.MAX_RECORDINGS:
+                return self._turn_off(f"{self.recordings} recordings: the step's inputs keep "
+                                      "changing shape or identity", step, args)
+            keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+                    and i not in (self._tokens_and_position(args))]
+            self.recordings += 1
+            rec = Recording(step, args, keep)
+            self.recording, self.validated = rec, False
+            return _own(rec.outputs, seq_outputs)
+        except Unreplayable as exc:
+            return self._turn_off(str(exc), step, args)
+
+    def _tokens_and_position(self, args: list) -> set:
+        """The inputs whose values change every step: the new tokens and the cache length (the
+        position input sits just before the caches); every other tensor must stay the same."""
+        position = len(args) - self.n_caches - 1
+        return {position} | {i for i, a in enumerate(args[:position])
+                             if isinstance(a, torch.Tensor) and not a.is_floating_point()}
+
+    def _validate(self, rec, step, args: list, seq_outputs) -> list:
+        replayed = [o.clone() if isinstance(o, torch.Tensor) else o for o in rec.replay(args)]
+        outputs = list(step(*args))
+        same = all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(replayed, outputs))
+        if not same:
+            self.forget()
+            self.off = "a replayed step differed from the step it recorded"
+            log.warning("fxforge: kv_cache: decode-step replay off: %s", self.off)
+        self.validated = same
+        return outputs
+
+    def _turn_off(self, reason: str, step: Callable, args: list) -> list:
+        self.forget()
+        self.off = reason
+        log.info("fxforge: kv_cache: decode steps run op by op (no replay): %s", reason)
+        return list(step(*args))
+
+
+def _own(outputs, seq_outputs) -> list:
+    """Outputs a caller may keep: sequence outputs are copied out by ``_assemble`` anyway; any
+    other tensor is the recording's buffer and is cloned."""
+    return [o.clone() if isinstance(o, torch.Tensor) and i not in seq_outputs else o
+            for i, o in enumerate(outputs)]

@@ -14,6 +14,7 @@ class CompileOptions:
     precision: str = "fp32"       # matmul/attention precision; norms and accumulations stay fp32
     kv_cache: bool = False        # KV-cache insertion for causal decoders (transparent mode)
     max_seq_len: int = 2048       # positions a KV cache holds; longer inputs run uncached
+    decode_replay: bool = True    # CPU decode steps replayed from a validated recording
     quantize: Optional[str] = None
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
@@ -65,7 +66,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
                                     or merged["max_seq_len"] < 1):
         raise OptionsError(f"option max_seq_len must be a positive integer, got "
                            f"{merged['max_seq_len']!r}")
-    for key in ("verify", "freeze_weights", "kv_cache"):
+    for key in ("verify", "freeze_weights", "kv_cache", "decode_replay"):
         if key in merged and not isinstance(merged[key], bool):
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
     return CompileOptions(**merged)

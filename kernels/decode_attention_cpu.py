@@ -33,6 +33,7 @@ import torch
 from fxforge.irgraph.ops import _check_cached, cache_overflow
 from fxforge.kernels.fused_cpp import PRELUDE, load_function
 from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.replay import launch
 
 log = logging.getLogger("fxforge.kernels")
 
@@ -246,9 +247,9 @@ class CpuDecodeAttention:
         if fn is None:
             return sdpa_cached_attention(q, k, v, k_cache, v_cache, cache_pos, scale)
         out = torch.empty_like(q) if out_shape is None else torch.empty(out_shape, dtype=q.dtype)
-        status = fn(meta_address, q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(),
-                    v_cache.data_ptr(), cache_pos.data_ptr(), out.data_ptr(), scale_value,
-                    torch.get_num_threads())
+        status = launch(fn, (meta_address, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                             k_cache.data_ptr(), v_cache.data_ptr(), cache_pos.data_ptr(),
+                             out.data_ptr(), scale_value, torch.get_num_threads()), plan)
         if status != 0:
             raise cache_overflow(int(cache_pos.reshape(-1)[0]), k.shape[2], k_cache.shape[2])
         return out

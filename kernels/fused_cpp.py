@@ -30,6 +30,7 @@ from fxforge.kernels.fused import (ELEM, ROW, KernelBuildError, RowProgram, Unsu
                                    bind_shapes, build_program, cache_dir, kind_of, needed_by,
                                    source_hash)
 from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.replay import launch
 
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-fno-trapping-math", "-fno-math-errno",
          "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
@@ -501,8 +502,9 @@ class CpuFusedKernel:
         empty = torch.empty   # outputs are contiguous; sizes as arguments cost ~1 us less
         outs = [empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype)
                 for shape, dtype in out_specs]
-        self.function(meta_address, self.threads or (torch.get_num_threads() if parallel else 1),
-                      *[t.data_ptr() for t in inputs], *[o.data_ptr() for o in outs])
+        threads = self.threads or (torch.get_num_threads() if parallel else 1)
+        launch(self.function, (meta_address, threads, *[t.data_ptr() for t in inputs],
+                               *[o.data_ptr() for o in outs]), plan)
         return tuple(outs)
 
     def _plan(self, inputs, key) -> tuple:

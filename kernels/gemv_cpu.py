@@ -24,6 +24,7 @@ import torch
 
 from fxforge.kernels.fused_cpp import PRELUDE, load_function
 from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.replay import launch
 
 log = logging.getLogger("fxforge.kernels")
 
@@ -152,10 +153,10 @@ class GemvLinear:
         y = torch.empty(rows, self.n, dtype=torch.float32)   # sizes as arguments: ~1.3 us less
         if residual is not None and residual.stride(1) != 1:
             residual = residual.contiguous()
-        self.fn(x.data_ptr(), x.stride(0), rows, self.k, self.weight.data_ptr(), self.n,
-                self.bias_ptr, residual.data_ptr() if residual is not None else None,
-                residual.stride(0) if residual is not None else 0, self.act, y.data_ptr(),
-                self.threads or torch.get_num_threads())
+        launch(self.fn, (x.data_ptr(), x.stride(0), rows, self.k, self.weight.data_ptr(), self.n,
+                         self.bias_ptr, residual.data_ptr() if residual is not None else None,
+                         residual.stride(0) if residual is not None else 0, self.act,
+                         y.data_ptr(), self.threads or torch.get_num_threads()))
         return y
 
     def describe(self, dtype_name: str, has_residual: bool) -> str:

@@ -254,3 +254,54 @@ def test_aot_artifact_carries_the_cached_step_graph(gpt, tmp_path):
     edited[0, 0] = (edited[0, 0] + 1) % 512          # a new prompt: a fresh prefill, still exact
     assert torch.equal(fxforge.generate(artifact, edited, 4), eager_greedy(gpt, edited, 4))
     assert artifact.kv.stats["prefills"] == 2
+
+
+def _kv_decoder(graphs):
+    decoders = [g.kv for g in graphs if g.kv is not None]
+    assert decoders, "no graph got a KV cache"
+    return decoders[-1]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_steps_are_replayed_after_one_validated_recording(gpt, batch):
+    from fxforge.compiler import recording
+    torch._dynamo.reset()
+    ids = prompts(batch, 7, 512, seed=21)
+    with recording() as graphs:
+        compiled = torch.compile(gpt, backend="fxforge", options={"kv_cache": True})
+        assert torch.equal(fxforge.generate(compiled, ids, 16), eager_greedy(gpt, ids, 16))
+    decoder = _kv_decoder(graphs)
+    assert decoder.replay.off is None and decoder.replay.validated
+    assert decoder.stats["replayed"] >= decoder.stats["steps"] - 2 > 0   # all but record + check
+    again = prompts(batch, 5, 512, seed=22)         # a new prompt: new caches, a new recording
+    assert torch.equal(fxforge.generate(compiled, again, 6), eager_greedy(gpt, again, 6))
+
+
+def test_decode_replay_can_be_turned_off(gpt):
+    from fxforge.compiler import recording
+    torch._dynamo.reset()
+    ids = prompts(1, 6, 512, seed=23)
+    with recording() as graphs:
+        compiled = torch.compile(gpt, backend="fxforge",
+                                 options={"kv_cache": True, "decode_replay": False})
+        assert torch.equal(fxforge.generate(compiled, ids, 8), eager_greedy(gpt, ids, 8))
+    decoder = _kv_decoder(graphs)
+    assert decoder.replay is None and decoder.stats["replayed"] == 0
+
+
+def test_a_replay_that_disagrees_turns_replay_off(gpt, monkeypatch, caplog):
+    from fxforge.compiler import recording
+    from fxforge.kernels.replay import Recording
+    real_replay = Recording.replay
+
+    def corrupted(self, args):
+        return [o + 1 for o in real_replay(self, args)]
+    monkeypatch.setattr(Recording, "replay", corrupted)
+    torch._dynamo.reset()
+    ids = prompts(1, 6, 512, seed=24)
+    with recording() as graphs, caplog.at_level("WARNING", logger="fxforge"):
+        compiled = torch.compile(gpt, backend="fxforge", options={"kv_cache": True})
+        assert torch.equal(fxforge.generate(compiled, ids, 10), eager_greedy(gpt, ids, 10))
+    decoder = _kv_decoder(graphs)
+    assert decoder.replay.off is not None and decoder.stats["replayed"] == 0
+    assert "replay off" in caplog.text

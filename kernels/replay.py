@@ -1,0 +1,157 @@
+"""Record one CPU call of a graph and replay it without Python glue (CUDA graphs, for the CPU).
+
+A decode step runs a few hundred tiny operations; on the CPU each costs ~3-25 us of Python
+(view/reshape calls, output allocation, argument checks, ctypes marshalling) on top of its work,
+which for a 30-layer model adds up to a third of the step. With fixed shapes the step is the same
+sequence every time: the same C kernels on the same buffers, only their contents change. So
+:class:`Recording` runs the step once while recording
+
+* every C kernel launch (``launch`` below: every ctypes kernel call in ``fxforge.kernels`` goes
+  through it) with its raw arguments (data pointers, sizes, thread counts), and
+* every ATen operation (a ``TorchDispatchMode``): views and allocations are only kept alive
+  (their memory is where the kernels read and write), ops without tensor inputs are constants,
+  and every other op is replayed and its results copied into the tensors the recording produced
+  (so what reads them sees the new values; an in-place op's result is its input already);
+
+then :meth:`Recording.replay` copies new input values into the recorded input buffers and runs
+the list. Anything a replay cannot reproduce makes the recording refuse with the reason: a value
+read back into Python (``.item()``, data-dependent shapes), random ops, non-tensor results. A
+replay is only valid for the same shapes, the same non-tensor inputs and the same persistent
+buffers (the KV caches); the caller checks that, and validates a new recording against a normal
+run before trusting it (``fxforge/kv_runtime.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+_RECORDERS: list["Recording"] = []   # the recording in progress (at most one)
+_ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
+                aten.new_empty.default, aten.new_empty_strided.default}
+
+
+def launch(fn: Callable, args: tuple, keep: Any = None) -> Any:
+    """``fn(*args)`` (a compiled kernel); while a recording is in progress, note the call for its
+    replay, with ``keep``: what must stay alive for the raw addresses in ``args`` to stay valid
+    (a metadata array a kernel's plan cache may drop)."""
+    result = fn(*args)
+    if _RECORDERS:
+        _RECORDERS[-1].calls.append((fn, args, result))
+        _RECORDERS[-1].alive.append(keep)
+    return result
+
+
+class Unreplayable(RuntimeError):
+    """The recorded run did something a replay cannot reproduce."""
+
+
+class _AtenRecorder(TorchDispatchMode):
+    def __init__(self, recording: "Recording"):
+        super().__init__()
+        self.recording = recording
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.recording.note_aten(func, args, kwargs, out)
+        return out
+
+
+class Recording:
+    """One recorded call of ``fn``: ``Recording(fn, args, keep)`` runs ``fn(*args)`` once (its
+    outputs are :attr:`outputs`). Tensor arguments are copied into buffers the recording owns,
+    except those at positions in ``keep`` (persistent buffers such as KV caches, used as they are
+    and required to be the same objects at replay)."""
+
+    def __init__(self, fn: Callable, args: Sequence[Any], keep: Sequence[int] = ()):
+        self.keep = set(keep)
+        self.inputs = [a if i in self.keep or not isinstance(a, torch.Tensor) else a.clone()
+                       for i, a in enumerate(args)]
+        self.calls: list[tuple] = []     # kernel launches, as (fn, args, result), in order
+        self.steps: list[Callable[[], None]] = []
+        self.labels: list[str] = []      # what each step runs: a kernel's symbol or an ATen op
+        self.alive: list[Any] = []       # every tensor the recorded run touched
+        self.problem: Optional[str] = None
+        _RECORDERS.append(self)
+        try:
+            with _AtenRecorder(self):
+                self.outputs = fn(*self.inputs)
+        finally:
+            _RECORDERS.pop()
+        self._flush_calls()
+        if self.problem is not None:
+            raise Unreplayable(self.problem)
+
+    def _flush_calls(self) -> None:
+        for fn, args, result in self.calls:
+            self.steps.append(_kernel_step(fn, args, result))
+            self.labels.append(getattr(fn, "__name__", "kernel"))
+        self.calls = []
+
+    def note_aten(self, func, args, kwargs, out) -> None:
+        self._flush_calls()   # kernels launched before this op run before it in the replay
+        self.alive.append((args, kwargs, out))
+        flat_out = [o for o in tree_flatten(out)[0]]
+        if func is aten._local_scalar_dense.default or not all(
+                isinstance(o, torch.Tensor) for o in flat_out):
+            self.problem = self.problem or f"{func} reads a tensor's value into Python"
+        elif torch.Tag.nondeterministic_seeded in func.tags:
+            self.problem = self.problem or f"{func} is random"
+        elif func in _ALLOCATIONS or func.is_view or \
+                not any(isinstance(a, torch.Tensor) for a in tree_flatten((args, kwargs))[0]):
+            return   # memory the kernels use, a view of it, or a constant
+        else:
+            self.steps.append(_op_step(func, args, kwargs, flat_out))
+            self.labels.append(f"aten:{func}")
+
+    def matches(self, args: Sequence[Any]) -> bool:
+        """Can :meth:`replay` take ``args``: same persistent buffers, same non-tensor values,
+        tensors of the same shape, dtype and device."""
+        if len(args) != len(self.inputs):
+            return False
+        for i, (new, old) in enumerate(zip(args, self.inputs)):
+            if i in self.keep:
+                if new is not old:
+                    return False
+            elif isinstance(old, torch.Tensor):
+                if not isinstance(new, torch.Tensor) or new.shape != old.shape \
+                        or new.dtype != old.dtype or new.device != old.device:
+                    return False
+            elif new != old:
+                return False
+        return True
+
+    def replay(self, args: Sequence[Any]) -> Any:
+        """The recorded call on new input values (check :meth:`matches` first). The outputs are
+        the recording's own tensors, overwritten by the next replay."""
+        for i, (new, old) in enumerate(zip(args, self.inputs)):
+            if i not in self.keep and isinstance(old, torch.Tensor):
+                old.copy_(new)
+        for step in self.steps:
+            step()
+        return self.outputs
+
+
+def _kernel_step(fn: Callable, args: tuple, result: Any) -> Callable[[], None]:
+    def run() -> None:
+        if fn(*args) != result:
+            raise Unreplayable(f"kernel {getattr(fn, '__name__', fn)} returned another status "
+                               "than when recorded")
+    return run
+
+
+def _op_step(func, args, kwargs, outs: list) -> Callable[[], None]:
+    """Run the op again; copy each result into the recorded one, except results that are one of
+    the op's inputs (an in-place op returns what it wrote into)."""
+    inputs = tree_flatten((args, kwargs))[0]
+    fresh = [i for i, out in enumerate(outs) if not any(out is a for a in inputs)]
+
+    def run() -> None:
+        results = tree_flatten(func(*args, **kwargs))[0]
+        for i in fresh:
+            outs[i].copy_(results[i])
+    return run

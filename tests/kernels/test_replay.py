@@ -1,0 +1,71 @@
+"""Recording a CPU call (ATen ops + C kernels) and replaying it on new input values."""
+import pytest
+import torch
+
+from fxforge.kernels import gemv_cpu
+from fxforge.kernels.gemv_cpu import GemvLinear
+from fxforge.kernels.replay import Recording, Unreplayable
+
+needs_compiler = pytest.mark.skipif(gemv_cpu.gemv_unavailable() is not None,
+                                    reason="no C++ compiler for the GEMV kernel")
+
+
+def _step(weight_kernel, bias):
+    def step(ids, position, table, cache):
+        x = torch.nn.functional.embedding(ids, table).reshape(ids.shape[1], -1)   # view + op
+        x = x * (position.to(torch.float32) + 1.0)                  # reads the position input
+        y = weight_kernel(x, None)                                   # a C kernel launch
+        cache[position] = y                                          # in-place into a kept buffer
+        return (y.relu() + bias).unsqueeze(0), cache.sum(0)
+    return step
+
+
+@needs_compiler
+def test_replay_on_new_values_equals_the_direct_call():
+    torch.manual_seed(0)
+    table, bias = torch.randn(50, 16), torch.randn(24)
+    step = _step(GemvLinear(torch.randn(24, 16), None, "silu"), bias)
+    cache_a, cache_b = torch.zeros(8, 24), torch.zeros(8, 24)
+    args = [torch.tensor([[3]]), torch.tensor([0]), table, cache_a]
+    rec = Recording(step, args, keep=[2, 3])
+    step(args[0], args[1], table, cache_b)            # the reference cache sees the same first call
+    for pos in range(1, 6):
+        new = [torch.randint(0, 50, (1, 1)), torch.tensor([pos]), table, cache_a]
+        assert rec.matches(new)
+        got = [t.clone() for t in rec.replay(new)]
+        want = step(*[new[0], new[1], table, cache_b])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache_a[1:6], cache_b[1:6], rtol=1e-6, atol=1e-6)
+
+
+def test_matches_requires_same_shapes_values_and_kept_buffers():
+    table, cache = torch.randn(10, 4), torch.zeros(4)
+    rec = Recording(lambda ids, n, t, c: t[ids].sum() * n + c, [torch.tensor([1]), 2, table, cache],
+                    keep=[2, 3])
+    assert rec.matches([torch.tensor([5]), 2, table, cache])
+    assert not rec.matches([torch.tensor([5, 6]), 2, table, cache])        # another shape
+    assert not rec.matches([torch.tensor([5]), 3, table, cache])           # another int
+    assert not rec.matches([torch.tensor([5]), 2, table.clone(), cache])   # another buffer
+    assert not rec.matches([torch.tensor([5.0]), 2, table, cache])         # another dtype
+
+
+@pytest.mark.parametrize("body, reason", [
+    (lambda x: x * x.sum().item(), "into Python"),
+    (lambda x: x + torch.rand_like(x), "random"),
+])
+def test_what_a_replay_cannot_reproduce_is_refused(body, reason):
+    with pytest.raises(Unreplayable, match=reason):
+        Recording(body, [torch.randn(3)])
+
+
+def test_constants_and_allocations_are_not_rerun():
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x + torch.arange(3) + torch.empty(3).fill_(1.0)
+    rec = Recording(fn, [torch.zeros(3)])
+    out = rec.replay([torch.ones(3)])
+    assert calls == [1]                        # the Python function itself never runs again
+    assert torch.equal(out, torch.tensor([2.0, 3.0, 4.0]))
