@@ -69,3 +69,16 @@ def test_constants_and_allocations_are_not_rerun():
     out = rec.replay([torch.ones(3)])
     assert calls == [1]                        # the Python function itself never runs again
     assert torch.equal(out, torch.tensor([2.0, 3.0, 4.0]))
+
+
+def test_every_compiled_cpu_kernel_is_launched_through_launch():
+    """A kernel called directly would be missing from a replay; every module that loads a
+    compiled function must launch it through kernels.replay.launch."""
+    from pathlib import Path
+
+    import fxforge.kernels
+    folder = Path(fxforge.kernels.__file__).parent
+    for path in folder.glob("*.py"):
+        text = path.read_text()
+        if "load_function(" in text or "ctypes.CDLL(" in text:
+            assert "launch(" in text, f"{path.name} loads a compiled kernel but never uses launch()"
