@@ -273,8 +273,12 @@ def test_decode_steps_are_replayed_after_one_validated_recording(gpt, batch):
     decoder = _kv_decoder(graphs)
     assert decoder.replay.off is None and decoder.replay.validated
     assert decoder.stats["replayed"] >= decoder.stats["steps"] - 2 > 0   # all but record + check
-    again = prompts(batch, 5, 512, seed=22)         # a new prompt: new caches, a new recording
+    again = prompts(batch, 5, 512, seed=22)   # a new prompt, same batch: the caches and the
+    replayed = decoder.stats["replayed"]      # recording over them are kept
     assert torch.equal(fxforge.generate(compiled, again, 6), eager_greedy(gpt, again, 6))
+    assert decoder.replay.recordings == 1 and decoder.stats["replayed"] == replayed + 5
+    other = prompts(batch + 1, 5, 512, seed=25)   # another batch (another graph for dynamo)
+    assert torch.equal(fxforge.generate(compiled, other, 6), eager_greedy(gpt, other, 6))
 
 
 def test_decode_replay_can_be_turned_off(gpt):
