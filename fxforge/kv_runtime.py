@@ -109,8 +109,8 @@ class StepReplay:
     """Decode steps on the CPU replayed from a recording (``kernels/replay.py``): the first step
     of a shape is recorded, the next one runs both ways and must give identical outputs, and
     from then on steps of that shape replay. A recording that cannot be made or that disagrees
-    turns replay off for this decoder, with the reason logged; a shape change re-records (at
-    most ``MAX_RECORDINGS`` times). Running a step twice is harmless: it writes the same keys and
+    turns replay off for this decoder, with the reason logged; a shape change, or an input that
+    turns out to be a new tensor at each call, re-records (at most ``MAX_RECORDINGS`` times). Running a step twice is harmless: it writes the same keys and
     values at the same cache positions."""
 
     MAX_RECORDINGS = 8
@@ -120,6 +120,7 @@ class StepReplay:
         self.recording = None
         self.validated = False
         self.recordings = 0
+        self.varying: set[int] = set()   # tensor inputs seen to be new objects at each call
         self.off: Optional[str] = None
 
     def forget(self) -> None:
@@ -131,17 +132,21 @@ class StepReplay:
                                            if isinstance(a, torch.Tensor)):
             return list(step(*args))
         rec = self.recording
+        why = rec.mismatch(args) if rec is not None else "nothing recorded yet"
         try:
-            if rec is not None and rec.matches(args):
+            if why is None:
                 if self.validated:
                     stats["replayed"] += 1
                     return _own(rec.replay(args), seq_outputs)
                 return self._validate(rec, step, args, seq_outputs)
             if self.recordings >= self.MAX_RECORDINGS:
                 return self._turn_off(f"{self.recordings} recordings: the step's inputs keep "
-                                      "changing shape or identity", step, args)
-            keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
-                    and i not in (self._tokens_and_position(args))]
+                                      f"changing (last: {why})", step, args)
+            if rec is not None:   # inputs seen changing identity are copied from now on
+                self.varying |= {i for i in rec.keep if i < len(args) and args[i] is not rec.inputs[i]}
+            copied = self._tokens_and_position(args) | self.varying
+            keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() > 0
+                    and i not in copied]
             self.recordings += 1
             rec = Recording(step, args, keep)
             self.recording, self.validated = rec, False
@@ -151,7 +156,10 @@ class StepReplay:
 
     def _tokens_and_position(self, args: list) -> set:
         """The inputs whose values change every step: the new tokens and the cache length (the
-        position input sits just before the caches); every other tensor must stay the same."""
+        position input sits just before the caches). Other tensors are used in place and must be
+        the same objects at every step, except 0-d ones (dynamo passes a float that changed
+        between compiles, such as a norm's eps, as a new 0-d tensor each call) and those seen
+        changing, which are copied."""
         position = len(args) - self.n_caches - 1
         return {position} | {i for i, a in enumerate(args[:position])
                              if isinstance(a, torch.Tensor) and not a.is_floating_point()}

@@ -111,19 +111,23 @@ class Recording:
     def matches(self, args: Sequence[Any]) -> bool:
         """Can :meth:`replay` take ``args``: same persistent buffers, same non-tensor values,
         tensors of the same shape, dtype and device."""
+        return self.mismatch(args) is None
+
+    def mismatch(self, args: Sequence[Any]) -> Optional[str]:
+        """Why :meth:`replay` cannot take ``args``, or None."""
         if len(args) != len(self.inputs):
-            return False
+            return f"{len(args)} inputs, recorded with {len(self.inputs)}"
         for i, (new, old) in enumerate(zip(args, self.inputs)):
             if i in self.keep:
                 if new is not old:
-                    return False
+                    return f"input {i} is another tensor than the recorded buffer"
             elif isinstance(old, torch.Tensor):
                 if not isinstance(new, torch.Tensor) or new.shape != old.shape \
                         or new.dtype != old.dtype or new.device != old.device:
-                    return False
+                    return f"input {i} is not a {old.dtype} tensor of shape {list(old.shape)}"
             elif new != old:
-                return False
-        return True
+                return f"input {i} is {new!r}, recorded with {old!r}"
+        return None
 
     def replay(self, args: Sequence[Any]) -> Any:
         """The recorded call on new input values (check :meth:`matches` first). The outputs are
