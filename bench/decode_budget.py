@@ -88,9 +88,7 @@ def _timed_replay(spent: collections.Counter):
     from fxforge.kernels.replay import Recording
 
     def replay(self, args):
-        for i, (new, old) in enumerate(zip(args, self.inputs)):
-            if i not in self.keep and isinstance(old, torch.Tensor):
-                old.copy_(new)
+        self.load_inputs(args)
         clock = time.perf_counter
         for step, label in zip(self.steps, self.labels):
             start = clock()

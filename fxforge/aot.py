@@ -197,10 +197,10 @@ class Artifact:
                 from fxforge.kv_runtime import IncrementalDecoder
                 from fxforge.passes.kv_cache import KVCachePlan
                 plan = KVCachePlan.from_json(step_ir, manifest["kv_cache"])
-                backend = resolve_backend(options.backend, step_ir)
-                replay = options.decode_replay and backend.name == "cpu"   # as in compiler.py
-                self.kv = IncrementalDecoder(plan, lower(step_ir, backend), self.lowered,
-                                             options.max_seq_len, replay)
+                self.kv = IncrementalDecoder(plan, lower(step_ir, resolve_backend(options.backend,
+                                                                                  step_ir)),
+                                             self.lowered, options.max_seq_len,
+                                             options.decode_replay)
             self.tuning = list(dict.fromkeys(active.picks)) if active else []
 
     def __call__(self, *args: Any) -> Any:

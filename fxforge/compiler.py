@@ -141,10 +141,8 @@ class CompiledGraph:
             log.info("fxforge: kv_cache: not applied (%s); the graph runs uncached", plan)
             return None
         log.info("fxforge: %s", describe(plan))
-        # Replay needs every kernel launch to go through kernels.replay.launch: the CPU backend's
-        replay = self.options.decode_replay and backend.name == "cpu"
         return IncrementalDecoder(plan, lower(plan.ir, backend), self.lowered,
-                                  self.options.max_seq_len, replay)
+                                  self.options.max_seq_len, self.options.decode_replay)
 
     def _weights_changed(self, args: Sequence[Any]) -> bool:
         for pos, weight, version in zip(self.weight_positions, self.weights, self.versions):

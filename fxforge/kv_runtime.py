@@ -27,8 +27,12 @@ log = logging.getLogger("fxforge")
 class IncrementalDecoder:
     def __init__(self, plan, step: Callable, full: Callable, max_seq_len: int,
                  replay: bool = False):
+        """``step``/``full``: the lowered step graph and the plain one; ``replay``: replay decode
+        steps where that is sound, i.e. on the CPU backend, whose every kernel launch goes
+        through ``kernels.replay.launch`` (elsewhere the option has no effect)."""
         self.plan, self.step, self.full, self.max_seq_len = plan, step, full, max_seq_len
-        self.replay = StepReplay(len(plan.caches)) if replay else None
+        on_cpu_backend = getattr(step, "backend", None) == "cpu"
+        self.replay = StepReplay(len(plan.caches)) if replay and on_cpu_backend else None
         placeholders = plan.ir.placeholders()[:_original_inputs(plan)]
         self.size_inputs = [i for i, p in enumerate(placeholders)
                             if isinstance(p.meta.get(META_KEY), SymMeta)
@@ -110,8 +114,9 @@ class StepReplay:
     of a shape is recorded, the next one runs both ways and must give identical outputs, and
     from then on steps of that shape replay. A recording that cannot be made or that disagrees
     turns replay off for this decoder, with the reason logged; a shape change, or an input that
-    turns out to be a new tensor at each call, re-records (at most ``MAX_RECORDINGS`` times). Running a step twice is harmless: it writes the same keys and
-    values at the same cache positions."""
+    turns out to be a new tensor at each call, re-records (at most ``MAX_RECORDINGS`` times).
+    Running a step twice is harmless: it writes the same keys and values at the same cache
+    positions."""
 
     MAX_RECORDINGS = 8
 
@@ -144,25 +149,23 @@ class StepReplay:
                                       f"changing (last: {why})", step, args)
             if rec is not None:   # inputs seen changing identity are copied from now on
                 self.varying |= {i for i in rec.keep if i < len(args) and args[i] is not rec.inputs[i]}
-            copied = self._tokens_and_position(args) | self.varying
-            keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() > 0
-                    and i not in copied]
             self.recordings += 1
-            rec = Recording(step, args, keep)
+            rec = Recording(step, args, self._kept(args))
             self.recording, self.validated = rec, False
             return _own(rec.outputs, seq_outputs)
         except Unreplayable as exc:
             return self._turn_off(str(exc), step, args)
 
-    def _tokens_and_position(self, args: list) -> set:
-        """The inputs whose values change every step: the new tokens and the cache length (the
-        position input sits just before the caches). Other tensors are used in place and must be
-        the same objects at every step, except 0-d ones (dynamo passes a float that changed
-        between compiles, such as a norm's eps, as a new 0-d tensor each call) and those seen
-        changing, which are copied."""
+    def _kept(self, args: list) -> list[int]:
+        """The tensor inputs a recording uses in place (they must be the same objects at every
+        step): not the new tokens or the cache length (integer tensors; the position input sits
+        just before the caches), not 0-d tensors (dynamo passes a float that changed between
+        compiles, such as a norm's eps, as a new 0-d tensor each call) and not those seen
+        changing. Those are copied into the recording's buffers instead."""
         position = len(args) - self.n_caches - 1
-        return {position} | {i for i, a in enumerate(args[:position])
-                             if isinstance(a, torch.Tensor) and not a.is_floating_point()}
+        return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() > 0
+                and i != position and i not in self.varying
+                and (i > position or a.is_floating_point())]
 
     def _validate(self, rec, step, args: list, seq_outputs) -> list:
         replayed = [o.clone() if isinstance(o, torch.Tensor) else o for o in rec.replay(args)]

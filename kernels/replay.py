@@ -40,8 +40,7 @@ def launch(fn: Callable, args: tuple, keep: Any = None) -> Any:
     (a metadata array a kernel's plan cache may drop)."""
     result = fn(*args)
     if _RECORDERS:
-        _RECORDERS[-1].calls.append((fn, args, result))
-        _RECORDERS[-1].alive.append(keep)
+        _RECORDERS[-1].note_call(fn, args, result, keep)
     return result
 
 
@@ -71,7 +70,6 @@ class Recording:
         self.keep = set(keep)
         self.inputs = [a if i in self.keep or not isinstance(a, torch.Tensor) else a.clone()
                        for i, a in enumerate(args)]
-        self.calls: list[tuple] = []     # kernel launches, as (fn, args, result), in order
         self.steps: list[Callable[[], None]] = []
         self.labels: list[str] = []      # what each step runs: a kernel's symbol or an ATen op
         self.alive: list[Any] = []       # every tensor the recorded run touched
@@ -82,18 +80,16 @@ class Recording:
                 self.outputs = fn(*self.inputs)
         finally:
             _RECORDERS.pop()
-        self._flush_calls()
         if self.problem is not None:
             raise Unreplayable(self.problem)
 
-    def _flush_calls(self) -> None:
-        for fn, args, result in self.calls:
-            self.steps.append(_kernel_step(fn, args, result))
-            self.labels.append(getattr(fn, "__name__", "kernel"))
-        self.calls = []
+    def note_call(self, fn: Callable, args: tuple, result: Any, keep: Any) -> None:
+        """A kernel launch, in execution order with the ATen ops around it."""
+        self.steps.append(_kernel_step(fn, args, result))
+        self.labels.append(getattr(fn, "__name__", "kernel"))
+        self.alive.append(keep)
 
     def note_aten(self, func, args, kwargs, out) -> None:
-        self._flush_calls()   # kernels launched before this op run before it in the replay
         self.alive.append((args, kwargs, out))
         flat_out = [o for o in tree_flatten(out)[0]]
         if func is aten._local_scalar_dense.default or not all(
@@ -132,12 +128,16 @@ class Recording:
     def replay(self, args: Sequence[Any]) -> Any:
         """The recorded call on new input values (check :meth:`matches` first). The outputs are
         the recording's own tensors, overwritten by the next replay."""
-        for i, (new, old) in enumerate(zip(args, self.inputs)):
-            if i not in self.keep and isinstance(old, torch.Tensor):
-                old.copy_(new)
+        self.load_inputs(args)
         for step in self.steps:
             step()
         return self.outputs
+
+    def load_inputs(self, args: Sequence[Any]) -> None:
+        """Copy the new values of the copied (not kept) tensor inputs into their buffers."""
+        for i, (new, old) in enumerate(zip(args, self.inputs)):
+            if i not in self.keep and isinstance(old, torch.Tensor):
+                old.copy_(new)
 
 
 def _kernel_step(fn: Callable, args: tuple, result: Any) -> Callable[[], None]:

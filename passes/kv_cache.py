@@ -64,18 +64,20 @@ class KVCachePlan:
         """What an AOT artifact stores next to the step graph (the graph itself goes separately)."""
         return {"tokens": self.tokens, "cache_pos": self.cache_pos, "sites": self.sites,
                 "positions": self.positions, "seq_outputs": list(self.seq_outputs),
-                "caches": [[c.placeholder, c.heads, c.head_dim, str(c.dtype).split(".")[-1]]
-                           for c in self.caches]}
+                "caches": [c.placeholder for c in self.caches]}
 
     @classmethod
     def from_json(cls, ir: IRGraph, data: dict) -> "KVCachePlan":
-        """The plan over ``ir``, a step graph rebuilt from an artifact (its sequence symbol is
-        read back from the token input, so it is the rebuilt graph's own)."""
+        """The plan over ``ir``, a step graph rebuilt from an artifact (its sequence symbol and
+        the caches' heads, head dims and dtypes are read back from its placeholders)."""
         token_meta = _meta(ir.placeholders()[data["tokens"]])
         if token_meta is None or token_meta.rank != 2 or isinstance(token_meta.shape[1], int):
             raise ValueError("the step graph's token input is not [batch, symbolic sequence]")
-        caches = [CacheSpec(name, heads, head_dim, getattr(torch, dtype))
-                  for name, heads, head_dim, dtype in data["caches"]]
+        metas = {p.name: _meta(p) for p in ir.placeholders()}
+        if any(metas.get(name) is None for name in data["caches"]):
+            raise ValueError(f"the step graph lacks the cache inputs {data['caches']}")
+        caches = [CacheSpec(name, int(metas[name].shape[1]), int(metas[name].shape[3]),
+                            metas[name].dtype) for name in data["caches"]]
         return cls(ir, data["tokens"], token_meta.shape[1], data["cache_pos"], caches,
                    list(data["seq_outputs"]), data["sites"], data["positions"])
 
