@@ -45,6 +45,7 @@ gpu-check:
 	$(PYTHON) bench/run.py --device cuda
 	$(PYTHON) bench/gpu_kernels.py
 	$(PYTHON) bench/autotune_gpu.py
+	$(PYTHON) bench/decode_gpu.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -35,7 +35,8 @@ def bytes_per_token(model: torch.nn.Module, position: int) -> int:
     config = model.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = 2 * config.num_hidden_layers * heads * head_dim * position * 4
+    itemsize = next(model.parameters()).element_size()   # the caches take the model's dtype
+    kv = 2 * config.num_hidden_layers * heads * head_dim * position * itemsize
     return total + kv
 
 

@@ -54,12 +54,15 @@ def decode_rate(fn, new_tokens: int, rounds: int) -> tuple[float, torch.Tensor]:
     return statistics.median(rates), out
 
 
-def runners(model, prompt):
+def hf_runners(model, prompt, static: bool = True) -> dict:
+    """Hugging Face ``generate()`` eager and, with ``static``, with a static cache and the forward
+    compiled by ``torch.compile``'s default backend: name -> fn(new_tokens) -> ids."""
     gen = {"do_sample": False}
 
     def hf_eager(n):
         return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen)
-
+    if not static:
+        return {"hf eager": hf_eager}
     compiled_forward = torch.compile(model.forward)
 
     def hf_static(n):
@@ -70,13 +73,16 @@ def runners(model, prompt):
                                   cache_implementation="static", **gen)
         finally:
             model.forward = original
+    return {"hf eager": hf_eager, "hf + inductor static": hf_static}
 
+
+def runners(model, prompt):
     fx = torch.compile(LogitsOnly(model), backend="fxforge",
                        options={"kv_cache": True, "max_seq_len": 512})
 
     def fxforge_kv(n):
         return fxforge.generate(fx, prompt, n)
-    return {"hf eager": hf_eager, "hf + inductor static": hf_static, "fxforge kv_cache": fxforge_kv}, fx
+    return {**hf_runners(model, prompt), "fxforge kv_cache": fxforge_kv}, fx
 
 
 def main(argv=None) -> int:

@@ -23,16 +23,22 @@ from fxforge.irgraph.meta import META_KEY, SymMeta
 
 log = logging.getLogger("fxforge")
 
+# Where decode steps can be replayed, (backend, device type) -> recording class name in
+# kernels/replay.py: the CPU backend's every kernel launch goes through ``kernels.replay.launch``
+# (recorded launches); the Triton backend's steps on a GPU are captured as CUDA graphs (its kernels
+# read the cache length on the device: no host sync).
+RECORDERS = {("cpu", "cpu"): "Recording", ("triton", "cuda"): "CudaGraphRecording"}
+
 
 class IncrementalDecoder:
     def __init__(self, plan, step: Callable, full: Callable, max_seq_len: int,
                  replay: bool = False):
         """``step``/``full``: the lowered step graph and the plain one; ``replay``: replay decode
-        steps where that is sound, i.e. on the CPU backend, whose every kernel launch goes
-        through ``kernels.replay.launch`` (elsewhere the option has no effect)."""
+        steps where that is sound (``RECORDERS``; elsewhere the option has no effect)."""
         self.plan, self.step, self.full, self.max_seq_len = plan, step, full, max_seq_len
-        on_cpu_backend = getattr(step, "backend", None) == "cpu"
-        self.replay = StepReplay(len(plan.caches)) if replay and on_cpu_backend else None
+        backend = getattr(step, "backend", None)
+        replayable = replay and backend in {b for b, _ in RECORDERS}
+        self.replay = StepReplay(len(plan.caches), backend) if replayable else None
         placeholders = plan.ir.placeholders()[:_original_inputs(plan)]
         self.size_inputs = [i for i, p in enumerate(placeholders)
                             if isinstance(p.meta.get(META_KEY), SymMeta)
@@ -55,7 +61,7 @@ class IncrementalDecoder:
         step_args[self.plan.tokens] = new
         for i in self.size_inputs:
             step_args[i] = new.shape[1]
-        position = torch.tensor([start], dtype=torch.int64)
+        position = torch.tensor([start], dtype=torch.int64, device=ids.device)
         step_args += [position, *self.caches]
         if self.replay is not None and start > 0:
             outputs = self.replay(self.step, step_args, self.plan.seq_outputs, self.stats)
@@ -110,9 +116,9 @@ def describe(plan) -> str:
 
 
 class StepReplay:
-    """Decode steps on the CPU replayed from a recording (``kernels/replay.py``): the first step
-    of a shape is recorded, the next one runs both ways and must give identical outputs, and
-    from then on steps of that shape replay. A recording that cannot be made or that disagrees
+    """Decode steps replayed from a recording (``kernels/replay.py``: recorded launches on the
+    CPU, a CUDA graph on a GPU): the first step of a shape is recorded, the next one runs both
+    ways and must give identical outputs, and from then on steps of that shape replay. A recording that cannot be made or that disagrees
     turns replay off for this decoder, with the reason logged; a shape change, or an input that
     turns out to be a new tensor at each call, re-records (at most ``MAX_RECORDINGS`` times).
     Running a step twice is harmless: it writes the same keys and values at the same cache
@@ -120,8 +126,8 @@ class StepReplay:
 
     MAX_RECORDINGS = 8
 
-    def __init__(self, n_caches: int):
-        self.n_caches = n_caches
+    def __init__(self, n_caches: int, backend: str = "cpu"):
+        self.n_caches, self.backend = n_caches, backend
         self.recording = None
         self.validated = False
         self.recordings = 0
@@ -132,9 +138,9 @@ class StepReplay:
         self.recording, self.validated = None, False
 
     def __call__(self, step: Callable, args: list, seq_outputs, stats: dict) -> list:
-        from fxforge.kernels.replay import Recording, Unreplayable
-        if self.off is not None or not all(a.device.type == "cpu" for a in args
-                                           if isinstance(a, torch.Tensor)):
+        from fxforge.kernels.replay import Unreplayable
+        recorder = _recorder(args, self.backend)
+        if self.off is not None or recorder is None:
             return list(step(*args))
         rec = self.recording
         why = rec.mismatch(args) if rec is not None else "nothing recorded yet"
@@ -150,7 +156,7 @@ class StepReplay:
             if rec is not None:   # inputs seen changing identity are copied from now on
                 self.varying |= {i for i in rec.keep if i < len(args) and args[i] is not rec.inputs[i]}
             self.recordings += 1
-            rec = Recording(step, args, self._kept(args))
+            rec = recorder(step, args, self._kept(args))
             self.recording, self.validated = rec, False
             return _own(rec.outputs, seq_outputs)
         except Unreplayable as exc:
@@ -184,6 +190,16 @@ class StepReplay:
         self.off = reason
         log.info("fxforge: kv_cache: decode steps run op by op (no replay): %s", reason)
         return list(step(*args))
+
+
+def _recorder(args: list, backend: str):
+    """The recording class for a step of ``backend`` on these inputs (``RECORDERS``), or None:
+    inputs on several devices, or a pairing that cannot be recorded (the Triton interpreter's
+    kernels on the CPU are invisible to a recording)."""
+    from fxforge.kernels import replay
+    devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+    name = RECORDERS.get((backend, devices.pop())) if len(devices) == 1 else None
+    return getattr(replay, name) if name else None
 
 
 def _own(outputs, seq_outputs) -> list:

@@ -55,7 +55,8 @@ from triton.language.extra import libdevice
 import os
 
 INF = tl.constexpr(float("inf"))
-NAN = tl.constexpr(float("nan"))
+# NaN is spelled (INF * 0.0) at each use: a NaN global constexpr never equals itself, so Triton's
+# launch-time check that globals are unchanged rejects every kernel that names one.
 
 
 @triton.jit
@@ -101,7 +102,7 @@ def _literal(x: Any) -> str:
     if isinstance(x, int):
         return repr(x)
     if x != x:
-        return "NAN"
+        return "(INF * 0.0)"
     if x in (float("inf"), float("-inf")):
         return "INF" if x > 0 else "(-INF)"
     return repr(float(x))
@@ -228,7 +229,7 @@ class _Kernel:
             lines = [f"{name} = {fn}({tile}, axis=1, keep_dims=True)"]
             if value.ctype == "f":
                 lines.append(f"{name} = tl.where(tl.sum(({tile} != {tile}).to(tl.int32), axis=1, "
-                             f"keep_dims=True) > 0, NAN, {name})")
+                             f"keep_dims=True) > 0, INF * 0.0, {name})")
         return lines + [f"{name} = {_round(value.dtype, name)}"]
 
     @staticmethod

@@ -18,7 +18,8 @@ negations, ``and``/``or``, ``where(b, 0, -inf)``); a mask proven all-keep is dro
 mask is passed as ``attn_mask`` (bool: True = keep, float: additive).
 GQA: k and v that are ``repeat_kv`` (unsqueeze -> expand -> copy -> view) of the same head count
 are replaced by the un-repeated tensors with ``enable_gqa=True``.
-``_scaled_dot_product_flash_attention_for_cpu`` (dynamo's CPU SDPA) becomes the canonical node.
+The op a traced SDPA becomes on each device (``SDPA_VARIANTS``: CPU flash; CUDA flash, memory-efficient,
+cuDNN) becomes the canonical node again.
 
 One semantic difference, as in every fused kernel: a query row whose keys are all masked with
 ``-inf`` is NaN in eager and 0 in SDPA. Constant masks with such a row are declined; runtime bool
@@ -42,7 +43,8 @@ from fxforge.passes.base import PassResult, register_pass
 from fxforge.passes.cleanup import is_pure
 
 from fxforge.passes.attention_match import (  # noqa: F401  (HUGE_NEGATIVE, SDPA: re-exported)
-    _AND, _NEGATE, _NOT, _OR, FLASH_CPU, HUGE_NEGATIVE, MAX_CONSTANT_NUMEL, SDPA, Decline, Mask,
+    _AND, _NEGATE, _NOT, _OR, HUGE_NEGATIVE, MAX_CONSTANT_NUMEL, SDPA, SDPA_VARIANTS,
+    Decline, Mask, variant_arguments,
     _check_broadcast, _class_of, _combine, _leads_to_bmm, _mask_value, _meta, _passes_order,
     _scalar_value, _shape, _softmax_to_bmm, _trace, _trace_key, _unrepeat, _walk_scores)
 
@@ -161,7 +163,7 @@ class _Context:
         k_kv, v_kv = _unrepeat(k), _unrepeat(v)
         if k_kv and v_kv and k_kv[1] == v_kv[1] > 1 and _shape(k_kv[0])[1] == _shape(v_kv[0])[1]:
             k, v, gqa = k_kv[0], v_kv[0], True
-        elif _shape(k)[1] != _shape(q)[1]:  # the CPU flash op takes grouped k/v as they are
+        elif _shape(k)[1] != _shape(q)[1]:  # the kernel ops take grouped k/v as they are
             gqa = True
         attn_mask, causal = None, is_causal
         if mask is not None:
@@ -220,21 +222,24 @@ class _Context:
         self.fuse(out, q, k, v, scores.mask, scores.mask_factor, scale, False)
         return True
 
-    def normalize_flash(self, node: fx.Node) -> bool:
-        """dynamo's ``_scaled_dot_product_flash_attention_for_cpu`` -> the canonical node."""
-        q, k, v = node.args[:3]
-        dropout = node.args[3] if len(node.args) > 3 else node.kwargs.get("dropout_p", 0.0)
-        is_causal = node.args[4] if len(node.args) > 4 else node.kwargs.get("is_causal", False)
-        mask, scale = node.kwargs.get("attn_mask"), node.kwargs.get("scale")
-        if dropout:
-            raise Decline(f"dropout_p={dropout}")
+    def normalize_variant(self, node: fx.Node) -> bool:
+        """A device's SDPA kernel op (``SDPA_VARIANTS``) -> the canonical node."""
+        args = variant_arguments(node)
+        q, k, v, scale = args["query"], args["key"], args["value"], args.get("scale")
+        mask = args.get("attn_mask", args.get("attn_bias"))
+        if args.get("dropout_p"):
+            raise Decline(f"dropout_p={args['dropout_p']}")
         outputs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-        if len(outputs) != len(node.users) or (1 in outputs and outputs[1].users):
-            raise Decline("the logsumexp output is used")
+        if len(outputs) != len(node.users) or any(out.users for i, out in outputs.items() if i):
+            raise Decline("an output other than the attention (logsumexp, RNG state) is used")
         if 0 not in outputs or any(_meta(x) is None or _meta(x).rank != 4 for x in (q, k, v)):
             return False
         wrapped = Mask(mask, additive=_meta(mask).dtype != torch.bool) if mask is not None else None
-        self.fuse(outputs[0], q, k, v, wrapped, 1.0, scale, bool(is_causal))
+        self.fuse(outputs[0], q, k, v, wrapped, 1.0, scale, bool(args.get("is_causal")))
+        graph = self.ir.gm.graph
+        for out in outputs.values():   # dead now, but the op is impure to DCE (its dropout RNG)
+            graph.erase_node(out)
+        graph.erase_node(node)
         return True
 
 
@@ -269,15 +274,15 @@ COUNT_KEYS = ("attention_fused", "normalized", "causal", "masked", "gqa", "decli
 
 @register_pass("fuse_attention")
 def fuse_attention(ir: IRGraph) -> PassResult:
-    """Explicit attention chains and dynamo's CPU SDPA become scaled_dot_product_attention."""
+    """Explicit attention chains and the devices' SDPA kernel ops become scaled_dot_product_attention."""
     context = _Context(ir)
     constants_before = {name for name, _ in ir.gm.named_buffers()}
     for node in list(ir.gm.graph.nodes):
         try:
             if node.op == "call_function" and node.target is aten._softmax.default:
                 context.counts["attention_fused"] += context.fuse_softmax(node)
-            elif node.op == "call_function" and node.target is FLASH_CPU:
-                context.counts["normalized"] += context.normalize_flash(node)
+            elif node.op == "call_function" and node.target in SDPA_VARIANTS:
+                context.counts["normalized"] += context.normalize_variant(node)
         except Decline as reason:
             context.counts["declined"] += 1
             log.debug("fuse_attention: %s not fused: %s", node.name, reason)

@@ -18,7 +18,24 @@ aten = torch.ops.aten
 
 
 SDPA = aten.scaled_dot_product_attention.default
-FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
+# What a traced ``F.scaled_dot_product_attention`` becomes: aot_autograd decomposes it into the
+# kernel the device's dispatcher picks (CPU flash; CUDA flash, memory-efficient or cuDNN). Each
+# returns the attention as output 0 plus softmax statistics and RNG state, and is normalized back
+# to SDPA by fuse_attention (the KV-cache pass and the kernels know only the canonical op).
+SDPA_VARIANTS = tuple(getattr(aten, name).default for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(aten, name))
+
+
+def variant_arguments(node) -> dict:
+    """An SDPA variant's arguments by schema name (defaults filled in): their positions differ
+    (the CPU op takes ``attn_mask`` as a keyword, the CUDA ones ``attn_bias`` as the fourth)."""
+    schema = node.target._schema
+    values = {a.name: a.default_value if a.has_default_value() else None for a in schema.arguments}
+    values.update(zip((a.name for a in schema.arguments), node.args))
+    values.update(node.kwargs)
+    return values
 
 # Ops whose result holds its input's values in the same row-major order (only the shape differs).
 _SAME_ORDER = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
@@ -288,7 +305,7 @@ def _class_of(value: torch.Tensor) -> Optional[str]:
     slabs = keep.reshape(-1, n, m)
     if not bool((slabs == slabs[:1]).all()):
         return None
-    pattern, lower = slabs[0], torch.ones(n, m, dtype=torch.bool).tril()
+    pattern, lower = slabs[0], torch.ones(n, m, dtype=torch.bool, device=slabs.device).tril()
     if bool(pattern.all()):
         return "all"
     if not bool(pattern.any()):

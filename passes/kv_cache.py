@@ -163,7 +163,7 @@ def _causal_pattern(mask: Any, length: int) -> bool:
     if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or \
             tuple(mask.shape[-2:]) != (length, length):
         return False
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
     flat = mask.reshape(-1, length, length)
     if mask.dtype == torch.bool:
         return bool((flat == allowed).all())
@@ -269,7 +269,8 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
             return f"output {i} has the sequence at a dim other than 1"
     plan = KVCachePlan(step, tokens_at, seq, "kv_cache_pos", sites=len(sites),
                        positions=len(aranges), seq_outputs=seq_outputs)
-    cache_pos = _add_input(step, "kv_cache_pos", torch.zeros(1, dtype=torch.int64))
+    device = tokens.meta["val"].device   # the position and the caches live with the tokens
+    cache_pos = _add_input(step, "kv_cache_pos", torch.zeros(1, dtype=torch.int64, device=device))
     for i, site in enumerate(sites):
         _cache_site(step, plan, site, cache_pos, i)
     for node in aranges:
@@ -317,7 +318,8 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
         name = f"kv_cache_{kind}{i}"
         batch = value.meta["val"].shape[0]
         with ir.fake_mode:
-            example = torch.empty(batch, meta.shape[1], 1, meta.shape[3], dtype=meta.dtype)
+            example = torch.empty(batch, meta.shape[1], 1, meta.shape[3], dtype=meta.dtype,
+                                  device=value.meta["val"].device)
         buffers.append(_add_input(ir, name, example))
         plan.caches.append(CacheSpec(name, int(meta.shape[1]), int(meta.shape[3]), meta.dtype))
     with ir.gm.graph.inserting_before(site):

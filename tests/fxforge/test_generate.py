@@ -309,3 +309,25 @@ def test_a_replay_that_disagrees_turns_replay_off(gpt, monkeypatch, caplog):
     decoder = _kv_decoder(graphs)
     assert decoder.replay.off is not None and decoder.stats["replayed"] == 0
     assert "replay off" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_gpu_decode_steps_replay_as_cuda_graphs(request, name):
+    """On a GPU the Triton backend's decode steps are captured as one CUDA graph each shape,
+    validated against a normal step, then replayed; tokens equal the eager loop's."""
+    from fxforge.compiler import recording
+    torch._dynamo.reset()
+    module = request.getfixturevalue(name).cuda()
+    try:
+        ids = prompts(1, 7, 512, seed=31).cuda()
+        with recording() as graphs:
+            compiled = torch.compile(module, backend="fxforge", options={"kv_cache": True})
+            got = fxforge.generate(compiled, ids, 12)
+        assert torch.equal(got, eager_greedy(module, ids, 12))
+    finally:
+        module.cpu()   # the fixture is shared with CPU tests
+    decoder = _kv_decoder(graphs)
+    assert decoder.replay is not None and decoder.replay.off is None, decoder.replay.off
+    assert decoder.replay.validated and decoder.stats["replayed"] >= decoder.stats["steps"] - 2 > 0

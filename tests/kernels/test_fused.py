@@ -315,3 +315,17 @@ def test_cat_of_three_slices_with_computed_source(backend):
 
     x, w = torch.randn(3, 10), torch.randn(10)
     check(backend, group(shuffle, x, w, mode="fake"), x, w)
+
+
+def test_generated_triton_globals_equal_themselves():
+    """Compiled Triton (not the interpreter) checks at each launch that every global constexpr a
+    kernel names still equals the value it was compiled with; a NaN never equals itself, so a
+    NaN global made every launch fail on a GPU."""
+    import triton.language as tl
+    from fxforge.kernels.fused_triton import HEADER
+    namespace: dict = {}
+    exec(compile(HEADER, "<fused_triton header>", "exec"), namespace)
+    constexprs = {k: v for k, v in namespace.items() if isinstance(v, tl.constexpr)}
+    assert constexprs, "the header defines no constexpr globals: this test checks nothing"
+    for name, value in constexprs.items():
+        assert value.value == value.value, f"global {name} = {value.value!r} never equals itself"

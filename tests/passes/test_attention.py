@@ -249,3 +249,51 @@ def test_hf_models_fuse_once_per_layer(compile_model, arch):
                           "causal": 0 if arch == "bert" else layers,
                           "gqa": layers if arch in ("llama", "mistral", "qwen2") else 0}
     assert len(sdpa_nodes(ir)) == layers and "aten._softmax.default" not in ir.op_counts()
+
+
+def _cuda_variant_ir(call, *inputs):
+    """The IR of ``call`` traced with fake tensors: the CUDA kernel ops have shape functions on any
+    device, so their graphs (what dynamo's capture gives on a GPU) can be built and rewritten here."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from fxforge.irgraph.capture import _fake_mode_of, build_ir
+    gm = make_fx(call, tracing_mode="fake")(*inputs)
+    return build_ir(gm, _fake_mode_of(gm), {}, {})
+
+
+aten = torch.ops.aten
+CUDA_VARIANTS = {   # (q, k, v, mask) -> output 0 of the op, as the CUDA dispatcher calls it
+    "flash causal": (lambda q, k, v, m: aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, True, False, scale=0.3)[0], True, False),
+    "efficient, additive bias": (lambda q, k, v, m: aten._scaled_dot_product_efficient_attention(
+        q, k, v, m, False, 0.0, False, scale=0.3)[0], False, True),
+    "cudnn causal, no bias": (lambda q, k, v, m: aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, False, 0.0, True, False, scale=0.3)[0], True, False),
+}
+
+
+@pytest.mark.parametrize("case", CUDA_VARIANTS)
+def test_cuda_sdpa_kernel_ops_are_normalized(case):
+    """On a GPU a traced SDPA is one of CUDA's kernel ops; fuse_attention must make each the
+    canonical op (the KV-cache pass and the Triton backend know only that), with its meaning."""
+    from fxforge.passes.attention import fuse_attention
+    call, causal, masked = CUDA_VARIANTS[case]
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    mask = torch.randn(B, H, L, L)
+    ir = _cuda_variant_ir(call, q, k, v, mask)
+    result = fuse_attention(ir)
+    assert result.counts["normalized"] == 1 and result.counts["masked"] == int(masked)
+    assert [n.target for n in result.ir.call_nodes()].count(SDPA) == 1
+    assert not any("_scaled_dot_product_" in str(t) for t in result.ir.op_counts())
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None,
+                                          is_causal=causal, scale=0.3)
+    result.ir.gm.recompile()   # the pass manager does this between passes
+    assert_close_to_eager(result.ir.gm(q, k, v, mask), want)
+
+
+def test_cuda_sdpa_with_its_logsumexp_used_is_not_normalized():
+    from fxforge.passes.attention import fuse_attention
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    ir = _cuda_variant_ir(lambda q, k, v: aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, True)[:2], q, k, v)
+    result = fuse_attention(ir)
+    assert result.counts["normalized"] == 0 and result.counts["declined"] == 1
