@@ -40,6 +40,11 @@ class Backend:
         """Why ``precision`` ("bf16", "fp16") has no fast path here, or ``None`` if it has."""
         return None
 
+    def weight_only_precision(self, precision: str) -> Optional[str]:
+        """Where ``precision`` has no fast math path: the weight-only variant this backend makes
+        faster (weights stored in the low dtype, math in fp32), e.g. ``"bf16_weights"``, or None."""
+        return None
+
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
 

@@ -101,6 +101,12 @@ class CPUBackend(ReferenceBackend):
         path = choose_matmul_path(dtype)
         return path.reason if path.compute_dtype == torch.float32 else None
 
+    def weight_only_precision(self, precision: str) -> Optional[str]:
+        """bf16 without bf16 units: the GEMV stores bf16-valued weights in bf16, so decode reads
+        half the bytes (prefill's GEMM stays fp32, on the same rounded values)."""
+        from fxforge.kernels.gemv_cpu import gemv_unavailable
+        return "bf16_weights" if precision == "bf16" and gemv_unavailable() is None else None
+
     def compile_partition(self, gm: fx.GraphModule) -> Callable:
         lowered, choices = lower_to_kernels(gm, self.table)
         self.report.extend(choices)

@@ -15,6 +15,9 @@ the precision pass really runs (on a CPU without bf16 units ATen's bf16 matmul i
 the bf16 rows' seconds say nothing about speed). The cpu backend has no fp16 matmul path on
 any ISA, so fp16 runs on the ``reference`` backend (the pass's IR op by op on ATen).
 
+``bf16_weights`` is what ``precision="bf16"`` runs on a CPU without bf16 units (compiled with
+``FXFORGE_CPU_ISA=avx2``, as this CPU really is): weights rounded to bf16, math in fp32.
+
 Exit code 1 if a low-precision variant did not run its pass (every compiled graph's
 ``ir.info["precision"]`` must be the requested one) or fxforge fp32 is not within 1e-3
 (relative to the largest eager logit) of eager.
@@ -44,7 +47,11 @@ from fxforge.examples.smollm2 import load_smollm2, reference_text, smollm2_statu
 FP32_MAX_REL_DIFF = 1e-3
 # precision -> extra fxforge options (see the module docstring for why fp16 is on "reference")
 PRECISION_OPTIONS = {"fp32": {}, "bf16": {"precision": "bf16"},
+                     "bf16_weights": {"precision": "bf16"},
                      "fp16": {"precision": "fp16", "backend": "reference"}}
+# bf16_weights is what precision="bf16" runs on a CPU without bf16 units (this one, dispatched as
+# it is): weights rounded to bf16 and stored so for the decode GEMV, math in fp32.
+VARIANT_ISA = {"bf16_weights": "avx2"}
 
 
 class PrecisionNotApplied(RuntimeError):
@@ -57,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # 4 windows x 128 tokens take ~7 minutes.
     p.add_argument("--windows", type=int, default=2, help="number of windows (default 2)")
     p.add_argument("--window-len", type=int, default=64, help="tokens per window (default 64)")
-    p.add_argument("--precisions", default="fp32,bf16,fp16",
-                   help="comma-separated fxforge precisions out of fp32,bf16,fp16")
+    p.add_argument("--precisions", default="fp32,bf16,bf16_weights,fp16",
+                   help="comma-separated fxforge precisions out of fp32,bf16,bf16_weights,fp16")
     p.add_argument("--json", default=".bench/precision_accuracy.json", help="where to write the results")
     args = p.parse_args(argv)
     args.precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
@@ -103,8 +110,12 @@ def run_fxforge(model, windows, precision: str) -> tuple:
     Compiles on the first window (so no forward is spent on an example input alone)."""
     torch._dynamo.reset()
     options = PRECISION_OPTIONS[precision]
-    with recording() as graphs:
-        logits, first_s = run_windows(fxforge.compile(LogitsOnly(model), **options), windows)
+    os.environ["FXFORGE_CPU_ISA"] = VARIANT_ISA.get(precision, ISA_OVERRIDE)
+    try:
+        with recording() as graphs:
+            logits, first_s = run_windows(fxforge.compile(LogitsOnly(model), **options), windows)
+    finally:
+        os.environ["FXFORGE_CPU_ISA"] = ISA_OVERRIDE
     ran = [g.ir.info.get("precision") for g in graphs]
     if not ran or any(p != precision for p in ran):
         raise PrecisionNotApplied(f"fxforge precision={precision!r} compiled {len(ran)} graph(s) with "
@@ -134,12 +145,12 @@ def measure(model, windows, precisions) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'variant':<14} {'perplexity':>10} {'delta':>9} {'max rel logit diff':>18} "
+    header = (f"{'variant':<20} {'perplexity':>10} {'delta':>9} {'max rel logit diff':>18} "
               f"{'top-1 agree':>11} {'seconds':>8} {'1st call':>8}  notes")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['variant']:<14} {r['perplexity']:>10.3f} {r['perplexity_delta']:>+9.4f} "
+        print(f"{r['variant']:<20} {r['perplexity']:>10.3f} {r['perplexity_delta']:>+9.4f} "
               f"{r['max_rel_logit_diff']:>18.2e} {r['top1_agreement']:>10.2%} "
               f"{r['seconds']:>8.1f} {r['first_call_s']:>8.1f}  {r['notes']}")
 
@@ -160,6 +171,7 @@ def main(argv=None) -> int:
         return 1
     print(f"FXFORGE_CPU_ISA={ISA_OVERRIDE} set before compiling: fxforge dispatches as if this CPU "
           "had AVX512-BF16, so precision=bf16 really runs in bf16 (slowly: no bf16 units here); "
+          "bf16_weights is precision=bf16 compiled as this CPU is (FXFORGE_CPU_ISA=avx2); "
           "fp16 runs on the reference backend (the cpu backend has no fp16 path)")
     model, tokenizer = load_smollm2(progress=False)
     print(f"model loaded in {time.perf_counter() - wall_start:.1f} s")

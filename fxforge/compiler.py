@@ -52,13 +52,22 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 def effective_options(options: CompileOptions, backend: Backend) -> CompileOptions:
     """The options the pipeline runs with on ``backend``: a low precision the hardware has no
-    fast path for (bf16 on a CPU without AMX or AVX512-BF16) would only lose accuracy and
-    time, so the graph stays fp32, and the log says why."""
+    fast math path for (bf16 on a CPU without AMX or AVX512-BF16) runs as the backend's
+    weight-only variant where it has one (``bf16_weights``: low-precision weight storage, fp32
+    math), and otherwise stays fp32, which would only lose accuracy and time; the log says which
+    and why."""
     if options.precision == "fp32":
         return options
     reason = backend.precision_unsupported(options.precision)
     if reason is None:
         return options
+    weight_only = backend.weight_only_precision(options.precision)
+    if weight_only is not None:
+        log.warning("fxforge: precision=%r on the %s backend: %s; weights are rounded to %s and "
+                    "stored so where a kernel reads them (decode GEMV: half the bytes), math stays "
+                    "fp32 (precision %r)", options.precision, backend.name, reason,
+                    options.precision, weight_only)
+        return dataclasses.replace(options, precision=weight_only)
     log.warning("fxforge: precision=%r runs in fp32 on the %s backend: %s", options.precision,
                 backend.name, reason)
     return dataclasses.replace(options, precision="fp32")
@@ -167,7 +176,7 @@ def _version(tensor: torch.Tensor):
     return None if tensor.is_inference() else tensor._version
 
 
-_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16_weights": torch.bfloat16}
 
 
 def check_against_eager(outputs: Any, expected: Any, precision: str = "fp32") -> None:

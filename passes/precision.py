@@ -182,6 +182,31 @@ def precision_bf16(ir: IRGraph) -> PassResult:
     return lower_precision(ir, torch.bfloat16)
 
 
+@register_pass("precision_bf16_weights")
+def precision_bf16_weights(ir: IRGraph) -> PassResult:
+    """Weight-only bf16, for hardware that can store bf16 but has no bf16 math (a CPU without
+    AMX-BF16 or AVX512-BF16): every fp32 ``fxforge.linear`` weight is rounded to bf16 values (a
+    round trip of casts that constant folding evaluates once) and the math stays fp32. A backend
+    can then keep such weights in bf16 at no further loss, halving the bytes a decode step reads
+    (the CPU GEMV does: ``kernels/gemv_cpu.py``). Activations, biases and residuals are untouched."""
+    counts: Counter = Counter()
+    casts, memo = _Casts(ir), {}
+    for node in list(ir.gm.graph.nodes):
+        if node.op != "call_function" or node.target is not fxforge_linear:
+            continue
+        weight = node.args[1]
+        reason = skip_reason(node) or (None if is_weight(weight, memo) else "not_a_weight")
+        if reason is not None:
+            counts[f"skipped_{reason}"] += 1
+            continue
+        rounded = casts.to(casts.to(weight, torch.bfloat16, before=node), torch.float32, before=node)
+        node.update_arg(1, rounded)
+        counts["weights_rounded"] += 1
+    return PassResult(ir, {"weights_rounded": counts["weights_rounded"],
+                           **{f"skipped_{why}": counts[f"skipped_{why}"]
+                              for why in (*SKIP_REASONS, "not_a_weight")}})
+
+
 @register_pass("precision_fp16")
 def precision_fp16(ir: IRGraph) -> PassResult:
     """Run fp32 matmuls and attention in float16; everything else stays fp32."""

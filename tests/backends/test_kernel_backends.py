@@ -73,14 +73,38 @@ def test_broken_kernel_builds_fall_back_with_their_reason(monkeypatch, caplog):
     assert "g++ exploded" in caplog.text
 
 
-def test_bf16_on_a_cpu_without_bf16_hardware_stays_fp32(monkeypatch, caplog):
+def test_bf16_without_bf16_units_or_gemv_stays_fp32(monkeypatch, caplog):
+    from fxforge.kernels import gemv_cpu, linear_cpu   # (imported first: it binds the name)
     monkeypatch.setenv("FXFORGE_CPU_ISA", "avx2")
+    for module in (gemv_cpu, linear_cpu):
+        monkeypatch.setattr(module, "gemv_unavailable", lambda: "no compiler (injected)")
     model, inputs = _small_gpt()
     with caplog.at_level(logging.WARNING, logger="fxforge"):
         got, want, graphs = _compile(model, inputs, backend="cpu", precision="bf16")
     assert "runs in fp32" in caplog.text and "AVX512-BF16" in caplog.text
     assert_close_to_eager(got, want)  # fp32 tolerance: nothing was lowered to bf16
     assert graphs[0].ir.info["precision"] == "fp32"
+
+
+def test_bf16_without_bf16_units_stores_bf16_weights(monkeypatch, caplog):
+    """No bf16 math here: the weights are rounded to bf16 values (math stays fp32), so a decode
+    step's GEMV can read them as bf16: half the bytes, with no loss beyond the rounding."""
+    monkeypatch.setenv("FXFORGE_CPU_ISA", "avx2")
+    model, _ = _small_gpt()
+    one_token = (torch.randint(0, 64, (1, 1)),)
+    with caplog.at_level(logging.WARNING, logger="fxforge"):
+        got, want, graphs = _compile(model, one_token, backend="cpu", precision="bf16")
+    assert "bf16_weights" in caplog.text and graphs[0].ir.info["precision"] == "bf16_weights"
+    stats = [s.counts for s in graphs[0].ir.info["passes"] if s.name == "precision_bf16_weights"]
+    assert stats and stats[0]["weights_rounded"] >= 6
+    ir = graphs[0].ir
+    weights = [getattr(ir.gm, n.args[1].target) for n in ir.call_nodes()
+               if n.target is torch.ops.fxforge.linear.default and n.args[1].op == "get_attr"]
+    assert len(weights) >= 6 and all(torch.equal(w.to(torch.bfloat16).float(), w) for w in weights)
+    paths = [c.path for c in graphs[0].lowered.choices if "GEMV" in c.path]
+    assert len(paths) >= 6 and all("weights stored in bf16" in p for p in paths)
+    error = (got - want).abs().max() / want.abs().max()
+    assert 0 < error < 2e-2
 
 
 def test_bf16_where_the_cpu_has_it_runs_the_precision_pass(monkeypatch):

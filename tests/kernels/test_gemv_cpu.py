@@ -51,6 +51,44 @@ def test_strided_rows_and_residual():
                           _reference(x_t, weight.t(), None, "relu", None))
 
 
+def _bf16_valued(*shape):
+    return torch.randn(*shape).to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (13, 17), (16, 8), (579, 100), (333, 257)])
+@pytest.mark.parametrize("m", [1, 3, GEMV_MAX_M])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_valued_weights_are_stored_in_bf16_and_stay_exact(n, k, m, threads):
+    """Weights whose values are all bf16 values (the bf16_weights precision rounds them so) are
+    stored in bf16, half the bytes a decode step reads; the math is fp32 on the same values, so
+    the result is the fp32 linear's."""
+    torch.manual_seed(n + 7 * k + m)
+    weight, bias = _bf16_valued(n, k), torch.randn(n)
+    x, res = torch.randn(m, k), torch.randn(m, n)
+    kernel = GemvLinear(weight, bias, "silu")
+    kernel.threads = threads
+    assert kernel.storage == torch.bfloat16 and kernel.weight.dtype == torch.bfloat16
+    assert "weights stored in bf16" in kernel.describe("fp32", True)
+    assert_close_to_eager(kernel(x, res), _reference(x, weight.t(), bias, "silu", res),
+                          f"M={m} N={n} K={k}")
+
+
+def test_other_weights_stay_fp32():
+    weight = _bf16_valued(20, 30)
+    weight[3, 4] += 1e-4                               # one value off the bf16 grid
+    assert GemvLinear(weight, None, "none").storage == torch.float32
+
+
+def test_bf16_pack_layout():
+    weight = torch.arange(18 * 3, dtype=torch.float32).reshape(18, 3)   # small ints: exact bf16
+    packed = pack_weight(weight, torch.bfloat16)
+    assert packed.shape == (2, 3, 8, 2)             # blocks of 16 rows, pairs (r_i, r_(8+i))
+    assert torch.equal(packed[0, :, 2, 0].float(), weight[2])
+    assert torch.equal(packed[0, :, 2, 1].float(), weight[10])
+    assert torch.equal(packed[1, :, 1, 0].float(), weight[17])
+    assert torch.count_nonzero(packed[1, :, 2:].float()) == 0   # rows past N are zero padding
+
+
 def test_pack_weight_layout():
     weight = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
     packed = pack_weight(weight)
@@ -93,3 +131,15 @@ def test_tuning_space_offers_the_gemv_for_few_rows_only():
     assert config_for("gemv") in kept
     _, pruned = space.survivors({"M": 128, "K": 576, "N": 1536, "dtype": "float32"})
     assert "more than" in pruned[config_for("gemv")]
+
+
+def test_portable_build_matches(monkeypatch):
+    """The loops a CPU without AVX2 runs (the same source built without -march=native)."""
+    from fxforge.kernels import fused_cpp
+    monkeypatch.setattr(fused_cpp, "FLAGS", tuple(f for f in fused_cpp.FLAGS if not f.startswith("-march")))
+    monkeypatch.setattr(gemv_cpu, "_entry", gemv_cpu._entry.__wrapped__)
+    torch.manual_seed(3)
+    for weight in (torch.randn(37, 21), _bf16_valued(37, 21)):
+        kernel = GemvLinear(weight, None, "relu")
+        x = torch.randn(2, 21)
+        assert_close_to_eager(kernel(x, None), _reference(x, weight.t(), None, "relu", None))

@@ -175,3 +175,36 @@ def test_torch_compile_with_the_pass_list(monkeypatch):
     counts = {s.name: s.counts for s in graph.ir.info["passes"]}["precision_bf16"]
     assert counts["matmuls"] == 9 and counts["attention"] == 2
     check_structure(graph.ir, torch.bfloat16)
+
+
+class _TwoLinears(nn.Module):
+    """A weight linear, a tiny-K one (kept fp32) and an activation-by-activation matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.tiny = nn.Linear(32, 48), nn.Linear(8, 48)
+
+    def forward(self, x, small):
+        h = self.up(x) + self.tiny(small)
+        return h @ h.transpose(-1, -2)
+
+
+def test_bf16_weights_rounds_linear_weights_and_keeps_the_math_fp32():
+    model = _TwoLinears().eval()
+    x, small = torch.randn(3, 32), torch.randn(3, 8)
+    ir, counts = run(model, (x, small), pipeline("bf16_weights"))
+    assert counts["weights_rounded"] == 1 and counts["skipped_small_k"] == 1
+    linears = [n for n in ir.call_nodes() if n.target is fxforge_linear]
+    weights = {n.args[0].meta[META_KEY].shape[-1]: getattr(ir.gm, alias_root(n.args[1]).target)
+               for n in linears}
+    assert torch.equal(weights[32].to(torch.bfloat16).float(), weights[32])      # rounded, folded
+    assert not torch.equal(weights[8].to(torch.bfloat16).float(), weights[8])    # K=8 < MIN_K
+    assert all(dtype_of(n) == torch.float32 for n in ir.call_nodes() if n.op == "call_function"
+               and isinstance(n.meta.get(META_KEY), TensorMeta) and n.meta[META_KEY].dtype.is_floating_point)
+    assert not [n for n in ir.call_nodes() if n.target is aten._to_copy.default]   # all folded
+    rounded = model.up.weight.detach().to(torch.bfloat16).float()
+    h = x @ rounded.t() + model.up.bias + model.tiny(small)
+    with torch.no_grad():
+        got, = ir.gm(x, small)
+        torch.testing.assert_close(got, h @ h.t(), rtol=1e-5, atol=1e-4)   # exact but for order
+        assert relative_error(got, model(x, small)) > 0                     # and lossy vs fp32
