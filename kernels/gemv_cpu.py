@@ -39,13 +39,54 @@ PARALLEL_MIN_WEIGHTS = 1 << 15  # N x K below which one thread is faster than a 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
 
 SOURCE = "#include <omp.h>\n#include <immintrin.h>\n" + PRELUDE + MATH + r"""
+/* the activations, by ACTIVATION_CODES (the same formulas as the reference ops) */
+template <int ACT> static inline float act_of(float v) {
+  if (ACT == 1) return v < 0.0f ? 0.0f : v;
+  if (ACT == 2) return v / (1.0f + fxf_exp(-v));
+  if (ACT == 3) return 0.5f * v * (1.0f + fxf_erf(v * 0.7071067811865476f));
+  if (ACT == 4) return 0.5f * v * (1.0f + fxf_tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  return v;
+}
+
 static inline float activate(float v, int act) {
   switch (act) {
-    case 1: return v < 0.0f ? 0.0f : v;
-    case 2: return v / (1.0f + fxf_exp(-v));
-    case 3: return 0.5f * v * (1.0f + fxf_erf(v * 0.7071067811865476f));
-    case 4: return 0.5f * v * (1.0f + fxf_tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case 1: return act_of<1>(v);
+    case 2: return act_of<2>(v);
+    case 3: return act_of<3>(v);
+    case 4: return act_of<4>(v);
     default: return v;
+  }
+}
+
+/* y = act(y) (+ residual) in place, over M rows of N (row strides sy, sr): the epilogue of a GEMM
+   from a library (ATen/MKL addmm). One templated loop per activation, so each vectorizes
+   (fxf_erf/fxf_exp are branch-free): measured here at 2 threads, silu 0.5x and gelu 0.85-0.9x
+   the time of ATen's in-place kernels, with the residual add in the same pass. */
+template <int ACT>
+static void epilogue_rows(float* y, int64_t M, int64_t N, int64_t sy, const float* res, int64_t sr,
+                          int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M * N >= PARALLEL_MIN_WEIGHTS)
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = y + m * sy;
+    if (res) {
+      const float* r = res + m * sr;
+      #pragma omp simd
+      for (int64_t n = 0; n < N; ++n) row[n] = act_of<ACT>(row[n]) + r[n];
+    } else {
+      #pragma omp simd
+      for (int64_t n = 0; n < N; ++n) row[n] = act_of<ACT>(row[n]);
+    }
+  }
+}
+
+extern "C" void fxf_epilogue(float* y, int64_t M, int64_t N, int64_t sy, int act, const float* res,
+                             int64_t sr, int nthreads) {
+  switch (act) {
+    case 1: epilogue_rows<1>(y, M, N, sy, res, sr, nthreads); break;
+    case 2: epilogue_rows<2>(y, M, N, sy, res, sr, nthreads); break;
+    case 3: epilogue_rows<3>(y, M, N, sy, res, sr, nthreads); break;
+    case 4: epilogue_rows<4>(y, M, N, sy, res, sr, nthreads); break;
+    default: epilogue_rows<0>(y, M, N, sy, res, sr, nthreads);
   }
 }
 
@@ -146,6 +187,33 @@ def _entry() -> Callable:
                    ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
     return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _epilogue_entry() -> Callable:
+    fn = load_function(SOURCE, "fxf_epilogue", "gemv")
+    fn.restype = None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int)
+    return fn
+
+
+def epilogue_(y: torch.Tensor, activation: str, residual: Optional[torch.Tensor]) -> bool:
+    """``y = act(y) (+ residual)`` in place, in one vectorized pass, for a 2-D fp32 ``y`` (and
+    residual) with unit stride along N; False (nothing done) for anything else, or without the
+    compiled kernel: the caller then runs ATen's ops."""
+    if y.dtype != torch.float32 or y.dim() != 2 or y.stride(1) != 1 or (
+            residual is not None and (residual.dtype != torch.float32 or residual.shape != y.shape
+                                      or residual.stride(1) != 1)):
+        return False
+    try:
+        fn = _epilogue_entry()
+    except Exception:  # noqa: BLE001  (no compiler, a failed build: ATen does the same)
+        return False
+    launch(fn, (y.data_ptr(), y.shape[0], y.shape[1], y.stride(0), ACTIVATION_CODES[activation],
+                residual.data_ptr() if residual is not None else None,
+                residual.stride(0) if residual is not None else 0, torch.get_num_threads()))
+    return True
 
 
 def gemv_unavailable() -> Optional[str]:

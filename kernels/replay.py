@@ -95,7 +95,7 @@ class Recording:
         if func is aten._local_scalar_dense.default or not all(
                 isinstance(o, torch.Tensor) for o in flat_out):
             self.problem = self.problem or f"{func} reads a tensor's value into Python"
-        elif torch.Tag.nondeterministic_seeded in func.tags:
+        elif torch.Tag.nondeterministic_seeded in func.tags and not _without_dropout(func, args, kwargs):
             self.problem = self.problem or f"{func} is random"
         elif func in _ALLOCATIONS or func.is_view or \
                 not any(isinstance(a, torch.Tensor) for a in tree_flatten((args, kwargs))[0]):
@@ -170,6 +170,16 @@ class CudaGraphRecording(Recording):
         self.load_inputs(args)
         self.graph.replay()
         return self.outputs
+
+
+def _without_dropout(func, args, kwargs) -> bool:
+    """An op tagged random only for its dropout (attention kernels) called with ``dropout_p=0``."""
+    names = [a.name for a in func._schema.arguments]
+    if "dropout_p" not in names:
+        return False
+    at = names.index("dropout_p")
+    value = args[at] if at < len(args) else kwargs.get("dropout_p", 0.0)
+    return value == 0
 
 
 def _kernel_step(fn: Callable, args: tuple, result: Any) -> Callable[[], None]:

@@ -9,8 +9,8 @@ from fxforge.kernels.linear_cpu import (CANDIDATES, LAYOUTS, LINEAR_CPU_SPACE, O
                                         ONEDNN_MIN_N, PackedLinear, _prune, candidate_of,
                                         config_for, default_candidate, linear_cpu_space,
                                         thread_counts,
-                                        unavailable_reason)
-from fxforge.kernels.gemv_cpu import GEMV_MAX_M
+                                        unavailable_reason, activate_)
+from fxforge.kernels.gemv_cpu import GEMV_MAX_M, gemv_unavailable
 from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
 
@@ -175,7 +175,8 @@ def test_describe_names_the_path():
         assert texts["onednn"] == "oneDNN fp32 linear, prepacked, post-op gelu"
         fused_add = PackedLinear(weight, b, "none", True, candidate="onednn").describe()
         assert fused_add == "oneDNN fp32 linear, prepacked, residual: binary post-op add"
-    assert texts["aten"] == "aten addmm fp32, weight pre-transposed contiguous [K,N], epilogue in place: gelu"
+    where = "one vectorized C++ pass" if gemv_unavailable() is None else "in place"
+    assert texts["aten"] == f"aten addmm fp32, weight pre-transposed contiguous [K,N], epilogue {where}: gelu"
     no_bias = PackedLinear(weight, None, "none", True, candidate="aten").describe()
     assert no_bias == "aten mm fp32, weight pre-transposed contiguous [K,N], epilogue in place: residual add_"
 
@@ -214,3 +215,26 @@ def test_bf16_linears_can_be_tuned_to_an_fp32_gemm(monkeypatch):
     assert all(statuses[c] == "ok" for c in space.configs if c["fp32"] and
                statuses[c] != "pruned"), result.records
     assert statuses[result.best] == "ok"
+
+
+@pytest.mark.skipif(gemv_unavailable() is not None, reason="no C++ compiler for the epilogue kernel")
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 17), (128, 300)])
+def test_library_gemm_epilogue_kernel_matches_aten(activation, residual, m, n):
+    """The vectorized C++ epilogue after a library GEMM gives ATen's activation (+ residual)."""
+    from fxforge.kernels.gemv_cpu import epilogue_
+    wide = torch.randn(m, n + 5)
+    y = wide[:, 2:n + 2]                                   # row stride n + 5, unit stride in N
+    res = torch.randn(m, n) if residual else None
+    want = activate_(y.clone(), activation) + (res if residual else 0)
+    assert epilogue_(y, activation, res)
+    assert_close_to_eager(y, want, f"{activation} M={m} N={n}")
+
+
+def test_epilogue_kernel_declines_what_it_cannot_take():
+    from fxforge.kernels.gemv_cpu import epilogue_
+    assert not epilogue_(torch.randn(4, 6).t(), "gelu", None)          # N not unit-stride
+    assert not epilogue_(torch.randn(4, 6, dtype=torch.float64), "gelu", None)
+    assert not epilogue_(torch.randn(2, 4, 6), "gelu", None)
+    assert not epilogue_(torch.randn(4, 6), "gelu", torch.randn(6))     # a broadcast residual
