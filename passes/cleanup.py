@@ -127,3 +127,45 @@ def remove_noops(ir: IRGraph) -> PassResult:
     """Drop views, clones and casts that do not change shape, strides, dtype or device."""
     counts: Counter = NOOP_RULES.apply(ir)
     return PassResult(ir, dict(counts))
+
+
+def _computes_below_fp64(user: fx.Node, scalar: fx.Node) -> bool:
+    """``user`` is a pointwise op whose result is not float64 and that reads ``scalar`` next to a
+    tensor of rank >= 1: ATen's type promotion then casts the 0-d operand to the op's compute
+    dtype before computing, so casting it once beforehand gives the same bits."""
+    from fxforge.irgraph import POINTWISE
+    result = user.meta.get("val")
+    if user.target not in POINTWISE or not isinstance(result, torch.Tensor) \
+            or result.dtype == torch.float64:
+        return False
+    return any(isinstance(a, fx.Node) and a is not scalar and isinstance(a.meta.get("val"), torch.Tensor)
+               and a.meta["val"].dim() >= 1 for a in user.args)
+
+
+@register_pass("narrow_scalar_inputs")
+def narrow_scalar_inputs(ir: IRGraph) -> PassResult:
+    """0-d float64 graph inputs read by fp32 pointwise ops become fp32 once, at the top.
+
+    After a model with another value of a float attribute (an RMSNorm's eps), dynamo passes that
+    float as a 0-d float64 tensor input at every call; the fused kernels hold no float64, so each
+    norm reading it ran op by op (~2.8 ms of a SmolLM2 decode token, measured). Every such use is
+    an op that computes in its fp32 result dtype anyway (:func:`_computes_below_fp64`); other
+    uses keep the float64 input. Lossless."""
+    counts: Counter = Counter()
+    graph = ir.gm.graph
+    for node in ir.placeholders():
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.dim() == 0 and val.dtype == torch.float64):
+            continue
+        users = [u for u in node.users if _computes_below_fp64(u, node)]
+        if not users:
+            continue
+        with graph.inserting_after(ir.placeholders()[-1]):
+            narrow = graph.call_function(torch.ops.aten._to_copy.default, (node,),
+                                         {"dtype": torch.float32})
+        ir.infer(narrow)
+        for user in users:
+            user.replace_input_with(node, narrow)
+        counts["inputs"] += 1
+        counts["uses"] += len(users)
+    return PassResult(ir, {"inputs": counts["inputs"], "uses": counts["uses"]})

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 # * horizontal and epilogue fusion and the precision pass leave weight-only work (concatenations,
 #   casts) that constant folding then does once, at compile time;
 # * vertical fusion runs last: it only tags groups, and a later pass could break one.
-FRONT = ["remove_noops", "cse", "fuse_projections", "constant_fold", "fuse_attention", "fuse_epilogues"]
+FRONT = ["narrow_scalar_inputs", "remove_noops", "cse", "fuse_projections", "constant_fold", "fuse_attention", "fuse_epilogues"]
 BACK = ["constant_fold", "cse", "remove_noops", "dce", "fuse_elementwise"]
 
 

@@ -178,3 +178,39 @@ def test_a_copy_whose_view_is_an_output_is_kept():
     ir, _ = run(CloneThenView(), (x,), ["remove_noops", "dce"])
     outs = ir.gm(x)
     assert all(o.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for o in outs)
+
+
+def _rms_with_eps_input(self, x, eps):
+    variance = x.pow(2).mean(-1, keepdim=True)
+    scaled_eps = eps * 3.0                       # 0-d float64 math: must stay float64
+    return self.w * (x * torch.rsqrt(variance + eps)), x * scaled_eps
+
+
+def test_narrow_scalar_inputs_casts_a_0d_float64_input_once_and_exactly():
+    """dynamo passes a float attribute that differs between models (an RMSNorm's eps) as a 0-d
+    float64 input; fp32 ops that read it compute in fp32 anyway, so one cast at the top gives
+    the same bits, and lets the norm fuse (the fused kernels hold no float64)."""
+    model = Fn(_rms_with_eps_input, w=torch.randn(16))
+    x, eps = torch.randn(3, 16), torch.tensor(1e-6, dtype=torch.float64)
+    ir, stats = run(model, (x, eps), ["narrow_scalar_inputs"])
+    assert stats["narrow_scalar_inputs"] == {"inputs": 1, "uses": 1}
+    casts = [n for n in ir.call_nodes() if n.target is aten._to_copy.default]
+    assert len(casts) == 1 and casts[0].args[0].op == "placeholder"
+    f64_users = [u for u in casts[0].args[0].users if u is not casts[0]]
+    assert f64_users and all(u.meta["val"].dtype == torch.float64 for u in f64_users)
+    with torch.no_grad():
+        for got, want in zip(ir.gm(x, eps), model(x, eps)):
+            assert torch.equal(got, want)        # bit for bit: the cast ATen does anyway
+
+
+def test_a_norm_with_an_eps_input_fuses_on_the_cpu_backend():
+    import fxforge
+    from fxforge.compiler import recording
+    model = Fn(lambda self, x, eps: self.w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)),
+               w=torch.randn(64))
+    x, eps = torch.randn(5, 64), torch.tensor(1e-5, dtype=torch.float64)
+    with recording() as graphs, torch.no_grad():
+        got = torch.compile(model, backend="fxforge", options={"backend": "cpu"})(x, eps)
+    assert_close_to_eager(got, model(x, eps))
+    paths = [c.path for g in graphs for c in g.lowered.choices]
+    assert any("generated C++" in p for p in paths) and not any("fallback" in p for p in paths)
