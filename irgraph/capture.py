@@ -44,6 +44,7 @@ KEPT_OPS = (
 # export's trace-time dtype/device asserts: the IR's metadata (and an artifact's input check)
 # already guarantees them; unlike ``_assert_scalar`` they guard nothing that changes at run time.
 _REDUNDANT_ASSERTS = (aten._assert_tensor_metadata.default,)
+_PRIMS_CONVERT = torch.ops.prims.convert_element_type.default
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +72,8 @@ def build_ir(gm: fx.GraphModule, fake_mode: Any, constants: dict[str, torch.Tens
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _REDUNDANT_ASSERTS:
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target is _PRIMS_CONVERT:
+            _as_to_copy(node)
         elif node.op == "placeholder" and node.name in constants:
             name = _free_attr_name(owner, node.name)
             owner.register_buffer(name, constants[node.name].detach())
@@ -97,6 +100,15 @@ def build_ir(gm: fx.GraphModule, fake_mode: Any, constants: dict[str, torch.Tens
             node.meta[META_KEY] = meta_of(node.meta.get("val"))
     new_gm = fx.GraphModule(owner, graph)
     return IRGraph(new_gm, fake_mode, dict(info or {}))
+
+
+def _as_to_copy(node: fx.Node) -> None:
+    """``prims.convert_element_type(x, dtype)`` -> ``aten._to_copy(x, dtype=dtype)``: the same
+    values and (for the dense tensors the prim produces) layout. The prim runs through Python
+    at every call (~140 us a call, measured on a 0-d float64 RMSNorm eps: 2.5 ms of a SmolLM2
+    decode token), and the passes and kernels know casts as ``_to_copy``."""
+    source, dtype = node.args[:2]
+    node.target, node.args, node.kwargs = aten._to_copy.default, (source,), {"dtype": dtype}
 
 
 def _get_nested_attr(module: Any, target: str) -> Any:

@@ -88,3 +88,20 @@ def test_dynamo_path_gives_the_same_op_set_and_marks_weights():
     bad = [n.target for n in ir.call_nodes() if not _allowed(n.target)]
     assert not bad, bad
     assert ir.op_counts().get("aten.native_layer_norm.default") == 1
+
+
+def test_prims_convert_element_type_becomes_to_copy():
+    """aot_autograd can leave ``prims.convert_element_type`` (seen on an RMSNorm's 0-d float64
+    eps); the prim runs through Python at each call, so capture makes it ``aten._to_copy``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from fxforge.irgraph.capture import _fake_mode_of, build_ir
+    fn = lambda x, eps: x * torch.ops.prims.convert_element_type(eps, torch.float32)  # noqa: E731
+    x, eps = torch.randn(3, 5), torch.tensor(0.25, dtype=torch.float64)
+    gm = make_fx(fn, tracing_mode="fake")(x, eps)
+    assert any(n.target is torch.ops.prims.convert_element_type.default for n in gm.graph.nodes)
+    ir = build_ir(gm, _fake_mode_of(gm), {}, {})
+    targets = [n.target for n in ir.call_nodes()]
+    assert torch.ops.aten._to_copy.default in targets
+    assert torch.ops.prims.convert_element_type.default not in targets
+    out = ir.gm(x, eps)
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, fn(x, eps))
