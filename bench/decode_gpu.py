@@ -28,7 +28,8 @@ from fxforge.compiler import recording
 from fxforge.examples.hf_models import LogitsOnly
 
 from decode_budget import bytes_per_token  # bench/ is on sys.path when run as a script
-from generate import decode_rate, hf_runners
+from generate import decode_rate, hf_runners, same_tokens
+from gpu_kernels import copy_bandwidth
 
 
 def llama_1b(layers: int):
@@ -40,15 +41,6 @@ def llama_1b(layers: int):
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     return model.eval()
-
-
-def copy_bandwidth(megabytes: int = 1024) -> float:
-    """Bytes/s (read + written) of a device-to-device copy, median of triton's do_bench."""
-    import triton.testing
-    src = torch.empty(megabytes * 2 ** 20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def runners(model, prompt, max_seq_len: int, skip: set[str]) -> dict:
@@ -81,7 +73,7 @@ def main(argv=None) -> int:
     model = llama_1b(args.layers)
     prompt = torch.randint(3, 30000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
     params = sum(p.numel() for p in model.parameters())
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.empty(2 ** 30, dtype=torch.uint8, device="cuda"))
     nbytes = bytes_per_token(model, args.prompt + args.new_tokens // 2)
     limit = bandwidth / nbytes
     print(f"{torch.cuda.get_device_name()}: Llama {params / 1e9:.2f}B bf16, batch 1, prompt "
@@ -97,10 +89,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001  (a runner that fails is reported, not fatal)
                 print(f"  {label:<22} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
-            same = reference is None or torch.equal(out, reference)
-            if not same and out.shape == reference.shape:   # bf16 reorderings can flip a near tie
-                first = int((out != reference).any(0).nonzero()[0]) - args.prompt
-                print(f"  {label}: tokens differ from the first runner's from new token {first}")
+            same = same_tokens(out, reference, args.prompt, label)
             reference = out if reference is None else reference
             rates[label] = rate
             results[label] = {"tok_s": rate, "fraction_of_limit": rate / limit, "same_tokens": same}

@@ -58,6 +58,17 @@ def decode_rate(fn, new_tokens: int, rounds: int) -> tuple[float, torch.Tensor]:
     return statistics.median(rates), out
 
 
+def same_tokens(out: torch.Tensor, reference, prompt_len: int, label: str) -> bool:
+    """``out`` equals ``reference`` (None: ``out`` is the first runner's, the reference); where it
+    does not, print from which new token on (bf16 rounding can flip a near tie)."""
+    if reference is None or torch.equal(out, reference):
+        return True
+    if out.shape == reference.shape:
+        first = int((out != reference).any(0).nonzero()[0]) - prompt_len
+        print(f"  {label}: tokens differ from the first runner's from new token {first}")
+    return False
+
+
 def hf_runners(model, prompt, static: bool = True) -> dict:
     """Hugging Face ``generate()`` eager and, with ``static``, with a static cache and the forward
     compiled by ``torch.compile``'s default backend: name -> fn(new_tokens) -> ids."""
@@ -118,10 +129,7 @@ def main(argv=None) -> int:
                 if label in args.skip.split(","):
                     continue
                 rate, out = decode_rate(fn, args.new_tokens, args.rounds)
-                same = reference is None or torch.equal(out, reference)
-                if not same and out.shape == reference.shape:   # bf16 rounding can flip a near tie
-                    first = int((out != reference).any(0).nonzero()[0]) - prompt.shape[1]
-                    print(f"  {name:<8} {label}: tokens differ from eager's from new token {first}")
+                same = same_tokens(out, reference, prompt.shape[1], f"{name:<8} {label}")
                 reference = out if reference is None else reference
                 rates[label] = rate
                 print(f"  {name:<8} {label:<22} {rate:7.1f} tok/s  "

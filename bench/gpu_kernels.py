@@ -28,6 +28,12 @@ def _median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def copy_bandwidth(src: torch.Tensor) -> float:
+    """Bytes/s (read + written) of copying ``src`` into another tensor on its device (median)."""
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (_median_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
 def _smem_limit(default: int) -> int:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return int(getattr(props, "shared_memory_per_block_optin", default))
@@ -121,9 +127,8 @@ def bench_fused_pointwise(rows=16384, cols=8192, dtype=torch.bfloat16) -> dict:
 
     x, r = (torch.randn(rows, cols, device="cuda", dtype=dtype) for _ in range(2))
     w = torch.randn(cols, device="cuda", dtype=dtype)
-    dst = torch.empty_like(x)
-    copy_ms = _median_ms(lambda: dst.copy_(x))
-    copy_gbs = 2 * x.numel() * x.element_size() / (copy_ms * 1e-3) / 1e9
+    copy_gbs = copy_bandwidth(x) / 1e9
+    copy_ms = 2 * x.numel() * x.element_size() / copy_gbs / 1e6
     print(f"fused pointwise [{rows}, {cols}] {dtype}: copy {copy_ms:.3f} ms = {copy_gbs:.0f} GB/s")
 
     def rms(a, b, c):

@@ -118,11 +118,11 @@ def describe(plan) -> str:
 class StepReplay:
     """Decode steps replayed from a recording (``kernels/replay.py``: recorded launches on the
     CPU, a CUDA graph on a GPU): the first step of a shape is recorded, the next one runs both
-    ways and must give identical outputs, and from then on steps of that shape replay. A recording that cannot be made or that disagrees
-    turns replay off for this decoder, with the reason logged; a shape change, or an input that
-    turns out to be a new tensor at each call, re-records (at most ``MAX_RECORDINGS`` times).
-    Running a step twice is harmless: it writes the same keys and values at the same cache
-    positions."""
+    ways and must give identical outputs, and from then on steps of that shape replay. A
+    recording that cannot be made or that disagrees turns replay off for this decoder, with the
+    reason logged; a shape change, or an input that turns out to be a new tensor at each call,
+    re-records (at most ``MAX_RECORDINGS`` times). Running a step twice is harmless: it writes
+    the same keys and values at the same cache positions."""
 
     MAX_RECORDINGS = 8
 
@@ -139,17 +139,19 @@ class StepReplay:
 
     def __call__(self, step: Callable, args: list, seq_outputs, stats: dict) -> list:
         from fxforge.kernels.replay import Unreplayable
-        recorder = _recorder(args, self.backend)
-        if self.off is not None or recorder is None:
+        if self.off is not None:
             return list(step(*args))
         rec = self.recording
         why = rec.mismatch(args) if rec is not None else "nothing recorded yet"
         try:
-            if why is None:
+            if why is None:   # the inputs are where the recording's were: no device check needed
                 if self.validated:
                     stats["replayed"] += 1
                     return _own(rec.replay(args), seq_outputs)
                 return self._validate(rec, step, args, seq_outputs)
+            recorder = _recorder(args, self.backend)
+            if recorder is None:
+                return list(step(*args))
             if self.recordings >= self.MAX_RECORDINGS:
                 return self._turn_off(f"{self.recordings} recordings: the step's inputs keep "
                                       f"changing (last: {why})", step, args)

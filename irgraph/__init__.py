@@ -1,7 +1,7 @@
 """fxforge's IR: functional ATen-level torch.fx graphs with typed tensor metadata."""
 from fxforge.irgraph.capture import (KEPT_OPS, CaptureError, build_ir, capture_aot_inference,
                                      capture_export, decomposition_table, dynamo_weight_indices)
-from fxforge.irgraph.graph import IRGraph, op_name
+from fxforge.irgraph.graph import IRGraph, node_arguments, op_name, schema_arguments
 from fxforge.irgraph.meta import META_KEY, SymMeta, TensorMeta, infer_node, meta_of, set_meta, tensor_meta
 from fxforge.irgraph import ops  # noqa: F401  (registers torch.ops.fxforge.*)
 from fxforge.irgraph.fusion import FUSIBLE, GROUP_KEY, POINTWISE, ROW_REDUCTIONS, group_of, groups
@@ -14,6 +14,6 @@ __all__ = [
     "FUSIBLE", "GROUP_KEY", "KEPT_OPS", "POINTWISE", "ROW_REDUCTIONS", "CaptureError", "group_of", "groups", "IRGraph", "IRVerificationError", "META_KEY", "SerializationError",
     "SymMeta", "TensorMeta", "build_ir", "capture_aot_inference", "capture_export",
     "decomposition_table", "dynamo_weight_indices", "format_ir", "infer_node", "ir_from_json",
-    "ir_to_json", "meta_of", "op_name", "set_meta", "tensor_meta", "to_networkx", "verify",
+    "ir_to_json", "meta_of", "node_arguments", "op_name", "schema_arguments", "set_meta", "tensor_meta", "to_networkx", "verify",
     "would_create_cycle",
 ]

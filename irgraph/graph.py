@@ -121,6 +121,25 @@ def op_name(target: Any) -> str:
     return f"{module}.{getattr(target, '__name__', repr(target))}"
 
 
+def schema_arguments(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """An ATen op's arguments by schema name, defaults filled in (positions differ between ops
+    that take the same argument: e.g. SDPA kernels' ``attn_mask``/``attn_bias``, ``dropout_p``)."""
+    bound = {}
+    for i, arg in enumerate(op._schema.arguments):
+        if i < len(args):
+            bound[arg.name] = args[i]
+        elif arg.name in kwargs:
+            bound[arg.name] = kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+    return bound
+
+
+def node_arguments(node: fx.Node) -> dict[str, Any]:
+    """A call_function node's arguments by schema name (:func:`schema_arguments`)."""
+    return schema_arguments(node.target, node.args, node.kwargs)
+
+
 def _free_attr_name(gm: fx.GraphModule, hint: str) -> str:
     base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "const"
     name, i = base, 0

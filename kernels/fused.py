@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from fxforge.errors import FxforgeError
 from fxforge.irgraph.fusion import POINTWISE, ROW_REDUCTIONS, acts_on_last_dim
+from fxforge.irgraph.graph import node_arguments
 
 aten = torch.ops.aten
 CONST, ROW, ELEM = 0, 1, 2
@@ -138,19 +139,6 @@ def _tensor_meta(node: fx.Node) -> torch.Tensor:
         raise Unsupported(f"{node.name} has no tensor meta['val']")
     kind_of(val.dtype)
     return val
-
-
-def _bind(node: fx.Node) -> dict[str, Any]:
-    """The node's arguments by schema name, defaults filled in."""
-    bound = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            bound[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            bound[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            bound[arg.name] = arg.default_value
-    return bound
 
 
 class _Builder:
@@ -287,7 +275,7 @@ FLOAT_ONLY = {"exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "sigmoid", "e
 
 
 def _lower_pointwise(b: _Builder, node: fx.Node, dtype: torch.dtype) -> int:
-    target, args = node.target, _bind(node)
+    target, args = node.target, node_arguments(node)
     ctype = kind_of(dtype)
     if target in UNARY:
         op = UNARY[target]
@@ -337,7 +325,7 @@ def _static_last_size(node: fx.Node) -> int:
 
 def _lower_slice(b: _Builder, node: fx.Node) -> int:
     """``x[..., start:]`` over the last dim: ``x`` read ``start`` columns further on."""
-    args = _bind(node)
+    args = node_arguments(node)
     src = args["self"]
     if not acts_on_last_dim(node) or not isinstance(src, fx.Node):
         raise Unsupported(f"{node.name}: a slice not over the last dim")
@@ -374,7 +362,7 @@ def _lower_cat(b: _Builder, node: fx.Node) -> int:
 
 
 def _lower_reduction(b: _Builder, node: fx.Node, val: Any) -> Any:
-    target, args = node.target, _bind(node)
+    target, args = node.target, node_arguments(node)
     x = b.operand(args.get("self", args.get("input")))
     rank = args.get("self", args.get("input")).meta["val"].dim()
     if target in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default):

@@ -190,12 +190,23 @@ def _entry() -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _epilogue_entry() -> Callable:
-    fn = load_function(SOURCE, "fxf_epilogue", "gemv")
+def _epilogue_entry() -> Optional[Callable]:
+    """The compiled epilogue, or None where it cannot be built (no C++ compiler, a failed
+    build): tried once per process, not at every GEMM."""
+    try:
+        fn = load_function(SOURCE, "fxf_epilogue", "gemv")
+    except Exception as exc:  # noqa: BLE001  (KernelBuildError, OSError: ATen does the same)
+        log.info("fxforge: GEMM epilogues run on ATen: %s: %s", type(exc).__name__, exc)
+        return None
     fn.restype = None
     fn.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int)
     return fn
+
+
+def epilogue_available() -> bool:
+    """Whether :func:`epilogue_` runs the compiled pass here (else the caller's ATen ops)."""
+    return _epilogue_entry() is not None
 
 
 def epilogue_(y: torch.Tensor, activation: str, residual: Optional[torch.Tensor]) -> bool:
@@ -206,9 +217,8 @@ def epilogue_(y: torch.Tensor, activation: str, residual: Optional[torch.Tensor]
             residual is not None and (residual.dtype != torch.float32 or residual.shape != y.shape
                                       or residual.stride(1) != 1)):
         return False
-    try:
-        fn = _epilogue_entry()
-    except Exception:  # noqa: BLE001  (no compiler, a failed build: ATen does the same)
+    fn = _epilogue_entry()
+    if fn is None:
         return False
     launch(fn, (y.data_ptr(), y.shape[0], y.shape[1], y.stride(0), ACTIVATION_CODES[activation],
                 residual.data_ptr() if residual is not None else None,

@@ -29,7 +29,8 @@ from fxforge.autotune.session import choose
 from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.cpu_isa import MatmulPath, choose_matmul_path
-from fxforge.kernels.gemv_cpu import GEMV_MAX_M, GemvLinear, epilogue_, gemv_unavailable
+from fxforge.kernels.gemv_cpu import (GEMV_MAX_M, GemvLinear, epilogue_, epilogue_available,
+                                      gemv_unavailable)
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
 
 # fxforge activation name -> oneDNN unary post-op (attr, algorithm)
@@ -54,8 +55,7 @@ def activate_(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 def _describe_epilogue(activation: str, has_residual: bool) -> str:
     steps = ([activation] if activation != "none" else []) + (["residual add_"] if has_residual else [])
-    where = ("one vectorized C++ pass" if activation != "none" and gemv_unavailable() is None
-             else "in place")
+    where = "one vectorized C++ pass" if activation != "none" and epilogue_available() else "in place"
     return f", epilogue {where}: {' then '.join(steps)}" if steps else ""
 
 

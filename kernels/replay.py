@@ -28,6 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fxforge.irgraph.graph import schema_arguments
+
 aten = torch.ops.aten
 _RECORDERS: list["Recording"] = []   # the recording in progress (at most one)
 _ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
@@ -67,9 +69,7 @@ class Recording:
     and required to be the same objects at replay)."""
 
     def __init__(self, fn: Callable, args: Sequence[Any], keep: Sequence[int] = ()):
-        self.keep = set(keep)
-        self.inputs = [a if i in self.keep or not isinstance(a, torch.Tensor) else a.clone()
-                       for i, a in enumerate(args)]
+        self._own_inputs(args, keep)
         self.steps: list[Callable[[], None]] = []
         self.labels: list[str] = []      # what each step runs: a kernel's symbol or an ATen op
         self.alive: list[Any] = []       # every tensor the recorded run touched
@@ -82,6 +82,12 @@ class Recording:
             _RECORDERS.pop()
         if self.problem is not None:
             raise Unreplayable(self.problem)
+
+    def _own_inputs(self, args: Sequence[Any], keep: Sequence[int]) -> None:
+        """The inputs a replay reads: the kept tensors themselves, copies of the others."""
+        self.keep = set(keep)
+        self.inputs = [a if i in self.keep or not isinstance(a, torch.Tensor) else a.clone()
+                       for i, a in enumerate(args)]
 
     def note_call(self, fn: Callable, args: tuple, result: Any, keep: Any) -> None:
         """A kernel launch, in execution order with the ATen ops around it."""
@@ -140,7 +146,6 @@ class Recording:
                 old.copy_(new)
 
 
-
 class CudaGraphRecording(Recording):
     """The same contract on a CUDA device: the call is captured as one CUDA graph, so a replay is
     one launch instead of a step's few hundred. A warm-up run on a side stream first compiles and
@@ -148,9 +153,7 @@ class CudaGraphRecording(Recording):
     ``.item()``, an op CUDA graphs do not allow) raises :class:`Unreplayable` with the reason."""
 
     def __init__(self, fn: Callable, args: Sequence[Any], keep: Sequence[int] = ()):
-        self.keep = set(keep)
-        self.inputs = [a if i in self.keep or not isinstance(a, torch.Tensor) else a.clone()
-                       for i, a in enumerate(args)]
+        self._own_inputs(args, keep)
         self.labels = ["cuda graph"]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -174,12 +177,8 @@ class CudaGraphRecording(Recording):
 
 def _without_dropout(func, args, kwargs) -> bool:
     """An op tagged random only for its dropout (attention kernels) called with ``dropout_p=0``."""
-    names = [a.name for a in func._schema.arguments]
-    if "dropout_p" not in names:
-        return False
-    at = names.index("dropout_p")
-    value = args[at] if at < len(args) else kwargs.get("dropout_p", 0.0)
-    return value == 0
+    bound = schema_arguments(func, args, kwargs)
+    return "dropout_p" in bound and bound["dropout_p"] == 0
 
 
 def _kernel_step(fn: Callable, args: tuple, result: Any) -> Callable[[], None]:

@@ -37,14 +37,14 @@ import torch
 import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
-from fxforge.irgraph.graph import hoist_get_attrs
+from fxforge.irgraph.graph import hoist_get_attrs, node_arguments
 from fxforge.irgraph.meta import META_KEY
 from fxforge.passes.base import PassResult, register_pass
 from fxforge.passes.cleanup import is_pure
 
 from fxforge.passes.attention_match import (  # noqa: F401  (HUGE_NEGATIVE, SDPA: re-exported)
     _AND, _NEGATE, _NOT, _OR, HUGE_NEGATIVE, MAX_CONSTANT_NUMEL, SDPA, SDPA_VARIANTS,
-    Decline, Mask, variant_arguments,
+    Decline, Mask,
     _check_broadcast, _class_of, _combine, _leads_to_bmm, _mask_value, _meta, _passes_order,
     _scalar_value, _shape, _softmax_to_bmm, _trace, _trace_key, _unrepeat, _walk_scores)
 
@@ -224,7 +224,7 @@ class _Context:
 
     def normalize_variant(self, node: fx.Node) -> bool:
         """A device's SDPA kernel op (``SDPA_VARIANTS``) -> the canonical node."""
-        args = variant_arguments(node)
+        args = node_arguments(node)   # positions differ: attn_mask (CPU) / attn_bias (CUDA)
         q, k, v, scale = args["query"], args["key"], args["value"], args.get("scale")
         mask = args.get("attn_mask", args.get("attn_bias"))
         if args.get("dropout_p"):

@@ -27,16 +27,6 @@ SDPA_VARIANTS = tuple(getattr(aten, name).default for name in (
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
     if hasattr(aten, name))
 
-
-def variant_arguments(node) -> dict:
-    """An SDPA variant's arguments by schema name (defaults filled in): their positions differ
-    (the CPU op takes ``attn_mask`` as a keyword, the CUDA ones ``attn_bias`` as the fourth)."""
-    schema = node.target._schema
-    values = {a.name: a.default_value if a.has_default_value() else None for a in schema.arguments}
-    values.update(zip((a.name for a in schema.arguments), node.args))
-    values.update(node.kwargs)
-    return values
-
 # Ops whose result holds its input's values in the same row-major order (only the shape differs).
 _SAME_ORDER = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
                aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default,

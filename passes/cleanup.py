@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxforge.irgraph import IRGraph
+from fxforge.irgraph import POINTWISE, IRGraph
 from fxforge.passes.base import PassResult, register_pass
 from fxforge.passes.pattern import RuleTable, aliases_graph_input, is_view_op, same_value_layout
 
@@ -133,7 +133,6 @@ def _computes_below_fp64(user: fx.Node, scalar: fx.Node) -> bool:
     """``user`` is a pointwise op whose result is not float64 and that reads ``scalar`` next to a
     tensor of rank >= 1: ATen's type promotion then casts the 0-d operand to the op's compute
     dtype before computing, so casting it once beforehand gives the same bits."""
-    from fxforge.irgraph import POINTWISE
     result = user.meta.get("val")
     if user.target not in POINTWISE or not isinstance(result, torch.Tensor) \
             or result.dtype == torch.float64:
@@ -147,10 +146,11 @@ def narrow_scalar_inputs(ir: IRGraph) -> PassResult:
     """0-d float64 graph inputs read by fp32 pointwise ops become fp32 once, at the top.
 
     After a model with another value of a float attribute (an RMSNorm's eps), dynamo passes that
-    float as a 0-d float64 tensor input at every call; the fused kernels hold no float64, so each
-    norm reading it ran op by op (~2.8 ms of a SmolLM2 decode token, measured). Every such use is
-    an op that computes in its fp32 result dtype anyway (:func:`_computes_below_fp64`); other
-    uses keep the float64 input. Lossless."""
+    float as a 0-d float64 tensor input at every call; the fused kernels hold no float64, so a
+    norm that reads it directly ran op by op. (Hugging Face's norms convert it first, with
+    ``prims.convert_element_type``, which capture turns into ``_to_copy``.) Every such use is an
+    op that computes in its fp32 result dtype anyway (:func:`_computes_below_fp64`); other uses
+    keep the float64 input. Lossless."""
     counts: Counter = Counter()
     graph = ir.gm.graph
     for node in ir.placeholders():

@@ -10,7 +10,7 @@ from fxforge.kernels.linear_cpu import (CANDIDATES, LAYOUTS, LINEAR_CPU_SPACE, O
                                         config_for, default_candidate, linear_cpu_space,
                                         thread_counts,
                                         unavailable_reason, activate_)
-from fxforge.kernels.gemv_cpu import GEMV_MAX_M, gemv_unavailable
+from fxforge.kernels.gemv_cpu import GEMV_MAX_M, epilogue_available
 from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
 
@@ -175,7 +175,7 @@ def test_describe_names_the_path():
         assert texts["onednn"] == "oneDNN fp32 linear, prepacked, post-op gelu"
         fused_add = PackedLinear(weight, b, "none", True, candidate="onednn").describe()
         assert fused_add == "oneDNN fp32 linear, prepacked, residual: binary post-op add"
-    where = "one vectorized C++ pass" if gemv_unavailable() is None else "in place"
+    where = "one vectorized C++ pass" if epilogue_available() else "in place"
     assert texts["aten"] == f"aten addmm fp32, weight pre-transposed contiguous [K,N], epilogue {where}: gelu"
     no_bias = PackedLinear(weight, None, "none", True, candidate="aten").describe()
     assert no_bias == "aten mm fp32, weight pre-transposed contiguous [K,N], epilogue in place: residual add_"
@@ -217,7 +217,7 @@ def test_bf16_linears_can_be_tuned_to_an_fp32_gemm(monkeypatch):
     assert statuses[result.best] == "ok"
 
 
-@pytest.mark.skipif(gemv_unavailable() is not None, reason="no C++ compiler for the epilogue kernel")
+@pytest.mark.skipif(not epilogue_available(), reason="no C++ compiler for the epilogue kernel")
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("m,n", [(1, 1), (3, 17), (128, 300)])
