@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 	$(PY) bench/run.py
 	$(PY) bench/fused_cpu.py --threads 1
+	$(PY) bench/attention_cpu.py --threads 2
 	$(PY) bench/precision_accuracy.py
 	$(PY) bench/autotune.py all
 	$(PY) bench/decode.py

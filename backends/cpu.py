@@ -1,5 +1,6 @@
 """The CPU backend: fused groups as generated C++, linears on oneDNN/MKL with prepacked weights
-and fused post-ops, attention on PyTorch's CPU flash-attention kernel; the rest on ATen.
+and fused post-ops, attention on fxforge's tiled C++ kernel (short fp32 prefills) or PyTorch's
+CPU flash-attention kernel; the rest on ATen.
 
 Which matmul path runs (AMX-BF16, AVX512-BF16, VNNI, fp32) is decided at compile time from the
 CPU's runtime-detected features (``fxforge.kernels.cpu_isa``); bf16 weights meet a CPU without
@@ -37,6 +38,18 @@ def _meta(node) -> Optional[TensorMeta]:
     return meta if isinstance(meta, TensorMeta) else None
 
 
+def _attention_path(args: tuple, is_causal: bool) -> str:
+    """The path ``cpu_attention`` takes for the traced inputs (their fake values decide it as
+    real ones would), or what it chooses between when the shapes are symbolic."""
+    from fxforge.kernels.attention_cpu import describe_attention
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+    static = all(isinstance(m, TensorMeta) and m.is_static for m in map(_meta, args[:3]))
+    if static and all(isinstance(v, torch.Tensor) for v in vals[:3]) and \
+            (vals[3] is None or isinstance(vals[3], torch.Tensor)):
+        return describe_attention(*vals, is_causal=is_causal)
+    return "CPU attention: tiled C++ kernel or PyTorch's flash kernel, by shape at run time"
+
+
 def make_table() -> KernelTable:
     table = KernelTable("cpu", _fused_cpu)
 
@@ -69,7 +82,7 @@ def make_table() -> KernelTable:
         call = Bound("cpu_attention", cpu_attention, is_causal=ops["is_causal"], scale=ops["scale"],
                      enable_gqa=ops["enable_gqa"])
         args = (ops["query"], ops["key"], ops["value"], ops["attn_mask"])
-        return call, args, "PyTorch CPU flash attention", ""
+        return call, args, _attention_path(args, ops["is_causal"]), ""
 
     @table.rule(torch.ops.fxforge.cached_attention.default)
     def cached_attention(node: fx.Node, constant) -> Optional[tuple]:

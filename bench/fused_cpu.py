@@ -125,11 +125,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sampled_cli(doc: str, run, format_table, rounds: int, sample_ms: float, argv=None) -> int:
+    """The command line both sampled CPU benches share: thread counts, rounds, sample length,
+    an optional JSON file; ``run(threads, rounds, sample_ms)`` makes the rows."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved samples per side")
-    parser.add_argument("--sample-ms", type=float, default=6.0, help="length of one sample")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved samples per side")
+    parser.add_argument("--sample-ms", type=float, default=sample_ms, help="length of one sample")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     rows = run([int(t) for t in args.threads.split(",")], args.rounds, args.sample_ms)
@@ -138,6 +140,10 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
+
+
+def main(argv=None) -> int:
+    return sampled_cli(__doc__, run, format_table, rounds=9, sample_ms=6.0, argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Benchmark harness: time models under eager, inductor and fxforge.
 
 A *case* is one (model, workload) pair: a module plus positional example inputs.
-Each case is timed under each compiler with a fresh ``torch.compile`` (after
-``torch._dynamo.reset()``), so every compiled graph sees a single static input
-shape and no compiler inherits another's caches. The first call (compilation)
-is timed separately and excluded from the statistics.
+Each case is compiled under each compiler with its own ``torch.compile`` (dynamo is
+reset before and after each case, so every compiled graph sees a single static input
+shape; dynamo keeps one cache entry per backend, guarded by that backend). The first
+call (compilation) is timed separately and excluded from the statistics. Then the
+compilers are timed *interleaved*: each round calls every compiler once, so a noisy
+moment of this shared machine slows all of them alike instead of one compiler's block.
 
 Workloads:
   * ``prefill``: batch 1, ``seq`` tokens (128 by default) through the whole model.
@@ -173,21 +175,24 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-def time_calls(fn, inputs: tuple, device: torch.device, warmup: int, repeats: int,
-               budget_s: float) -> list[float]:
-    """Per-call wall times in ms: ``warmup`` untimed calls, then up to ``repeats``
-    timed ones, stopping early (after at least 3) once ``budget_s`` is spent."""
-    for _ in range(warmup):
-        fn(*inputs)
+def time_interleaved(runners: list, inputs: tuple, device: torch.device, warmup: int,
+                     repeats: int, budget_s: float) -> list[list[float]]:
+    """Per-call wall times in ms for each runner: ``warmup`` untimed calls each, then rounds
+    of one timed call per runner, up to ``repeats`` rounds, stopping early (after at least 3)
+    once ``budget_s`` per runner is spent."""
+    for fn in runners:
+        for _ in range(warmup):
+            fn(*inputs)
     _sync(device)
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*inputs)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+    for done in range(1, repeats + 1):
+        for fn, samples in zip(runners, times):
+            t0 = time.perf_counter()
+            fn(*inputs)
+            _sync(device)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if done >= 3 and time.perf_counter() - start > budget_s * len(runners):
             break
     return times
 
@@ -200,17 +205,14 @@ def _first_tensor(out):
     raise TypeError(f"cannot compare output of type {type(out).__name__}")
 
 
-def run_case(case: Case, compiler: str, reference: torch.Tensor | None, device: torch.device,
-             warmup: int, repeats: int, budget_s: float) -> tuple[Result, torch.Tensor | None]:
-    """Compile (unless eager), check against ``reference``, then time. Never raises."""
-    import torch._dynamo
-
+def prepare_case(case: Case, compiler: str, reference: torch.Tensor | None,
+                 device: torch.device) -> tuple[Result, Callable | None, torch.Tensor | None]:
+    """Compile (unless eager) and check against ``reference``. Never raises: a failure is
+    recorded in the result and the runner is None."""
     res = Result(case.model, case.workload, compiler, note=case.note)
-    out = None
     try:
         from fxforge.compiler import recording
 
-        torch._dynamo.reset()
         runner = make_runner(compiler, case.module)
         t0 = time.perf_counter()
         with recording() as graphs:
@@ -222,18 +224,34 @@ def run_case(case: Case, compiler: str, reference: torch.Tensor | None, device: 
             res.max_abs_diff = (out.float() - reference.float()).abs().max().item()
             rtol = LOW_PRECISION_RTOL if compiler == "fxforge_bf16" else RTOL
             res.matches = res.max_abs_diff <= rtol * max(1.0, reference.float().abs().max().item())
-        times = sorted(time_calls(runner, case.inputs, device, warmup, repeats, budget_s))
+        return res, runner, out
+    except Exception as exc:  # a broken compiler must not end the whole run
+        _record_error(res, exc)
+        return res, None, None
+
+
+def _record_error(res: Result, exc: Exception) -> None:
+    res.status = "error"
+    res.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+    res.note = (res.note + " | " if res.note else "") + traceback.format_exc(limit=3)[-1500:]
+
+
+def time_case(prepared: list[tuple[Result, Callable]], inputs: tuple, device: torch.device,
+              warmup: int, repeats: int, budget_s: float) -> None:
+    """Time the prepared runners interleaved and fill in their results' statistics."""
+    try:
+        all_times = time_interleaved([runner for _, runner in prepared], inputs, device, warmup,
+                                     repeats, budget_s)
+    except Exception as exc:  # which runner failed is not known: all of this case's fail
+        for res, _ in prepared:
+            _record_error(res, exc)
+        return
+    for (res, _), times in zip(prepared, all_times):
+        times.sort()
         res.repeats = len(times)
         res.median_ms = statistics.median(times)
         res.p20_ms = _percentile(times, 0.2)
         res.p80_ms = _percentile(times, 0.8)
-    except Exception as exc:  # a broken compiler must not end the whole run
-        res.status = "error"
-        res.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
-        res.note = (res.note + " | " if res.note else "") + traceback.format_exc(limit=3)[-1500:]
-    finally:
-        torch._dynamo.reset()
-    return res, out
 
 
 def _move(case: Case, device: torch.device) -> Case:
@@ -259,17 +277,37 @@ def run_all(models: list[str], compilers: list[str], device: str = "cpu", seq: i
                     results.append(Result(name, wl, comp, status="skipped", error=f"{type(exc).__name__}: {exc}"))
             continue
         for case in cases:
-            case = _move(case, dev)
-            reference = None
+            results.extend(_run_case(_move(case, dev), order, compilers, dev, warmup, repeats,
+                                     budget_s, log))
+        del cases
+    return results
+
+
+def _run_case(case: Case, order: list[str], compilers: list[str], device: torch.device,
+              warmup: int, repeats: int, budget_s: float, log: Callable[[str], None]) -> list[Result]:
+    """Every compiler of ``order`` on one case: compiled one after another (eager first, the
+    reference), then timed together, interleaved."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    prepared: list[tuple[Result, Callable]] = []
+    results: list[Result] = []
+    reference = None
+    try:
+        with torch.inference_mode():
             for comp in order:
-                with torch.inference_mode():
-                    res, out = run_case(case, comp, reference, dev, warmup, repeats, budget_s)
+                res, runner, out = prepare_case(case, comp, reference, device)
                 if comp == "eager":
                     reference = out
                 if comp in compilers:
                     results.append(res)
-                    log(_log_line(res))
-        del cases
+                    if runner is not None:
+                        prepared.append((res, runner))
+            time_case(prepared, case.inputs, device, warmup, repeats, budget_s)
+    finally:
+        torch._dynamo.reset()
+    for res in results:
+        log(_log_line(res))
     return results
 
 

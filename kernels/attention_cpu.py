@@ -1,7 +1,9 @@
-"""CPU attention with ``F.scaled_dot_product_attention`` semantics, on PyTorch's CPU flash kernel.
+"""CPU attention with ``F.scaled_dot_product_attention`` semantics.
 
-``cpu_attention`` calls ``aten._scaled_dot_product_flash_attention_for_cpu`` directly when it
-applies, and an explicit matmul-softmax-matmul (the "math" path) otherwise. What the flash kernel
+``cpu_attention`` takes the first path that applies: fxforge's tiled C++ kernel for short fp32
+prefills (``kernels/attention_cpp.py``: causal up to ``MAX_KEYS`` keys, non-causal up to
+``NONCAUSAL_MAX_KEYS``, where it measured faster), ``aten._scaled_dot_product_flash_attention_for_cpu``
+called directly, or an explicit matmul-softmax-matmul (the "math" path). What the flash kernel
 accepts in torch 2.13 (probed, see ``tests/kernels/test_attention_cpu.py``):
 
 * 4-D q/k/v ``[B, H, L, E]`` of one float dtype and one head size E (value's included); 3-D
@@ -22,12 +24,18 @@ from typing import Optional
 
 import torch
 
+from fxforge.kernels.attention_cpp import kernel_declines, tiled_attention
+
+# Non-causal, the tiled kernel wins only at short lengths: bench/attention_cpu.py, 2-core Zen 1,
+# 8-12 heads of 64: 1.05-1.2x PyTorch's flash kernel at 128 keys, 0.93-0.98x at 256-512, 0.87x
+# at 1024 (causal: 1.25-1.9x at every length up to MAX_KEYS).
+NONCAUSAL_MAX_KEYS = 128
 _FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
 class AttentionPath:
-    name: str  # "flash" or "math"
+    name: str  # "tiled", "flash" or "math"
     reason: str
 
 
@@ -44,8 +52,16 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: 
 
 
 def choose_attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          attn_mask: Optional[torch.Tensor] = None) -> AttentionPath:
+                          attn_mask: Optional[torch.Tensor] = None,
+                          is_causal: bool = False) -> AttentionPath:
     """Which path ``cpu_attention`` takes for these inputs, and why."""
+    declined = kernel_declines(q, k, v, attn_mask)
+    if declined is None and not is_causal and k.size(-2) > NONCAUSAL_MAX_KEYS:
+        declined = f"non-causal with {k.size(-2)} keys (> {NONCAUSAL_MAX_KEYS})"
+    if declined is None:
+        gqa = ", GQA" if k.size(-3) != q.size(-3) else ""
+        mask = "" if attn_mask is None else ", masked"
+        return AttentionPath("tiled", f"tiled C++ attention (fp32{gqa}{mask})")
     if not (q.dim() == k.dim() == v.dim() and q.dim() in (3, 4)):
         return AttentionPath("math", f"flash needs 3-D or 4-D q/k/v, got {q.dim()}/{k.dim()}/{v.dim()}")
     if not (q.dtype == k.dtype == v.dtype and q.dtype in _FLASH_DTYPES):
@@ -69,7 +85,8 @@ def _additive_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return attn_mask if attn_mask.dtype == dtype else attn_mask.to(dtype)
 
 
-def _flash(q, k, v, attn_mask, is_causal, scale) -> torch.Tensor:
+def flash_attention(q, k, v, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+    """PyTorch's CPU flash kernel (the caller checked that ``choose_attention_path`` allows it)."""
     three_d = q.dim() == 3
     if three_d:  # [B, L, E] -> one batch of B "heads"
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -121,13 +138,16 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (no dropout) on the fastest CPU path that applies."""
     _check_heads(q, k, v, enable_gqa)
-    if choose_attention_path(q, k, v, attn_mask).name == "flash":
-        return _flash(q, k, v, attn_mask, is_causal, scale)
+    path = choose_attention_path(q, k, v, attn_mask, is_causal).name
+    if path == "tiled":
+        return tiled_attention(q, k, v, attn_mask, is_causal, scale)
+    if path == "flash":
+        return flash_attention(q, k, v, attn_mask, is_causal, scale)
     return math_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 
 def describe_attention(q, k, v, attn_mask=None, is_causal=False) -> str:
     """One line for the explain report: the path and what it does with mask and heads."""
-    path = choose_attention_path(q, k, v, attn_mask)
-    text = path.reason if path.name == "flash" else f"explicit matmul-softmax-matmul ({path.reason})"
+    path = choose_attention_path(q, k, v, attn_mask, is_causal)
+    text = path.reason if path.name != "math" else f"explicit matmul-softmax-matmul ({path.reason})"
     return text + (", causal" if is_causal else "")

@@ -43,7 +43,7 @@ def test_cpu_backend_matches_eager_and_uses_its_kernels(make):
     assert_close_to_eager(got, want)
     paths = _paths(graphs)
     # Residual adds and activations go into the linears' epilogues; norms and the rest fuse here.
-    assert paths["generated C++"] >= 1 and paths["PyTorch CPU flash attention"] == 2
+    assert paths["generated C++"] >= 1 and paths["tiled C++ attention"] == 2
     linears = [c for g in graphs for c in g.lowered.choices if c.op.rsplit(".", 2)[-2:-1] in (["linear"], ["addmm"], ["mm"])]
     assert len(linears) >= 6 and all("prepacked" in c.path or "pre-transposed" in c.path for c in linears)
     assert not [c for g in graphs for c in g.lowered.choices if "fallback" in c.path]

@@ -1,10 +1,11 @@
-"""cpu_attention against F.scaled_dot_product_attention: both paths, masks, GQA, decode."""
+"""cpu_attention against F.scaled_dot_product_attention: every path, masks, GQA, decode."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fxforge.kernels.attention_cpp import kernel_declines, tiled_attention
 from fxforge.kernels.attention_cpu import (choose_attention_path, cpu_attention,
-                                           describe_attention, math_attention)
+                                           describe_attention, flash_attention, math_attention)
 from fxforge.testing import assert_close_to_eager
 
 B, H, L, S, E = 2, 4, 7, 9, 16
@@ -34,8 +35,18 @@ def _with_causal(mask):
 
 
 def _both_paths(q, k, v, **kwargs):
-    return {"cpu_attention": cpu_attention(q, k, v, **kwargs),
+    """cpu_attention, and each of its paths called directly where it takes the inputs (the
+    tiled kernel takes fp32 prefills of these sizes, so cpu_attention alone would not reach
+    the flash kernel)."""
+    outs = {"cpu_attention": cpu_attention(q, k, v, **kwargs),
             "math_attention": math_attention(q, k, v, **kwargs)}
+    mask = kwargs.get("attn_mask")
+    call = {key: kwargs[key] for key in ("attn_mask", "is_causal", "scale") if key in kwargs}
+    if kernel_declines(q, k, v, mask) is None:
+        outs["tiled_attention"] = tiled_attention(q, k, v, **call)
+    if q.dim() == 4 and q.size(-1) == v.size(-1):
+        outs["flash_attention"] = flash_attention(q, k, v, **call)
+    return outs
 
 
 @pytest.mark.parametrize("mask_name", list(_masks()))
@@ -58,7 +69,8 @@ def test_grouped_query_attention(kv_heads, mask_name):
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     for name, out in _both_paths(q, k, v, attn_mask=mask, enable_gqa=True).items():
         assert_close_to_eager(out, expected, f"{name} kv_heads={kv_heads}")
-    assert "GQA in-kernel" in describe_attention(q, k, v, mask)
+    assert "GQA" in describe_attention(q, k, v, mask)
+    assert "GQA in-kernel" in describe_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
 
 
 def test_gqa_needs_the_flag_and_a_divisor():
@@ -107,7 +119,7 @@ def test_fully_masked_rows_give_zero_like_sdpa():
 
 
 def test_math_path_when_flash_does_not_apply():
-    q, k, v = _qkv(ev=24)  # value head size differs: flash refuses
+    q, k, v = _qkv(ev=24, dtype=torch.float64)  # value head size differs: flash refuses
     assert choose_attention_path(q, k, v).name == "math"
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert_close_to_eager(cpu_attention(q, k, v, is_causal=True), expected)
@@ -127,5 +139,23 @@ def test_bf16():
 def test_describe():
     q, k, v = _qkv()
     assert describe_attention(q, k, v, torch.rand(L, S) > 0.5, is_causal=True) == (
+        "tiled C++ attention (fp32, masked), causal")
+    assert describe_attention(q, k, v) == "tiled C++ attention (fp32)"
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    assert describe_attention(qb, kb, vb, torch.rand(L, S) > 0.5, is_causal=True) == (
         "PyTorch CPU flash attention, bool mask as additive -inf mask, causal")
-    assert describe_attention(q, k, v) == "PyTorch CPU flash attention"
+    assert describe_attention(qb, kb, vb) == "PyTorch CPU flash attention"
+
+
+def test_value_head_size_of_its_own_takes_the_tiled_kernel():
+    q, k, v = _qkv(ev=24)   # flash refuses a value head size of its own; the tiled kernel not
+    assert choose_attention_path(q, k, v).name == "tiled"
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close_to_eager(cpu_attention(q, k, v, is_causal=True), expected)
+
+
+def test_long_non_causal_attention_stays_on_flash():
+    from fxforge.kernels.attention_cpu import NONCAUSAL_MAX_KEYS
+    q, k, v = _qkv(l=2, s=NONCAUSAL_MAX_KEYS + 1, e=8, ev=8)
+    assert choose_attention_path(q, k, v).name == "flash"
+    assert choose_attention_path(q, k, v, is_causal=True).name == "tiled"

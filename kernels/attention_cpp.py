@@ -1,0 +1,369 @@
+"""Prefill attention on the CPU for short sequences: a register-tiled C++ kernel (fp32).
+
+PyTorch's CPU flash kernel is built for long sequences: it splits queries and keys into blocks of
+hundreds and runs each block product as a library GEMM call. At the lengths a prefill of a small
+model has (tens to a few hundred tokens, head dims 32-128) those calls are tiny, and it runs at
+15-25 GFLOP/s on the 2-core Zen 1 dev box where a GEMM reaches ~65. This kernel does the whole
+op in one call:
+
+1. every k/v head's keys are packed once, transposed (``kt[d][j]``), so score tiles read keys
+   contiguously, and its values into contiguous rows (a strided view of a fused projection puts
+   every row on another page);
+2. a task is (batch, head, block of up to ``TASK_ROWS`` query rows); for each micro-tile of
+   ``QB`` query rows (pre-scaled by ``scale``) the scores of ``KW`` keys at a time accumulate in
+   QB x KW registers over the head dim, for the keys the tile can see;
+3. per row: the mask is added, the visible keys (``j <= i`` when causal, top-left aligned as in
+   SDPA) get an exact fp32 softmax (the exp of a shifted score below 2^-125 is 0); a row with
+   nothing visible gives 0, as SDPA does on the CPU, and a NaN score a NaN row;
+4. the weighted sum of values accumulates in QB x 16 registers per 16 value columns.
+
+Both loops are spread over the threads (tasks dynamically: causal blocks differ in work). It
+applies to fp32 q/k/v of 4 dims with a unit stride in the head dim, head dims of at most
+``MAX_HEAD_DIM``, grouped-query attention (k/v heads dividing q heads), no mask or an fp32/bool
+mask broadcastable to [B, H, L, S], and up to ``MAX_KEYS`` keys. :func:`kernel_declines` says
+why it does not apply otherwise. ``bench/attention_cpu.py`` measures it against PyTorch's
+kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+from typing import Callable, Optional
+
+import torch
+
+from fxforge.kernels.fused_cpp import PRELUDE, load_function
+from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.replay import launch
+
+log = logging.getLogger("fxforge.kernels")
+
+MAX_HEAD_DIM = 256
+# Measured against PyTorch's CPU flash kernel (bench/attention_cpu.py, 2-core Zen 1): causal,
+# 1.6-1.9x as fast up to 512 keys and 1.25x at 1024; the working set grows with the keys (the
+# packed K/V of every head, a score row per query), so longer sequences stay on PyTorch's kernel.
+MAX_KEYS = 1024
+PARALLEL_MIN_WORK = 1 << 17   # query rows x visible keys x (D + Dv) below which one thread wins
+MAX_PLANS = 64
+
+SOURCE = "#include <omp.h>\n#include <stdlib.h>\n" + PRELUDE + MATH + \
+    f"#define MAX_HEAD_DIM {MAX_HEAD_DIM}\n#define PARALLEL_MIN_WORK {PARALLEL_MIN_WORK}\n" + r"""
+#define QB 4           /* query rows per register tile */
+#define KW 16          /* keys per score tile */
+#define VW 16          /* value columns per output tile */
+#define TASK_ROWS 32   /* query rows per task (the unit of work the threads share) */
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* kt[d * np + j] = k_j[d] for j < n, and 0 for n <= j < np */
+static void pack_keys(const float* kb, int64_t stride, int64_t n, int64_t np, int64_t D, float* kt) {
+  for (int64_t d = 0; d < D; ++d) {
+    float* row = kt + d * np;
+    for (int64_t j = 0; j < n; ++j) row[j] = kb[j * stride + d];
+    for (int64_t j = n; j < np; ++j) row[j] = 0.0f;
+  }
+}
+
+/* vp[j * Dv + c] = v_j[c]: the values of one head in contiguous rows (a strided view of a
+   fused projection puts each row on another page, and the weighted sum reads every row) */
+static void pack_values(const float* vb, int64_t stride, int64_t n, int64_t Dv, float* vp) {
+  for (int64_t j = 0; j < n; ++j) memcpy(vp + j * Dv, vb + j * stride, Dv * sizeof(float));
+}
+
+/* p[r][j] = qs_r . k_j for R rows and j < n (a multiple of KW), KW keys at a time; kt and p
+   have rows of np floats */
+template <int R>
+static inline void score_tile(const float* qs, int64_t D, const float* kt, int64_t np, int64_t n,
+                              float* p) {
+  for (int64_t j0 = 0; j0 < n; j0 += KW) {
+    float acc[R][KW];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < KW; ++c) acc[r][c] = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float* kr = kt + d * np + j0;
+      for (int r = 0; r < R; ++r) {
+        const float x = qs[r * D + d];
+        #pragma omp simd
+        for (int c = 0; c < KW; ++c) acc[r][c] += x * kr[c];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < KW; ++c) p[r * np + j0 + c] = acc[r][c];
+  }
+}
+
+/* o_r[0:W] = inv_r * sum_{j < n} p[r][j] v_j[0:W] for R rows */
+template <int R, int W>
+static inline void value_tile(const float* p, int64_t np, const float* vb, int64_t stride,
+                              int64_t n, const float* inv, float* const* o) {
+  float acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < W; ++c) acc[r][c] = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vr = vb + j * stride;
+    for (int r = 0; r < R; ++r) {
+      const float x = p[r * np + j];
+      #pragma omp simd
+      for (int c = 0; c < W; ++c) acc[r][c] += x * vr[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < W; ++c) o[r][c] = acc[r][c] * inv[r];
+}
+
+/* exp(x) for x <= 0 (a softmax's shifted scores), with one select instead of fxf_exp's
+   overflow and denormal handling: results below 2^-125 become 0 (their weight is below any
+   fp32 rounding of a sum that includes exp(0) = 1), -inf and NaN-free masked scores give 0. */
+static inline float exp_nonpositive(float x) {
+  const bool tiny = x < -86.0f;
+  int32_t k;
+  const float r = fxf_exp_reduce(tiny ? 0.0f : x, &k);
+  const float y = fmaf(r * r, fxf_expm1_poly(r), r) + 1.0f;
+  return tiny ? 0.0f : y * fxf_pow2i(k);
+}
+
+/* Softmax of row p[0:n] in place over its first `visible` entries (plus the mask row, if any);
+   the rest are zeroed. Returns 1 / sum, or 0 for a row with nothing visible (its output is 0).
+   The max runs in eight lanes (GCC vectorizes neither a fmaxf nor a select reduction). */
+static inline float softmax_row(float* p, int64_t visible, int64_t n, const float* mask) {
+  if (mask) {
+    #pragma omp simd
+    for (int64_t j = 0; j < visible; ++j) p[j] += mask[j];
+  }
+  float lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 8 <= visible; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = p[j + l] > lanes[l] ? p[j + l] : lanes[l];
+  float top = -INFINITY;
+  for (int l = 0; l < 8; ++l) top = lanes[l] > top ? lanes[l] : top;
+  for (; j < visible; ++j) top = p[j] > top ? p[j] : top;
+  if (top == -INFINITY) {             /* nothing visible (a NaN score still makes a NaN row) */
+    int nan = 0;
+    for (j = 0; j < visible; ++j) nan |= p[j] != p[j];
+    if (!nan) {
+      for (j = 0; j < n; ++j) p[j] = 0.0f;
+      return 0.0f;
+    }
+  }
+  float total = 0.0f;
+  #pragma omp simd reduction(+:total)
+  for (j = 0; j < visible; ++j) { const float e = exp_nonpositive(p[j] - top); p[j] = e; total += e; }
+  for (j = visible; j < n; ++j) p[j] = 0.0f;
+  return 1.0f / total;
+}
+
+/* meta: B, H, Hkv, L, S, D, Dv, causal, has_mask, then (batch, head, row) strides of q [9],
+   k [12], v [15], out [18] and the mask [21] (every last dim has stride 1). */
+template <int R>
+static void micro_tile(const int64_t* m, int64_t b, int64_t h, int64_t i0, int64_t nk,
+                       int64_t np, const float* q, const float* vb, const float* mask, float* out,
+                       float scale, const float* kt, float* qs, float* p) {
+  const int64_t D = m[5], Dv = m[6], causal = m[7];
+  const int64_t *sq = m + 9, *so = m + 18, *sm = m + 21;
+  for (int r = 0; r < R; ++r) {
+    const float* qr = q + b * sq[0] + h * sq[1] + (i0 + r) * sq[2];
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qr[d] * scale;
+  }
+  const int64_t tile_keys = causal ? (i0 + R < nk ? i0 + R : nk) : nk;
+  const int64_t tp = round_up(tile_keys, KW);
+  score_tile<R>(qs, D, kt, np, tp, p);   /* columns past a row's visible keys are zeroed below */
+  float inv[R];
+  float* o[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = i0 + r, visible = causal ? (i + 1 < nk ? i + 1 : nk) : nk;
+    const float* mr = mask ? mask + b * sm[0] + h * sm[1] + i * sm[2] : nullptr;
+    inv[r] = softmax_row(p + r * np, visible, tp, mr);
+    o[r] = out + b * so[0] + h * so[1] + i * so[2];
+  }
+  float* cols[R];
+  int64_t c = 0;
+  for (; c + VW <= Dv; c += VW) {
+    for (int r = 0; r < R; ++r) cols[r] = o[r] + c;
+    value_tile<R, VW>(p, np, vb + c, Dv, tile_keys, inv, cols);
+  }
+  for (; c < Dv; ++c) {
+    for (int r = 0; r < R; ++r) cols[r] = o[r] + c;
+    value_tile<R, 1>(p, np, vb + c, Dv, tile_keys, inv, cols);
+  }
+}
+
+/* One task: a block of up to TASK_ROWS query rows of one (batch, head), against the keys packed
+   for its k/v head (kt: rows of np floats). */
+static void run_task(const int64_t* m, int64_t task, const float* q, const float* kt_all,
+                     const float* vp_all, const float* mask, float* out, float scale,
+                     float* scratch) {
+  const int64_t H = m[1], Hkv = m[2], L = m[3], S = m[4], D = m[5], Dv = m[6], causal = m[7];
+  const int64_t blocks = (L + TASK_ROWS - 1) / TASK_ROWS, np = round_up(S, KW);
+  const int64_t blk = task % blocks, h = (task / blocks) % H, b = task / (blocks * H);
+  const int64_t hk = h / (H / Hkv), i0 = blk * TASK_ROWS;
+  const int64_t i1 = i0 + TASK_ROWS < L ? i0 + TASK_ROWS : L;
+  const int64_t nk = causal ? (i1 < S ? i1 : S) : S;        /* keys the block can see */
+  if (nk <= 0) {                                             /* no keys at all */
+    const int64_t* so = m + 18;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t c = 0; c < Dv; ++c) out[b * so[0] + h * so[1] + i * so[2] + c] = 0.0f;
+    return;
+  }
+  const float* kt = kt_all + (b * Hkv + hk) * D * np;
+  const float* vb = vp_all + (b * Hkv + hk) * S * Dv;
+  float* qs = scratch;
+  float* p = qs + QB * MAX_HEAD_DIM;
+  int64_t i = i0;
+  for (; i + QB <= i1; i += QB)
+    micro_tile<QB>(m, b, h, i, nk, np, q, vb, mask, out, scale, kt, qs, p);
+  for (; i < i1; ++i)
+    micro_tile<1>(m, b, h, i, nk, np, q, vb, mask, out, scale, kt, qs, p);
+}
+
+/* Every k/v head's keys are packed (transposed) once, then the tasks run; both loops are spread
+   over the threads when the work pays for a parallel region. */
+extern "C" int fxf_prefill_attention_f32(const int64_t* m, const float* q, const float* k,
+                                         const float* v, const float* mask, float* out,
+                                         float scale, int nthreads) {
+  const int64_t B = m[0], H = m[1], Hkv = m[2], L = m[3], S = m[4], D = m[5], Dv = m[6];
+  const int64_t *sk = m + 12, *sv = m + 15;
+  const int64_t np = round_up(S, KW), heads = B * Hkv;
+  const int64_t tasks = B * H * ((L + TASK_ROWS - 1) / TASK_ROWS);
+  const int parallel = nthreads > 1 && tasks > 1 && B * H * L * S * (D + Dv) >= PARALLEL_MIN_WORK;
+  float* kt_all = (float*)malloc((heads * (D * np + S * Dv) + 1) * sizeof(float));
+  if (!kt_all) return -1;
+  float* vp_all = kt_all + heads * D * np;
+  int failed = 0;
+  #pragma omp parallel num_threads(nthreads) if (parallel)
+  {
+    #pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < heads; ++bh) {
+      pack_keys(k + (bh / Hkv) * sk[0] + (bh % Hkv) * sk[1], sk[2], S, np, D, kt_all + bh * D * np);
+      pack_values(v + (bh / Hkv) * sv[0] + (bh % Hkv) * sv[1], sv[2], S, Dv, vp_all + bh * S * Dv);
+    }
+    float* scratch = (float*)malloc((QB * MAX_HEAD_DIM + QB * np) * sizeof(float));
+    if (!scratch) {
+      #pragma omp atomic write
+      failed = 1;
+    }
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t)
+      if (scratch) run_task(m, t, q, kt_all, vp_all, mask, out, scale, scratch);
+    free(scratch);
+  }
+  free(kt_all);
+  return failed ? -1 : 0;
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _entry() -> Callable:
+    """The compiled kernel (built once into the kernel cache, ~2 s)."""
+    fn = load_function(SOURCE, "fxf_prefill_attention_f32", "prefill_attention")
+    fn.restype = ctypes.c_int
+    fn.argtypes = (ctypes.c_void_p,) * 6 + (ctypes.c_float, ctypes.c_int)
+    return fn
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_unavailable() -> Optional[str]:
+    """Why the kernel cannot be built or loaded here (no compiler, a failed build), or None."""
+    try:
+        _entry()
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernel
+        log.warning("attention: C++ prefill kernel unavailable, using PyTorch's: %s", exc)
+        return f"C++ attention kernel unavailable ({type(exc).__name__})"
+    return None
+
+
+def kernel_declines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why the tiled kernel does not take these inputs, or None when it does."""
+    tensors = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
+    if any(t.dtype != torch.float32 for t in (q, k, v)) or \
+            (attn_mask is not None and attn_mask.dtype not in (torch.float32, torch.bool)):
+        return "tiled C++ attention is fp32 only (with an fp32 or bool mask)"
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return "tiled C++ attention needs 4-D q/k/v"
+    if any(t.device.type != "cpu" for t in tensors):
+        return "tiled C++ attention needs CPU tensors"
+    if any(t.stride(-1) != 1 and t.size(-1) > 1 for t in (q, k, v)):
+        return "tiled C++ attention needs a unit stride in the head dim"
+    if q.size(-1) != k.size(-1) or k.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
+        return f"tiled C++ attention needs q/k of one head dim and head dims <= {MAX_HEAD_DIM}"
+    if k.size(-2) > MAX_KEYS:
+        return f"{k.size(-2)} keys: beyond {MAX_KEYS}, PyTorch's flash kernel is as fast"
+    if attn_mask is not None and attn_mask.dim() > 4:
+        return "tiled C++ attention takes a mask of at most 4 dims"
+    return kernel_unavailable()
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride()
+
+
+class TiledAttention:
+    """The kernel's metadata per input layout (shapes, strides, causal, scale): a prefill loop
+    pays for building it once."""
+
+    def __init__(self) -> None:
+        self.plans: dict[tuple, tuple] = {}
+
+    def __call__(self, q, k, v, attn_mask, is_causal, scale) -> torch.Tensor:
+        mask = _mask_4d(attn_mask, q, k) if attn_mask is not None else None
+        key = (_layout(q), _layout(k), _layout(v), None if mask is None else _layout(mask),
+               is_causal, scale)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self._plan(q, k, v, mask, is_causal, scale)
+            if len(self.plans) >= MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = plan
+        meta_address, scale_value, _ = plan
+        batch, heads, rows, _ = q.shape
+        out = torch.empty(batch, rows, heads, v.size(-1)).transpose(1, 2)  # free reshape after
+        status = launch(_entry(), (meta_address, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                   0 if mask is None else mask.data_ptr(), out.data_ptr(),
+                                   scale_value, torch.get_num_threads()), (plan, mask))
+        if status != 0:
+            raise MemoryError("tiled C++ attention: out of memory for its scratch buffers")
+        return out
+
+    @staticmethod
+    def _plan(q, k, v, mask, is_causal, scale) -> tuple:
+        batch, heads, rows, head_dim = q.shape
+        kv_heads, keys = k.size(1), k.size(2)
+        if heads % kv_heads or v.size(1) != kv_heads or v.size(2) != keys or k.size(0) != batch:
+            raise ValueError(f"attention: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} "
+                             "disagree on batch, heads or keys")
+        out_strides = (rows * heads * v.size(-1), v.size(-1), heads * v.size(-1))
+        mask_strides = mask.stride()[:3] if mask is not None else (0, 0, 0)
+        meta = (ctypes.c_int64 * 24)(
+            batch, heads, kv_heads, rows, keys, head_dim, v.size(-1), int(bool(is_causal)),
+            int(mask is not None), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out_strides, *mask_strides)
+        scale_value = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        return ctypes.addressof(meta), scale_value, meta   # meta: kept alive with the plan
+
+
+def _mask_4d(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """An fp32 additive mask broadcast to [B, H, L, S]: a view where broadcast dims get stride 0,
+    except the key dim, which the kernel reads with a unit stride (materialized if need be)."""
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros((), dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+    keys = k.size(2)
+    if attn_mask.dim() == 0:
+        attn_mask = attn_mask.reshape(1)
+    if attn_mask.stride(-1) != 1 or attn_mask.size(-1) != keys:
+        attn_mask = attn_mask.expand(*attn_mask.shape[:-1], keys).contiguous()
+    return attn_mask.expand(q.size(0), q.size(1), q.size(2), keys)
+
+
+_KERNEL = TiledAttention()
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """SDPA (no dropout) with the tiled kernel; the caller checked :func:`kernel_declines`.
+    ``attn_mask`` is additive fp32 or bool (True: attend), broadcastable to [B, H, L, S]."""
+    return _KERNEL(q, k, v, attn_mask, is_causal, scale)
