@@ -45,6 +45,7 @@ MAX_HEAD_DIM = 256
 # 1.6-1.9x as fast up to 512 keys and 1.25x at 1024; the working set grows with the keys (the
 # packed K/V of every head, a score row per query), so longer sequences stay on PyTorch's kernel.
 MAX_KEYS = 1024
+MAX_PACKED_BYTES = 64 << 20   # the per-call copy of K^T and V (every batch and k/v head)
 PARALLEL_MIN_WORK = 1 << 17   # query rows x visible keys x (D + Dv) below which one thread wins
 MAX_PLANS = 64
 
@@ -292,26 +293,33 @@ def kernel_declines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return f"tiled C++ attention needs q/k of one head dim and head dims <= {MAX_HEAD_DIM}"
     if k.size(-2) > MAX_KEYS:
         return f"{k.size(-2)} keys: beyond {MAX_KEYS}, PyTorch's flash kernel is as fast"
+    packed = 4 * k.size(0) * k.size(1) * (k.size(-2) + 16) * (k.size(-1) + v.size(-1))
+    if packed > MAX_PACKED_BYTES:
+        return (f"its packed K/V copy would take {packed >> 20} MiB (> {MAX_PACKED_BYTES >> 20}): "
+                "PyTorch's kernel works in place")
     if attn_mask is not None and attn_mask.dim() > 4:
         return "tiled C++ attention takes a mask of at most 4 dims"
     return kernel_unavailable()
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.stride()
+def layout_key(q, k, v, attn_mask, is_causal) -> tuple:
+    """What a path decision or a kernel plan depends on: shapes, strides, dtypes and devices of
+    the inputs (the mask's too), and causality. Callers cache per key, so a model pays each
+    check once per input layout."""
+    tensors = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors) + (is_causal,)
 
 
 class TiledAttention:
-    """The kernel's metadata per input layout (shapes, strides, causal, scale): a prefill loop
-    pays for building it once."""
+    """The kernel's metadata per input layout (:func:`layout_key` and the scale): a prefill
+    loop pays for building it once."""
 
     def __init__(self) -> None:
         self.plans: dict[tuple, tuple] = {}
 
-    def __call__(self, q, k, v, attn_mask, is_causal, scale) -> torch.Tensor:
+    def __call__(self, q, k, v, attn_mask, is_causal, scale, key: Optional[tuple] = None):
         mask = _mask_4d(attn_mask, q, k) if attn_mask is not None else None
-        key = (_layout(q), _layout(k), _layout(v), None if mask is None else _layout(mask),
-               is_causal, scale)
+        key = (key or layout_key(q, k, v, attn_mask, is_causal), scale)
         plan = self.plans.get(key)
         if plan is None:
             plan = self._plan(q, k, v, mask, is_causal, scale)
@@ -363,7 +371,8 @@ _KERNEL = TiledAttention()
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                    scale: Optional[float] = None) -> torch.Tensor:
+                    scale: Optional[float] = None, key: Optional[tuple] = None) -> torch.Tensor:
     """SDPA (no dropout) with the tiled kernel; the caller checked :func:`kernel_declines`.
-    ``attn_mask`` is additive fp32 or bool (True: attend), broadcastable to [B, H, L, S]."""
-    return _KERNEL(q, k, v, attn_mask, is_causal, scale)
+    ``attn_mask`` is additive fp32 or bool (True: attend), broadcastable to [B, H, L, S];
+    ``key``: the inputs' :func:`layout_key`, when the caller has it already."""
+    return _KERNEL(q, k, v, attn_mask, is_causal, scale, key)

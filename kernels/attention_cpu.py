@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from fxforge.kernels.attention_cpp import kernel_declines, tiled_attention
+from fxforge.kernels.attention_cpp import kernel_declines, layout_key, tiled_attention
 
 # Non-causal, the tiled kernel wins only at short lengths: bench/attention_cpu.py, 2-core Zen 1,
 # 8-12 heads of 64: 1.05-1.2x PyTorch's flash kernel at 128 keys, 0.93-0.98x at 256-512, 0.87x
@@ -133,14 +133,24 @@ def math_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_
     return out.flatten(-4, -3) if grouped else out
 
 
+_PATHS: dict[tuple, str] = {}   # layout_key + enable_gqa -> the path cpu_attention takes
+
+
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                   scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` (no dropout) on the fastest CPU path that applies."""
-    _check_heads(q, k, v, enable_gqa)
-    path = choose_attention_path(q, k, v, attn_mask, is_causal).name
+    """``F.scaled_dot_product_attention`` (no dropout) on the fastest CPU path that applies
+    (decided once per input layout: the checks cost more than a small model's attention)."""
+    key = layout_key(q, k, v, attn_mask, is_causal) + (enable_gqa,)
+    path = _PATHS.get(key)
+    if path is None:
+        _check_heads(q, k, v, enable_gqa)
+        path = choose_attention_path(q, k, v, attn_mask, is_causal).name
+        if len(_PATHS) >= 256:
+            _PATHS.clear()
+        _PATHS[key] = path
     if path == "tiled":
-        return tiled_attention(q, k, v, attn_mask, is_causal, scale)
+        return tiled_attention(q, k, v, attn_mask, is_causal, scale, key)
     if path == "flash":
         return flash_attention(q, k, v, attn_mask, is_causal, scale)
     return math_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)

@@ -100,16 +100,20 @@ def test_declines_with_reasons():
     long_k = torch.randn(1, 1, MAX_KEYS + 1, 8)
     assert "keys" in kernel_declines(torch.randn(1, 1, 1, 8), long_k, long_k)
     assert "mask" in kernel_declines(q, k, v, torch.zeros(1, 1, 1, 4, 4))
+    huge = torch.empty(1, 1, 1, 128).expand(64, 64, 1024, 128)   # 2 GiB as views: no memory
+    assert "MiB" in kernel_declines(torch.empty(1, 1, 1, 128).expand(64, 64, 1, 128), huge, huge)
 
 
 def test_unavailable_kernel_is_a_reason_not_an_error(monkeypatch):
     """No compiler or a failed build: kernel_declines names it and callers take PyTorch's path."""
+    from fxforge.kernels import attention_cpu
     from fxforge.kernels.attention_cpu import choose_attention_path, cpu_attention
 
     def no_compiler(*args, **kwargs):
         raise KernelBuildError("no C++ compiler here")
 
     monkeypatch.setattr(attention_cpp, "load_function", no_compiler)
+    monkeypatch.setattr(attention_cpu, "_PATHS", {})   # decisions made with the kernel built
     attention_cpp._entry.cache_clear()
     attention_cpp.kernel_unavailable.cache_clear()
     try:
