@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.fxforge-installed
 
-.PHONY: run test bench gpu-check clean venv
+.PHONY: run test bench gpu-check gpu-install gpu-tests gpu-bench clean venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,9 +40,17 @@ bench: $(STAMP)
 
 # On a lent GPU machine (torch and triton preinstalled, no network): install fxforge
 # into the system Python without touching its packages, run the GPU tests and benchmarks.
-gpu-check:
+# gpu-tests and gpu-bench also run alone (a lent machine takes commands of 10 minutes at most);
+# --durations lists the slowest GPU tests.
+gpu-check: gpu-tests gpu-bench
+
+gpu-install:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PYTHON) -m pytest -q -m gpu tests || [ $$? -eq 5 ]
+
+gpu-tests: gpu-install
+	$(PYTHON) -m pytest -q --durations=15 -m gpu tests || [ $$? -eq 5 ]
+
+gpu-bench: gpu-install
 	$(PYTHON) bench/run.py --device cuda
 	$(PYTHON) bench/gpu_kernels.py
 	$(PYTHON) bench/autotune_gpu.py
