@@ -353,11 +353,18 @@ class TiledAttention:
         return ctypes.addressof(meta), scale_value, meta   # meta: kept alive with the plan
 
 
+def additive_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: attend) as 0/-inf in ``dtype``, a float mask in ``dtype``."""
+    if attn_mask.dtype == torch.bool:
+        zeros = torch.zeros((), dtype=dtype)
+        return zeros.masked_fill(~attn_mask, float("-inf"))  # broadcasts to the mask's shape
+    return attn_mask if attn_mask.dtype == dtype else attn_mask.to(dtype)
+
+
 def _mask_4d(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """An fp32 additive mask broadcast to [B, H, L, S]: a view where broadcast dims get stride 0,
     except the key dim, which the kernel reads with a unit stride (materialized if need be)."""
-    if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros((), dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+    attn_mask = additive_mask(attn_mask, q.dtype)
     keys = k.size(2)
     if attn_mask.dim() == 0:
         attn_mask = attn_mask.reshape(1)

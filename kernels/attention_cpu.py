@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from fxforge.kernels.attention_cpp import kernel_declines, layout_key, tiled_attention
+from fxforge.kernels.attention_cpp import (additive_mask, kernel_declines, layout_key,
+                                           tiled_attention)
 
 # Non-causal, the tiled kernel wins only at short lengths: bench/attention_cpu.py, 2-core Zen 1,
 # 8-12 heads of 64: 1.05-1.2x PyTorch's flash kernel at 128 keys, 0.93-0.98x at 256-512, 0.87x
@@ -78,20 +79,13 @@ def choose_attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return AttentionPath("flash", f"PyTorch CPU flash attention{gqa}{mask}")
 
 
-def _additive_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if attn_mask.dtype == torch.bool:
-        zeros = torch.zeros((), dtype=dtype)
-        return zeros.masked_fill(~attn_mask, float("-inf"))  # broadcasts to the mask's shape
-    return attn_mask if attn_mask.dtype == dtype else attn_mask.to(dtype)
-
-
 def flash_attention(q, k, v, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
     """PyTorch's CPU flash kernel (the caller checked that ``choose_attention_path`` allows it)."""
     three_d = q.dim() == 3
     if three_d:  # [B, L, E] -> one batch of B "heads"
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if attn_mask is not None:
-        attn_mask = _additive_mask(attn_mask, q.dtype)
+        attn_mask = additive_mask(attn_mask, q.dtype)
         while attn_mask.dim() < 2:
             attn_mask = attn_mask.unsqueeze(0)
         if attn_mask.dim() == 3:
@@ -115,10 +109,10 @@ def math_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_
     """Explicit softmax(q kᵀ·scale + mask) v, in q's dtype; fully masked rows give 0."""
     _check_heads(q, k, v, enable_gqa)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
-    mask = _additive_mask(attn_mask, q.dtype) if attn_mask is not None else None
+    mask = additive_mask(attn_mask, q.dtype) if attn_mask is not None else None
     if is_causal:
         causal = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-        causal = _additive_mask(causal, q.dtype)
+        causal = additive_mask(causal, q.dtype)
         mask = causal if mask is None else mask + causal
     grouped = q.dim() >= 3 and k.size(-3) != q.size(-3)
     if grouped:
