@@ -185,8 +185,8 @@ def time_interleaved(runners: list, inputs: tuple, device: torch.device, warmup:
 
     A round is a block per runner, not a single call: a model in deployment runs back to back,
     with its weights and code warm in the caches, and one call squeezed between other models'
-    calls would measure a cold start instead (it slowed fxforge's small-GPT prefill by ~10% and
-    Inductor's by ~4% here). The rounds still interleave, so host noise hits every runner."""
+    calls would measure a cold start instead (it slowed fxforge's small-GPT prefill by 4-10% and
+    Inductor's by 2-4% here). The rounds still interleave, so host noise hits every runner."""
     for fn in runners:
         for _ in range(warmup):
             fn(*inputs)
