@@ -55,7 +55,7 @@ def make_table() -> KernelTable:
 
     @table.rule(*LINEAR_OPS)
     def linear(node: fx.Node, constant) -> Optional[tuple]:
-        from fxforge.kernels.linear_cpu import tuned_linear
+        from fxforge.kernels.linear_cpu_tuning import tuned_linear
         ops = linear_operands(node)
         if ops is None:
             return None

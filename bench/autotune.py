@@ -32,7 +32,7 @@ from fxforge.autotune.task import make_tunable
 from fxforge.irgraph import decomposition_table
 from fxforge.kernels.fused import build_program
 from fxforge.kernels.fused_cpp_tuning import example_shapes, fused_task
-from fxforge.kernels.linear_cpu import linear_task
+from fxforge.kernels.linear_cpu_tuning import linear_task
 
 
 def _group_task(fn, *inputs):

@@ -38,8 +38,9 @@ GEMV_MAX_M = 4                  # above this many rows the GEMM libraries win (m
 PARALLEL_MIN_WEIGHTS = 1 << 15  # N x K below which one thread is faster than a parallel region
 ACTIVATION_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
 
-SOURCE = "#include <omp.h>\n#include <immintrin.h>\n" + PRELUDE + MATH + r"""
-/* the activations, by ACTIVATION_CODES (the same formulas as the reference ops) */
+# The activations by ACTIVATION_CODES, as C++ (the same formulas as the reference ops); shared
+# with the tiled GEMM of kernels/gemm_cpu.py.
+ACT_OF_CPP = r"""
 template <int ACT> static inline float act_of(float v) {
   if (ACT == 1) return v < 0.0f ? 0.0f : v;
   if (ACT == 2) return v / (1.0f + fxf_exp(-v));
@@ -47,6 +48,9 @@ template <int ACT> static inline float act_of(float v) {
   if (ACT == 4) return 0.5f * v * (1.0f + fxf_tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
   return v;
 }
+"""
+
+SOURCE = "#include <omp.h>\n#include <immintrin.h>\n" + PRELUDE + MATH + ACT_OF_CPP + r"""
 
 static inline float activate(float v, int act) {
   switch (act) {

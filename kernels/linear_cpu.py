@@ -12,23 +12,21 @@ through :data:`LINEAR_CPU_SPACE`; :func:`default_candidate` is the measured rule
             pack is made for one M (``batch_hint``); a call with another M runs ``linear`` on the
             original weight. fp32 only. The epilogue runs in place on the output.
 ``aten``    ``addmm``/``mm`` on a contiguous [K, N] copy of the weight, epilogue in place.
+``tiled``   fxforge's register-tiled C++ GEMM (``kernels/gemm_cpu.py``): the weight packed in
+            16-column panels, bias, activation and residual applied to each tile in registers.
+``gemv``    fxforge's C++ GEMV (``kernels/gemv_cpu.py``), for at most GEMV_MAX_M rows.
 
 The reference (test oracle) is ``torch.ops.fxforge.linear`` in ``irgraph/ops.py``.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from fxforge.autotune.session import choose
-from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.irgraph.ops import ACTIVATIONS
 from fxforge.kernels.cpu_isa import MatmulPath, choose_matmul_path
+from fxforge.kernels.gemm_cpu import BLOCKS, TiledLinear, gemm_unavailable
 from fxforge.kernels.gemv_cpu import (GEMV_MAX_M, GemvLinear, epilogue_, epilogue_available,
                                       gemv_unavailable)
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
@@ -145,8 +143,17 @@ class _GemvLinear(GemvLinear):
         super().__init__(weight_nk, bias, activation)
 
 
+class _TiledLinear(TiledLinear):
+    """The tiled C++ GEMM of ``kernels/gemm_cpu.py`` as a candidate; ``block``: its blocking."""
+
+    def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int,
+                 block: int = 0):
+        super().__init__(weight_nk, bias, activation, block)
+
+
+# New candidates go at the end: a tuned config names its candidate by index.
 _IMPLEMENTATIONS = {impl.name: impl for impl in (_OneDNNLinear, _MKLLinear, _AtenLinear,
-                                                 _GemvLinear)}
+                                                 _GemvLinear, _TiledLinear)}
 CANDIDATES: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
 
 
@@ -170,6 +177,10 @@ def unavailable_reason(candidate: str, compute_dtype: torch.dtype) -> Optional[s
         if compute_dtype != torch.float32:
             return "gemv: the C++ GEMV is fp32 only"
         return gemv_unavailable()
+    if candidate == "tiled":
+        if compute_dtype != torch.float32:
+            return "tiled: the C++ GEMM is fp32 only"
+        return gemm_unavailable()
     return None
 
 
@@ -180,27 +191,43 @@ ONEDNN_MIN_M = 8
 # shows (M=128, 2 threads, quiet machine: N=384 aten 210 us vs oneDNN 243; N=512 405 vs 415;
 # N=128 219 vs 255); from here on it wins (N=8192: 7.4 ms vs 9.7).
 ONEDNN_MIN_N = 2048
+# From this many rows, oneDNN's deeper blocking beats the tiled GEMM by 4-10% once the output
+# is at least ONEDNN_OVER_TILED_N wide (bench/linear_cpu.py shapes and [192..1024] x [256..576]
+# x [704..3072], weights cycled past the cache, 2 threads); narrower outputs tie.
+TILED_MAX_M = 192
+ONEDNN_OVER_TILED_N = 512
 
 
 def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch.float32) -> str:
-    """The measured rule when nothing is autotuned: aten for small M, oneDNN from ONEDNN_MIN_M.
+    """The measured rule when nothing is autotuned: the C++ GEMV up to GEMV_MAX_M rows, the
+    tiled C++ GEMM above (oneDNN for wide outputs from TILED_MAX_M rows); where those cannot
+    run (bf16 math, no compiler) aten for small M, oneDNN from ONEDNN_MIN_M.
 
-    Measured on the 2-core AVX2 Zen 1 box (fp32, gelu + residual epilogue, 1 thread, medians of
-    interleaved rounds): M=1 aten 0.8-0.9x of eager at K, N <= 1024 (eager's three ops cost the
-    same as our GEMM + in-place epilogue) and 1.7x at N=8192, oneDNN 0.6-0.9x; M >= 8 oneDNN
-    ties the others within noise at K, N <= 1024 and wins at N=8192 (1.2x at M=128, 3.8x at
-    M=8 vs eager). MKL's packed GEMM never won clearly and only helps the M it was packed for;
-    it stays for the autotuner. On a quiet machine at 2 threads, oneDNN lost to aten at M=128
-    for N <= 512 and won for N=8192 (:data:`ONEDNN_MIN_N`).
+    Measured on the 2-core AVX2 Zen 1 box (``bench/linear_cpu.py``, weights cycled past the
+    last-level cache as in a model, 2 threads, medians of interleaved rounds): tiled over aten
+    1.07-1.17x on the small GPT's linears, 1.15-1.26x on the GPT-2/Llama configs', 1.25-1.31x on
+    SmolLM2's at a 37-token prompt, 2.2x at 8 rows; oneDNN 1.05-1.10x over tiled at M >= 192,
+    N >= 704. Without the C++ kernels: M=1 aten 0.8-0.9x of eager at K, N <= 1024 and 1.7x at
+    N=8192, oneDNN 0.6-0.9x; M >= 8 oneDNN ties aten at K, N <= 1024 and wins at N=8192.
     """
     small = m < ONEDNN_MIN_M or n < ONEDNN_MIN_N
     preferred = ["aten", "onednn"] if small else ["onednn", "aten"]
     if m <= GEMV_MAX_M:
         preferred.insert(0, "gemv")
+    elif m >= TILED_MAX_M and n >= ONEDNN_OVER_TILED_N:
+        preferred[:0] = ["onednn", "tiled"]
+    else:
+        preferred.insert(0, "tiled")
     for name in preferred + list(CANDIDATES):
         if unavailable_reason(name, compute_dtype) is None:
             return name
     raise RuntimeError("no CPU linear candidate can run here")  # aten always can
+
+
+def default_block(m: int) -> int:
+    """The tiled GEMM's blocking (index into ``gemm_cpu.BLOCKS``) for ``m`` rows: the deeper
+    (kc=512, mc=240) from TILED_MAX_M rows (measured 3-9% faster there), else (256, 120)."""
+    return 2 if m >= TILED_MAX_M else 0
 
 
 LAYOUTS = ("kn", "nk")
@@ -219,6 +246,10 @@ def _prune(config: Config, problem: Problem) -> Optional[str]:
         return f"candidate index {index} out of range"
     if config.kwargs().get("layout", 0) and CANDIDATES[index] != "aten":
         return "the weight layout is a knob of the aten candidate only"
+    if config.kwargs().get("block", 0) and CANDIDATES[index] != "tiled":
+        return "the blocking is a knob of the tiled candidate only"
+    if not 0 <= config.kwargs().get("block", 0) < len(BLOCKS):
+        return f"block index {config['block']} out of range"
     if CANDIDATES[index] == "gemv" and problem.get("M", 1) > GEMV_MAX_M:
         return f"gemv: more than {GEMV_MAX_M} rows"
     if config.kwargs().get("threads", 1) > torch.get_num_threads():
@@ -233,11 +264,12 @@ def _prune(config: Config, problem: Problem) -> Optional[str]:
 
 
 def config_for(candidate: str, threads: Optional[int] = None, layout: str = "kn",
-               fp32: bool = False) -> Config:
-    """``fp32``: run a bf16 linear's GEMM in fp32 (more exact; for some shapes faster)."""
+               fp32: bool = False, block: int = 0) -> Config:
+    """``fp32``: run a bf16 linear's GEMM in fp32 (more exact; for some shapes faster);
+    ``block``: the tiled GEMM's (kc, mc) blocking, an index into ``gemm_cpu.BLOCKS``."""
     return Config.of(candidate=CANDIDATES.index(candidate),
                      threads=threads or torch.get_num_threads(), layout=LAYOUTS.index(layout),
-                     fp32=int(fp32))
+                     fp32=int(fp32), block=block)
 
 
 def candidate_of(config: Config) -> str:
@@ -246,19 +278,24 @@ def candidate_of(config: Config) -> str:
 
 def linear_cpu_space(m: int = 128, k: int = 1024, n: int = 1024,
                      compute_dtype: torch.dtype = torch.float32) -> TuningSpace:
-    """Implementation x thread count (x weight layout for aten; x bf16 or fp32 GEMM where the
-    path is bf16); the default is :func:`default_candidate`'s measured rule at all threads."""
+    """Implementation x thread count (x weight layout for aten, x blocking for tiled; x bf16 or
+    fp32 GEMM where the path is bf16); the default is :func:`default_candidate`'s measured rule
+    at all threads."""
     precisions = (False, True) if compute_dtype == torch.bfloat16 else (False,)
-    configs = tuple(config_for(name, threads, layout, fp32) for name in CANDIDATES
+    configs = tuple(config_for(name, threads, layout, fp32, block) for name in CANDIDATES
                     for threads in thread_counts()
                     for layout in (LAYOUTS if name == "aten" else LAYOUTS[:1])
+                    for block in (range(len(BLOCKS)) if name == "tiled" else (0,))
                     for fp32 in precisions)
-    default = config_for(default_candidate(m, k, n, compute_dtype))
+    candidate = default_candidate(m, k, n, compute_dtype)
+    default = config_for(candidate, block=default_block(m) if candidate == "tiled" else 0)
     return TuningSpace("linear_cpu", configs, default=default, prune=_prune, describe=describe_config)
 
 
 def describe_config(config: Config) -> str:
     layout = f" {LAYOUTS[config['layout']]}" if candidate_of(config) == "aten" else ""
+    if candidate_of(config) == "tiled":
+        layout = " kc={} mc={}".format(*BLOCKS[config.kwargs().get("block", 0)])
     fp32 = ", fp32 GEMM" if config.kwargs().get("fp32") else ""
     return f"{candidate_of(config)}{layout}, {config['threads']} thr{fp32}"
 
@@ -281,7 +318,7 @@ class PackedLinear:
                  activation: str = "none", has_residual: bool = False,
                  out_dtype: Optional[torch.dtype] = None, *, path: Optional[MatmulPath] = None,
                  candidate: Optional[str] = None, batch_hint: int = 1, threads: int = 0,
-                 layout: str = "kn", varying_rows: bool = False):
+                 layout: str = "kn", block: Optional[int] = None, varying_rows: bool = False):
         if weight.dim() != 2 or (bias is not None and list(bias.shape) != [weight.shape[1]]):
             raise ValueError(f"PackedLinear: weight {list(weight.shape)} must be [K, N] and bias [N]")
         if activation not in ACTIVATIONS:
@@ -300,7 +337,9 @@ class PackedLinear:
             raise ValueError(f"PackedLinear: {reason}")
         weight_nk = weight.detach().t().to(self.compute_dtype).contiguous()
         bias = bias.detach().to(self.compute_dtype).contiguous() if bias is not None else None
-        extra = {"layout": layout} if self.candidate == "aten" else {}
+        extra = ({"layout": layout} if self.candidate == "aten" else
+                 {"block": default_block(batch_hint) if block is None else block}
+                 if self.candidate == "tiled" else {})
         self.impl = _IMPLEMENTATIONS[self.candidate](weight_nk, bias, activation, max(1, batch_hint),
                                                      **extra)
         self.few_rows = None     # the GEMV for few-row calls of a varying-M linear
@@ -361,98 +400,3 @@ class PackedLinear:
         if self.compute_dtype != self.weight_dtype:
             text += f" ({self.path.reason})"
         return text
-
-
-# --- autotuning: the task a PackedLinear is tuned as, and how the tuner builds candidates ----
-
-@functools.lru_cache(maxsize=1)
-def _module_source_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-
-
-def linear_task(m: int, k: int, n: int, compute_dtype: torch.dtype, activation: str,
-                has_bias: bool, has_residual: bool) -> TuningTask:
-    problem = {"M": bucket(m), "K": k, "N": n, "dtype": str(compute_dtype).split(".")[-1],
-               "activation": activation, "bias": has_bias, "residual": has_residual}
-    return TuningTask.make("linear_cpu", __name__, problem, _module_source_hash())
-
-
-# Candidates are timed cycling over copies of the weight that together exceed the last-level
-# cache, as in a model, where each layer's weight arrives from memory: timed alone, one small
-# weight stays in L1/L2 and favours paths that lose in a model (seen: oneDNN/MKL 1.1-1.3x
-# faster than aten at M=1 in isolation, 5% slower in the small GPT's decode step).
-WORKING_SET_BYTES = 32 << 20
-MAX_COPIES = 64
-
-
-class LinearCpuTunable(Tunable):
-    """Random operands of the task's shape (timing does not depend on the values)."""
-
-    parallel_build = False   # packing is cheap; concurrent oneDNN reorders buy nothing
-
-    def __init__(self, task: TuningTask):
-        super().__init__(task)
-        p = self.problem
-        self.dtype = getattr(torch, p["dtype"])
-        self.space = linear_cpu_space(p["M"], p["K"], p["N"], self.dtype)
-        g = torch.Generator().manual_seed(1234)
-        copies = max(1, min(MAX_COPIES, WORKING_SET_BYTES // (4 * p["K"] * p["N"])))
-        dtype = self.dtype     # the operands arrive in the compute dtype the task was made for
-        self.weights = [(torch.randn(p["K"], p["N"], generator=g) / p["K"] ** 0.5).to(dtype)
-                        for _ in range(copies)]
-        self.bias = torch.randn(p["N"], generator=g).to(dtype) if p["bias"] else None
-        self.x = torch.randn(p["M"], p["K"], generator=g).to(dtype)
-        self.residual = torch.randn(p["M"], p["N"], generator=g).to(dtype) if p["residual"] else None
-
-    def build(self, config: Config):
-        path = (MatmulPath("fp32", "fp32 GEMM", torch.float32) if config["fp32"]
-                else choose_matmul_path(self.dtype))
-        linears = [PackedLinear(weight, self.bias, self.problem["activation"],
-                                self.residual is not None, path=path, candidate=candidate_of(config),
-                                batch_hint=self.problem["M"], threads=config["threads"],
-                                layout=LAYOUTS[config["layout"]]) for weight in self.weights]
-        x, residual, turn = self.x, self.residual, itertools.count()
-        if len(linears) == 1:
-            return (lambda: linears[0](x, residual)) if residual is not None else \
-                (lambda: linears[0](x))
-
-        def run():   # the first call (the correctness check) uses weights[0], the reference's
-            linear = linears[next(turn) % len(linears)]
-            return linear(x, residual) if residual is not None else linear(x)
-        return run
-
-    def reference(self):
-        return torch.ops.fxforge.linear(self.x, self.weights[0], self.bias, self.problem["activation"],
-                                        self.residual, None)
-
-    def cost(self, config: Config) -> float:
-        """Roofline-ish: GEMM flops over the threads' throughput, plus each path's fixed cost
-        and a fork/join cost per extra thread (the figures measured on the dev box)."""
-        p = self.problem
-        flops = 2.0 * p["M"] * p["K"] * p["N"]
-        threads = config["threads"]
-        fixed = {"onednn": 40e-6, "mkl": 15e-6, "aten": 5e-6, "gemv": 3e-6}[candidate_of(config)]
-        if candidate_of(config) == "gemv":   # bandwidth-bound: ~12 GB/s of weights per thread
-            return 4.0 * p["K"] * p["N"] / (12e9 * threads) + fixed + 3e-6 * (threads - 1)
-        return flops / (30e9 * threads) + fixed + 3e-6 * (threads - 1) + 1e-7 * config["layout"]
-
-
-register_family("linear_cpu", LinearCpuTunable)
-
-
-def tuned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                 has_residual: bool, out_dtype: Optional[torch.dtype], rows: int,
-                 varying_rows: bool = False) -> PackedLinear:
-    """A PackedLinear with the config the tuning session picks (the default outside one);
-    ``varying_rows``: M is symbolic and ``rows`` only the size to tune and pack for."""
-    path = choose_matmul_path(weight.dtype)
-    k, n = weight.shape
-    space = linear_cpu_space(rows, k, n, path.compute_dtype)
-    config = choose(space, lambda: linear_task(rows, k, n, path.compute_dtype, activation,
-                                               bias is not None, has_residual))
-    if config["fp32"]:
-        path = MatmulPath("fp32", f"tuned: an fp32 GEMM beat {path.name} for this shape",
-                          torch.float32)
-    return PackedLinear(weight, bias, activation, has_residual, out_dtype, path=path,
-                        candidate=candidate_of(config), batch_hint=rows, threads=config["threads"],
-                        layout=LAYOUTS[config["layout"]], varying_rows=varying_rows)

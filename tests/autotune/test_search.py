@@ -11,7 +11,7 @@ from fxforge.autotune.task import Tunable, TuningTask, make_tunable
 from fxforge.irgraph import decomposition_table
 from fxforge.kernels.fused import KernelBuildError, build_program
 from fxforge.kernels.fused_cpp_tuning import example_shapes, fused_task
-from fxforge.kernels.linear_cpu import linear_task
+from fxforge.kernels.linear_cpu_tuning import linear_task
 from fxforge.kernels.tuning import Config, TuningSpace
 
 

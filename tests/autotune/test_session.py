@@ -12,7 +12,8 @@ from fxforge.autotune.cache import CacheKey, TuningCache
 from fxforge.autotune.session import choose, current, session
 from fxforge.autotune.task import make_tunable
 from fxforge.errors import OptionsError
-from fxforge.kernels.linear_cpu import linear_cpu_space, linear_task
+from fxforge.kernels.linear_cpu import linear_cpu_space
+from fxforge.kernels.linear_cpu_tuning import linear_task
 from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
 

@@ -10,6 +10,7 @@ from fxforge.kernels.linear_cpu import (CANDIDATES, LAYOUTS, LINEAR_CPU_SPACE, O
                                         config_for, default_candidate, linear_cpu_space,
                                         thread_counts,
                                         unavailable_reason, activate_)
+from fxforge.kernels.gemm_cpu import BLOCKS
 from fxforge.kernels.gemv_cpu import GEMV_MAX_M, epilogue_available
 from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
@@ -133,8 +134,8 @@ def test_bf16_path_as_if_on_an_amx_cpu():
 def test_tuning_space_prunes_what_cannot_run():
     threads = thread_counts()
     assert threads[-1] == torch.get_num_threads() and threads == sorted(set(threads))
-    # every candidate at every thread count, and aten in both weight layouts
-    assert len(LINEAR_CPU_SPACE.configs) == (len(CANDIDATES) + 1) * len(threads)
+    # every candidate at every thread count, aten in both weight layouts, tiled in each blocking
+    assert len(LINEAR_CPU_SPACE.configs) == (len(CANDIDATES) + 1 + len(BLOCKS) - 1) * len(threads)
     assert {candidate_of(c) for c in LINEAR_CPU_SPACE.configs} == set(CANDIDATES)
     kept, pruned = LINEAR_CPU_SPACE.survivors({"M": 4, "K": 16, "N": 8, "dtype": torch.bfloat16})
     assert config_for("mkl") in pruned and config_for("aten") in kept
@@ -158,12 +159,14 @@ def test_aten_layouts_and_thread_knob_match_reference(layout, threads):
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 256, 256), (1, 256, 8192), (128, 1024, 256), (128, 256, 8192)])
-def test_default_candidate_is_runnable(m, k, n):
+def test_default_candidate_without_the_cpp_kernels_is_the_library_rule(monkeypatch, m, k, n):
+    """The rule where fxforge's C++ GEMV/GEMM cannot be built (the rule with them: test_gemm_cpu)."""
+    from fxforge.kernels import linear_cpu
+    monkeypatch.setattr(linear_cpu, "gemv_unavailable", lambda: "gemv: no compiler (test)")
+    monkeypatch.setattr(linear_cpu, "gemm_unavailable", lambda: "tiled: no compiler (test)")
     name = default_candidate(m, k, n)
     onednn_runs = unavailable_reason("onednn", torch.float32) is None
-    gemv_runs = unavailable_reason("gemv", torch.float32) is None
-    expected = "onednn" if m >= ONEDNN_MIN_M and n >= ONEDNN_MIN_N and onednn_runs else "aten"
-    assert name == ("gemv" if m <= GEMV_MAX_M and gemv_runs else expected)
+    assert name == ("onednn" if m >= ONEDNN_MIN_M and n >= ONEDNN_MIN_N and onednn_runs else "aten")
     assert default_candidate(m, k, n, torch.bfloat16) in ("onednn", "aten")
     assert PackedLinear(torch.randn(k, n), batch_hint=m).candidate == name
 
@@ -202,7 +205,7 @@ def test_bf16_linears_can_be_tuned_to_an_fp32_gemm(monkeypatch):
     against the bf16 reference and picks a valid one."""
     from fxforge.autotune.search import search
     from fxforge.autotune.task import make_tunable
-    from fxforge.kernels.linear_cpu import linear_task
+    from fxforge.kernels.linear_cpu_tuning import linear_task
 
     monkeypatch.setenv("FXFORGE_CPU_ISA", "avx512_bf16")
     assert choose_matmul_path(torch.bfloat16).compute_dtype == torch.bfloat16

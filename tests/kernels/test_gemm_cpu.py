@@ -1,0 +1,142 @@
+"""The register-tiled C++ GEMM (kernels/gemm_cpu.py) against the fxforge::linear reference, and
+how PackedLinear and the default rule pick it."""
+import pytest
+import torch
+
+import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
+from fxforge.kernels import gemm_cpu, linear_cpu
+from fxforge.kernels.gemm_cpu import BLOCKS, PANEL, PARALLEL_MIN_MACS, TiledLinear, pack_panels
+from fxforge.kernels.gemv_cpu import ACTIVATION_CODES, GEMV_MAX_M
+from fxforge.kernels.linear_cpu import (ONEDNN_OVER_TILED_N, TILED_MAX_M, PackedLinear,
+                                        config_for, default_block, default_candidate,
+                                        linear_cpu_space, unavailable_reason)
+from fxforge.testing import assert_close_to_eager
+
+pytestmark = pytest.mark.skipif(gemm_cpu.gemm_unavailable() is not None,
+                                reason="no C++ compiler for the tiled GEMM")
+
+
+def _operands(m, k, n, seed, residual=True):
+    """x, weight [K, N] scaled like nn.Linear's init (sums stay O(1): fp32 tolerances fit any K),
+    bias, residual; fresh values per shape."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    weight = torch.randn(k, n, generator=g) / max(k, 1) ** 0.5
+    bias = torch.randn(n, generator=g)
+    res = torch.randn(m, n, generator=g) if residual else None
+    return x, weight, bias, res
+
+
+def _reference(x, weight_kn, bias, activation, residual):
+    return torch.ops.fxforge.linear(x, weight_kn, bias, activation, residual, None)
+
+
+# rows around the 6-row tiles, the 24-row strips and the 48/120/240-row blocks; columns around
+# the 16-wide panels; K around the 128/256/512 chunks
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 3, 17), (6, 16, 16), (7, 129, 15), (25, 257, 33),
+                                   (49, 40, 48), (121, 513, 20), (250, 64, 100)])
+@pytest.mark.parametrize("block", range(len(BLOCKS)))
+def test_shapes_across_tile_and_block_edges(m, k, n, block):
+    x, weight, bias, res = _operands(m, k, n, seed=m * 7919 + k * 31 + n + block)
+    got = TiledLinear(weight.t().contiguous(), bias, "gelu", block)(x, res)
+    assert_close_to_eager(got, _reference(x, weight, bias, "gelu", res), f"{m}x{k}x{n} block {block}")
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_CODES))
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_epilogues_and_threads(activation, bias, residual, threads):
+    m, k, n = 37, 128, 70
+    assert m * k * n >= PARALLEL_MIN_MACS                  # a size that runs the parallel region
+    x, weight, b, res = _operands(m, k, n, seed=sorted(ACTIVATION_CODES).index(activation) * 8 + bias * 4 + residual * 2 + threads,
+                                  residual=residual)
+    b = b if bias else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = TiledLinear(weight.t().contiguous(), b, activation)(x, res)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to_eager(got, _reference(x, weight, b, activation, res), activation)
+
+
+def test_strided_inputs():
+    x, weight, bias, _ = _operands(9, 24, 40, seed=11)
+    kernel = TiledLinear(weight.t().contiguous(), bias, "relu")
+    rows_of_a_wider_tensor = torch.randn(9, 50)[:, 5:29]           # row stride 50
+    residual_every_other = torch.randn(9, 80)[:, ::2]              # non-unit stride: copied
+    transposed = torch.randn(24, 9).t()                            # unit stride along M only
+    for a, r in ((rows_of_a_wider_tensor, residual_every_other), (transposed, None)):
+        assert_close_to_eager(kernel(a, r), _reference(a, weight, bias, "relu", r))
+
+
+def test_nonfinite_values_propagate_as_in_the_reference():
+    x, weight, bias, res = _operands(8, 20, 18, seed=5)
+    x[1, 3], x[4, 0], weight[2, 17] = float("nan"), float("inf"), float("-inf")
+    got = TiledLinear(weight.t().contiguous(), bias, "none")(x, res)
+    assert_close_to_eager(got, _reference(x, weight, bias, "none", res))
+    assert got.isnan().any() and got.isinf().any()
+
+
+def test_empty_rows_and_zero_k():
+    x, weight, bias, res = _operands(0, 8, 5, seed=1)
+    assert TiledLinear(weight.t().contiguous(), bias, "none")(x, res).shape == (0, 5)
+    x, weight, bias, res = _operands(3, 0, 5, seed=2)
+    got = TiledLinear(weight.t().contiguous(), bias, "silu")(x, res)
+    assert_close_to_eager(got, _reference(x, weight, bias, "silu", res))
+
+
+def test_panels_hold_the_weight_in_kernel_order():
+    weight_nk = torch.randn(21, 5)
+    panels = pack_panels(weight_nk)
+    assert panels.shape == (2, 5, PANEL) and panels.is_contiguous()
+    assert torch.equal(panels[1, :, :5], weight_nk[16:].t()) and not panels[1, :, 5:].any()
+    with pytest.raises(ValueError, match="fp32"):
+        TiledLinear(weight_nk.double(), None, "none")
+
+
+@pytest.mark.parametrize("m,k,n,expected", [
+    (1, 256, 256, "gemv"), (GEMV_MAX_M + 1, 256, 256, "tiled"), (128, 1024, 256, "tiled"),
+    (128, 256, 8192, "tiled"), (TILED_MAX_M, 576, ONEDNN_OVER_TILED_N, "onednn"),
+    (512, 128, 384, "tiled")])
+def test_default_rule(m, k, n, expected):
+    runs = {c: unavailable_reason(c, torch.float32) is None for c in ("gemv", "onednn")}
+    if not runs.get(expected, True):
+        pytest.skip(f"{expected} cannot run here")
+    assert default_candidate(m, k, n) == expected
+    linear = PackedLinear(torch.randn(k, n), batch_hint=m)
+    assert linear.candidate == expected
+    if expected == "tiled":
+        assert (linear.impl.kc, linear.impl.mc) == BLOCKS[default_block(m)]
+        assert "C++ tiled GEMM" in linear.describe()
+    assert default_candidate(m, k, n, torch.bfloat16) in ("onednn", "aten")   # fp32-only kernel
+
+
+def test_tuning_space_offers_each_blocking_for_the_tiled_candidate_only():
+    space = linear_cpu_space(128, 128, 384)
+    tiled = [c for c in space.configs if linear_cpu.candidate_of(c) == "tiled"]
+    assert {c["block"] for c in tiled} == set(range(len(BLOCKS)))
+    assert linear_cpu.candidate_of(space.default) == "tiled"
+    kept, pruned = space.survivors({"M": 128, "K": 128, "N": 384, "dtype": "float32"})
+    assert set(tiled) <= set(kept)
+    _, pruned16 = space.survivors({"M": 128, "K": 128, "N": 384, "dtype": "bfloat16"})
+    assert "fp32 only" in pruned16[config_for("tiled")]
+    odd = config_for("aten", block=1)
+    assert "tiled candidate only" in linear_cpu._prune(odd, {"dtype": torch.float32})
+
+
+def test_without_a_compiler_the_libraries_run(monkeypatch):
+    monkeypatch.setattr(linear_cpu, "gemm_unavailable", lambda: "tiled: no compiler (test)")
+    assert default_candidate(128, 128, 384) == "aten"
+    with pytest.raises(ValueError, match="no compiler"):
+        PackedLinear(torch.randn(16, 8), candidate="tiled")
+
+
+def test_portable_build_matches(monkeypatch):
+    """The code a CPU without AVX2 runs (the same source built without -march=native)."""
+    from fxforge.kernels import fused_cpp
+    monkeypatch.setattr(fused_cpp, "FLAGS", tuple(f for f in fused_cpp.FLAGS if not f.startswith("-march")))
+    monkeypatch.setattr(gemm_cpu, "_entry", gemm_cpu._entry.__wrapped__)
+    x, weight, bias, res = _operands(13, 33, 40, seed=9)
+    got = TiledLinear(weight.t().contiguous(), bias, "gelu_tanh")(x, res)
+    assert_close_to_eager(got, _reference(x, weight, bias, "gelu_tanh", res))
