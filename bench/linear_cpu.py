@@ -37,6 +37,8 @@ SHAPES = [
     ("SmolLM2 down, 37 rows", 37, 1536, 576, "none", True),
     ("SmolLM2 qkv, 128 rows", 128, 576, 960, "none", False),
     ("SmolLM2 gate/up, 512 rows", 512, 576, 3072, "none", False),
+    ("GPT-2 cfg fc, 256 rows", 256, 256, 1024, "gelu_tanh", False),
+    ("small GPT qkv, 512 rows", 512, 128, 384, "none", False),
     ("8 rows, 1024x1024", 8, 1024, 1024, "none", False),
 ]
 IMPLEMENTATIONS = ("aten", "onednn", "tiled")

@@ -13,7 +13,7 @@ through :data:`LINEAR_CPU_SPACE`; :func:`default_candidate` is the measured rule
             original weight. fp32 only. The epilogue runs in place on the output.
 ``aten``    ``addmm``/``mm`` on a contiguous [K, N] copy of the weight, epilogue in place.
 ``tiled``   fxforge's register-tiled C++ GEMM (``kernels/gemm_cpu.py``): the weight packed in
-            16-column panels, bias, activation and residual applied to each tile in registers.
+            16-column panels, bias, activation and residual applied to each tile before its store.
 ``gemv``    fxforge's C++ GEMV (``kernels/gemv_cpu.py``), for at most GEMV_MAX_M rows.
 
 The reference (test oracle) is ``torch.ops.fxforge.linear`` in ``irgraph/ops.py``.
@@ -191,43 +191,29 @@ ONEDNN_MIN_M = 8
 # shows (M=128, 2 threads, quiet machine: N=384 aten 210 us vs oneDNN 243; N=512 405 vs 415;
 # N=128 219 vs 255); from here on it wins (N=8192: 7.4 ms vs 9.7).
 ONEDNN_MIN_N = 2048
-# From this many rows, oneDNN's deeper blocking beats the tiled GEMM by 4-10% once the output
-# is at least ONEDNN_OVER_TILED_N wide (bench/linear_cpu.py shapes and [192..1024] x [256..576]
-# x [704..3072], weights cycled past the cache, 2 threads); narrower outputs tie.
-TILED_MAX_M = 192
-ONEDNN_OVER_TILED_N = 512
 
 
 def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch.float32) -> str:
     """The measured rule when nothing is autotuned: the C++ GEMV up to GEMV_MAX_M rows, the
-    tiled C++ GEMM above (oneDNN for wide outputs from TILED_MAX_M rows); where those cannot
-    run (bf16 math, no compiler) aten for small M, oneDNN from ONEDNN_MIN_M.
+    tiled C++ GEMM above; where those cannot run (bf16 math, no compiler) aten for small M,
+    oneDNN from ONEDNN_MIN_M rows and ONEDNN_MIN_N columns.
 
-    Measured on the 2-core AVX2 Zen 1 box (``bench/linear_cpu.py``, weights cycled past the
-    last-level cache as in a model, 2 threads, medians of interleaved rounds): tiled over aten
-    1.07-1.17x on the small GPT's linears, 1.15-1.26x on the GPT-2/Llama configs', 1.25-1.31x on
-    SmolLM2's at a 37-token prompt, 2.2x at 8 rows; oneDNN 1.05-1.10x over tiled at M >= 192,
-    N >= 704. Without the C++ kernels: M=1 aten 0.8-0.9x of eager at K, N <= 1024 and 1.7x at
-    N=8192, oneDNN 0.6-0.9x; M >= 8 oneDNN ties aten at K, N <= 1024 and wins at N=8192.
+    Measured on the 2-core AVX2 Zen 1 box (``bench/linear_cpu.py``: weights cycled past the
+    last-level cache as in a model, 2 threads, medians of 9 interleaved rounds): tiled over
+    aten 1.15-1.20x on the small GPT's linears, 1.13-1.28x on the GPT-2/Llama configs',
+    1.21-1.42x on SmolLM2's, 2.2x at 8 rows; from 256 rows the three are within a few percent
+    where the GEMM runs at peak (oneDNN 2% ahead at [512,576]x[576,3072], 1.5x behind at
+    [256,256]x[256,1024]). Without the C++ kernels: M=1 aten 0.8-0.9x of eager at K, N <= 1024
+    and 1.7x at N=8192, oneDNN 0.6-0.9x; M >= 8 oneDNN ties aten at K, N <= 1024 and wins at
+    N=8192.
     """
     small = m < ONEDNN_MIN_M or n < ONEDNN_MIN_N
     preferred = ["aten", "onednn"] if small else ["onednn", "aten"]
-    if m <= GEMV_MAX_M:
-        preferred.insert(0, "gemv")
-    elif m >= TILED_MAX_M and n >= ONEDNN_OVER_TILED_N:
-        preferred[:0] = ["onednn", "tiled"]
-    else:
-        preferred.insert(0, "tiled")
+    preferred.insert(0, "gemv" if m <= GEMV_MAX_M else "tiled")
     for name in preferred + list(CANDIDATES):
         if unavailable_reason(name, compute_dtype) is None:
             return name
     raise RuntimeError("no CPU linear candidate can run here")  # aten always can
-
-
-def default_block(m: int) -> int:
-    """The tiled GEMM's blocking (index into ``gemm_cpu.BLOCKS``) for ``m`` rows: the deeper
-    (kc=512, mc=240) from TILED_MAX_M rows (measured 3-9% faster there), else (256, 120)."""
-    return 2 if m >= TILED_MAX_M else 0
 
 
 LAYOUTS = ("kn", "nk")
@@ -287,8 +273,7 @@ def linear_cpu_space(m: int = 128, k: int = 1024, n: int = 1024,
                     for layout in (LAYOUTS if name == "aten" else LAYOUTS[:1])
                     for block in (range(len(BLOCKS)) if name == "tiled" else (0,))
                     for fp32 in precisions)
-    candidate = default_candidate(m, k, n, compute_dtype)
-    default = config_for(candidate, block=default_block(m) if candidate == "tiled" else 0)
+    default = config_for(default_candidate(m, k, n, compute_dtype))
     return TuningSpace("linear_cpu", configs, default=default, prune=_prune, describe=describe_config)
 
 
@@ -318,7 +303,7 @@ class PackedLinear:
                  activation: str = "none", has_residual: bool = False,
                  out_dtype: Optional[torch.dtype] = None, *, path: Optional[MatmulPath] = None,
                  candidate: Optional[str] = None, batch_hint: int = 1, threads: int = 0,
-                 layout: str = "kn", block: Optional[int] = None, varying_rows: bool = False):
+                 layout: str = "kn", block: int = 0, varying_rows: bool = False):
         if weight.dim() != 2 or (bias is not None and list(bias.shape) != [weight.shape[1]]):
             raise ValueError(f"PackedLinear: weight {list(weight.shape)} must be [K, N] and bias [N]")
         if activation not in ACTIVATIONS:
@@ -338,8 +323,7 @@ class PackedLinear:
         weight_nk = weight.detach().t().to(self.compute_dtype).contiguous()
         bias = bias.detach().to(self.compute_dtype).contiguous() if bias is not None else None
         extra = ({"layout": layout} if self.candidate == "aten" else
-                 {"block": default_block(batch_hint) if block is None else block}
-                 if self.candidate == "tiled" else {})
+                 {"block": block} if self.candidate == "tiled" else {})
         self.impl = _IMPLEMENTATIONS[self.candidate](weight_nk, bias, activation, max(1, batch_hint),
                                                      **extra)
         self.few_rows = None     # the GEMV for few-row calls of a varying-M linear
