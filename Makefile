@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/fused_cpu.py --threads 1
 	$(PY) bench/attention_cpu.py --threads 2
+	$(PY) bench/linear_cpu.py --threads 2
 	$(PY) bench/precision_accuracy.py
 	$(PY) bench/autotune.py all
 	$(PY) bench/decode.py
