@@ -161,20 +161,20 @@ static inline float softmax_row(float* p, int64_t visible, int64_t n, const floa
 template <int R>
 static void micro_tile(const int64_t* m, int64_t b, int64_t h, int64_t i0, int64_t nk,
                        int64_t np, const float* q, const float* vb, const float* mask, float* out,
-                       float scale, const float* kt, float* qs, float* p) {
+                       float scale, const float* kt, float* qs, float* p, int64_t off) {
   const int64_t D = m[5], Dv = m[6], causal = m[7];
   const int64_t *sq = m + 9, *so = m + 18, *sm = m + 21;
   for (int r = 0; r < R; ++r) {
     const float* qr = q + b * sq[0] + h * sq[1] + (i0 + r) * sq[2];
     for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qr[d] * scale;
   }
-  const int64_t tile_keys = causal ? (i0 + R < nk ? i0 + R : nk) : nk;
+  const int64_t tile_keys = causal ? (i0 + R + off < nk ? i0 + R + off : nk) : nk;
   const int64_t tp = round_up(tile_keys, KW);
   score_tile<R>(qs, D, kt, np, tp, p);   /* columns past a row's visible keys are zeroed below */
   float inv[R];
   float* o[R];
   for (int r = 0; r < R; ++r) {
-    const int64_t i = i0 + r, visible = causal ? (i + 1 < nk ? i + 1 : nk) : nk;
+    const int64_t i = i0 + r, visible = causal ? (i + 1 + off < nk ? i + 1 + off : nk) : nk;
     const float* mr = mask ? mask + b * sm[0] + h * sm[1] + i * sm[2] : nullptr;
     inv[r] = softmax_row(p + r * np, visible, tp, mr);
     o[r] = out + b * so[0] + h * so[1] + i * so[2];
@@ -195,13 +195,13 @@ static void micro_tile(const int64_t* m, int64_t b, int64_t h, int64_t i0, int64
    for its k/v head (kt: rows of np floats). */
 static void run_task(const int64_t* m, int64_t task, const float* q, const float* kt_all,
                      const float* vp_all, const float* mask, float* out, float scale,
-                     float* scratch) {
+                     float* scratch, int64_t off) {
   const int64_t H = m[1], Hkv = m[2], L = m[3], S = m[4], D = m[5], Dv = m[6], causal = m[7];
   const int64_t blocks = (L + TASK_ROWS - 1) / TASK_ROWS, np = round_up(S, KW);
   const int64_t blk = task % blocks, h = (task / blocks) % H, b = task / (blocks * H);
   const int64_t hk = h / (H / Hkv), i0 = blk * TASK_ROWS;
   const int64_t i1 = i0 + TASK_ROWS < L ? i0 + TASK_ROWS : L;
-  const int64_t nk = causal ? (i1 < S ? i1 : S) : S;        /* keys the block can see */
+  const int64_t nk = causal ? (i1 + off < S ? i1 + off : S) : S;   /* keys the block sees */
   if (nk <= 0) {                                             /* no keys at all */
     const int64_t* so = m + 18;
     for (int64_t i = i0; i < i1; ++i)
@@ -214,16 +214,17 @@ static void run_task(const int64_t* m, int64_t task, const float* q, const float
   float* p = qs + QB * MAX_HEAD_DIM;
   int64_t i = i0;
   for (; i + QB <= i1; i += QB)
-    micro_tile<QB>(m, b, h, i, nk, np, q, vb, mask, out, scale, kt, qs, p);
+    micro_tile<QB>(m, b, h, i, nk, np, q, vb, mask, out, scale, kt, qs, p, off);
   for (; i < i1; ++i)
-    micro_tile<1>(m, b, h, i, nk, np, q, vb, mask, out, scale, kt, qs, p);
+    micro_tile<1>(m, b, h, i, nk, np, q, vb, mask, out, scale, kt, qs, p, off);
 }
 
 /* Every k/v head's keys are packed (transposed) once, then the tasks run; both loops are spread
-   over the threads when the work pays for a parallel region. */
+   over the threads when the work pays for a parallel region. Causal: row i sees keys
+   j <= i + off (off = 0: SDPA's top-left alignment; a KV cache's prefill passes its length). */
 extern "C" int fxf_prefill_attention_f32(const int64_t* m, const float* q, const float* k,
                                          const float* v, const float* mask, float* out,
-                                         float scale, int nthreads) {
+                                         float scale, int nthreads, int64_t off) {
   const int64_t B = m[0], H = m[1], Hkv = m[2], L = m[3], S = m[4], D = m[5], Dv = m[6];
   const int64_t *sk = m + 12, *sv = m + 15;
   const int64_t np = round_up(S, KW), heads = B * Hkv;
@@ -247,7 +248,7 @@ extern "C" int fxf_prefill_attention_f32(const int64_t* m, const float* q, const
     }
     #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t)
-      if (scratch) run_task(m, t, q, kt_all, vp_all, mask, out, scale, scratch);
+      if (scratch) run_task(m, t, q, kt_all, vp_all, mask, out, scale, scratch, off);
     free(scratch);
   }
   free(kt_all);
@@ -261,7 +262,7 @@ def _entry() -> Callable:
     """The compiled kernel (built once into the kernel cache, ~2 s)."""
     fn = load_function(SOURCE, "fxf_prefill_attention_f32", "prefill_attention")
     fn.restype = ctypes.c_int
-    fn.argtypes = (ctypes.c_void_p,) * 6 + (ctypes.c_float, ctypes.c_int)
+    fn.argtypes = (ctypes.c_void_p,) * 6 + (ctypes.c_float, ctypes.c_int, ctypes.c_int64)
     return fn
 
 
@@ -317,7 +318,8 @@ class TiledAttention:
     def __init__(self) -> None:
         self.plans: dict[tuple, tuple] = {}
 
-    def __call__(self, q, k, v, attn_mask, is_causal, scale, key: Optional[tuple] = None):
+    def __call__(self, q, k, v, attn_mask, is_causal, scale, key: Optional[tuple] = None,
+                 causal_offset: int = 0):
         mask = _mask_4d(attn_mask, q, k) if attn_mask is not None else None
         key = (key or layout_key(q, k, v, attn_mask, is_causal), scale)
         plan = self.plans.get(key)
@@ -331,7 +333,7 @@ class TiledAttention:
         out = torch.empty(batch, rows, heads, v.size(-1)).transpose(1, 2)  # free reshape after
         status = launch(_entry(), (meta_address, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                    0 if mask is None else mask.data_ptr(), out.data_ptr(),
-                                   scale_value, torch.get_num_threads()), (plan, mask))
+                                   scale_value, torch.get_num_threads(), causal_offset), (plan, mask))
         if status != 0:
             raise MemoryError("tiled C++ attention: out of memory for its scratch buffers")
         return out
@@ -378,8 +380,13 @@ _KERNEL = TiledAttention()
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                    scale: Optional[float] = None, key: Optional[tuple] = None) -> torch.Tensor:
+                    scale: Optional[float] = None, key: Optional[tuple] = None,
+                    causal_offset: int = 0) -> torch.Tensor:
     """SDPA (no dropout) with the tiled kernel; the caller checked :func:`kernel_declines`.
     ``attn_mask`` is additive fp32 or bool (True: attend), broadcastable to [B, H, L, S];
-    ``key``: the inputs' :func:`layout_key`, when the caller has it already."""
-    return _KERNEL(q, k, v, attn_mask, is_causal, scale, key)
+    ``key``: the inputs' :func:`layout_key`, when the caller has it already. Causal: query i
+    sees keys ``j <= i + causal_offset`` (0: SDPA's top-left alignment; a KV cache's prefill
+    over ``length`` cached keys passes ``length``)."""
+    if causal_offset < 0:
+        raise ValueError(f"tiled attention: causal_offset {causal_offset} < 0")
+    return _KERNEL(q, k, v, attn_mask, is_causal, scale, key, causal_offset)

@@ -48,6 +48,20 @@ def test_causal_is_top_left_aligned_like_sdpa(rows, keys):
     assert_close_to_eager(tiled_attention(q, k, v, is_causal=True), expected)
 
 
+@pytest.mark.parametrize("rows,keys,offset", [(40, 45, 5), (9, 50, 41), (6, 20, 30), (33, 33, 3)])
+def test_causal_offset_shifts_the_diagonal(rows, keys, offset):
+    """Query i sees keys j <= i + offset (a KV cache's prefill after ``offset`` cached keys; an
+    offset past the last key sees all of them), against SDPA with that mask written out."""
+    q, k, v = _fused_projection(2, rows, 4, 2, 24, 24, seed=rows * 100 + offset)
+    k = torch.cat([k, torch.randn(2, 2, keys - rows, 24)], 2) if keys > rows else k[:, :, :keys]
+    v = torch.cat([v, torch.randn(2, 2, keys - rows, 24)], 2) if keys > rows else v[:, :, :keys]
+    visible = torch.ones(rows, keys, dtype=torch.bool).tril(offset)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    assert_close_to_eager(tiled_attention(q, k, v, is_causal=True, causal_offset=offset), expected)
+    with pytest.raises(ValueError, match="causal_offset"):
+        tiled_attention(q, k, v, is_causal=True, causal_offset=-1)
+
+
 @pytest.mark.parametrize("mask_shape", [(7, 9), (2, 1, 1, 9), (3, 7, 9), (2, 3, 7, 9), (7, 1), (1, 9)])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 import fxforge.irgraph  # noqa: F401  (registers torch.ops.fxforge.*)
 from fxforge.irgraph import set_meta
-from fxforge.kernels.decode_attention_cpu import (cpu_cached_attention, cpu_decode_path,
-                                                  sdpa_cached_attention)
+from fxforge.kernels import decode_attention_cpu
+from fxforge.kernels.decode_attention_cpu import (TILED_MIN_ROWS, cpu_cached_attention,
+                                                  cpu_decode_path, sdpa_cached_attention)
 from fxforge.kernels.fused import KernelBuildError
 from fxforge.kernels.fused_cpp import find_compiler
 from fxforge.kernels.matmul import interpreting
@@ -72,6 +73,32 @@ def test_cpu_path_matches_reference(case, heads, dtype):
     _check(cpu_cached_attention, inputs)
     fresh = _inputs(B=1, H=heads[0], Hkv=heads[1], L=L, t=t, D=64, capacity=256, dtype=dtype)
     _check(sdpa_cached_attention, fresh)
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler")
+@pytest.mark.parametrize("L,heads", [(0, (4, 2)), (37, (4, 2)), (5, (3, 3))], ids=["empty-gqa", "L37-gqa", "L5-mha"])
+def test_many_new_positions_take_the_tiled_prefill_kernel(L, heads, monkeypatch):
+    """A prompt through the cache: the tiled kernel with the causal diagonal shifted by L."""
+    from fxforge.kernels import attention_cpp
+    t = TILED_MIN_ROWS + 3
+    inputs = _inputs(B=2, H=heads[0], Hkv=heads[1], L=L, t=t, D=32, capacity=L + t + 5,
+                     projected=True)
+    assert cpu_decode_path(*inputs) == "tiled C++ prefill attention over the cache"
+    calls = []
+    real = attention_cpp.tiled_attention
+    monkeypatch.setattr(decode_attention_cpu, "tiled_attention",
+                        lambda *a, **kw: calls.append(kw["causal_offset"]) or real(*a, **kw))
+    _check(cpu_cached_attention, inputs, scale=0.2 if L == 5 else None)
+    assert calls == [L]
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler")
+def test_a_prefill_past_the_tiled_kernels_key_limit_takes_the_decode_kernel(monkeypatch):
+    from fxforge.kernels import attention_cpp
+    monkeypatch.setattr(attention_cpp, "MAX_KEYS", TILED_MIN_ROWS + 10)
+    inputs = _inputs(L=20, t=TILED_MIN_ROWS, D=16, capacity=TILED_MIN_ROWS + 40)
+    monkeypatch.setattr(decode_attention_cpu, "tiled_attention", None)   # must not be called
+    _check(cpu_cached_attention, inputs)
 
 
 @pytest.mark.parametrize("kernel", [cpu_cached_attention, sdpa_cached_attention], ids=["cpu", "sdpa"])
