@@ -200,6 +200,9 @@ class TiledLinear:
         self.kc, self.mc = BLOCKS[block]
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.dtype != torch.float32 or (residual is not None and residual.dtype != torch.float32):
+            raise ValueError(f"tiled GEMM: fp32 x and residual, got {x.dtype}"
+                             + (f" and {residual.dtype}" if residual is not None else ""))
         rows = x.shape[0]
         if rows == 0 or self.k == 0:    # nothing to multiply: the formula, in ATen
             return self._degenerate(x, residual)

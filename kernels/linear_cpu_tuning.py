@@ -14,7 +14,8 @@ import torch
 from fxforge.autotune.session import choose
 from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.kernels.cpu_isa import MatmulPath, choose_matmul_path
-from fxforge.kernels.linear_cpu import (LAYOUTS, PackedLinear, candidate_of, linear_cpu_space)
+from fxforge.kernels.linear_cpu import LAYOUTS, PackedLinear, candidate_of, linear_cpu_space
+from fxforge.kernels.tuning import Config
 
 # What a tuned pick depends on: the implementations' code (a changed kernel invalidates picks).
 _SOURCES = ("linear_cpu.py", "gemm_cpu.py", "gemv_cpu.py", "linear_cpu_tuning.py")

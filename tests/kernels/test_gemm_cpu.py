@@ -92,6 +92,8 @@ def test_panels_hold_the_weight_in_kernel_order():
     assert torch.equal(panels[1, :, :5], weight_nk[16:].t()) and not panels[1, :, 5:].any()
     with pytest.raises(ValueError, match="fp32"):
         TiledLinear(weight_nk.double(), None, "none")
+    with pytest.raises(ValueError, match="fp32 x"):
+        TiledLinear(weight_nk, None, "none")(torch.randn(3, 5, dtype=torch.float64), None)
 
 
 @pytest.mark.parametrize("m,k,n,expected", [

@@ -11,7 +11,7 @@ from fxforge.kernels.linear_cpu import (CANDIDATES, LAYOUTS, LINEAR_CPU_SPACE, O
                                         thread_counts,
                                         unavailable_reason, activate_)
 from fxforge.kernels.gemm_cpu import BLOCKS
-from fxforge.kernels.gemv_cpu import GEMV_MAX_M, epilogue_available
+from fxforge.kernels.gemv_cpu import epilogue_available
 from fxforge.kernels.tuning import Config
 from fxforge.testing import assert_close_to_eager
 
