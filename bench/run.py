@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling harness.py, however we are launched
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling harness.py and report.py, however we are launched
 
 import harness  # noqa: E402
+import report  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -80,12 +81,12 @@ def main(argv=None) -> int:
     )
     elapsed = time.perf_counter() - start
     print()
-    print(harness.format_table(results, args.compilers))
+    print(report.format_table(results, args.compilers))
     print("(speedup = baseline ms / compiler ms, above 1 is faster; '!' = output differs from eager)")
-    kernels = harness.format_kernels(results)
+    kernels = report.format_kernels(results)
     if kernels:
         print("\n" + kernels)
-    errors = harness.format_errors(results)
+    errors = report.format_errors(results)
     if errors:
         print("\nfailures:\n" + errors)
     print(f"\ntotal {elapsed:.0f} s")
