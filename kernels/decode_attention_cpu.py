@@ -213,14 +213,22 @@ def _check_shapes(q, k, v, k_cache, v_cache, cache_pos) -> None:
                          "positions, head dims or capacity")
 
 
-def sdpa_cached_attention(q, k, v, k_cache, v_cache, cache_pos, scale=None) -> torch.Tensor:
-    """The op on ATen: slice copies into the caches, then SDPA on the cache views (no mask at
-    t == 1: the one query sees every cached key; a causal triangle when the cache was empty; an
-    offset causal mask otherwise)."""
+def _cache_span(k, k_cache, cache_pos) -> tuple[int, int]:
+    """(cached length, end after the new positions), read into Python; ValueError naming the
+    cache size when the new positions do not fit."""
     length, new = int(cache_pos.reshape(-1)[0]), k.shape[2]
     end = length + new
     if length < 0 or end > k_cache.shape[2]:
         raise cache_overflow(length, new, k_cache.shape[2])
+    return length, end
+
+
+def sdpa_cached_attention(q, k, v, k_cache, v_cache, cache_pos, scale=None) -> torch.Tensor:
+    """The op on ATen: slice copies into the caches, then SDPA on the cache views (no mask at
+    t == 1: the one query sees every cached key; a causal triangle when the cache was empty; an
+    offset causal mask otherwise)."""
+    length, end = _cache_span(k, k_cache, cache_pos)
+    new = k.shape[2]
     k_cache[:, :, length:end].copy_(k)
     v_cache[:, :, length:end].copy_(v)
     keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
@@ -254,7 +262,7 @@ class CpuDecodeAttention:
         fn, meta_address, scale_value, out_shape, _ = plan
         if fn is None:
             return sdpa_cached_attention(q, k, v, k_cache, v_cache, cache_pos, scale)
-        if q.shape[2] >= TILED_MIN_ROWS:
+        if _prefill_sized(q):
             out = _tiled_prefill(q, k, v, k_cache, v_cache, cache_pos, scale)
             if out is not None:
                 return out
@@ -304,15 +312,17 @@ class CpuDecodeAttention:
         return fn, ctypes.addressof(meta), scale_value, out_shape, meta  # meta: kept alive
 
 
+def _prefill_sized(q: torch.Tensor) -> bool:
+    """Enough new fp32 positions for the tiled prefill kernel to be worth trying."""
+    return q.shape[2] >= TILED_MIN_ROWS and q.dtype == torch.float32
+
+
 def _tiled_prefill(q, k, v, k_cache, v_cache, cache_pos, scale) -> Optional[torch.Tensor]:
     """Many new positions at once: write them into the caches, then the tiled prefill kernel
     over the cache views with the causal diagonal shifted by the cache length; None (nothing
     written) where that kernel declines (not fp32, more keys than it takes, ...). Reads the
     length into Python: a decode-step replay never records this path (it is for prompts)."""
-    length, new = int(cache_pos.reshape(-1)[0]), k.shape[2]
-    end = length + new
-    if length < 0 or end > k_cache.shape[2]:
-        raise cache_overflow(length, new, k_cache.shape[2])
+    length, end = _cache_span(k, k_cache, cache_pos)
     keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
     if tiled_declines(q, keys, values) is not None:
         return None
@@ -337,6 +347,6 @@ def cpu_decode_path(q, k, v, k_cache, v_cache, cache_pos) -> str:
     reason = kernel_declines(q, k, v, k_cache, v_cache, cache_pos)
     if reason is not None:
         return f"SDPA on the cache views ({reason})"
-    if q.shape[2] >= TILED_MIN_ROWS and q.dtype == torch.float32:
+    if _prefill_sized(q):
         return "tiled C++ prefill attention over the cache"
     return "C++ decode kernel"

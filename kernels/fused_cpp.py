@@ -285,6 +285,17 @@ def load_function(source: str, symbol: str, name: str = "fused") -> Callable:
             raise KernelBuildError(f"cannot load {path}: {exc}") from exc
 
 
+def build_failure(entry: Callable[[], Callable], what: str) -> Optional[str]:
+    """Build and load a kernel through ``entry`` (a cached loader); None if it works, else
+    ``"<what> unavailable (<error type>: <error>)"``: no compiler, a failed build or load. The
+    callers then run the library op that computes the same."""
+    try:
+        entry()
+    except Exception as exc:  # noqa: BLE001  (KernelBuildError, OSError, ...)
+        return f"{what} unavailable ({type(exc).__name__}: {exc})"
+    return None
+
+
 class _RowBody:
     """Emits the statements for one row: row loads, reduction phases, stores."""
 

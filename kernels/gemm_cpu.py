@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
-from fxforge.kernels.fused_cpp import PRELUDE, load_function
+from fxforge.kernels.fused_cpp import PRELUDE, build_failure, load_function
 from fxforge.kernels.fused_cpp_math import MATH
 from fxforge.kernels.gemv_cpu import ACT_OF_CPP, ACTIVATION_CODES
 from fxforge.kernels.replay import launch
@@ -159,11 +159,7 @@ def _entry() -> Callable:
 
 def gemm_unavailable() -> Optional[str]:
     """Why the kernel cannot run here (no C++ compiler, a failed build), or None."""
-    try:
-        _entry()
-    except Exception as exc:  # KernelBuildError, OSError: the GEMM libraries compute the same
-        return f"tiled: C++ GEMM unavailable ({type(exc).__name__}: {exc})"
-    return None
+    return build_failure(_entry, "tiled: C++ GEMM")
 
 
 def pack_panels(weight_nk: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fxforge.kernels.fused_cpp import PRELUDE, load_function
+from fxforge.kernels.fused_cpp import PRELUDE, build_failure, load_function
 from fxforge.kernels.fused_cpp_math import MATH
 from fxforge.kernels.replay import launch
 
@@ -232,11 +232,7 @@ def epilogue_(y: torch.Tensor, activation: str, residual: Optional[torch.Tensor]
 
 def gemv_unavailable() -> Optional[str]:
     """Why the kernel cannot run here (no C++ compiler, a failed build), or None."""
-    try:
-        _entry()
-    except Exception as exc:  # KernelBuildError, OSError: the GEMM libraries compute the same
-        return f"gemv: C++ kernel unavailable ({type(exc).__name__}: {exc})"
-    return None
+    return build_failure(_entry, "gemv: C++ kernel")
 
 
 def exactly_bf16(weight: torch.Tensor) -> bool:
