@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/autotune.py all
 	$(PY) bench/decode.py
 	$(PY) bench/generate.py
+	$(PY) bench/memory.py
 	$(PY) bench/run.py --models small_gpt,gpt2,llama --compilers eager,fxforge,fxforge_tuned
 
 # On a lent GPU machine (torch and triton preinstalled, no network): install fxforge

@@ -121,6 +121,7 @@ def lower(ir: IRGraph, backend: Backend) -> LoweredGraph:
             sub = getattr(fused, node.target)
             _inline_constants(fused, node, sub)
             setattr(fused, node.target, _AsModule(_compile_or_eager(backend, sub, node.target)))
+    drop_unused_tensors(fused)
     fused.recompile()
     return _finish(LoweredGraph(fused, backend.name, len(partitions), fallbacks), backend)
 
@@ -133,6 +134,18 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     for old, new in env.items():
         new.meta = dict(old.meta)
     return fx.GraphModule(gm, graph)
+
+
+def drop_unused_tensors(gm: fx.GraphModule) -> None:
+    """Tensors nothing reads any more (a linear's weight now lives packed in its kernel, a
+    partition's constants in the partition), with their unused ``get_attr`` nodes: the module
+    would otherwise keep them alive."""
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for table in (gm._buffers, gm._parameters):
+        for name in [name for name in table if name not in used]:
+            del table[name]
 
 
 def _finish(lowered: LoweredGraph, backend: Backend) -> LoweredGraph:

@@ -115,8 +115,8 @@ class CPUBackend(ReferenceBackend):
         return path.reason if path.compute_dtype == torch.float32 else None
 
     def weight_only_precision(self, precision: str) -> Optional[str]:
-        """bf16 without bf16 units: the GEMV stores bf16-valued weights in bf16, so decode reads
-        half the bytes (prefill's GEMM stays fp32, on the same rounded values)."""
+        """bf16 without bf16 units: the C++ GEMV and tiled GEMM store bf16-valued weights in bf16
+        (one shared pack), so decode reads half the bytes; the math stays fp32."""
         from fxforge.kernels.gemv_cpu import gemv_unavailable
         return "bf16_weights" if precision == "bf16" and gemv_unavailable() is None else None
 

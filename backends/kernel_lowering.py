@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
-from fxforge.backends.base import copy_module
+from fxforge.backends.base import copy_module, drop_unused_tensors
 from fxforge.irgraph import GROUP_KEY, META_KEY, TensorMeta, op_name
 from fxforge.passes.pattern import is_view_op
 
@@ -310,6 +310,7 @@ def lower_to_kernels(gm: fx.GraphModule, table: KernelTable) -> tuple[fx.GraphMo
     _shape_ops_as_methods(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
+    drop_unused_tensors(gm)
     gm.recompile()
     return gm, choices
 

@@ -81,7 +81,7 @@ def _kind(label: str) -> str:
     """A replayed step's kind, from its label (a kernel's C symbol or ``aten:<op>``)."""
     if label.startswith("aten:"):
         return "ATen ops"
-    if "gemv" in label:
+    if "gemv" in label or "gemm" in label:   # fxf_gemv, fxf_gemm: the C++ linears
         return "linears"
     return "attention" if "attention" in label else "fused groups"
 

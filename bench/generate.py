@@ -10,7 +10,7 @@ Per model, the same prompt (32 tokens) and greedy decoding of ``--new-tokens`` t
     backend="fxforge", options={"kv_cache": True})`` — the plain no-cache loop, made
     incremental by the KV-cache pass;
   * ``fxforge kv_cache bf16``: the same with ``precision="bf16"`` (on a CPU without bf16 units:
-    weights rounded to bf16 and stored so for the decode GEMV, math in fp32).
+    weights rounded to bf16 and stored so for the C++ GEMM/GEMV, math in fp32).
 Each model runs in a fresh process (``--one-process``: all in this one).
 Tokens per second of the decode (total time minus a 1-token generate, over new tokens - 1),
 medians over rounds; every runner must produce the eager tokens. Then the bandwidth limit
@@ -94,7 +94,7 @@ def hf_runners(model, prompt, static: bool = True) -> dict:
 def runners(model, prompt):
     """The runners, and the fp32 fxforge module (for the decode budget). ``fxforge kv_cache bf16``
     is ``precision="bf16"``: on a CPU without bf16 units, bf16-rounded weights stored in bf16
-    for the decode GEMV, math in fp32 (``bf16_weights``)."""
+    for the C++ GEMM/GEMV, math in fp32 (``bf16_weights``)."""
     compiled = {}
     for label, options in (("fxforge kv_cache", {}), ("fxforge kv_cache bf16", {"precision": "bf16"})):
         compiled[label] = torch.compile(LogitsOnly(model), backend="fxforge",

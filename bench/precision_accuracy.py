@@ -50,7 +50,7 @@ PRECISION_OPTIONS = {"fp32": {}, "bf16": {"precision": "bf16"},
                      "bf16_weights": {"precision": "bf16"},
                      "fp16": {"precision": "fp16", "backend": "reference"}}
 # bf16_weights is what precision="bf16" runs on a CPU without bf16 units (this one, dispatched as
-# it is): weights rounded to bf16 and stored so for the decode GEMV, math in fp32.
+# it is): weights rounded to bf16 and stored so for the C++ GEMM/GEMV, math in fp32.
 VARIANT_ISA = {"bf16_weights": "avx2"}
 
 

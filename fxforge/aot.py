@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 import fxforge
 from fxforge.backends import lower, resolve_backend
-from fxforge.compiler import check_against_eager, optimize, tuning_session
+from fxforge.compiler import check_against_eager, optimize, release_lowered_irs, tuning_session
 from fxforge.errors import ArtifactError, InputSpecError
 from fxforge.irgraph import TensorMeta, capture_export, ir_from_json, ir_to_json
 from fxforge.irgraph.meta import restore_example_values
@@ -202,6 +202,8 @@ class Artifact:
                                              self.lowered, options.max_seq_len,
                                              options.decode_replay)
             self.tuning = list(dict.fromkeys(active.picks)) if active else []
+        release_lowered_irs([(ir, self.lowered)]
+                            + ([(step_ir, self.kv.step)] if self.kv is not None else []))
 
     def __call__(self, *args: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, {}))

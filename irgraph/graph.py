@@ -52,6 +52,21 @@ class IRGraph:
                 out[node.target] = getattr(self.gm, node.target)
         return out
 
+    def release_constants(self) -> int:
+        """Swap each constant tensor of the module for a meta tensor of the same shape, dtype
+        and strides; return the bytes this IR stopped holding. For an IR kept only to be
+        reported on once it is lowered into a module of its own (whose kernels hold what they
+        use): the graph and its metadata stay, but the IR can no longer run."""
+        released = 0
+        for name, tensor in list(self.gm._buffers.items()):
+            if tensor is None or tensor.device.type == "meta":
+                continue
+            released += tensor.untyped_storage().nbytes()
+            self.gm._buffers[name] = torch.empty_strided(tensor.shape, tensor.stride(),
+                                                         dtype=tensor.dtype, device="meta")
+        self.info["constants_released"] = True
+        return released
+
     def meta(self, node: fx.Node) -> NodeMeta:
         return node.meta.get(META_KEY)
 

@@ -34,26 +34,47 @@ import torch
 import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
 from fxforge.kernels.fused_cpp import PRELUDE, build_failure, load_function
 from fxforge.kernels.fused_cpp_math import MATH
-from fxforge.kernels.gemv_cpu import ACT_OF_CPP, ACTIVATION_CODES
+from fxforge.kernels.gemv_cpu import (ACT_OF_CPP, ACTIVATION_CODES, BF16_PACK_KIND, exactly_bf16,
+                                      pack_weight)
 from fxforge.kernels.replay import launch
+from fxforge.kernels.shared_packs import shared_pack
 
 PANEL = 16                       # output columns per packed panel (two 8-wide accumulators)
 # (kc, mc) choices, the first the default: a deep K chunk wins at every benched shape (fewer
 # partial sums through y; measured (1024, 240) 1-13% faster than (256, 120), 2 threads).
 BLOCKS = ((1024, 240), (256, 120), (1024, 96))
 PARALLEL_MIN_MACS = 1 << 18      # M*N*K below which one thread beats a parallel region
+# Layout names for kernels/shared_packs.py; bf16 panels are the GEMV's bf16 layout, so a linear
+# with both kernels (a KV-cache step graph's) holds one copy.
+PACK_KINDS = {torch.float32: "gemm panels fp32 [N/16][K][16]", torch.bfloat16: BF16_PACK_KIND}
 
 SOURCE = "#include <omp.h>\n" + PRELUDE + MATH + ACT_OF_CPP + r"""
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
+typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
+
+/* One k of a panel as two 8-wide fp32 vectors (columns 0-7, 8-15). bf16 panels hold each k's
+   columns in pairs (c_j, c_8+j) per 32-bit lane (gemv_cpu.pack_weight's bf16 layout): a bf16 is
+   the top half of its fp32, so a shift and a mask widen both halves of one load. */
+static inline void load_k(const float* bp, int64_t k, v8& b0, v8& b1) {
+  b0 = *(const v8*)(bp + 16 * k);
+  b1 = *(const v8*)(bp + 16 * k + 8);
+}
+static inline void load_k(const uint16_t* bp, int64_t k, v8& b0, v8& b1) {
+  const u8v pairs = *(const u8v*)(bp + 16 * k);
+  b0 = (v8)(pairs << 16);
+  b1 = (v8)(pairs & 0xFFFF0000u);
+}
+
 /* out[MR][16] = a[MR rows (stride lda), kc] . bp[kc][16] */
-template <int MR>
-static inline void micro(const float* __restrict a, int64_t lda, const float* __restrict bp,
+template <typename W, int MR>
+static inline void micro(const float* __restrict a, int64_t lda, const W* __restrict bp,
                          int64_t kc, float* __restrict out) {
   v8 c0[MR], c1[MR];
   for (int i = 0; i < MR; ++i) { c0[i] = (v8){0}; c1[i] = (v8){0}; }
   for (int64_t k = 0; k < kc; ++k) {
-    const v8 b0 = *(const v8*)(bp + 16 * k), b1 = *(const v8*)(bp + 16 * k + 8);
+    v8 b0, b1;
+    load_k(bp, k, b0, b1);
     #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
       const float x = a[i * lda + k];
@@ -64,15 +85,16 @@ static inline void micro(const float* __restrict a, int64_t lda, const float* __
   for (int i = 0; i < MR; ++i) { *(v8*)(out + 16 * i) = c0[i]; *(v8*)(out + 16 * i + 8) = c1[i]; }
 }
 
-static inline void micro_rows(int mr, const float* a, int64_t lda, const float* bp, int64_t kc,
+template <typename W>
+static inline void micro_rows(int mr, const float* a, int64_t lda, const W* bp, int64_t kc,
                               float* tile) {
   switch (mr) {
-    case 6: micro<6>(a, lda, bp, kc, tile); break;
-    case 5: micro<5>(a, lda, bp, kc, tile); break;
-    case 4: micro<4>(a, lda, bp, kc, tile); break;
-    case 3: micro<3>(a, lda, bp, kc, tile); break;
-    case 2: micro<2>(a, lda, bp, kc, tile); break;
-    default: micro<1>(a, lda, bp, kc, tile); break;
+    case 6: micro<W, 6>(a, lda, bp, kc, tile); break;
+    case 5: micro<W, 5>(a, lda, bp, kc, tile); break;
+    case 4: micro<W, 4>(a, lda, bp, kc, tile); break;
+    case 3: micro<W, 3>(a, lda, bp, kc, tile); break;
+    case 2: micro<W, 2>(a, lda, bp, kc, tile); break;
+    default: micro<W, 1>(a, lda, bp, kc, tile); break;
   }
 }
 
@@ -101,46 +123,100 @@ static inline void finish(float* __restrict tile, int mr, int nv, const float* b
   for (int i = 0; i < mr; ++i) memcpy(y + i * ldy, tile + 16 * i, sizeof(float) * nv);
 }
 
-template <int ACT>
-static void gemm(const float* A, int64_t lda, const float* Bp, const float* bias, float* y,
-                 int64_t ldy, const float* res, int64_t ldr, int64_t M, int64_t K, int64_t N,
-                 int64_t KC, int64_t MC, int nthreads) {
-  const int64_t panels = (N + 15) / 16, STRIP = 24;
-  #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kc = K - k0 < KC ? K - k0 : KC;
-    const bool first = k0 == 0, last = k0 + kc == K;
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-      const int64_t mc = M - m0 < MC ? M - m0 : MC, strips = (mc + STRIP - 1) / STRIP;
-      #pragma omp for schedule(static)
-      for (int64_t task = 0; task < panels * strips; ++task) {
-        const int64_t p = task / strips, m_begin = m0 + (task % strips) * STRIP;
-        const int64_t m_end = m_begin + STRIP < m0 + mc ? m_begin + STRIP : m0 + mc;
-        const int64_t n0 = p * 16;
-        const int nv = N - n0 < 16 ? (int)(N - n0) : 16;
-        float tile[6 * 16] __attribute__((aligned(32))) = {0};
-        for (int64_t m = m_begin; m < m_end; m += 6) {
-          const int mr = m_end - m < 6 ? (int)(m_end - m) : 6;
-          micro_rows(mr, A + m * lda + k0, lda, Bp + p * 16 * K + 16 * k0, kc, tile);
-          finish<ACT>(tile, mr, nv, bias ? bias + n0 : nullptr, y + m * ldy + n0, ldy,
-                      res ? res + m * ldr + n0 : nullptr, ldr, first, last);
-        }
-      }
-    }
+/* A bf16 panel chunk widened to fp32 into buf (fp32 panels are never widened) */
+static inline void widen(const float*, int64_t, float*) {}
+static inline void widen(const uint16_t* bp, int64_t kc, float* __restrict buf) {
+  for (int64_t k = 0; k < kc; ++k) {
+    v8 b0, b1;
+    load_k(bp, k, b0, b1);
+    *(v8*)(buf + 16 * k) = b0;
+    *(v8*)(buf + 16 * k + 8) = b1;
   }
 }
 
-/* bias: padded to the panels (or null); res: [M, N] with row stride ldr (or null) */
-extern "C" void fxf_gemm(const float* A, int64_t lda, const float* Bp, const float* bias,
+/* Rows m_begin..m_end of one panel's 16 columns over one K chunk; bias, y and res point at
+   the panel's first column */
+template <typename W, int ACT>
+static inline void strip(const float* A, int64_t lda, const W* bp, int64_t kc, int64_t m_begin,
+                         int64_t m_end, int nv, const float* bias, float* y, int64_t ldy,
+                         const float* res, int64_t ldr, bool first, bool last) {
+  float tile[6 * 16] __attribute__((aligned(32))) = {0};
+  for (int64_t m = m_begin; m < m_end; m += 6) {
+    const int mr = m_end - m < 6 ? (int)(m_end - m) : 6;
+    micro_rows(mr, A + m * lda, lda, bp, kc, tile);
+    finish<ACT>(tile, mr, nv, bias, y + m * ldy, ldy, res ? res + m * ldr : nullptr, ldr,
+                first, last);
+  }
+}
+
+/* bf16 panels: for strips of more than 6 rows a thread widens each panel chunk once into its
+   own buffer and runs the fp32 micro-kernel on it (its tasks of one block come panel by panel,
+   so a chunk is widened once per block, not per strip or per 6 rows: inline, a shift and a
+   mask per k per micro-kernel on the pipes the FMAs need, it cost 4-12%). */
+template <typename W, int ACT>
+static void gemm(const float* A, int64_t lda, const W* Bp, const float* bias, float* y,
+                 int64_t ldy, const float* res, int64_t ldr, int64_t M, int64_t K, int64_t N,
+                 int64_t KC, int64_t MC, int nthreads) {
+  const int64_t panels = (N + 15) / 16, STRIP = 24;
+  const bool widened = sizeof(W) == 2 && M > 6;
+  #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    float* buf = widened ? (float*)aligned_alloc(32, sizeof(float) * 16 * KC) : nullptr;
+    int64_t buf_panel = -1, buf_k0 = -1;   // the chunk buf holds
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = K - k0 < KC ? K - k0 : KC;
+      const bool first = k0 == 0, last = k0 + kc == K;
+      for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t mc = M - m0 < MC ? M - m0 : MC, strips = (mc + STRIP - 1) / STRIP;
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < panels * strips; ++task) {
+          const int64_t p = task / strips, m_begin = m0 + (task % strips) * STRIP;
+          const int64_t m_end = m_begin + STRIP < m0 + mc ? m_begin + STRIP : m0 + mc;
+          const int64_t n0 = p * 16;
+          const int nv = N - n0 < 16 ? (int)(N - n0) : 16;
+          const W* bp = Bp + p * 16 * K + 16 * k0;
+          const float* bias_p = bias ? bias + n0 : nullptr;
+          const float* res_p = res ? res + n0 : nullptr;
+          if (buf && m_end - m_begin > 6) {
+            if (p != buf_panel || k0 != buf_k0) {   // a thread's tasks run panel by panel
+              widen(bp, kc, buf);
+              buf_panel = p, buf_k0 = k0;
+            }
+            strip<float, ACT>(A + k0, lda, buf, kc, m_begin, m_end, nv, bias_p, y + n0, ldy,
+                              res_p, ldr, first, last);
+          } else {
+            strip<W, ACT>(A + k0, lda, bp, kc, m_begin, m_end, nv, bias_p, y + n0, ldy, res_p,
+                          ldr, first, last);
+          }
+        }
+      }
+    }
+    free(buf);
+  }
+}
+
+template <typename W>
+static void gemm_act(const W* Bp, const float* A, int64_t lda, const float* bias, float* y,
+                     int64_t ldy, const float* res, int64_t ldr, int64_t M, int64_t K, int64_t N,
+                     int act, int64_t KC, int64_t MC, int nthreads) {
+  switch (act) {
+    case 1: gemm<W, 1>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
+    case 2: gemm<W, 2>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
+    case 3: gemm<W, 3>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
+    case 4: gemm<W, 4>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
+    default: gemm<W, 0>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);
+  }
+}
+
+/* Bp: the packed panels, fp32 or (bf16 != 0) bf16 pairs; bias: padded to the panels (or null);
+   res: [M, N] with row stride ldr (or null) */
+extern "C" void fxf_gemm(const float* A, int64_t lda, const void* Bp, int bf16, const float* bias,
                          float* y, int64_t ldy, const float* res, int64_t ldr, int64_t M,
                          int64_t K, int64_t N, int act, int64_t KC, int64_t MC, int nthreads) {
-  switch (act) {
-    case 1: gemm<1>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    case 2: gemm<2>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    case 3: gemm<3>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    case 4: gemm<4>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    default: gemm<0>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);
-  }
+  if (bf16)
+    gemm_act((const uint16_t*)Bp, A, lda, bias, y, ldy, res, ldr, M, K, N, act, KC, MC, nthreads);
+  else
+    gemm_act((const float*)Bp, A, lda, bias, y, ldy, res, ldr, M, K, N, act, KC, MC, nthreads);
 }
 """
 
@@ -150,8 +226,8 @@ def _entry() -> Callable:
     """The compiled kernel (built once into the kernel cache, ~3 s)."""
     fn = load_function(SOURCE, "fxf_gemm", "gemm")
     fn.restype = None
-    fn.argtypes = ((ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+    fn.argtypes = ((ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
                    + (ctypes.c_int64,) * 4 + (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                               ctypes.c_int))
     return fn
@@ -162,9 +238,13 @@ def gemm_unavailable() -> Optional[str]:
     return build_failure(_entry, "tiled: C++ GEMM")
 
 
-def pack_panels(weight_nk: torch.Tensor) -> torch.Tensor:
+def pack_panels(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[N, K] fp32 -> [ceil(N/16), K, 16]: each panel of 16 output columns, k-major (rows past N
-    zero), so the inner loop reads a panel as one sequential stream."""
+    zero), so the inner loop reads a panel as one sequential stream. In bf16 (for weights whose
+    values are all bf16) each k's 16 columns are stored in pairs (c_j, c_8+j): the GEMV's bf16
+    layout, which the kernel widens with a shift and a mask."""
+    if dtype == torch.bfloat16:
+        return pack_weight(weight_nk, torch.bfloat16)   # the same layout (and pack) as the GEMV's
     n, k = weight_nk.shape
     panels = (n + PANEL - 1) // PANEL
     padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
@@ -174,8 +254,9 @@ def pack_panels(weight_nk: torch.Tensor) -> torch.Tensor:
 
 class TiledLinear:
     """``act(x @ weight_nk^T + bias) + residual`` for fp32 ``x`` [M, K] (any M; unit stride
-    along K, else copied). ``weight_nk`` is the [N, K] fp32 weight, ``bias`` [N] or None;
-    ``block``: an index into :data:`BLOCKS` (the tuner's knob)."""
+    along K, else copied). ``weight_nk`` is the [N, K] fp32 weight, kept in bf16 panels when its
+    values are exactly bf16 (:attr:`storage`: half the bytes, the same products), else fp32;
+    ``bias`` [N] or None; ``block``: an index into :data:`BLOCKS` (the tuner's knob)."""
 
     name = "tiled"
 
@@ -186,7 +267,9 @@ class TiledLinear:
                              f"{list(weight_nk.shape)}")
         self.fn = _entry()
         self.n, self.k = weight_nk.shape
-        self.panels = pack_panels(weight_nk)
+        self.storage = torch.bfloat16 if exactly_bf16(weight_nk) else torch.float32
+        self.panels = shared_pack(PACK_KINDS[self.storage], weight_nk,
+                                  lambda w: pack_panels(w, self.storage))
         self.bias = None
         if bias is not None:   # padded like the panels: the epilogue adds 16 at a time
             self.bias = torch.zeros(self.panels.shape[0] * PANEL, dtype=torch.float32)
@@ -208,7 +291,8 @@ class TiledLinear:
             residual = residual.contiguous()
         y = torch.empty(rows, self.n, dtype=torch.float32)
         threads = torch.get_num_threads() if rows * self.n * self.k >= PARALLEL_MIN_MACS else 1
-        launch(self.fn, (x.data_ptr(), x.stride(0), self.panels.data_ptr(), self.bias_ptr,
+        launch(self.fn, (x.data_ptr(), x.stride(0), self.panels.data_ptr(),
+                         int(self.storage == torch.bfloat16), self.bias_ptr,
                          y.data_ptr(), self.n, residual.data_ptr() if residual is not None else None,
                          residual.stride(0) if residual is not None else 0, rows, self.k, self.n,
                          self.act, self.kc, self.mc, threads))
@@ -227,5 +311,6 @@ class TiledLinear:
                              self.activation if self.act else "",
                              "residual add" if has_residual else "") if s]
         epilogue = f", epilogue per tile before the store: {' then '.join(steps)}" if steps else ""
-        return (f"C++ tiled GEMM ({dtype_name}, weight packed in 16-column panels, "
+        stored = " (bf16: exact, its values are bf16)" if self.storage == torch.bfloat16 else ""
+        return (f"C++ tiled GEMM ({dtype_name}, weight packed in 16-column panels{stored}, "
                 f"kc={self.kc}, mc={self.mc}){epilogue}")

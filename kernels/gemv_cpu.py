@@ -31,6 +31,7 @@ import torch
 from fxforge.kernels.fused_cpp import PRELUDE, build_failure, load_function
 from fxforge.kernels.fused_cpp_math import MATH
 from fxforge.kernels.replay import launch
+from fxforge.kernels.shared_packs import shared_pack
 
 log = logging.getLogger("fxforge.kernels")
 
@@ -238,7 +239,14 @@ def gemv_unavailable() -> Optional[str]:
 def exactly_bf16(weight: torch.Tensor) -> bool:
     """Every value of the fp32 ``weight`` is a bf16 value (rounded by the ``bf16_weights``
     precision, or upcast from a bf16 checkpoint): storing it in bf16 loses nothing."""
-    return weight.dtype == torch.float32 and torch.equal(weight.to(torch.bfloat16).float(), weight)
+    # a bf16 is the top half of its fp32: exact iff the low 16 bits are zero (NaN and inf too)
+    return weight.dtype == torch.float32 and \
+        not bool((weight.contiguous().view(torch.int32) & 0xFFFF).any())
+
+
+# Layout names for kernels/shared_packs.py (the tiled GEMM reads the bf16 layout too)
+BF16_PACK_KIND = "bf16 pairs (c_j, c_8+j) [N/16][K][16]"
+PACK_KINDS = {torch.float32: "gemv fp32 [N/8][K][8]", torch.bfloat16: BF16_PACK_KIND}
 
 
 def pack_weight(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -266,7 +274,8 @@ class GemvLinear:
             raise ValueError(f"gemv: fp32 weights only, got {weight_nk.dtype}")
         self.fn = _entry()
         self.storage = torch.bfloat16 if exactly_bf16(weight_nk) else torch.float32
-        self.weight = pack_weight(weight_nk, self.storage)
+        self.weight = shared_pack(PACK_KINDS[self.storage], weight_nk,
+                                  lambda w: pack_weight(w, self.storage))
         self.bias = bias.to(torch.float32).contiguous() if bias is not None else None
         self.bias_ptr = self.bias.data_ptr() if self.bias is not None else None
         self.n, self.k = weight_nk.shape

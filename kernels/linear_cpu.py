@@ -191,11 +191,16 @@ ONEDNN_MIN_M = 8
 # shows (M=128, 2 threads, quiet machine: N=384 aten 210 us vs oneDNN 243; N=512 405 vs 415;
 # N=128 219 vs 255); from here on it wins (N=8192: 7.4 ms vs 9.7).
 ONEDNN_MIN_N = 2048
+# The default takes the GEMV for one row only: from two rows the tiled GEMM is faster, and at
+# one they tie on fp32 weights while the GEMV is 3-5% ahead on bf16-stored ones (SmolLM2's
+# shapes, weights cycled past the cache, 2 threads: fp32 M=2 tiled 465 us vs GEMV 490, M=4
+# 525 vs 662; bf16-stored M=4 302 vs 480, M=1 273 vs 260).
+GEMV_DEFAULT_ROWS = 1
 
 
 def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch.float32) -> str:
-    """The measured rule when nothing is autotuned: the C++ GEMV up to GEMV_MAX_M rows, the
-    tiled C++ GEMM above; where those cannot run (bf16 math, no compiler) aten for small M,
+    """The measured rule when nothing is autotuned: the C++ GEMV for GEMV_DEFAULT_ROWS rows,
+    the tiled C++ GEMM above; where those cannot run (bf16 math, no compiler) aten for small M,
     oneDNN from ONEDNN_MIN_M rows and ONEDNN_MIN_N columns.
 
     Measured on the 2-core AVX2 Zen 1 box (``bench/linear_cpu.py``: weights cycled past the
@@ -209,7 +214,7 @@ def default_candidate(m: int, k: int, n: int, compute_dtype: torch.dtype = torch
     """
     small = m < ONEDNN_MIN_M or n < ONEDNN_MIN_N
     preferred = ["aten", "onednn"] if small else ["onednn", "aten"]
-    preferred.insert(0, "gemv" if m <= GEMV_MAX_M else "tiled")
+    preferred.insert(0, "gemv" if m <= GEMV_DEFAULT_ROWS else "tiled")
     for name in preferred + list(CANDIDATES):
         if unavailable_reason(name, compute_dtype) is None:
             return name
@@ -296,7 +301,7 @@ class PackedLinear:
     ``choose_matmul_path(weight.dtype)``); ``candidate`` one of :data:`CANDIDATES` (default:
     :func:`default_candidate` for ``batch_hint`` rows); ``batch_hint`` the M to pack for.
     ``varying_rows``: M changes at run time (a KV-cache step graph runs the prompt, then one
-    token per call), so calls of at most GEMV_MAX_M rows take the C++ GEMV where it applies.
+    token per call), so few-row calls may take the C++ GEMV (see :meth:`_few_rows`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -326,11 +331,24 @@ class PackedLinear:
                  {"block": block} if self.candidate == "tiled" else {})
         self.impl = _IMPLEMENTATIONS[self.candidate](weight_nk, bias, activation, max(1, batch_hint),
                                                      **extra)
-        self.few_rows = None     # the GEMV for few-row calls of a varying-M linear
-        if varying_rows and self.candidate != "gemv" and \
-                unavailable_reason("gemv", self.compute_dtype) is None:
-            self.few_rows = GemvLinear(weight_nk, bias, activation)
+        self.few_rows, self.few_rows_max = (self._few_rows(weight_nk, bias, activation)
+                                            if varying_rows else (None, 0))
         self.threads = threads  # 0: torch's; else this many for this GEMM (the tuner's knob)
+
+    def _few_rows(self, weight_nk: torch.Tensor, bias: Optional[torch.Tensor],
+                  activation: str) -> tuple[Optional[GemvLinear], int]:
+        """The GEMV for a varying-M linear's few-row calls (decode steps) and the most rows it
+        takes, or (None, 0). The tiled GEMM serves them itself, unless its weight is stored in
+        bf16: then the GEMV reads the same packed copy (``kernels/shared_packs.py``) and is
+        3-5% faster at one row. Beside aten or oneDNN the GEMV (with its own copy) takes up to
+        GEMV_MAX_M rows, 2x their speed there."""
+        if self.candidate == "gemv" or unavailable_reason("gemv", self.compute_dtype) is not None:
+            return None, 0
+        if self.candidate != "tiled":
+            return GemvLinear(weight_nk, bias, activation), GEMV_MAX_M
+        if self.impl.storage != torch.bfloat16:
+            return None, 0
+        return GemvLinear(weight_nk, bias, activation), GEMV_DEFAULT_ROWS
 
     def _result_dtype(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
         """The dtype ``fxforge::linear`` returns (its fake implementation's promotion rule)."""
@@ -358,7 +376,8 @@ class PackedLinear:
         compute = self.compute_dtype
         if residual is not None and residual.dtype != compute:
             residual = residual.to(compute)
-        impl = self.impl if self.few_rows is None or x.shape[0] > GEMV_MAX_M else self.few_rows
+        impl = self.few_rows if self.few_rows is not None and x.shape[0] <= self.few_rows_max \
+            else self.impl
         if self.threads and self.threads != torch.get_num_threads():
             y = self._call_with_threads(impl, x if x.dtype == compute else x.to(compute), residual)
         else:
@@ -377,7 +396,7 @@ class PackedLinear:
         dtype_name = "fp32" if self.compute_dtype == torch.float32 else "bf16"
         text = self.impl.describe(dtype_name, self.has_residual)
         if self.few_rows is not None:
-            text += f"; calls of <= {GEMV_MAX_M} rows: " + self.few_rows.describe(dtype_name,
+            text += f"; calls of <= {self.few_rows_max} rows: " + self.few_rows.describe(dtype_name,
                                                                                  self.has_residual)
         if self.threads and self.threads != torch.get_num_threads():
             text += f", {self.threads} thread{'s' if self.threads > 1 else ''}"

@@ -15,12 +15,13 @@ pytestmark = pytest.mark.skipif(gemm_cpu.gemm_unavailable() is not None,
                                 reason="no C++ compiler for the tiled GEMM")
 
 
-def _operands(m, k, n, seed, residual=True):
+def _operands(m, k, n, seed, residual=True, storage=torch.float32):
     """x, weight [K, N] scaled like nn.Linear's init (sums stay O(1): fp32 tolerances fit any K),
-    bias, residual; fresh values per shape."""
+    bias, residual; fresh values per shape. ``storage`` bf16: weights with bf16 values (the
+    kernel then keeps them in bf16 panels)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
-    weight = torch.randn(k, n, generator=g) / max(k, 1) ** 0.5
+    weight = (torch.randn(k, n, generator=g) / max(k, 1) ** 0.5).to(storage).float()
     bias = torch.randn(n, generator=g)
     res = torch.randn(m, n, generator=g) if residual else None
     return x, weight, bias, res
@@ -35,10 +36,13 @@ def _reference(x, weight_kn, bias, activation, residual):
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 3, 17), (6, 16, 16), (7, 257, 15), (25, 40, 33),
                                    (97, 64, 48), (121, 20, 20), (250, 64, 100), (3, 1025, 18)])
 @pytest.mark.parametrize("block", range(len(BLOCKS)))
-def test_shapes_across_tile_and_block_edges(m, k, n, block):
-    x, weight, bias, res = _operands(m, k, n, seed=m * 7919 + k * 31 + n + block)
-    got = TiledLinear(weight.t().contiguous(), bias, "gelu", block)(x, res)
-    assert_close_to_eager(got, _reference(x, weight, bias, "gelu", res), f"{m}x{k}x{n} block {block}")
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_shapes_across_tile_and_block_edges(m, k, n, block, storage):
+    x, weight, bias, res = _operands(m, k, n, seed=m * 7919 + k * 31 + n + block, storage=storage)
+    kernel = TiledLinear(weight.t().contiguous(), bias, "gelu", block)
+    assert kernel.storage == storage
+    assert_close_to_eager(kernel(x, res), _reference(x, weight, bias, "gelu", res),
+                          f"{m}x{k}x{n} block {block} {storage}")
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATION_CODES))
@@ -47,8 +51,9 @@ def test_shapes_across_tile_and_block_edges(m, k, n, block):
 def test_epilogues_and_threads(activation, bias, residual, threads):
     m, k, n = 37, 128, 70
     assert m * k * n >= PARALLEL_MIN_MACS                  # a size that runs the parallel region
-    x, weight, b, res = _operands(m, k, n, seed=sorted(ACTIVATION_CODES).index(activation) * 8 + bias * 4 + residual * 2 + threads,
-                                  residual=residual)
+    seed = sorted(ACTIVATION_CODES).index(activation) * 8 + bias * 4 + residual * 2 + threads
+    storage = torch.bfloat16 if seed % 2 else torch.float32   # half the cases on bf16 panels
+    x, weight, b, res = _operands(m, k, n, seed=seed, residual=residual, storage=storage)
     b = b if bias else None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -69,10 +74,15 @@ def test_strided_inputs():
         assert_close_to_eager(kernel(a, r), _reference(a, weight, bias, "relu", r))
 
 
-def test_nonfinite_values_propagate_as_in_the_reference():
-    x, weight, bias, res = _operands(8, 20, 18, seed=5)
-    x[1, 3], x[4, 0], weight[2, 17] = float("nan"), float("inf"), float("-inf")
-    got = TiledLinear(weight.t().contiguous(), bias, "none")(x, res)
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [8, 3])     # the widened-chunk path and the inline one
+def test_nonfinite_values_propagate_as_in_the_reference(storage, m):
+    x, weight, bias, res = _operands(m, 20, 18, seed=5, storage=storage)
+    x[1, 3], x[m - 1, 0], weight[2, 17], weight[5, 3] = (float("nan"), float("inf"), float("-inf"),
+                                                         float("nan"))
+    kernel = TiledLinear(weight.t().contiguous(), bias, "none")
+    assert kernel.storage == storage
+    got = kernel(x, res)
     assert_close_to_eager(got, _reference(x, weight, bias, "none", res))
     assert got.isnan().any() and got.isinf().any()
 
@@ -83,6 +93,22 @@ def test_empty_rows_and_zero_k():
     x, weight, bias, res = _operands(3, 0, 5, seed=2)
     got = TiledLinear(weight.t().contiguous(), bias, "silu")(x, res)
     assert_close_to_eager(got, _reference(x, weight, bias, "silu", res))
+
+
+def test_bf16_panels_are_the_gemvs_pack_and_shared():
+    """bf16-valued weights: half the bytes, in the GEMV's bf16 layout, one tensor for both kernels
+    and for every kernel made from equal weights (kernels/shared_packs.py)."""
+    from fxforge.kernels.gemv_cpu import GemvLinear, pack_weight
+    _, weight, bias, _ = _operands(1, 40, 37, seed=21, storage=torch.bfloat16)
+    weight_nk = weight.t().contiguous()
+    tiled = TiledLinear(weight_nk, bias, "none")
+    assert tiled.panels.dtype == torch.bfloat16
+    assert torch.equal(tiled.panels, pack_weight(weight_nk, torch.bfloat16))
+    assert GemvLinear(weight_nk.clone(), None, "relu").weight is tiled.panels
+    assert TiledLinear(weight_nk.clone(), None, "silu", block=1).panels is tiled.panels
+    other = weight_nk.clone()
+    other[3, 4] = other[3, 4] * 2 + 1
+    assert TiledLinear(other, bias, "none").panels is not tiled.panels
 
 
 def test_panels_hold_the_weight_in_kernel_order():
@@ -97,7 +123,8 @@ def test_panels_hold_the_weight_in_kernel_order():
 
 
 @pytest.mark.parametrize("m,k,n,expected", [
-    (1, 256, 256, "gemv"), (GEMV_MAX_M, 256, 8192, "gemv"), (GEMV_MAX_M + 1, 256, 256, "tiled"),
+    (1, 256, 256, "gemv"), (1, 256, 8192, "gemv"), (2, 256, 8192, "tiled"),
+    (GEMV_MAX_M, 256, 256, "tiled"),
     (128, 1024, 256, "tiled"), (128, 256, 8192, "tiled"), (512, 576, 3072, "tiled")])
 def test_default_rule(m, k, n, expected):
     if expected == "gemv" and unavailable_reason("gemv", torch.float32) is not None:

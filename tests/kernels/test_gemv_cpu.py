@@ -97,15 +97,50 @@ def test_pack_weight_layout():
     assert torch.count_nonzero(packed[1, :, 2:]) == 0    # rows past N are zero padding
 
 
-def test_varying_rows_take_the_gemv_for_few_rows_only(monkeypatch):
-    torch.manual_seed(3)
-    weight, bias = torch.randn(64, 48), torch.randn(48)     # [K, N]
-    linear = PackedLinear(weight, bias, "silu", batch_hint=128, varying_rows=True)
-    assert linear.candidate != "gemv" and linear.few_rows is not None
-    assert "C++ GEMV" in linear.describe()
+def _count_gemv_calls(monkeypatch, weight, bias) -> list:
     calls = []
     monkeypatch.setattr(GemvLinear, "__call__", lambda self, x, r: calls.append(x.shape[0]) or
                         torch.ops.fxforge.linear(x, weight, bias, "silu", r, None))
+    return calls
+
+
+def test_varying_rows_fp32_weights_run_the_tiled_gemm_only(monkeypatch):
+    """One fp32 copy: the tiled GEMM serves the decode steps too (it ties the GEMV at one row)."""
+    torch.manual_seed(3)
+    weight, bias = torch.randn(64, 48), torch.randn(48)     # [K, N]
+    linear = PackedLinear(weight, bias, "silu", batch_hint=128, varying_rows=True)
+    assert linear.candidate == "tiled" and linear.few_rows is None
+    calls = _count_gemv_calls(monkeypatch, weight, bias)
+    for m in (1, 2, GEMV_MAX_M + 1, 32):
+        x = torch.randn(m, 64)
+        assert_close_to_eager(linear(x), _reference(x, weight, bias, "silu", None), f"M={m}")
+    assert calls == []
+
+
+def test_varying_rows_bf16_weights_share_one_pack(monkeypatch):
+    """bf16-valued weights: the tiled GEMM and the GEMV read the same packed tensor; the GEMV
+    takes single-row calls."""
+    torch.manual_seed(4)
+    weight, bias = _bf16_valued(48, 64).t(), torch.randn(48)    # [K, N]
+    linear = PackedLinear(weight, bias, "silu", batch_hint=128, varying_rows=True)
+    assert linear.candidate == "tiled" and linear.impl.storage == torch.bfloat16
+    assert linear.few_rows is not None and linear.few_rows.weight is linear.impl.panels
+    assert "calls of <= 1 rows: C++ GEMV" in linear.describe()
+    for m in (1, 3, 32):   # the real kernels on the shared pack
+        x = torch.randn(m, 64)
+        assert_close_to_eager(linear(x), _reference(x, weight, bias, "silu", None), f"M={m}")
+    calls = _count_gemv_calls(monkeypatch, weight, bias)
+    for m in (1, 2, 7):
+        linear(torch.randn(m, 64))
+    assert calls == [1]
+
+
+def test_varying_rows_beside_aten_take_the_gemv_up_to_its_limit(monkeypatch):
+    torch.manual_seed(5)
+    weight, bias = torch.randn(64, 48), torch.randn(48)
+    linear = PackedLinear(weight, bias, "silu", candidate="aten", batch_hint=128, varying_rows=True)
+    assert linear.few_rows is not None and linear.few_rows_max == GEMV_MAX_M
+    calls = _count_gemv_calls(monkeypatch, weight, bias)
     for m in (1, GEMV_MAX_M, GEMV_MAX_M + 1, 32):
         x = torch.randn(m, 64)
         assert_close_to_eager(linear(x), _reference(x, weight, bias, "silu", None), f"M={m}")
