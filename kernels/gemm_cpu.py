@@ -14,7 +14,8 @@ The layout: the weight [K, N] is stored as panels of 16 output columns, ``[ceil(
 of 12 eight-wide accumulators (the classic AVX2 shape: 12 accumulators, 2 panel loads and 6
 broadcasts per k). Blocking: K in chunks of ``kc``, rows in blocks of ``mc``; threads share the
 (panel, 24-row strip) tasks of a block, so a panel chunk is read once per block. Written with
-GCC vector extensions, so the same source builds for AVX2, AVX-512 or plain SSE.
+GCC vector extensions, so the same source builds for AVX2, AVX-512 or plain SSE. Weights whose
+values are all bf16 are packed in bf16, in the GEMV's layout (one pack serves both kernels).
 
 Measured by ``bench/linear_cpu.py`` (weights cycled past the last-level cache, as in a model;
 2 threads, the Zen 1 dev box, medians of 9 interleaved rounds), against ``addmm`` + epilogue:
@@ -151,8 +152,9 @@ static inline void strip(const float* A, int64_t lda, const W* bp, int64_t kc, i
 
 /* bf16 panels: for strips of more than 6 rows a thread widens each panel chunk once into its
    own buffer and runs the fp32 micro-kernel on it (its tasks of one block come panel by panel,
-   so a chunk is widened once per block, not per strip or per 6 rows: inline, a shift and a
-   mask per k per micro-kernel on the pipes the FMAs need, it cost 4-12%). */
+   so a chunk is widened once per block). Widened once per 24-row strip instead, bf16 panels ran
+   4-12% behind fp32 ones (37-512 rows); once per chunk per thread they are even. At <= 6 rows
+   (decode) the micro-kernel widens inline: there the weight's bytes are the cost. */
 template <typename W, int ACT>
 static void gemm(const float* A, int64_t lda, const W* Bp, const float* bias, float* y,
                  int64_t ldy, const float* res, int64_t ldr, int64_t M, int64_t K, int64_t N,
