@@ -245,13 +245,7 @@ def pack_panels(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     zero), so the inner loop reads a panel as one sequential stream. In bf16 (for weights whose
     values are all bf16) each k's 16 columns are stored in pairs (c_j, c_8+j): the GEMV's bf16
     layout, which the kernel widens with a shift and a mask."""
-    if dtype == torch.bfloat16:
-        return pack_weight(weight_nk, torch.bfloat16)   # the same layout (and pack) as the GEMV's
-    n, k = weight_nk.shape
-    panels = (n + PANEL - 1) // PANEL
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
-    padded[:n] = weight_nk
-    return padded.reshape(panels, PANEL, k).transpose(1, 2).contiguous()
+    return pack_weight(weight_nk, dtype, fp32_rows=PANEL)   # bf16: the GEMV's own layout
 
 
 class TiledLinear:

@@ -249,16 +249,18 @@ BF16_PACK_KIND = "bf16 pairs (c_j, c_8+j) [N/16][K][16]"
 PACK_KINDS = {torch.float32: "gemv fp32 [N/8][K][8]", torch.bfloat16: BF16_PACK_KIND}
 
 
-def pack_weight(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[N, K] -> fp32 [ceil(N/8), K, 8] (each block of eight output rows read as one stream), or
-    bf16 [ceil(N/16), K, 16] with each k's rows in pairs (r_i, r_(8+i)) (see block_dots_bf16)."""
+def pack_weight(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32,
+                fp32_rows: int = 8) -> torch.Tensor:
+    """[N, K] -> fp32 [ceil(N/R), K, R] with R = ``fp32_rows`` (each block of R output rows read
+    as one stream: 8 for the GEMV, 16 for the tiled GEMM's panels), or bf16 [ceil(N/16), K, 16]
+    with each k's rows in pairs (r_i, r_(8+i)) (see block_dots_bf16; both kernels read it)."""
     n, k = weight_nk.shape
-    rows = 16 if dtype == torch.bfloat16 else 8
+    rows = 16 if dtype == torch.bfloat16 else fp32_rows
     blocks = (n + rows - 1) // rows
     padded = torch.zeros(blocks * rows, k, dtype=dtype)
     padded[:n] = weight_nk
     if dtype == torch.float32:
-        return padded.reshape(blocks, 8, k).transpose(1, 2).contiguous()
+        return padded.reshape(blocks, rows, k).transpose(1, 2).contiguous()
     return padded.reshape(blocks, 2, 8, k).permute(0, 3, 2, 1).contiguous()
 
 
@@ -269,13 +271,19 @@ class GemvLinear:
     values are exactly bf16: :attr:`storage`); ``bias`` [N] or None. Calls pass x as [M, K] (``PackedLinear`` checks shapes); any M is correct, at most
     GEMV_MAX_M is where it is faster than the GEMM libraries."""
 
-    def __init__(self, weight_nk: torch.Tensor, bias: Optional[torch.Tensor], activation: str):
+    def __init__(self, weight_nk: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                 bf16_pack: Optional[torch.Tensor] = None):
+        """``bf16_pack``: ``weight_nk`` already packed in bf16 (the tiled GEMM's panels of the
+        same weight): used as is, not checked and packed again."""
         if weight_nk.dtype != torch.float32:
             raise ValueError(f"gemv: fp32 weights only, got {weight_nk.dtype}")
         self.fn = _entry()
-        self.storage = torch.bfloat16 if exactly_bf16(weight_nk) else torch.float32
-        self.weight = shared_pack(PACK_KINDS[self.storage], weight_nk,
-                                  lambda w: pack_weight(w, self.storage))
+        if bf16_pack is not None:
+            self.storage, self.weight = torch.bfloat16, bf16_pack
+        else:
+            self.storage = torch.bfloat16 if exactly_bf16(weight_nk) else torch.float32
+            self.weight = shared_pack(PACK_KINDS[self.storage], weight_nk,
+                                      lambda w: pack_weight(w, self.storage))
         self.bias = bias.to(torch.float32).contiguous() if bias is not None else None
         self.bias_ptr = self.bias.data_ptr() if self.bias is not None else None
         self.n, self.k = weight_nk.shape

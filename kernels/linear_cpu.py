@@ -348,7 +348,8 @@ class PackedLinear:
             return GemvLinear(weight_nk, bias, activation), GEMV_MAX_M
         if self.impl.storage != torch.bfloat16:
             return None, 0
-        return GemvLinear(weight_nk, bias, activation), GEMV_DEFAULT_ROWS
+        gemv = GemvLinear(weight_nk, bias, activation, bf16_pack=self.impl.panels)
+        return gemv, GEMV_DEFAULT_ROWS
 
     def _result_dtype(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
         """The dtype ``fxforge::linear`` returns (its fake implementation's promotion rule)."""
