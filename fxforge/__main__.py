@@ -14,24 +14,30 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from fxforge.errors import FxforgeError
+
+
+class UsageError(FxforgeError, ValueError):
+    """A bad command line: one ``error: ...`` line and exit code 2, as argparse reports its own."""
+
 
 def _load_factory(ref: str):
     if ":" not in ref:
-        raise SystemExit(f"error: expected MODULE:FACTORY, got {ref!r}")
+        raise UsageError(f"expected MODULE:FACTORY, got {ref!r}")
     module_name, attr = ref.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"error: cannot import {module_name!r}: {exc}")
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise SystemExit(f"error: {module_name!r} has no callable {attr!r}")
+        raise UsageError(f"{module_name!r} has no callable {attr!r}")
     return factory
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise SystemExit(f"error: --option takes KEY=VALUE, got {text!r}")
+        raise UsageError(f"--option takes KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
     try:
         value = ast.literal_eval(raw)
@@ -45,7 +51,7 @@ def _model_and_examples(args: argparse.Namespace):
 
     model = _load_factory(args.factory)()
     if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"error: {args.factory} returned {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
     specs = [parse_spec(s) for s in args.example]
     generator = torch.Generator().manual_seed(args.seed)
     examples = tuple(spec.example(generator) for spec in specs)
@@ -112,11 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    from fxforge.errors import FxforgeError
     try:
         return args.run(args)
-    except FxforgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except FxforgeError as exc:   # bad input of any kind: one line, as argparse's own errors
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,11 @@ An artifact directory holds:
   * ``graph.json``: the optimized IR (nodes, targets, arguments, typed metadata);
   * ``weights.safetensors``: every constant the graph reads (tied weights stored once);
   * ``manifest.json``: versions, options, the input signature and dynamic-size ranges, the
-    output structure, kernel sources, and the SHA-256 of every file (checked on load).
+    output structure, and the SHA-256 of every file (checked on load: a guard against
+    accidents, not attackers, who can rewrite the manifest too).
+
+An artifact is data: ``load`` evaluates, imports, unpickles and compiles nothing it says
+(:mod:`fxforge.artifact_checks`, :mod:`fxforge.irgraph.serialize`; README, "Trust model").
 """
 from __future__ import annotations
 
@@ -20,10 +24,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 import fxforge
+from fxforge.artifact_checks import (check_graph_inputs, check_manifest, check_tuning_bundle,
+                                     link_constants, read_options)
 from fxforge.backends import lower, resolve_backend
 from fxforge.compiler import check_against_eager, optimize, release_lowered_irs, tuning_session
 from fxforge.errors import ArtifactError, InputSpecError
-from fxforge.irgraph import TensorMeta, capture_export, ir_from_json, ir_to_json
+from fxforge.irgraph import (SerializationError, TensorMeta, capture_export, ir_from_json,
+                             ir_to_json)
 from fxforge.irgraph.meta import restore_example_values
 from fxforge.options import CompileOptions, parse_options
 from fxforge.specs import TensorSignature, check_inputs
@@ -95,15 +102,16 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
                 lower(step.ir, backend)   # its tuning picks are shipped with the artifact too
         flat_expected, out_spec = pytree.tree_flatten(expected)
         check_against_eager(list(lowered(*flat_inputs)), flat_expected, ir.info.get("precision", "fp32"))
+    graph_text, step_text = _graph_json(ir), _graph_json(step.ir) if step is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unique, aliases = _dedup_constants(_all_constants(ir, step))
     save_file(unique, str(out / WEIGHTS))
-    (out / GRAPH).write_text(json.dumps(ir_to_json(ir)))
+    (out / GRAPH).write_text(graph_text)
     shipped = [GRAPH, WEIGHTS]
     (out / STEP_GRAPH).unlink(missing_ok=True)
-    if step is not None:
-        (out / STEP_GRAPH).write_text(json.dumps(ir_to_json(step.ir)))
+    if step_text is not None:
+        (out / STEP_GRAPH).write_text(step_text)
         shipped.append(STEP_GRAPH)
     (out / TUNING).unlink(missing_ok=True)
     if active is not None and active.keys:
@@ -124,7 +132,7 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         "ranges": ranges, "aliases": aliases,
         "in_spec": pytree.treespec_dumps(in_spec) if _builtin_spec(in_spec) else None,
         "out_spec": pytree.treespec_dumps(out_spec) if _builtin_spec(out_spec) else None,
-        "kernels": {},  # generated kernel sources, by name (filled by code-generating backends)
+        "kernels": {},  # always empty: a load generates kernels from the graph, never from source
         "kv_cache": step.to_json() if step is not None else None,
         "files": {name: _sha256(out / name) for name in shipped},
     }
@@ -137,6 +145,14 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         flat_outputs = pytree.tree_flatten(artifact(*example_inputs))[0]
         check_against_eager(flat_outputs, flat_expected, ir.info.get("precision", "fp32"))
     return artifact
+
+
+def _graph_json(ir) -> str:
+    """The IR as an artifact stores it; an ArtifactError if it holds what a load would refuse."""
+    try:
+        return json.dumps(ir_to_json(ir))
+    except SerializationError as exc:
+        raise ArtifactError(f"this graph cannot be stored as an artifact: {exc}") from None
 
 
 def _kv_step(ir):
@@ -200,7 +216,7 @@ class Artifact:
                 self.kv = IncrementalDecoder(plan, lower(step_ir, resolve_backend(options.backend,
                                                                                   step_ir)),
                                              self.lowered, options.max_seq_len,
-                                             options.decode_replay)
+                                             options.decode_replay, options.max_sessions)
             self.tuning = list(dict.fromkeys(active.picks)) if active else []
         release_lowered_irs([(ir, self.lowered)]
                             + ([(step_ir, self.kv.step)] if self.kv is not None else []))
@@ -240,14 +256,15 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
                                 "(its SHA-256 does not match the manifest)")
     if check_versions:
         _check_versions(root, manifest["versions"])
+    if TUNING in manifest["files"]:
+        check_tuning_bundle(root, root / TUNING)
     try:
         constants = load_file(str(root / WEIGHTS))
         graph = json.loads((root / GRAPH).read_text())
-    except (SafetensorError, ValueError, OSError) as exc:
+    except (SafetensorError, ValueError, OSError, RecursionError) as exc:
         raise ArtifactError(f"artifact {root}: cannot read its files: {exc}") from exc
-    for alias, canonical in manifest["aliases"].items():
-        constants[alias] = constants[canonical]
-    options = parse_options(manifest["options"])
+    link_constants(root, manifest, constants)
+    options = read_options(root, manifest)
     try:
         ir = ir_from_json(graph, constants)
     except Exception as exc:
@@ -255,9 +272,11 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
     step_ir = None
     if manifest.get("kv_cache"):
         try:
-            step_ir = ir_from_json(json.loads((root / STEP_GRAPH).read_text()), constants)
+            step_ir = ir_from_json(json.loads((root / STEP_GRAPH).read_text()), constants,
+                                   writable_inputs=manifest["kv_cache"]["caches"])
         except Exception as exc:
             raise ArtifactError(f"artifact {root}: {STEP_GRAPH} cannot be rebuilt: {exc}") from exc
+    check_graph_inputs(root, ir, step_ir, manifest)
     for graph_ir in (ir, step_ir) if step_ir is not None else (ir,):
         why = restore_example_values(graph_ir.gm, _size_hints(graph_ir, manifest))
         if why is not None:
@@ -265,7 +284,7 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
                         "that need them run op by op", root, why)
     try:
         return Artifact(root, manifest, ir, options, step_ir)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise ArtifactError(f"artifact {root}: its KV-cache plan does not fit its step graph: "
                             f"{exc}") from exc
 
@@ -293,8 +312,10 @@ def _read_manifest(root: Path) -> dict:
         raise ArtifactError(f"artifact {root}: {MANIFEST} is missing")
     try:
         manifest = json.loads(file.read_text())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ArtifactError(f"artifact {root}: {MANIFEST} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"artifact {root}: {MANIFEST} is not a JSON object")
     needed = ("format", "versions", "options", "inputs", "ranges", "aliases", "files")
     missing = [k for k in needed if k not in manifest]
     if missing:
@@ -302,9 +323,11 @@ def _read_manifest(root: Path) -> dict:
     if manifest["format"] != ARTIFACT_FORMAT:
         raise ArtifactError(f"artifact {root}: format {manifest['format']}, this fxforge reads "
                             f"format {ARTIFACT_FORMAT}")
-    if not {GRAPH, WEIGHTS} <= set(manifest["files"]) <= {GRAPH, WEIGHTS, TUNING, STEP_GRAPH} or \
-            (STEP_GRAPH in manifest["files"]) != bool(manifest.get("kv_cache")):
-        raise ArtifactError(f"artifact {root}: {MANIFEST} lists files {sorted(manifest['files'])}")
+    files = manifest["files"] if isinstance(manifest["files"], dict) else {}
+    if not {GRAPH, WEIGHTS} <= set(files) <= {GRAPH, WEIGHTS, TUNING, STEP_GRAPH} or \
+            (STEP_GRAPH in files) != bool(manifest.get("kv_cache")):
+        raise ArtifactError(f"artifact {root}: {MANIFEST} lists files {sorted(files)}")
+    check_manifest(root, manifest)
     return manifest
 
 

@@ -15,9 +15,12 @@ import sympy
 import torch
 
 from fxforge.errors import InputSpecError
+from fxforge.irgraph.safe_parse import DTYPES, dtype_name, parse_dtype, parse_size
 
 _SPEC = re.compile(r"^\s*(\w+)\s*\[([^\]]*)\]\s*(?:\{\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*\})?\s*$")
 _DIM = re.compile(r"^\s*(?:(\w+)\s*=\s*)?(\d+)\s*(?::\s*(\d+)\s*\.\.\s*(\d+))?\s*$")
+MAX_DIM = 2 ** 31 - 2            # torch.export's largest dynamic size
+MAX_EXAMPLE_ELEMENTS = 2 ** 31   # an example input is random data made in memory
 
 
 @dataclass(frozen=True)
@@ -47,22 +50,71 @@ class InputSpec:
 
 
 def parse_spec(text: str) -> InputSpec:
+    """An InputSpec, or InputSpecError naming what is wrong with ``text``."""
     match = _SPEC.match(text)
     if not match:
         raise InputSpecError(f"bad input spec {text!r}; expected e.g. 'float32[2,8]' or "
                              "'int64[1,seq=16:2..512]{0..1000}'")
-    dtype = getattr(torch, match.group(1), None)
-    if not isinstance(dtype, torch.dtype):
-        raise InputSpecError(f"bad input spec {text!r}: unknown dtype {match.group(1)!r}")
+    if match.group(1) not in DTYPES:
+        raise InputSpecError(f"bad input spec {text!r}: unknown dtype {match.group(1)!r} "
+                             f"(one of {', '.join(DTYPES)})")
+    dtype = DTYPES[match.group(1)]
     dims = []
     for part in filter(None, (p.strip() for p in match.group(2).split(","))):
         dim = _DIM.match(part)
         if not dim:
             raise InputSpecError(f"bad input spec {text!r}: bad dimension {part!r}")
         name, size, lo, hi = dim.groups()
-        dims.append(DimSpec(int(size), name, int(lo) if lo else None, int(hi) if hi else None))
-    low, high = match.group(3), match.group(4)
-    return InputSpec(dtype, tuple(dims), int(low) if low else None, int(high) if high else None)
+        dims.append(_dim_spec(text, part, name, int(size), int(lo) if lo else None,
+                              int(hi) if hi else None))
+    _check_shared_names(text, dims)
+    numel = 1
+    for d in dims:
+        numel *= d.size
+    if numel > MAX_EXAMPLE_ELEMENTS:
+        raise InputSpecError(f"bad input spec {text!r}: an example of {numel} elements is too "
+                             f"large (at most {MAX_EXAMPLE_ELEMENTS})")
+    low, high = (int(g) if g else None for g in match.group(3, 4))
+    _check_value_range(text, dtype, low, high)
+    return InputSpec(dtype, tuple(dims), low, high)
+
+
+def _dim_spec(text: str, part: str, name: Optional[str], size: int, lo: Optional[int],
+              hi: Optional[int]) -> DimSpec:
+    if name is not None and not name.isidentifier():
+        raise InputSpecError(f"bad input spec {text!r}: dimension name {name!r} is not an "
+                             "identifier")
+    if size > MAX_DIM or (hi is not None and hi > MAX_DIM):
+        raise InputSpecError(f"bad input spec {text!r}: {part!r} exceeds the largest size "
+                             f"{MAX_DIM}")
+    if lo is not None and not lo <= size <= hi:
+        raise InputSpecError(f"bad input spec {text!r}: in {part!r} the size {size} is not within "
+                             f"its range {lo}..{hi} (MIN <= SIZE <= MAX)")
+    return DimSpec(size, name, lo, hi)
+
+
+def _check_shared_names(text: str, dims: list[DimSpec]) -> None:
+    seen: dict[str, DimSpec] = {}
+    for d in dims:
+        if d.name is None:
+            continue
+        if d.name in seen and seen[d.name] != d:
+            raise InputSpecError(f"bad input spec {text!r}: the dynamic size {d.name} is given "
+                                 "twice with different sizes or ranges")
+        seen[d.name] = d
+
+
+def _check_value_range(text: str, dtype: torch.dtype, low: Optional[int],
+                       high: Optional[int]) -> None:
+    if low is None:
+        return
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise InputSpecError(f"bad input spec {text!r}: a value range {{LOW..HIGH}} applies to "
+                             f"integer inputs, not {dtype_name(dtype)}")
+    info = torch.iinfo(dtype)
+    if not info.min <= low < high <= info.max + 1:
+        raise InputSpecError(f"bad input spec {text!r}: the value range {low}..{high} must have "
+                             f"LOW < HIGH within {dtype_name(dtype)}'s {info.min}..{info.max + 1}")
 
 
 def export_dynamic_shapes(specs: Sequence[InputSpec]) -> Optional[tuple]:
@@ -93,13 +145,14 @@ class TensorSignature:
     shape: tuple  # ints and sympy expressions
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": str(self.dtype).replace("torch.", ""),
+        return {"name": self.name, "dtype": dtype_name(self.dtype),
                 "shape": [str(d) for d in self.shape]}
 
     @staticmethod
     def from_json(data: dict) -> "TensorSignature":
-        shape = tuple(int(s) if s.lstrip("-").isdigit() else sympy.sympify(s) for s in data["shape"])
-        return TensorSignature(data["name"], getattr(torch, data["dtype"]), shape)
+        """The inverse of ``to_json``, read without evaluating anything (ParseError if bad)."""
+        shape = tuple(parse_size(s, symbol=sympy.Symbol) for s in data["shape"])
+        return TensorSignature(data["name"], parse_dtype(data["dtype"]), shape)
 
 
 def check_inputs(args: Sequence[Any], signature: Sequence[TensorSignature],

@@ -113,4 +113,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 @cached_attention.register_fake
 def _cached_attention_fake(q, k, v, k_cache, v_cache, cache_pos, scale=None):
     _check_cached(q, k, v, k_cache, v_cache, cache_pos)
+    # The output's layout is q's, as the kernels and the reference (SDPA) give it: q usually
+    # arrives as a transposed [B, t, H, D] projection, and the graph's permute + view after the
+    # attention it replaced is only valid on that layout (an AOT artifact's step graph is
+    # propagated again on load, and a contiguous result made that view fail there).
+    if v.shape[-1] == q.shape[-1]:
+        like = torch.empty_like(q)
+        if like.stride(-1) == 1:
+            return like
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

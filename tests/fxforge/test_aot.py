@@ -140,3 +140,39 @@ def test_a_loaded_artifact_builds_the_same_kernels_as_the_compile(artifact):
     ids = torch.randint(0, 512, (2, 23))
     with torch.no_grad():
         assert_close_to_eager([loaded(ids)], [model(ids)])
+
+
+def test_a_loaded_kv_cache_artifact_builds_the_kernels_of_the_compile(tmp_path, caplog):
+    """kv_cache=True: the step graph, propagated again on load, gets all its example values back
+    (the cached attention's result keeps q's layout, so the view after it is valid) and builds
+    the kernels the compile built for it -- its fusion group included -- with eager's tokens."""
+    import logging
+
+    from fxforge.aot import _kv_step
+    from fxforge.backends import lower, resolve_backend
+    from fxforge.compiler import optimize
+    from fxforge.irgraph import capture_export
+    from fxforge.options import parse_options
+
+    model = make_model(seed=5, n_layer=1)
+    ids = torch.randint(0, 512, (1, 8))
+    with caplog.at_level(logging.WARNING, logger="fxforge"):
+        fxforge.aot_compile(model, (ids,), tmp_path / "kv", dynamic_shapes=({1: SEQ},),
+                            kv_cache=True, max_seq_len=64)
+        loaded = fxforge.load(tmp_path / "kv")
+    assert not [r for r in caplog.records if "no example values" in r.getMessage()
+                or "op by op" in r.getMessage()], caplog.text
+    with torch.no_grad():   # what aot_compile lowered the step graph to
+        options = parse_options(kv_cache=True, max_seq_len=64)
+        ir = capture_export(model, (ids,), dynamic_shapes=({1: SEQ},))
+        backend = resolve_backend(options.backend, ir)
+        compiled = lower(_kv_step(optimize(ir, options, backend)).ir, backend)
+    assert [(c.node, c.path) for c in loaded.kv.step.choices] == \
+        [(c.node, c.path) for c in compiled.choices]
+    assert any(c.node.startswith("fused") and "C++" in c.path for c in loaded.kv.step.choices)
+    assert not loaded.kv.step.fallbacks
+    expected = ids
+    with torch.no_grad():
+        for _ in range(6):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fxforge.generate(loaded, ids, 6), expected)

@@ -36,8 +36,17 @@ def test_unknown_ops_and_python_callables_are_refused():
     call["target"] = "aten.no_such_op.default"
     with pytest.raises(SerializationError, match="unknown op"):
         ir_from_json(data, ir.constants())
-    call["target"] = "os.system"
-    with pytest.raises(SerializationError, match="unknown op"):
+    for target in ("os.system", "builtins.exec", "torch.load", "math.factorial",
+                   "operator.attrgetter", "prims.add.default", "import_module.__call__.__call__",
+                   "aten.__class__.__call__"):
+        call["target"] = target
+        with pytest.raises(SerializationError, match="not one fxforge loads"):
+            ir_from_json(data, ir.constants())
+    call["target"] = "aten.from_file.default"
+    with pytest.raises(SerializationError, match="outside the graph"):
+        ir_from_json(data, ir.constants())
+    call["target"] = "aten.add_.Tensor"
+    with pytest.raises(SerializationError, match="writes to its arguments"):
         ir_from_json(data, ir.constants())
 
 
