@@ -4,8 +4,10 @@ replay as CUDA graphs. On a CPU it runs only under ``TRITON_INTERPRET=1`` (how C
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +27,23 @@ aten = torch.ops.aten
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def unavailable() -> Optional[str]:
+    """Why Triton kernels cannot run in this process, or None. Its interpreter
+    (``TRITON_INTERPRET=1``) runs them on the CPU; otherwise Triton needs the driver of a GPU
+    (its own test: without one its first launch fails with "0 active drivers")."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs the triton package (pip install triton)"
+    if interpreting():
+        return None
+    from triton.backends import backends as triton_backends
+    if any(b.driver.is_active() for b in triton_backends.values()):
+        return None
+    return (f"needs a GPU that Triton can drive (CUDA or ROCm); none is visible here "
+            f"(torch.cuda.is_available() is {torch.cuda.is_available()}). Use backend='cpu' or "
+            "'auto', or set TRITON_INTERPRET=1 to run the Triton kernels in Triton's (slow) "
+            "interpreter on the CPU")
 
 
 def _runs_here(node: fx.Node) -> bool:
@@ -159,30 +178,35 @@ def _attention_call(q, k, v, *mask, fn, has_mask, is_causal, scale, enable_gqa, 
 
 
 class CUDAGraphRunner:
-    """Replays a static-shape graph as one CUDA graph: inputs are copied into static buffers."""
+    """Replays a static-shape graph as one CUDA graph: inputs are copied into static buffers.
+    Those buffers are the runner's, and every thread calling the compiled graph shares the
+    runner: copy-in, replay and copy-out hold its lock, so one call's inputs never meet
+    another's replay (calls from several threads are ordered on the default stream)."""
 
     def __init__(self, fn: Callable, warmup: int = 2):
         self.fn, self.warmup, self.graph = fn, warmup, None
         self.static_inputs: list = []
         self.static_outputs = None
         self.signature = None
+        self.lock = threading.Lock()
 
     def __call__(self, *args):
         signature = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
-        if self.graph is not None and signature != self.signature:
-            return self.fn(*args)  # a shape the graph was not captured for
-        if self.graph is None:
-            if self.warmup > 0:
-                self.warmup -= 1
-                return self.fn(*args)
-            self._capture(args, signature)
-        for buf, arg in zip(self.static_inputs, args):
-            if isinstance(buf, torch.Tensor):
-                buf.copy_(arg)
-        self.graph.replay()
-        # Fresh outputs per call: the static ones are overwritten by the next replay.
-        return torch.utils._pytree.tree_map(
-            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.static_outputs)
+        with self.lock:
+            if self.graph is not None and signature != self.signature:
+                return self.fn(*args)  # a shape the graph was not captured for
+            if self.graph is None:
+                if self.warmup > 0:
+                    self.warmup -= 1
+                    return self.fn(*args)
+                self._capture(args, signature)
+            for buf, arg in zip(self.static_inputs, args):
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(arg)
+            self.graph.replay()
+            # Fresh outputs per call: the static ones are overwritten by the next replay.
+            return torch.utils._pytree.tree_map(
+                lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.static_outputs)
 
     def _capture(self, args, signature) -> None:
         self.signature = signature
@@ -205,6 +229,7 @@ def _static_cuda(gm: fx.GraphModule) -> bool:
 
 class TritonBackend(ReferenceBackend):
     name = "triton"
+    unavailable = staticmethod(unavailable)
 
     def __init__(self):
         self.report: list = []

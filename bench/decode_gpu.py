@@ -99,9 +99,10 @@ def main(argv=None) -> int:
     if not decoders:
         print("  fxforge: no graph got a KV cache (--verbose says why)")
     for decoder in decoders:
-        replay = decoder.replay
-        print(f"  fxforge decoder: {decoder.stats}; replay "
-              f"{'none' if replay is None else replay.off or 'on, validated' if replay.validated else 'on'}")
+        replays = [state.replay for state in decoder.states()]
+        print(f"  fxforge decoder: {decoder.stats}; replay per state: " + ", ".join(
+            'none' if r is None else r.off or 'on, validated' if r.validated else 'on'
+            for r in replays))
     base = rates.get("hf eager")
     if base:
         print("  " + ", ".join(f"{k} {v / base:.2f}x eager" for k, v in rates.items()))

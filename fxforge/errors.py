@@ -19,3 +19,7 @@ class ArtifactError(FxforgeError):
 
 class InputSpecError(FxforgeError, ValueError):
     """Inputs that do not match what the artifact was compiled for."""
+
+
+class SessionInUseError(FxforgeError, RuntimeError):
+    """A ``fxforge.Session`` was called (or closed) while another call was running in it."""

@@ -23,16 +23,24 @@ approach for such a black box is to not pad: rows are grouped by prompt length,
 each group of equal-length rows is generated as its own batch, and the groups
 run one after the other (not interleaved, so each group's calls form one
 growing sequence for the KV cache).
+
+Each call runs in a ``fxforge.Session`` (``fxforge/sessions.py``): the one passed as
+``session=``, else one active in the caller's context, else a session of its own, closed at
+the end. So calls from several threads through one compiled module or artifact each decode
+on their own KV caches.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+
+from fxforge.sessions import Session, active_session
 
 StreamCallback = Callable[[int, torch.Tensor, Sequence[int]], None]
 Prompts = Union[torch.Tensor, Sequence[Union[torch.Tensor, Sequence[int]]]]
@@ -63,7 +71,7 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
              stop_tokens: Union[int, Iterable[int], None] = None, pad_token_id: Optional[int] = None,
              stream: Optional[StreamCallback] = None, max_seq_len: Optional[int] = None,
-             return_stats: bool = False) -> Any:
+             return_stats: bool = False, session: Optional[Session] = None) -> Any:
     """Generate up to ``max_new_tokens`` tokens after each prompt, under ``torch.no_grad()``.
 
     ``input_ids``: a ``[B, T]`` integer tensor (all prompts the same length), a 1-D
@@ -93,6 +101,10 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     ``max_seq_len``: a ``ValueError`` if the longest prompt plus ``max_new_tokens``
     exceeds it.
 
+    ``session``: the ``fxforge.Session`` whose KV caches the calls use (kept after the call:
+    a next turn that extends these sequences continues from the cache); by default the one
+    active in the caller's context, else a new one closed when the call returns.
+
     Returns the sequences (prompt + generated tokens): for a ``[B, T]`` tensor a
     ``[B, T + n]`` tensor, ``n`` the number of steps run (fewer than
     ``max_new_tokens`` when every row stopped; stopped rows padded with
@@ -117,7 +129,7 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
                              f"max_seq_len={max_seq_len}")
     picker = _TokenPicker(sampling, seed)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _decoding_session(session):
         groups = [_run_group(model, ids, rows, max_new_tokens, picker, stops, pad, stream)
                   for rows, ids in _groups(prompts, kind)]
     seconds = time.perf_counter() - start
@@ -128,6 +140,23 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     stats = {"steps": sum(g.steps for g in groups), "new_tokens": new_tokens, "seconds": seconds,
              "tokens_per_second": new_tokens / seconds if seconds > 0 else float("inf")}
     return sequences, stats
+
+
+@contextlib.contextmanager
+def _decoding_session(session: Optional[Session]) -> Iterator[None]:
+    """``session`` activated; else the active one; else a new one, closed at the end."""
+    if session is not None and not isinstance(session, Session):
+        raise TypeError(f"session must be a fxforge.Session, got {type(session).__name__}")
+    if session is None and active_session() is not None:
+        yield
+        return
+    own = session is None
+    with (session or Session()) as active:
+        try:
+            yield
+        finally:
+            if own:
+                active.close()
 
 
 # ---------------------------------------------------------------- argument checks

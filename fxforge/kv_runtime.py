@@ -1,12 +1,19 @@
 """Transparent incremental decoding (``options={"kv_cache": True}``).
 
 The classic loop ``logits = model(ids); ids = cat(ids, next)`` calls the compiled graph with
-the whole sequence every step. :class:`IncrementalDecoder` keeps the previous call's tokens, the
+the whole sequence every step. A :class:`DecodeState` keeps one sequence's tokens, the
 per-layer K/V buffers the KV-cache pass added and the outputs so far. When a call's tokens
-*extend* the previous ones (same batch, the old tokens unchanged: checked, not assumed), only
-the new positions run through the cached step graph; anything else (a new prompt, an edited
-prefix, another batch size) starts over with a fresh prefill. Past ``max_seq_len`` the plain
+*extend* the state's (same batch, the old tokens unchanged: checked, not assumed), only the new
+positions run through the cached step graph; anything else (a new prompt, an edited prefix,
+another batch size) starts the state over with a fresh prefill. Past ``max_seq_len`` the plain
 graph runs, uncached and correct.
+
+Who owns a state (``fxforge/sessions.py``): the :class:`~fxforge.sessions.Session` active in the
+caller's context, or else the decoder's pool, which hands each call the state whose tokens the
+call extends (so loops interleaved in one thread, or running in several threads, each keep
+their own cache), a fresh one, or the least recently used one, up to ``max_sessions`` states.
+A state serves one call at a time; what every state shares (the lowered graphs, their packed
+weights and kernels) is read-only.
 
 Sequence outputs (logits) are written into a buffer of ``max_seq_len`` positions and returned
 as a view of the first ``L + t``: a step costs the new positions only. A fresh buffer is made
@@ -15,11 +22,14 @@ for every new prompt, so a view returned earlier is never overwritten.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from fxforge.irgraph.meta import META_KEY, SymMeta
+from fxforge.options import CompileOptions
+from fxforge.sessions import StatePool, active_session
 
 log = logging.getLogger("fxforge")
 
@@ -28,79 +38,135 @@ log = logging.getLogger("fxforge")
 # (recorded launches); the Triton backend's steps on a GPU are captured as CUDA graphs (its kernels
 # read the cache length on the device: no host sync).
 RECORDERS = {("cpu", "cpu"): "Recording", ("triton", "cuda"): "CudaGraphRecording"}
+STATS = ("prefills", "steps", "uncached", "positions", "replayed")   # what a decoder counts
 
 
 class IncrementalDecoder:
+    """What every sequence of one compiled graph shares: the plan, the lowered step graph and the
+    plain one (read-only), the pool of :class:`DecodeState`, and the counts over all of them."""
+
     def __init__(self, plan, step: Callable, full: Callable, max_seq_len: int,
-                 replay: bool = False):
+                 replay: bool = False, max_sessions: int = CompileOptions.max_sessions):
         """``step``/``full``: the lowered step graph and the plain one; ``replay``: replay decode
-        steps where that is sound (``RECORDERS``; elsewhere the option has no effect)."""
+        steps where that is sound (``RECORDERS``; elsewhere the option has no effect);
+        ``max_sessions``: the pool's cap on live states (``fxforge/sessions.py``)."""
         self.plan, self.step, self.full, self.max_seq_len = plan, step, full, max_seq_len
-        backend = getattr(step, "backend", None)
-        replayable = replay and backend in {b for b, _ in RECORDERS}
-        self.replay = StepReplay(len(plan.caches), backend) if replayable else None
+        self.backend = getattr(step, "backend", None)
+        self.replay = replay and self.backend in {b for b, _ in RECORDERS}
         placeholders = plan.ir.placeholders()[:_original_inputs(plan)]
         self.size_inputs = [i for i, p in enumerate(placeholders)
                             if isinstance(p.meta.get(META_KEY), SymMeta)
                             and p.meta[META_KEY].expr == plan.seq_symbol]
-        self.tokens: Optional[torch.Tensor] = None   # what the cache holds
-        self.caches: list[torch.Tensor] = []
-        self.buffers: dict[int, torch.Tensor] = {}
-        self.stats = {"prefills": 0, "steps": 0, "uncached": 0, "positions": 0, "replayed": 0}
+        self.pool = StatePool(lambda: DecodeState(self), max_sessions)
+        self._counts = dict.fromkeys(STATS, 0)
+        self._counts_lock = threading.Lock()
+
+    @property
+    def stats(self) -> dict:
+        """Calls and positions over every state, evicted ones included: ``prefills`` and
+        ``steps`` (calls that started a sequence / extended one), ``uncached`` (calls past
+        ``max_seq_len``, or while every state was busy), ``positions`` run through the step
+        graph, ``replayed`` steps."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def count(self, counts: dict) -> None:
+        with self._counts_lock:
+            for key, value in counts.items():
+                self._counts[key] += value
+
+    def states(self) -> list["DecodeState"]:
+        """The live states, least recently used first (for tests and reports)."""
+        return self.pool.states()
 
     def __call__(self, args: Sequence[Any]) -> list:
         ids = args[self.plan.tokens]
-        if ids.shape[1] > self.max_seq_len:
-            self.stats["uncached"] += 1
-            return list(self.full(*args))
-        start = self._cached_prefix(ids)
+        session = active_session()
+        if ids.shape[1] <= self.max_seq_len:
+            if session is not None:
+                with session.state_for(self, ids) as state:
+                    return state(args)
+            state = self.pool.checkout(ids)
+            if state is not None:
+                try:
+                    return state(args)
+                finally:
+                    self.pool.release(state)
+        self.count({"uncached": 1})
+        return list(self.full(*args))
+
+
+class DecodeState:
+    """One sequence's KV cache for one decoder: the tokens its caches hold, the per-layer K/V
+    buffers, the sequence outputs so far and the decode-step recording. One call at a time uses
+    it (its holder, a session or a pool checkout, sees to that)."""
+
+    def __init__(self, decoder: IncrementalDecoder):
+        self.decoder = decoder
+        self.replay = StepReplay(len(decoder.plan.caches), decoder.backend) \
+            if decoder.replay else None
+        self.tokens: Optional[torch.Tensor] = None   # what the cache holds
+        self.caches: list[torch.Tensor] = []
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.stats = dict.fromkeys(STATS, 0)
+
+    def __call__(self, args: Sequence[Any]) -> list:
+        decoder, counts = self.decoder, dict.fromkeys(STATS, 0)
+        ids = args[decoder.plan.tokens]
+        start = self.cached_prefix(ids)
         if start == 0:
             self._reset(ids)
+        counts["steps" if start else "prefills"] += 1
         new = ids[:, start:]
         step_args = list(args)
-        step_args[self.plan.tokens] = new
-        for i in self.size_inputs:
+        step_args[decoder.plan.tokens] = new
+        for i in decoder.size_inputs:
             step_args[i] = new.shape[1]
         position = torch.tensor([start], dtype=torch.int64, device=ids.device)
         step_args += [position, *self.caches]
-        if self.replay is not None and start > 0:
-            outputs = self.replay(self.step, step_args, self.plan.seq_outputs, self.stats)
-        else:
-            outputs = list(self.step(*step_args))
-        self.tokens = ids.clone()
-        self.stats["positions"] += new.shape[1]
-        return [self._assemble(i, out, start, ids.shape[1]) for i, out in enumerate(outputs)]
+        try:
+            if self.replay is not None and start > 0:
+                outputs = self.replay(decoder.step, step_args, decoder.plan.seq_outputs, counts)
+            else:
+                outputs = list(decoder.step(*step_args))
+            self.tokens = ids.clone()
+            counts["positions"] += new.shape[1]
+            return [self._assemble(i, out, start, ids.shape[1]) for i, out in enumerate(outputs)]
+        finally:
+            for key, value in counts.items():
+                self.stats[key] += value
+            decoder.count(counts)
 
-    def _cached_prefix(self, ids: torch.Tensor) -> int:
+    def cached_prefix(self, ids: torch.Tensor) -> int:
         """How many leading positions of ``ids`` the cache already holds (0: start over)."""
         old = self.tokens
         if old is None or ids.shape[0] != old.shape[0] or ids.shape[1] <= old.shape[1] \
                 or ids.device != old.device or not torch.equal(ids[:, :old.shape[1]], old):
             return 0
-        self.stats["steps"] += 1
         return old.shape[1]
 
     def _reset(self, ids: torch.Tensor) -> None:
         """A new prompt: the caches of the same batch size and device are kept (attention reads
         positions below L + t only, so neither stale entries nor fresh memory are ever seen:
         no zeroing, which cost a 30-layer model ~70 ms, and a decode-step recording over these
-        caches stays valid); otherwise new ones."""
+        caches stays valid); otherwise new ones. The old tokens are dropped first: a prefill
+        that fails half-way has overwritten their cache entries."""
+        self.tokens = None
         batch = ids.shape[0]
         if not self.caches or self.caches[0].shape[0] != batch or self.caches[0].device != ids.device:
             if self.replay is not None:
                 self.replay.forget()   # it points into the old caches
-            self.caches = [torch.empty(batch, spec.heads, self.max_seq_len, spec.head_dim,
+            self.caches = [torch.empty(batch, spec.heads, self.decoder.max_seq_len, spec.head_dim,
                                        dtype=spec.dtype, device=ids.device)
-                           for spec in self.plan.caches]
+                           for spec in self.decoder.plan.caches]
         self.buffers = {}
-        self.stats["prefills"] += 1
 
     def _assemble(self, index: int, out: Any, start: int, end: int) -> Any:
-        if index not in self.plan.seq_outputs or not isinstance(out, torch.Tensor):
+        if index not in self.decoder.plan.seq_outputs or not isinstance(out, torch.Tensor):
             return out
         buffer = self.buffers.get(index)
         if buffer is None:
-            buffer = out.new_empty((out.shape[0], self.max_seq_len, *out.shape[2:]))
+            buffer = out.new_empty((out.shape[0], self.decoder.max_seq_len, *out.shape[2:]))
             self.buffers[index] = buffer
         buffer[:, start:end].copy_(out)
         return buffer[:, :end]
@@ -119,9 +185,10 @@ class StepReplay:
     """Decode steps replayed from a recording (``kernels/replay.py``: recorded launches on the
     CPU, a CUDA graph on a GPU): the first step of a shape is recorded, the next one runs both
     ways and must give identical outputs, and from then on steps of that shape replay. A
-    recording that cannot be made or that disagrees turns replay off for this decoder, with the
+    recording that cannot be made or that disagrees turns replay off for this state, with the
     reason logged; a shape change, or an input that turns out to be a new tensor at each call,
-    re-records (at most ``MAX_RECORDINGS`` times). Running a step twice is harmless: it writes
+    re-records (at most ``MAX_RECORDINGS`` times). Each :class:`DecodeState` has its own: a
+    recording holds raw pointers into its state's caches and buffers. Running a step twice is harmless: it writes
     the same keys and values at the same cache positions."""
 
     MAX_RECORDINGS = 8

@@ -15,6 +15,7 @@ class CompileOptions:
     kv_cache: bool = False        # KV-cache insertion for causal decoders (transparent mode)
     max_seq_len: int = 2048       # positions a KV cache holds; longer inputs run uncached
     decode_replay: bool = True    # CPU decode steps replayed from a validated recording
+    max_sessions: int = 8         # KV-cache states kept per graph (sequences; LRU beyond)
     quantize: Optional[str] = None
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
@@ -59,13 +60,15 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
     if merged.get("passes") is not None:
         merged["passes"] = tuple(_check_passes(merged["passes"]))
     if "backend" in merged:
-        from fxforge.backends import available_backends
+        from fxforge.backends import available_backends, backend_unavailable
         if merged["backend"] != "auto" and merged["backend"] not in available_backends():
             raise OptionsError(f"unknown backend {merged['backend']!r}; available: {available_backends()}")
-    if "max_seq_len" in merged and (type(merged["max_seq_len"]) is not int
-                                    or merged["max_seq_len"] < 1):
-        raise OptionsError(f"option max_seq_len must be a positive integer, got "
-                           f"{merged['max_seq_len']!r}")
+        missing = backend_unavailable(merged["backend"]) if merged["backend"] != "auto" else None
+        if missing is not None:
+            raise OptionsError(f"backend={merged['backend']!r} {missing}")
+    for key in ("max_seq_len", "max_sessions"):
+        if key in merged and (type(merged[key]) is not int or merged[key] < 1):
+            raise OptionsError(f"option {key} must be a positive integer, got {merged[key]!r}")
     for key in ("verify", "freeze_weights", "kv_cache", "decode_replay"):
         if key in merged and not isinstance(merged[key], bool):
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")

@@ -36,6 +36,7 @@ import torch
 
 from fxforge.kernels.fused_cpp import PRELUDE, load_function
 from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch
 
 log = logging.getLogger("fxforge.kernels")
@@ -316,7 +317,7 @@ class TiledAttention:
     loop pays for building it once."""
 
     def __init__(self) -> None:
-        self.plans: dict[tuple, tuple] = {}
+        self.plans = PlanCache(MAX_PLANS)   # shared by every thread (kernels/plan_cache.py)
 
     def __call__(self, q, k, v, attn_mask, is_causal, scale, key: Optional[tuple] = None,
                  causal_offset: int = 0):
@@ -324,10 +325,7 @@ class TiledAttention:
         key = (key or layout_key(q, k, v, attn_mask, is_causal), scale)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self._plan(q, k, v, mask, is_causal, scale)
-            if len(self.plans) >= MAX_PLANS:
-                self.plans.clear()
-            self.plans[key] = plan
+            plan = self.plans.add(key, self._plan(q, k, v, mask, is_causal, scale))
         meta_address, scale_value, _ = plan
         batch, heads, rows, _ = q.shape
         out = torch.empty(batch, rows, heads, v.size(-1)).transpose(1, 2)  # free reshape after

@@ -35,6 +35,7 @@ from fxforge.kernels.attention_cpp import kernel_declines as tiled_declines
 from fxforge.kernels.attention_cpp import tiled_attention
 from fxforge.kernels.fused_cpp import PRELUDE, load_function
 from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch
 
 log = logging.getLogger("fxforge.kernels")
@@ -249,7 +250,7 @@ class CpuDecodeAttention:
     layout (shapes, strides, dtypes, devices): the kernel's metadata, or the reason it declined."""
 
     def __init__(self) -> None:
-        self.plans: dict[tuple, tuple] = {}
+        self.plans = PlanCache(MAX_PLANS)   # shared by every thread (kernels/plan_cache.py)
 
     def __call__(self, q, k, v, k_cache, v_cache, cache_pos, scale=None) -> torch.Tensor:
         key = (q.shape, q.stride(), q.dtype, q.is_cpu, k.shape, k.stride(), k.dtype, k.is_cpu,
@@ -287,10 +288,7 @@ class CpuDecodeAttention:
             plan = (None, 0, 0.0, None, None)
         else:
             plan = self._kernel_plan(fn, q, k, v, k_cache, v_cache, scale)
-        if len(self.plans) >= MAX_PLANS:
-            self.plans.clear()
-        self.plans[key] = plan
-        return plan
+        return self.plans.add(key, plan)
 
     @staticmethod
     def _kernel_plan(fn, q, k, v, k_cache, v_cache, scale) -> tuple:

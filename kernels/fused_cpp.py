@@ -10,13 +10,14 @@ inner stride 1). exp/log/tanh/erf/sigmoid are the branch-free ``fxf_*`` function
 reduction loop computes (a softmax's exp) is stored in an output buffer and read back by the
 output loop. bf16 is stored as uint16 and converted with bit shifts (round-to-nearest-even on
 the way back). Binaries live in a cache directory keyed by the SHA-256 of source, compiler
-version and flags.
+version and flags, and are loaded only after the checks of ``kernels/cache_trust.py``.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -26,14 +27,25 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from fxforge.kernels.cache_trust import install_library, load_library, write_private
 from fxforge.kernels.fused import (ELEM, ROW, KernelBuildError, RowProgram, Unsupported,
                                    bind_shapes, build_program, cache_dir, kind_of, needed_by,
                                    source_hash)
 from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch
 
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-fno-trapping-math", "-fno-math-errno",
          "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
+# Extra compiler flags for every kernel build, from the environment (they enter the cache key):
+# for checking builds, e.g. FXFORGE_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer" with
+# libasan preloaded (LD_PRELOAD) runs every kernel under AddressSanitizer.
+EXTRA_FLAGS_ENV = "FXFORGE_CXXFLAGS"
+
+
+def compile_flags() -> tuple[str, ...]:
+    return FLAGS + tuple(shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")))
+
 MAX_PLANS = 64                # cached input layouts per kernel (decode steps vary the length)
 PARALLEL_MIN_WORK = 1 << 15   # elements x work_per_element below which one thread is faster
 EXPENSIVE_WORK = 8            # an exp/erf/tanh/... counts as this many cheap ops
@@ -242,23 +254,25 @@ def _cpu_flags() -> str:
     return ""
 
 
-def build_shared_object(source: str, name: str = "fused") -> Path:
-    """Compile ``source`` into the cache (or find it there); returns the .so path."""
+def build_shared_object(source: str, name: str = "fused", rebuild: bool = False) -> Path:
+    """The path of ``source``'s library in the kernel cache, compiled there unless present (or
+    ``rebuild``). Whether it may be loaded is checked at load time: use :func:`load_function`."""
     compiler = find_compiler()
-    key = source_hash(source, _compiler_identity(compiler), " ".join(FLAGS))
+    flags = compile_flags()
+    key = source_hash(source, _compiler_identity(compiler), " ".join(flags))
     target = cache_dir() / f"{name}_{key[:32]}.so"
-    if target.exists():
+    if target.exists() and not rebuild:
         return target
-    return _compile(compiler, source, target)
+    return _compile(compiler, flags, source, target)
 
 
-def _compile(compiler: str, source: str, target: Path) -> Path:
+def _compile(compiler: str, flags: tuple[str, ...], source: str, target: Path) -> Path:
     directory = target.parent
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         src = Path(tmp) / "kernel.cpp"
         src.write_text(source)
         tmp_so = Path(tmp) / "kernel.so"
-        cmd = [compiler, *FLAGS, str(src), "-o", str(tmp_so)]
+        cmd = [compiler, *flags, str(src), "-o", str(tmp_so)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -266,21 +280,22 @@ def _compile(compiler: str, source: str, target: Path) -> Path:
         if done.returncode != 0 or not tmp_so.exists():
             raise KernelBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                                    f"{done.stderr[-4000:]}")
-        target.with_suffix(".cpp").write_text(source)
-        os.replace(tmp_so, target)   # atomic: a concurrent reader sees all or nothing
+        write_private(target.with_suffix(".cpp"), source.encode())   # for people; never read
+        install_library(tmp_so, target)   # os.replace, then its digest is recorded
     return target
 
 
 def load_function(source: str, symbol: str, name: str = "fused") -> Callable:
-    """Build (cached) and load ``symbol``; a cached .so that fails to load is rebuilt once."""
+    """Build (cached) and load ``symbol``. A cached library that fails the cache's trust check
+    (owner, permissions, recorded digest: ``kernels/cache_trust.py``) or fails to load is
+    rebuilt once; the hostile or broken file is never loaded."""
     path = build_shared_object(source, name)
     try:
-        return getattr(ctypes.CDLL(str(path)), symbol)
-    except (OSError, AttributeError):
-        path.unlink(missing_ok=True)
-        path = build_shared_object(source, name)
+        return getattr(load_library(path), symbol)
+    except (OSError, AttributeError):   # UntrustedCacheError is an OSError
+        path = build_shared_object(source, name, rebuild=True)
         try:
-            return getattr(ctypes.CDLL(str(path)), symbol)
+            return getattr(load_library(path), symbol)
         except (OSError, AttributeError) as exc:
             raise KernelBuildError(f"cannot load {path}: {exc}") from exc
 
@@ -500,7 +515,7 @@ class CpuFusedKernel:
         self.out_dtypes = tuple(o.dtype for o in program.outputs)
         self.all_tensors = len(program.tensor_args) == program.n_args
         self.work_per_element = work_per_element(program)
-        self.plans: dict[tuple, tuple] = {}
+        self.plans = PlanCache(MAX_PLANS)   # one per input layout (kernels/plan_cache.py)
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = args if self.all_tensors else [args[k] for k in self.program.tensor_args]
@@ -530,11 +545,7 @@ class CpuFusedKernel:
                           for shape, dtype in zip(bound.out_shapes, self.out_dtypes))
         parallel = bound.rows * bound.ncols * self.work_per_element >= PARALLEL_MIN_WORK
         # meta is read-only in C; the plan keeps it alive while its address is in use
-        plan = (ctypes.addressof(meta), out_specs, parallel, meta)
-        if len(self.plans) >= MAX_PLANS:
-            self.plans.clear()
-        self.plans[key] = plan
-        return plan
+        return self.plans.add(key, (ctypes.addressof(meta), out_specs, parallel, meta))
 
 
 def compile_program_cpu(program: RowProgram, threads: int = 0, chunk: int = 0,

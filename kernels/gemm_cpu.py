@@ -274,7 +274,9 @@ class TiledLinear:
         self.activation, self.act = activation, ACTIVATION_CODES[activation]
         self.kc, self.mc = BLOCKS[block]
 
-    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                 threads: int = 0) -> torch.Tensor:
+        """``threads``: this call's thread count for a product big enough to share (0: torch's)."""
         if x.dtype != torch.float32 or (residual is not None and residual.dtype != torch.float32):
             raise ValueError(f"tiled GEMM: fp32 x and residual, got {x.dtype}"
                              + (f" and {residual.dtype}" if residual is not None else ""))
@@ -286,7 +288,9 @@ class TiledLinear:
         if residual is not None and residual.stride(1) != 1:
             residual = residual.contiguous()
         y = torch.empty(rows, self.n, dtype=torch.float32)
-        threads = torch.get_num_threads() if rows * self.n * self.k >= PARALLEL_MIN_MACS else 1
+        if rows * self.n * self.k < PARALLEL_MIN_MACS:
+            threads = 1
+        threads = threads or torch.get_num_threads()
         launch(self.fn, (x.data_ptr(), x.stride(0), self.panels.data_ptr(),
                          int(self.storage == torch.bfloat16), self.bias_ptr,
                          y.data_ptr(), self.n, residual.data_ptr() if residual is not None else None,

@@ -290,7 +290,9 @@ class GemvLinear:
         self.act = ACTIVATION_CODES[activation]
         self.threads = 0    # 0: torch's thread count
 
-    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                 threads: int = 0) -> torch.Tensor:
+        """``threads``: this call's thread count (0: :attr:`threads`, else torch's)."""
         if x.stride(1) != 1:
             x = x.contiguous()
         rows = x.shape[0]
@@ -301,7 +303,7 @@ class GemvLinear:
                          int(self.storage == torch.bfloat16), self.n,
                          self.bias_ptr, residual.data_ptr() if residual is not None else None,
                          residual.stride(0) if residual is not None else 0, self.act,
-                         y.data_ptr(), self.threads or torch.get_num_threads()))
+                         y.data_ptr(), threads or self.threads or torch.get_num_threads()))
         return y
 
     def describe(self, dtype_name: str, has_residual: bool) -> str:

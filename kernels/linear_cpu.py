@@ -386,6 +386,12 @@ class PackedLinear:
         return y if y.dtype == result_dtype else y.to(result_dtype)
 
     def _call_with_threads(self, impl, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """The tuned thread count: an argument of the C++ kernels, which then touch no shared
+        state; the libraries read torch's, so it is set around their call. That setting is per
+        Python thread for OpenMP, but it is also the count a thread that has not yet run a
+        parallel op starts with, so other threads starting meanwhile may inherit it."""
+        if isinstance(impl, (GemvLinear, TiledLinear)):
+            return impl(x, residual, threads=self.threads)
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)   # ~0.3 us; restored even if the GEMM raises
         try:

@@ -19,9 +19,14 @@ read back into Python (``.item()``, data-dependent shapes), random ops, non-tens
 replay is only valid for the same shapes, the same non-tensor inputs and the same persistent
 buffers (the KV caches); the caller checks that, and validates a new recording against a normal
 run before trusting it (``fxforge/kv_runtime.py``).
+
+A recording sees only its own thread: the recording in progress is per thread (``_ACTIVE``), as
+is torch's dispatch-mode stack. Another thread's launches carry raw pointers into that thread's
+temporaries: a replay of them would write through those pointers after the memory is freed.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -31,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 from fxforge.irgraph.graph import schema_arguments
 
 aten = torch.ops.aten
-_RECORDERS: list["Recording"] = []   # the recording in progress (at most one)
+_ACTIVE = threading.local()   # .recording: this thread's recording in progress, or absent
 _ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
                 aten.new_empty.default, aten.new_empty_strided.default}
 
@@ -41,8 +46,9 @@ def launch(fn: Callable, args: tuple, keep: Any = None) -> Any:
     replay, with ``keep``: what must stay alive for the raw addresses in ``args`` to stay valid
     (a metadata array a kernel's plan cache may drop)."""
     result = fn(*args)
-    if _RECORDERS:
-        _RECORDERS[-1].note_call(fn, args, result, keep)
+    recording = getattr(_ACTIVE, "recording", None)
+    if recording is not None:
+        recording.note_call(fn, args, result, keep)
     return result
 
 
@@ -74,12 +80,13 @@ class Recording:
         self.labels: list[str] = []      # what each step runs: a kernel's symbol or an ATen op
         self.alive: list[Any] = []       # every tensor the recorded run touched
         self.problem: Optional[str] = None
-        _RECORDERS.append(self)
+        outer = getattr(_ACTIVE, "recording", None)
+        _ACTIVE.recording = self
         try:
             with _AtenRecorder(self):
                 self.outputs = fn(*self.inputs)
         finally:
-            _RECORDERS.pop()
+            _ACTIVE.recording = outer
         if self.problem is not None:
             raise Unreplayable(self.problem)
 

@@ -262,6 +262,13 @@ def _kv_decoder(graphs):
     return decoders[-1]
 
 
+def _replay(decoder):
+    """The decode-step replay of the decoder's one state (each ``generate`` call's session
+    hands its state back; the next one reuses it)."""
+    (state,) = decoder.states()
+    return state.replay
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_steps_are_replayed_after_one_validated_recording(gpt, batch):
     from fxforge.compiler import recording
@@ -271,12 +278,12 @@ def test_decode_steps_are_replayed_after_one_validated_recording(gpt, batch):
         compiled = torch.compile(gpt, backend="fxforge", options={"kv_cache": True})
         assert torch.equal(fxforge.generate(compiled, ids, 16), eager_greedy(gpt, ids, 16))
     decoder = _kv_decoder(graphs)
-    assert decoder.replay.off is None and decoder.replay.validated
+    assert _replay(decoder).off is None and _replay(decoder).validated
     assert decoder.stats["replayed"] >= decoder.stats["steps"] - 2 > 0   # all but record + check
     again = prompts(batch, 5, 512, seed=22)   # a new prompt, same batch: the caches and the
     replayed = decoder.stats["replayed"]      # recording over them are kept
     assert torch.equal(fxforge.generate(compiled, again, 6), eager_greedy(gpt, again, 6))
-    assert decoder.replay.recordings == 1 and decoder.stats["replayed"] == replayed + 5
+    assert _replay(decoder).recordings == 1 and decoder.stats["replayed"] == replayed + 5
     other = prompts(batch + 1, 5, 512, seed=25)   # another batch (another graph for dynamo)
     assert torch.equal(fxforge.generate(compiled, other, 6), eager_greedy(gpt, other, 6))
 
@@ -290,7 +297,7 @@ def test_decode_replay_can_be_turned_off(gpt):
                                  options={"kv_cache": True, "decode_replay": False})
         assert torch.equal(fxforge.generate(compiled, ids, 8), eager_greedy(gpt, ids, 8))
     decoder = _kv_decoder(graphs)
-    assert decoder.replay is None and decoder.stats["replayed"] == 0
+    assert _replay(decoder) is None and decoder.stats["replayed"] == 0
 
 
 def test_a_replay_that_disagrees_turns_replay_off(gpt, monkeypatch, caplog):
@@ -307,7 +314,7 @@ def test_a_replay_that_disagrees_turns_replay_off(gpt, monkeypatch, caplog):
         compiled = torch.compile(gpt, backend="fxforge", options={"kv_cache": True})
         assert torch.equal(fxforge.generate(compiled, ids, 10), eager_greedy(gpt, ids, 10))
     decoder = _kv_decoder(graphs)
-    assert decoder.replay.off is not None and decoder.stats["replayed"] == 0
+    assert _replay(decoder).off is not None and decoder.stats["replayed"] == 0
     assert "replay off" in caplog.text
 
 
@@ -329,5 +336,6 @@ def test_gpu_decode_steps_replay_as_cuda_graphs(request, name):
     finally:
         module.cpu()   # the fixture is shared with CPU tests
     decoder = _kv_decoder(graphs)
-    assert decoder.replay is not None and decoder.replay.off is None, decoder.replay.off
-    assert decoder.replay.validated and decoder.stats["replayed"] >= decoder.stats["steps"] - 2 > 0
+    replay = _replay(decoder)
+    assert replay is not None and replay.off is None, replay.off
+    assert replay.validated and decoder.stats["replayed"] >= decoder.stats["steps"] - 2 > 0

@@ -54,6 +54,23 @@ def test_cache_is_reused_and_a_corrupt_binary_is_rebuilt(cache, monkeypatch):
     assert not [p for p in cache.iterdir() if p.is_dir()], "temporary build dirs left behind"
 
 
+def test_extra_compiler_flags_from_the_environment_reach_the_build_and_its_cache_key(cache,
+                                                                                    monkeypatch):
+    """FXFORGE_CXXFLAGS (e.g. a sanitizer for a checking run) is passed to every build and keys
+    the cache: a library built without it is not reused with it, nor the other way round."""
+    source = ('#ifndef FXF_CHECKED_BUILD\n#error "built without FXFORGE_CXXFLAGS"\n#endif\n'
+              'extern "C" int fxf_checked(void) { return FXF_CHECKED_BUILD; }\n')
+    monkeypatch.delenv(fused_cpp.EXTRA_FLAGS_ENV, raising=False)
+    with pytest.raises(KernelBuildError, match="built without FXFORGE_CXXFLAGS"):
+        fused_cpp.build_shared_object(source, "checked")
+    monkeypatch.setenv(fused_cpp.EXTRA_FLAGS_ENV, "-DFXF_CHECKED_BUILD=7 -Wall")
+    assert fused_cpp.load_function(source, "fxf_checked", "checked")() == 7
+    plain = fused_cpp.build_shared_object("extern \"C\" int f(void) { return 1; }\n", "plain")
+    monkeypatch.setenv(fused_cpp.EXTRA_FLAGS_ENV, "")
+    assert fused_cpp.build_shared_object("extern \"C\" int f(void) { return 1; }\n",
+                                         "plain") != plain
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_parallel_rows_match_eager(cache, threads):
     gm = make_fx(lambda x, r, w: (F.layer_norm(x + r, (1024,), w, None), torch.softmax(x, -1)),

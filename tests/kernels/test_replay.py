@@ -80,5 +80,43 @@ def test_every_compiled_cpu_kernel_is_launched_through_launch():
     folder = Path(fxforge.kernels.__file__).parent
     for path in folder.glob("*.py"):
         text = path.read_text()
+        if path.name == "cache_trust.py":   # opens libraries for load_function; calls no kernel
+            continue
         if "load_function(" in text or "ctypes.CDLL(" in text:
             assert "launch(" in text, f"{path.name} loads a compiled kernel but never uses launch()"
+
+
+def test_a_recording_sees_only_the_launches_of_its_own_thread():
+    """Another thread's kernel launch during a recording is not part of it: a replay would call
+    that kernel again on pointers into the other thread's freed temporaries (issue 15)."""
+    import threading
+
+    from fxforge.kernels.replay import launch
+    recording_started, other_launched = threading.Event(), threading.Event()
+    mine, theirs = [], []
+
+    def my_kernel(n):
+        mine.append(n)
+        return 0
+
+    def their_kernel(n):
+        theirs.append(n)
+        return 0
+
+    def step(x):
+        launch(my_kernel, (1,))
+        recording_started.set()
+        assert other_launched.wait(30)            # the other thread launches mid-recording
+        return x + 1
+
+    def other_thread():
+        assert recording_started.wait(30)
+        launch(their_kernel, (2,))
+        other_launched.set()
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    rec = Recording(step, [torch.zeros(2)])
+    worker.join()
+    assert "their_kernel" not in rec.labels and rec.labels.count("my_kernel") == 1
+    rec.replay([torch.ones(2)])
+    assert mine == [1, 1] and theirs == [2]        # the replay re-ran only its own launch

@@ -1,0 +1,239 @@
+"""Who owns a KV cache: explicit sessions, and the pool behind the transparent mode.
+
+A compiled ``kv_cache`` graph (``fxforge/kv_runtime.py``) is shared by every caller: its lowered
+graphs, packed weights and kernels are read-only. What changes from call to call -- the cached
+tokens, the K/V buffers, the output buffers and the decode-step recording -- is a
+:class:`~fxforge.kv_runtime.DecodeState`, and each state serves one call at a time:
+
+* a :class:`Session` owns one state per compiled graph it runs through. Activate it with
+  ``with session:`` (or pass ``session=`` to ``fxforge.generate``); calls inside the block, in
+  that thread, use its states. Its caches stay its own between blocks (a chat's next turn extends
+  the last one from the cache) until :meth:`Session.close`, or until it is garbage-collected.
+* without a session, the graph's :class:`StatePool` picks a state per call: the free state whose
+  tokens the call extends (a longer match first), else a fresh one, else the least recently used
+  free one (evicted, logged). So the plain loop just works, in any thread, and loops interleaved
+  in one thread each keep their cache. The pool keeps at most ``max_sessions`` states (a compile
+  option); a call that finds all of them busy runs uncached (correct, logged once).
+
+Sessions are never refused a state: states they hold count towards ``max_sessions`` but may
+exceed it while held; once handed back they are the first to be reused.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from fxforge.errors import SessionInUseError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fxforge.kv_runtime import DecodeState, IncrementalDecoder
+
+log = logging.getLogger("fxforge")
+
+_ACTIVE: contextvars.ContextVar[Optional["Session"]] = contextvars.ContextVar(
+    "fxforge_session", default=None)
+_CALL = "a call"          # holder of a state while a transparent call uses it
+_RETIRED = "retired"      # holder of a state its session handed back: reused first
+
+
+def active_session() -> Optional["Session"]:
+    """The session activated (``with session:``) in the caller's context, or None."""
+    return _ACTIVE.get()
+
+
+class Session:
+    """The decoding state of one sequence (a batch of rows), owned by its user.
+
+    ``with session:`` makes calls in the block (in this thread) use the session's KV caches;
+    a session serves one call at a time: a call while another thread's call through the same
+    session runs raises :class:`~fxforge.errors.SessionInUseError` (give each thread its own).
+    :attr:`stats` counts the session's calls; :meth:`close` hands its caches back to the pools.
+
+    ::
+
+        session = fxforge.Session()
+        ids = fxforge.generate(model, prompt, 64, session=session)     # a first turn
+        ids = fxforge.generate(model, torch.cat([ids, next_message], 1), 64, session=session)
+        with session:
+            logits = model(ids)                                        # the same cache
+        session.close()
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: "weakref.WeakKeyDictionary[IncrementalDecoder, DecodeState]" = \
+            weakref.WeakKeyDictionary()
+        self._baselines: dict[int, dict] = {}   # id(state) -> its counts when this session took it
+        self._busy: set[int] = set()            # id() of the states a call is using now
+        self._entered: dict[int, list] = {}     # thread id -> its context tokens (nested blocks)
+        self._closed_counts: dict[str, int] = {}
+
+    def __enter__(self) -> "Session":
+        token = _ACTIVE.set(self)
+        with self._lock:
+            self._entered.setdefault(threading.get_ident(), []).append(token)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            tokens = self._entered[threading.get_ident()]
+            token = tokens.pop()
+            if not tokens:
+                del self._entered[threading.get_ident()]
+        _ACTIVE.reset(token)
+
+    @contextlib.contextmanager
+    def state_for(self, decoder: "IncrementalDecoder",
+                  ids: "torch.Tensor") -> Iterator["DecodeState"]:
+        """This session's state for ``decoder`` (taken from its pool on first use), held for
+        the duration of one call."""
+        with self._lock:
+            state = self._states.get(decoder)
+            if state is None:
+                state = decoder.pool.take(ids, holder=weakref.ref(self))
+                self._states[decoder] = state
+                self._baselines[id(state)] = dict(state.stats)
+            if id(state) in self._busy:
+                raise SessionInUseError("this fxforge.Session is already running a call (from "
+                                        "another thread?): give each thread its own Session")
+            self._busy.add(id(state))
+        try:
+            yield state
+        finally:
+            with self._lock:
+                self._busy.discard(id(state))
+
+    @property
+    def stats(self) -> dict:
+        """This session's ``prefills``, ``steps``, ``positions`` and ``replayed`` steps, over
+        every compiled graph it ran through (closed ones included)."""
+        with self._lock:
+            counts = dict(self._closed_counts)
+            for state in list(self._states.values()):
+                for key, value in _since(state, self._baselines[id(state)]).items():
+                    counts[key] = counts.get(key, 0) + value
+        return counts
+
+    def close(self) -> None:
+        """Hand the caches back (their pools reuse them first); the session stays usable and
+        starts over at its next call."""
+        with self._lock:
+            if self._busy:
+                raise SessionInUseError("cannot close a fxforge.Session while a call runs in it")
+            held = list(self._states.items())
+            self._states = weakref.WeakKeyDictionary()
+            for _, state in held:
+                for key, value in _since(state, self._baselines.pop(id(state))).items():
+                    self._closed_counts[key] = self._closed_counts.get(key, 0) + value
+        for decoder, state in held:
+            decoder.pool.release(state, retired=True)
+
+
+def _since(state: "DecodeState", baseline: dict) -> dict:
+    return {key: value - baseline.get(key, 0) for key, value in state.stats.items()
+            if key != "uncached"}
+
+
+class StatePool:
+    """The states of one decoder, least recently used first, each with its holder: None (free),
+    ``_RETIRED`` (free, handed back by a session), ``_CALL`` or a weak reference to the session
+    holding it (a session that was garbage-collected frees its states). ``new_state`` makes a
+    state; ``cap`` is ``max_sessions``."""
+
+    def __init__(self, new_state: Callable[[], "DecodeState"], cap: int):
+        self.new_state, self.cap = new_state, cap
+        self._lock = threading.Lock()
+        self._holders: dict["DecodeState", Any] = {}   # insertion order: least recently used first
+        self._told_busy = False
+
+    def states(self) -> list["DecodeState"]:
+        with self._lock:
+            return list(self._holders)
+
+    def checkout(self, ids: "torch.Tensor") -> Optional["DecodeState"]:
+        """A state for one transparent call on ``ids`` (give it back with :meth:`release`), or
+        None when ``cap`` states exist and every one is busy."""
+        with self._lock:
+            state = self._extended_by(ids) or self._spare(ids)
+            if state is None:
+                if not self._told_busy:
+                    self._told_busy = True
+                    log.info("fxforge: kv_cache: all %d states (max_sessions) are in use: a call "
+                             "runs uncached until one is free", self.cap)
+                return None
+            self._hold(state, _CALL)
+            return state
+
+    def take(self, ids: "torch.Tensor", holder: Any) -> "DecodeState":
+        """A state for a session to keep: as :meth:`checkout`, but past ``cap`` when need be."""
+        with self._lock:
+            state = self._extended_by(ids) or self._spare(ids)
+            if state is None:
+                state = self.new_state()
+                log.info("fxforge: kv_cache: %d sessions hold states, more than max_sessions=%d",
+                         len(self._holders) + 1, self.cap)
+            self._hold(state, holder)
+            return state
+
+    def release(self, state: "DecodeState", retired: bool = False) -> None:
+        with self._lock:
+            if state in self._holders:
+                self._holders[state] = _RETIRED if retired else None
+            self._trim()
+
+    def _free(self, holder: Any) -> bool:
+        return holder is None or holder is _RETIRED or (
+            isinstance(holder, weakref.ref) and holder() is None)
+
+    def _extended_by(self, ids: "torch.Tensor") -> Optional["DecodeState"]:
+        """The free state holding the longest prefix of ``ids``, or None. A decode step's ids
+        are a state's tokens plus one: states of that length are tried first, most recently
+        used first, and the first that matches is the longest possible (a token comparison
+        costs a few microseconds; most states differ in batch or length and cost nothing)."""
+        free = [s for s, h in reversed(self._holders.items())
+                if self._free(h) and s.tokens is not None and s.tokens.shape[0] == ids.shape[0]]
+        for state in free:
+            if state.tokens.shape[1] == ids.shape[1] - 1 and state.cached_prefix(ids):
+                return state
+        best, longest = None, 0
+        for state in free:
+            if longest < state.tokens.shape[1] < ids.shape[1] - 1:
+                cached = state.cached_prefix(ids)
+                if cached > longest:
+                    best, longest = state, cached
+        return best
+
+    def _spare(self, ids: "torch.Tensor") -> Optional["DecodeState"]:
+        """A state for a new sequence: a retired one (its caches' batch size first: they and
+        its recording are kept), else a new one below ``cap``, else the least recently used
+        free one (evicted), else None."""
+        free = [s for s, h in self._holders.items() if self._free(h)]
+        retired = [s for s in free if self._holders[s] is not None]
+        if retired:
+            return next((s for s in retired if s.caches and s.caches[0].shape[0] == ids.shape[0]),
+                        retired[0])
+        if len(self._holders) < self.cap:
+            return self.new_state()
+        if not free:
+            return None
+        evicted = free[0]
+        log.info("fxforge: kv_cache: %d states (max_sessions) live: the least recently used one "
+                 "(%s tokens cached) is reused for a new sequence", len(self._holders),
+                 "no" if evicted.tokens is None else list(evicted.tokens.shape))
+        return evicted
+
+    def _hold(self, state: "DecodeState", holder: Any) -> None:
+        self._holders.pop(state, None)      # re-inserted last: the most recently used
+        self._holders[state] = holder
+
+    def _trim(self) -> None:
+        """Drop the least recently used free states beyond ``cap``."""
+        extra = len(self._holders) - self.cap
+        for state in [s for s, h in self._holders.items() if self._free(h)][:max(extra, 0)]:
+            del self._holders[state]
