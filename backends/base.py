@@ -28,6 +28,11 @@ class Backend:
 
     name = "base"
 
+    @staticmethod
+    def unavailable() -> Optional[str]:
+        """What this backend lacks in this process (a device, a package), or None if it runs."""
+        return None
+
     def supports(self, node: fx.Node) -> Optional[str]:
         """``None`` if this backend can run ``node``, else the reason it cannot."""
         raise NotImplementedError

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
-from fxforge.backends.base import Backend, get_backend
+from fxforge.backends.base import _BACKENDS, Backend, get_backend
 from fxforge.irgraph import IRGraph, META_KEY, TensorMeta
 
 
@@ -14,6 +15,13 @@ def graph_devices(ir: IRGraph) -> set[str]:
         if node.op in ("placeholder", "get_attr") and isinstance(meta, TensorMeta):
             devices.add(meta.device.type)
     return devices
+
+
+def backend_unavailable(name: str) -> Optional[str]:
+    """What backend ``name`` lacks in this process (a device, a package), or None if it can run:
+    said by its class's static ``unavailable()``, so that the options fail before compiling."""
+    check = getattr(_BACKENDS.get(name), "unavailable", None)
+    return check() if check is not None else None
 
 
 def resolve_backend(name: str, ir: IRGraph) -> Backend:

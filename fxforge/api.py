@@ -1,12 +1,11 @@
 """``fxforge.compile``: compile a module for the given example inputs, return a callable."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import torch
 
-from fxforge.backend_entry import fxforge_backend
+from fxforge.backend_entry import backend_for
 from fxforge.options import parse_options
 
 
@@ -34,8 +33,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] = (), *,
     if not isinstance(model, torch.nn.Module) and not callable(model):
         raise TypeError(f"fxforge.compile expects an nn.Module or a callable, got {type(model).__name__}")
     opts = parse_options(options)
-    backend = functools.partial(fxforge_backend, options=opts.to_dict())
-    compiled = CompiledModule(model, torch.compile(model, backend=backend, dynamic=dynamic), opts)
+    compiled = CompiledModule(model, torch.compile(model, backend=backend_for(opts), dynamic=dynamic),
+                              opts)
     if example_inputs:
         compiled(*example_inputs)
     return compiled

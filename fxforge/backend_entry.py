@@ -6,20 +6,25 @@ compiling a graph, the graph still runs: eagerly, with the reason logged.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-from fxforge.options import parse_options
+from fxforge.options import CompileOptions, parse_options
 
 log = logging.getLogger("fxforge")
+_DYNAMO_LOGGER = "torch._dynamo.convert_frame"   # where dynamo reports its recompile limit
+_used = False   # has fxforge compiled a graph in this process (its warnings concern us)?
 
 
 def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                     options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> Callable:
     """Dynamo backend. Bad options raise (a user error); a failed compile falls back to eager."""
+    global _used
+    _used = True
     opts = parse_options(options)
     if mode not in (None, "default"):
         log.info("fxforge: torch.compile mode=%r has no effect; use options={...}", mode)
@@ -46,6 +51,31 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         log.warning("fxforge: could not compile a graph of %d nodes (%s: %s); it runs eagerly",
                     len(gm.graph.nodes), type(exc).__name__, first[:300])
         return gm.forward
+
+
+@functools.lru_cache(maxsize=None)
+def backend_for(options: CompileOptions) -> Callable:
+    """The one backend callable per option set. Dynamo reuses a compiled graph only for an equal
+    backend, and two ``functools.partial`` objects are never equal: a new one per
+    ``fxforge.compile`` made every compile of a model class a recompile of its ``forward``, and
+    past ``torch._dynamo.config.recompile_limit`` (8) dynamo ran it eagerly."""
+    return functools.partial(fxforge_backend, options=options.to_dict())
+
+
+class _RecompileLimitWarning(logging.Filter):
+    """Repeats dynamo's recompile-limit warning on fxforge's logger. Past the limit dynamo runs
+    the function eagerly (new inputs no cached graph accepts never reach fxforge again), and it
+    says so only on torch's logger, which an fxforge user may not watch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _used and isinstance(record.msg, str) and record.msg.startswith("torch._dynamo hit config."):
+            args = record.args if isinstance(record.args, tuple) and len(record.args) >= 4 else None
+            what = (f"config.{args[0]} = {args[1]} for {args[2]}; last reason: {args[3]}" if args
+                    else record.getMessage().splitlines()[0])
+            log.warning("fxforge: torch._dynamo hit its recompile limit (%s): inputs its cached "
+                        "graphs do not accept now run eagerly, not through fxforge. Compile once "
+                        "and reuse the module, or raise the limit", what)
+        return True
 
 
 def _is_dynamo_restart(exc: BaseException) -> bool:
@@ -76,3 +106,6 @@ def register() -> None:
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
     if "fxforge" not in _BACKENDS or _BACKENDS["fxforge"] is None:
         register_backend(fxforge_backend, name="fxforge")
+    dynamo_log = logging.getLogger(_DYNAMO_LOGGER)
+    if not any(isinstance(f, _RecompileLimitWarning) for f in dynamo_log.filters):
+        dynamo_log.addFilter(_RecompileLimitWarning())

@@ -1,9 +1,10 @@
 """IR -> runnable: freeze weights, run the pass pipeline, lower through a backend.
 
 Weights arrive from dynamo as graph inputs. Freezing turns them into constants so passes can
-fold and prepack them. The runtime guards that assumption: if a frozen weight is replaced or
-modified in place (its version counter moves), the graph is rebuilt from the new values before
-the call, so a changed weight can never give a stale answer.
+fold and prepack them. The runtime guards that assumption before each call
+(:mod:`fxforge.weight_sets` says exactly what it sees): weights changed since their build are
+re-frozen, and a graph called with another set of weights (another instance of the model)
+keeps one build per set.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -24,6 +26,7 @@ from fxforge.errors import VerificationError
 from fxforge.irgraph import IRGraph, build_ir
 from fxforge.options import CompileOptions
 from fxforge.passes import PassManager, default_pipeline
+from fxforge.weight_sets import FrozenWeights, WeightSetCache
 
 log = logging.getLogger("fxforge")
 
@@ -109,71 +112,124 @@ def freeze(ir: IRGraph, positions: Sequence[int], values: Sequence[torch.Tensor]
     return frozen
 
 
+class _Active:
+    """The active build and its weights, held by reference: dynamo and aot_autograd wrap the
+    compiled graph with ``functools.wraps``, which copies its ``__dict__`` into each wrapper, so
+    a build stored there directly would pin the first one (its weights and packs) for good."""
+    build: "Build"
+    weights: list
+
+
+def _of_active_build(name: str) -> property:
+    return property(lambda self: getattr(self._active.build, name))
+
+
 class CompiledGraph:
     """The callable handed back to dynamo/aot_autograd for one captured graph."""
 
+    # What the active build (the one reports describe) holds.
+    ir, lowered, kv = _of_active_build("ir"), _of_active_build("lowered"), _of_active_build("kv")
+    tuning, compile_seconds = _of_active_build("tuning"), _of_active_build("compile_seconds")
+    weights = property(lambda self: self._active.weights)
+
     def __init__(self, captured: IRGraph, options: CompileOptions, weight_positions: Sequence[int],
                  weights: Sequence[torch.Tensor]):
+        self._active = _Active()
         self.captured = captured  # before freezing and passes: the eager oracle for verify
         self.options = options
         self.weight_positions = list(weight_positions) if options.freeze_weights else []
         skip = set(self.weight_positions)
         self.runtime_positions = [i for i in range(len(captured.placeholders())) if i not in skip]
-        self._build([weights[i] for i in self.weight_positions] if self.weight_positions else [])
+        self._weight_sets = WeightSetCache()
+        self._build_lock = threading.Lock()
+        frozen = [weights[i] for i in self.weight_positions]
+        self._activate(self._build(frozen), frozen)
         if _RECORDERS:
             _RECORDERS[-1].append(self)
 
-    def _build(self, weights: list[torch.Tensor]) -> None:
+    def _build(self, weights: list[torch.Tensor]) -> "Build":
+        """Freeze ``weights``, optimize and lower; the result is kept for this weight set."""
         start = time.perf_counter()
-        self.weights = weights
-        self.versions = [_version(w) for w in weights]
-        if any(v is None for v in self.versions):
-            log.info("fxforge: some weights are inference-mode tensors, which keep no version "
-                     "counter: replacing them is detected, changing them in place is not")
+        frozen = FrozenWeights(weights)   # stamped before freezing reads the values
         # The pass manager never modifies its input, so the captured graph needs no copy here.
         ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
         backend = resolve_backend(self.options.backend, ir)
-        self.ir = optimize(ir, self.options, backend)
+        ir = optimize(ir, self.options, backend)
         with tuning_session(self.options.autotune) as active:
             first = len(active.picks) if active else 0
-            self.lowered: LoweredGraph = lower(self.ir, backend)
-            self.kv = self._kv_cache(backend) if self.options.kv_cache else None
-            self.tuning = list(dict.fromkeys(active.picks[first:])) if active else []
-        release_lowered_irs([(self.ir, self.lowered)]
-                            + ([(self.kv.plan.ir, self.kv.step)] if self.kv is not None else []))
-        self.compile_seconds = time.perf_counter() - start   # passes + lowering (+ tuning)
+            lowered = lower(ir, backend)
+            kv = self._kv_cache(ir, lowered, backend) if self.options.kv_cache else None
+            tuning = list(dict.fromkeys(active.picks[first:])) if active else []
+        release_lowered_irs([(ir, lowered)] + ([(kv.plan.ir, kv.step)] if kv is not None else []))
+        seconds = time.perf_counter() - start   # passes + lowering (+ tuning)
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
-                 "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(self.ir.gm.graph.nodes),
-                 len(weights), len(self.lowered.fallbacks), self.compile_seconds * 1e3)
+                 "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(ir.gm.graph.nodes),
+                 len(weights), len(lowered.fallbacks), seconds * 1e3)
+        build = Build(frozen, ir, lowered, kv, tuning, seconds)
+        self._weight_sets.put(build)
+        return build
 
-    def _kv_cache(self, backend: Backend):
+    def _kv_cache(self, ir: IRGraph, lowered: LoweredGraph, backend: Backend):
         """The incremental decoder over the KV-cache pass's step graph, or None (logged)."""
         from fxforge.kv_runtime import IncrementalDecoder, describe
         from fxforge.passes.kv_cache import insert_kv_cache
-        plan = insert_kv_cache(self.ir)
+        plan = insert_kv_cache(ir)
         if isinstance(plan, str):
             log.info("fxforge: kv_cache: not applied (%s); the graph runs uncached", plan)
             return None
         log.info("fxforge: %s", describe(plan))
-        return IncrementalDecoder(plan, lower(plan.ir, backend), self.lowered,
-                                  self.options.max_seq_len, self.options.decode_replay)
+        return IncrementalDecoder(plan, lower(plan.ir, backend), lowered,
+                                  self.options.max_seq_len, self.options.decode_replay,
+                                  self.options.max_sessions)
 
-    def _weights_changed(self, args: Sequence[Any]) -> bool:
-        for pos, weight, version in zip(self.weight_positions, self.weights, self.versions):
-            arg = args[pos]
-            if arg is not weight or (version is not None and arg._version != version):
-                return True
-        return False
+    def _build_for(self, args: Sequence[Any]) -> "Build":
+        """The build frozen from exactly the weights in ``args``: the active one (the common
+        case, checked without a lock), another kept one, or a new one."""
+        weights = [args[p] for p in self.weight_positions]
+        active = self._active.build
+        if active.frozen.holds(weights) and active.frozen.change(weights) is None:
+            return active
+        with self._build_lock:   # one thread builds; the others then find its build
+            build = self._weight_sets.find(weights)
+            change = build.frozen.change(weights) if build is not None else None
+            if build is None:
+                log.info("fxforge: a graph compiled for other weights is called with a new set "
+                         "(another model instance or new parameters): freezing it")
+                build = self._build(weights)
+            elif change is not None:
+                log.warning("fxforge: model weights changed since compilation (%s); re-freezing "
+                            "them", change)
+                build = self._build(weights)
+            self._activate(build, weights)
+            return build
+
+    def _activate(self, build: "Build", weights: list[torch.Tensor]) -> None:
+        """Make ``build`` the one reports describe and the lock-free check tries first. Only
+        the active set's weights are held here: a kept build holds none, so a replaced
+        parameter is freed and its build dropped."""
+        # In place: the wrappers' copies of ``__dict__`` hold this same object. The lock-free
+        # check reads only ``build``, so a reader between the two stores is never misled.
+        self._active.weights = weights
+        self._active.build = build
 
     def __call__(self, *args):
-        if self.weight_positions and self._weights_changed(args):
-            log.warning("fxforge: model weights changed since compilation; re-freezing them")
-            self._build([args[p] for p in self.weight_positions])
+        build = self._build_for(args) if self.weight_positions else self._active.build
         runtime_args = [args[i] for i in self.runtime_positions]
-        outputs = self.kv(runtime_args) if self.kv is not None else self.lowered(*runtime_args)
+        outputs = build.kv(runtime_args) if build.kv is not None else build.lowered(*runtime_args)
         if self.options.verify:
-            check_against_eager(outputs, self.captured.gm(*args), self.ir.info.get("precision", "fp32"))
+            check_against_eager(outputs, self.captured.gm(*args), build.ir.info.get("precision", "fp32"))
         return outputs
+
+
+@dataclasses.dataclass
+class Build:
+    """One frozen weight set and what was compiled from it."""
+    frozen: FrozenWeights
+    ir: IRGraph
+    lowered: LoweredGraph
+    kv: Any                       # the incremental decoder (kv_cache=True), or None
+    tuning: list
+    compile_seconds: float
 
 
 def release_lowered_irs(pairs: Sequence[tuple[IRGraph, Any]]) -> None:
@@ -205,11 +261,6 @@ def return_freed_memory() -> None:
     trim = _libc_trim()
     if trim is not None:
         trim(0)
-
-
-def _version(tensor: torch.Tensor):
-    """The in-place version counter, or None for inference tensors (they keep none)."""
-    return None if tensor.is_inference() else tensor._version
 
 
 _LOW = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16_weights": torch.bfloat16}
