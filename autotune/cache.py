@@ -11,7 +11,8 @@ relevant environment), so an upgrade simply misses. ``export``/``import_`` move 
 bundle file ``{"format", "schema", "entries": [entry, ...]}`` (shipped inside an AOT artifact);
 an overlay serves such a bundle read-only.
 
-Top-level imports are stdlib only: torch, triton and fxforge are imported inside functions.
+Folders and entries another user owns or can write are reported once and ignored
+(``kernels/cache_trust.py``). Top-level imports are stdlib only (cache_trust's too).
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from fxforge.kernels.cache_trust import cache_root, make_private_dirs, path_problem
+
 log = logging.getLogger("fxforge.autotune")
 
 SCHEMA = 1
 BUNDLE_FORMAT = "fxforge-tuning"
-RELEVANT_ENV = ("FXFORGE_CPU_ISA", "OMP_NUM_THREADS", "TRITON_INTERPRET")
+RELEVANT_ENV = ("FXFORGE_CPU_ISA", "FXFORGE_CXXFLAGS", "OMP_NUM_THREADS", "TRITON_INTERPRET")
 # ISA features that change which config wins; /proc/cpuinfo names, then torch's capability names.
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
               "amx_int8")
@@ -50,15 +53,6 @@ def _warn_once(tag: str, message: str) -> None:
     if tag not in _reported:
         _reported.add(tag)
         log.warning(message)
-
-
-def cache_root() -> Path:
-    """``$FXFORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxforge``, else ``~/.cache/fxforge``."""
-    if os.environ.get("FXFORGE_CACHE_DIR"):
-        return Path(os.environ["FXFORGE_CACHE_DIR"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "fxforge"
-    return Path.home() / ".cache" / "fxforge"
 
 
 @functools.lru_cache(maxsize=1)
@@ -255,6 +249,7 @@ class TuningCache:
 
     def __init__(self, root: Optional[PathLike] = None) -> None:
         self.root = Path(root) if root is not None else cache_root() / "autotune"
+        self._trust_root = Path(root) if root is not None else cache_root()   # ours from here
         self._overlay: dict[str, Entry] = {}
 
     def path_for(self, key: CacheKey) -> Path:
@@ -285,6 +280,10 @@ class TuningCache:
         text = json.dumps(_entry_doc(fields, record), sort_keys=True, indent=1)
         path = self.path_for(key)
         try:
+            problem = make_private_dirs(path.parent, self._trust_root)
+            if problem:
+                _warn_once(problem, f"tuning cache: {problem}; not writing tuning results there")
+                return None
             _atomic_write(path, text)
         except OSError as exc:
             _warn_once(f"write:{self.root}", f"tuning cache: cannot write under {self.root} "
@@ -300,6 +299,10 @@ class TuningCache:
             return None
         except OSError as exc:
             _warn_once(str(path), f"tuning cache: cannot read {path} ({exc}); ignored")
+            return None
+        untrusted = path_problem(path, self._trust_root)   # only we may have written it
+        if untrusted:
+            _warn_once(untrusted, f"tuning cache: {untrusted}; its entries are ignored")
             return None
         entry, problem = _decode_entry(raw)
         if entry is None:
@@ -360,18 +363,33 @@ class TuningCache:
                 folder.rmdir()  # only empty kernel folders go
 
 
-def _read_bundle(path: Path) -> list[Entry]:
-    """A bundle's valid entries; bad content gets one warning per call, never an exception."""
+def _bundle_doc(path: Path) -> tuple[Optional[dict], str]:
+    """A bundle file's document, or (None, why it is not one)."""
     try:
         doc = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        log.warning("tuning bundle %s is unreadable (%s: %s); ignored", path,
-                    type(exc).__name__, exc)
-        return []
+        return None, f"is unreadable ({type(exc).__name__}: {exc})"
     if (not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT
             or doc.get("schema") != SCHEMA or not isinstance(doc.get("entries"), list)):
-        log.warning("tuning bundle %s is not a schema-%d %s bundle; ignored", path,
-                    SCHEMA, BUNDLE_FORMAT)
+        return None, f"is not a schema-{SCHEMA} {BUNDLE_FORMAT} bundle"
+    return doc, ""
+
+
+def bundle_problem(path: PathLike) -> Optional[str]:
+    """Why ``path`` is not a bundle whose every entry is valid, or None. An AOT artifact's
+    bundle must be one; other bundles only lose their bad entries (``_read_bundle``)."""
+    doc, problem = _bundle_doc(Path(path))
+    if doc is None:
+        return problem
+    return next((f"holds an invalid entry ({p})" for p in map(_entry_problem, doc["entries"]) if p),
+                None)
+
+
+def _read_bundle(path: Path) -> list[Entry]:
+    """A bundle's valid entries; bad content gets one warning per call, never an exception."""
+    doc, problem = _bundle_doc(path)
+    if doc is None:
+        log.warning("tuning bundle %s %s; ignored", path, problem)
         return []
     valid, reasons = [], []
     for item in doc["entries"]:

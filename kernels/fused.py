@@ -29,6 +29,7 @@ import torch.fx as fx
 from fxforge.errors import FxforgeError
 from fxforge.irgraph.fusion import POINTWISE, ROW_REDUCTIONS, acts_on_last_dim
 from fxforge.irgraph.graph import node_arguments
+from fxforge.kernels.cache_trust import trusted_dir
 
 aten = torch.ops.aten
 CONST, ROW, ELEM = 0, 1, 2
@@ -116,11 +117,9 @@ def source_hash(*parts: str) -> str:
 
 
 def cache_dir() -> Path:
-    """``<cache root>/kernels`` (``$FXFORGE_CACHE_DIR``, else the user's cache dir; created)."""
-    from fxforge.autotune.cache import cache_root
-    path = cache_root() / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """``<cache root>/kernels``, created owner-only; a private folder of this process instead
+    when the cache is not trustworthy (``kernels/cache_trust.py``)."""
+    return trusted_dir("kernels")
 
 
 def reference(gm: fx.GraphModule, *inputs: torch.Tensor) -> tuple:

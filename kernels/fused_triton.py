@@ -4,21 +4,22 @@ One program handles ``BLOCK_R`` rows. When the row fits in ``BLOCK_N`` (``SINGLE
 value is computed once from whole-row tiles held in registers and reductions are
 ``tl.sum``/``tl.max`` along axis 1; otherwise each reduction phase loops over the row in
 ``BLOCK_N`` chunks with a tile-shaped accumulator, and a last loop stores. The source is
-written to the cache directory by content hash and imported from there (Triton's JIT reads
-real source files). bf16/fp16 results are rounded where eager rounds, as in the C++ kernels.
+written to the cache directory by content hash (a private folder: ``kernels/cache_trust.py``)
+and imported from there (Triton's JIT reads real source files). bf16/fp16 results are rounded
+where eager rounds, as in the C++ kernels.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
+from fxforge.kernels.cache_trust import cached_file_problem, trusted_dir, write_private
 from fxforge.kernels.fused import (ELEM, ROW, RowProgram, Unsupported, bind_shapes,
-                                   build_program, cache_dir, kind_of, needed_by, source_hash)
+                                   build_program, kind_of, needed_by, source_hash)
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
 
 TL_DTYPE = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -359,13 +360,9 @@ def _import_kernel(source: str, name: str) -> Any:
     module_name = f"fxforge_fused_{name}"
     if module_name in sys.modules:
         return getattr(sys.modules[module_name], name)
-    directory = cache_dir() / "triton"
-    directory.mkdir(exist_ok=True)
-    path = directory / f"{name}_{source_hash(source)[:16]}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
+    path = trusted_dir("kernels", "triton") / f"{name}_{source_hash(source)[:16]}.py"
+    if cached_file_problem(path) or path.read_text() != source:   # imported: ours, as generated
+        write_private(path, source.encode())
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
