@@ -5,6 +5,7 @@ reached, then binary-searches between the last good and the first bad size. Out-
 a result (an ``"oom"`` point), not a crash: memory is freed and the search ends with what it
 found. Memory is the peak of one call: CUDA's allocator peak on GPU; on Linux CPU the peak
 RSS, reset through ``/proc/self/clear_refs`` (writing "5" resets VmHWM, Linux >= 4.0).
+CPU time comes from ``clock`` (``time.perf_counter`` unless a test injects a simulated one).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from fxforge.autotune.measure import Clock
 
 log = logging.getLogger("fxforge.autotune")
 
@@ -136,7 +139,8 @@ def _peak_bytes(run: Callable, inputs: tuple, cuda: bool, cpu_peak_ok: bool) -> 
     return max(0, hwm_after - rss_before)
 
 
-def _time_calls(run: Callable, inputs: tuple, repeats: int, cuda: bool) -> list[float]:
+def _time_calls(run: Callable, inputs: tuple, repeats: int, cuda: bool,
+                clock: Clock) -> list[float]:
     times = []
     for _ in range(repeats):
         if cuda:
@@ -148,13 +152,13 @@ def _time_calls(run: Callable, inputs: tuple, repeats: int, cuda: bool) -> list[
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             run(*inputs)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return times
 
 
-def _measure(run, make_inputs, b: int, *, warmup: int, repeats: int, cuda: bool,
+def _measure(run, make_inputs, b: int, *, warmup: int, repeats: int, cuda: bool, clock: Clock,
              cpu_peak_ok: bool, budget_ms: Optional[float], budget_mb: Optional[float]) -> BatchPoint:
     """One batch size: warm-up (absorbs recompilation), one memory call, then timed calls.
 
@@ -166,7 +170,7 @@ def _measure(run, make_inputs, b: int, *, warmup: int, repeats: int, cuda: bool,
             for _ in range(warmup):
                 run(*inputs)
             peak = _peak_bytes(run, inputs, cuda, cpu_peak_ok)
-            times = _time_calls(run, inputs, repeats, cuda)
+            times = _time_calls(run, inputs, repeats, cuda, clock)
         del inputs
     except Exception as exc:  # noqa: BLE001 - only OOM is swallowed; the rest is re-raised
         if not _is_oom(exc):
@@ -196,7 +200,8 @@ def find_batch_size(run: Callable[..., Any], make_inputs: Callable[[int], tuple]
                     batch_sizes: Optional[Sequence[int]] = None, budget_ms: Optional[float] = None,
                     budget_mb: Optional[float] = None, max_batch: int = 4096, device: str = "cpu",
                     warmup: int = 2, repeats: int = 5, refine: bool = True,
-                    progress: Optional[Callable[[BatchPoint], Any]] = None) -> BatchCurve:
+                    progress: Optional[Callable[[BatchPoint], Any]] = None,
+                    clock: Clock = time.perf_counter) -> BatchCurve:
     """Measure ``run(*make_inputs(b))`` over batch sizes and pick the best throughput in budget.
 
     With ``batch_sizes`` those sizes are measured (ascending); otherwise 1, 2, 4, ... up to
@@ -220,7 +225,8 @@ def find_batch_size(run: Callable[..., Any], make_inputs: Callable[[int], tuple]
     def measure(b: int) -> BatchPoint:
         try:
             point = _measure(run, make_inputs, b, warmup=warmup, repeats=repeats, cuda=cuda,
-                             cpu_peak_ok=cpu_peak_ok, budget_ms=budget_ms, budget_mb=budget_mb)
+                             clock=clock, cpu_peak_ok=cpu_peak_ok, budget_ms=budget_ms,
+                             budget_mb=budget_mb)
         except Exception as exc:  # noqa: BLE001 - a failing size is recorded, not raised
             if not points:
                 raise RuntimeError(f"find_batch_size: the model fails at batch size {b}, the first "

@@ -5,6 +5,10 @@ in a shuffled order, and a candidate's time is the median over rounds. A noisy n
 frequency change then hits all candidates alike instead of whichever one ran during it. A call
 shorter than ``MIN_SAMPLE_S`` is repeated inside one sample, so the timer's resolution and
 Python's own overhead do not decide the ranking.
+
+The CPU clock is injectable (``clock``: any zero-argument function returning seconds, default
+``time.perf_counter``), so that tests drive the protocol with simulated times instead of
+busy-waiting against a real clock that a loaded machine slows down unevenly.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch
 
 MIN_SAMPLE_S = 2e-3      # one timed sample lasts at least this long
 MAX_INNER = 1000         # at most this many calls per sample
+
+Clock = Callable[[], float]   # seconds, monotonic
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,9 @@ def _cuda(device: str) -> bool:
     return device.startswith("cuda") and torch.cuda.is_available()
 
 
-def _time_once(fn: Callable[[], Any], inner: int, device: str) -> float:
-    """Seconds per call over ``inner`` back-to-back calls."""
+def _time_once(fn: Callable[[], Any], inner: int, device: str,
+               clock: Clock = time.perf_counter) -> float:
+    """Seconds per call over ``inner`` back-to-back calls (CUDA events on a GPU, else ``clock``)."""
     if _cuda(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -52,37 +59,40 @@ def _time_once(fn: Callable[[], Any], inner: int, device: str) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / inner
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) / inner
+    return (clock() - t0) / inner
 
 
-def inner_calls(fn: Callable[[], Any], device: str = "cpu") -> int:
+def inner_calls(fn: Callable[[], Any], device: str = "cpu",
+                clock: Clock = time.perf_counter) -> int:
     """How many calls make one sample of at least ``MIN_SAMPLE_S`` (after one warm call)."""
     fn()
     if _cuda(device):
         torch.cuda.synchronize()
-    one = max(_time_once(fn, 1, device), 1e-7)
+    one = max(_time_once(fn, 1, device, clock), 1e-7)
     return max(1, min(MAX_INNER, int(MIN_SAMPLE_S / one) + 1))
 
 
 def measure_interleaved(fns: Mapping[Hashable, Callable[[], Any]], *, device: str = "cpu",
-                        warmup: int = 2, rounds: int = 7, seed: int = 0) -> dict[Hashable, Timing]:
+                        warmup: int = 2, rounds: int = 7, seed: int = 0,
+                        clock: Clock = time.perf_counter) -> dict[Hashable, Timing]:
     """Time every callable in ``fns``; exceptions propagate (the caller decides what they mean)."""
-    inner = {key: inner_calls(fn, device) for key, fn in fns.items()}
+    inner = {key: inner_calls(fn, device, clock) for key, fn in fns.items()}
     for key, fn in fns.items():
-        _time_once(fn, max(1, warmup * inner[key] // 2), device)
+        _time_once(fn, max(1, warmup * inner[key] // 2), device, clock)
     samples: dict[Hashable, list[float]] = {key: [] for key in fns}
     order = list(fns)
     shuffle = random.Random(seed)
     for _ in range(rounds):
         shuffle.shuffle(order)
         for key in order:
-            samples[key].append(_time_once(fns[key], inner[key], device))
+            samples[key].append(_time_once(fns[key], inner[key], device, clock))
     return {key: summarize(values) for key, values in samples.items()}
 
 
 def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 2,
-            rounds: int = 7) -> Timing:
-    return measure_interleaved({0: fn}, device=device, warmup=warmup, rounds=rounds)[0]
+            rounds: int = 7, clock: Clock = time.perf_counter) -> Timing:
+    return measure_interleaved({0: fn}, device=device, warmup=warmup, rounds=rounds,
+                               clock=clock)[0]

@@ -16,13 +16,19 @@ MAX_SUBPLOTS = 12
 MAX_TICK_LABELS = 20  # more candidates than this: the config descriptions are left off the axis
 
 
-def _pyplot():
+def require_matplotlib():
+    """The matplotlib module, or an ImportError that says what to install (the CLI calls this
+    before a tuning run, so that a missing package does not surface only at its end)."""
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib "
-                          "(or install fxforge with the 'tune' extra)") from exc
-    matplotlib.use("Agg")
+        raise ImportError("plotting needs matplotlib: pip install 'fxforge[tune]' "
+                          "(or pip install matplotlib)") from exc
+    return matplotlib
+
+
+def _pyplot():
+    require_matplotlib().use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
@@ -89,35 +95,48 @@ def _failure_counts(records: list[dict]) -> str:
 
 
 def _plot_kernel(ax, result: dict[str, Any]) -> None:
-    """One kernel: measured candidates sorted by median time, p20-p80 bars, best and default marked."""
+    """One kernel: measured candidates sorted by median time with p20-p80 bars, best and default
+    marked. The finalists' times come from the one measurement the choice was made on (blue);
+    the other candidates' from the search step that ruled them out (grey: another moment)."""
     records = result.get("records", [])
     measured = sorted((r for r in records if r.get("status") == "ok" and r.get("median_s") is not None),
                       key=lambda r: r["median_s"])
     others = _failure_counts(records)
+    finalists = sum(bool(r.get("confirmed")) for r in measured)
     ax.set_title(f"{result.get('label') or result.get('kernel', '?')}\n{len(measured)} measured"
+                 + (f", chosen among {finalists} re-timed together" if finalists else "")
                  + (f"; {others}" if others else ""), fontsize=8)
     if not measured:
         ax.text(0.5, 0.5, "no successful measurement", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
         return
-    rows = range(len(measured))
     ms = [r["median_s"] * 1e3 for r in measured]
-    low = [m - (r.get("p20_s") if r.get("p20_s") is not None else r["median_s"]) * 1e3 for m, r in zip(ms, measured)]
-    high = [(r.get("p80_s") if r.get("p80_s") is not None else r["median_s"]) * 1e3 - m for m, r in zip(ms, measured)]
-    ax.errorbar(ms, rows, xerr=[[max(0.0, v) for v in low], [max(0.0, v) for v in high]], fmt="o",
-                color="tab:blue", markersize=3, elinewidth=1, capsize=2)
+    for confirmed, style in ((True, dict(color="tab:blue", label="re-timed together")),
+                             (False, dict(color="tab:gray", label="search step only"))):
+        rows = [i for i, r in enumerate(measured) if bool(r.get("confirmed")) == confirmed]
+        if rows:
+            ax.errorbar([ms[i] for i in rows], rows, xerr=_spread([measured[i] for i in rows]),
+                        fmt="o", markersize=3, elinewidth=1, capsize=2, **style)
     for key, style in (("default", dict(marker="D", color="tab:orange", label="default")),
                        ("best", dict(marker="*", color="tab:green", label="chosen", markersize=12))):
         hits = [i for i, r in enumerate(measured) if r["config"] == result.get(key)]
         if hits:
             ax.plot([ms[i] for i in hits], hits, linestyle="none", **{"markersize": 7, **style})
-    ax.set_yticks(list(rows) if len(measured) <= MAX_TICK_LABELS else [])
+    ax.set_yticks(list(range(len(measured))) if len(measured) <= MAX_TICK_LABELS else [])
     if len(measured) <= MAX_TICK_LABELS:
         ax.set_yticklabels([r["config"] for r in measured], fontsize=6)
     ax.invert_yaxis()  # fastest on top
     ax.set_xlabel("median time (ms)", fontsize=8)
     ax.legend(fontsize=6, loc="lower right")
+
+
+def _spread(records: list[dict]) -> list[list[float]]:
+    """Error-bar lengths (ms) from each record's median down to p20 and up to p80."""
+    def ms(r: dict, key: str) -> float:
+        return (r.get(key) if r.get(key) is not None else r["median_s"]) * 1e3
+    return [[max(0.0, ms(r, "median_s") - ms(r, "p20_s")) for r in records],
+            [max(0.0, ms(r, "p80_s") - ms(r, "median_s")) for r in records]]
 
 
 def plot_configs(results: list[dict], path: Union[str, Path], title: Optional[str] = None) -> Path:

@@ -10,12 +10,24 @@
    stops at a local optimum or when ``max_fraction`` of the space has been measured.
    ``exhaustive`` measures every survivor (the yardstick the guided search is judged against).
 
+4. **Confirm**: the default and the finalists (the candidates that came closest to the best
+   timed *in the same measurement*) are re-timed together in one more interleaved measurement.
+   The choice, the reported gain and the times the records (and so the plots) show for the
+   finalists all come from that one measurement.
+
+Only candidates timed in one interleaved measurement are ever compared: timings taken at
+different moments differ by more than the candidates do once the machine's load changes
+(seen on a 2-core machine with busy neighbours: a 2-thread kernel took 15 us per call in one
+measurement and 8 ms in the next, when a neighbour held the second core). Each step's timings
+are kept as the ratio to that step's fastest, which is what ranks the finalists.
+
 A candidate that gives a wrong result is disqualified; one that fails to build, runs out of
-memory or raises is skipped and recorded. The default and the winner are finally re-timed head
-to head, so the reported gain does not mix measurements taken at different moments.
+memory or raises is skipped and recorded. Time comes from ``clock`` (``time.perf_counter``
+unless a test injects a simulated one; CUDA events on a GPU).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +36,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from fxforge.autotune.measure import Timing, measure_interleaved
+from fxforge.autotune.measure import Clock, Timing, measure_interleaved
 from fxforge.autotune.task import Tunable
 from fxforge.kernels.tuning import Config
 
-MIN_GAIN = 0.01          # a neighbour must be this much faster to move the search
+MIN_GAIN = 0.01          # a neighbour must be this much faster to move the search, and a
+                         # confirmed config this much faster than the default to replace it
+MAX_FINALISTS = 8        # candidates re-timed together in the confirmation, the default included
 SMALL_SPACE = 8          # spaces this small are measured exhaustively
 STRATEGIES = ("guided", "exhaustive")
 
@@ -41,16 +55,19 @@ class TuningError(RuntimeError):
 class CandidateRecord:
     config: Config
     status: str                      # ok | pruned | wrong | build_failed | oom | error
-    timing: Optional[Timing] = None
+    timing: Optional[Timing] = None  # a finalist's from the confirmation, else its last step's
     reason: str = ""
     label: str = ""                  # the space's description of the config
+    confirmed: bool = False          # re-timed with the other finalists: the choice's numbers
+    search_median: Optional[float] = None   # a finalist's median in its last search step
 
     def to_json(self) -> dict:
         t = self.timing
         return {"config": self.label or self.config.describe(), "config_json": self.config.to_json(),
                 "status": self.status, "reason": self.reason,
                 "median_s": t.median if t else None, "p20_s": t.p20 if t else None,
-                "p80_s": t.p80 if t else None}
+                "p80_s": t.p80 if t else None, "confirmed": self.confirmed,
+                "search_median_s": self.search_median}
 
 
 @dataclass
@@ -83,7 +100,10 @@ class TuningResult:
 
     @property
     def gain(self) -> float:
-        return self.default_time / self.best_time if self.best_time > 0 else 1.0
+        """The default's time over the chosen config's, both from the confirmation."""
+        if not 0 < self.best_time < math.inf:
+            return 1.0
+        return self.default_time / self.best_time
 
     def to_json(self) -> dict:
         return {"kernel": self.kernel, "label": self.label, "config": self.best.to_json(),
@@ -98,7 +118,8 @@ class TuningResult:
         records = [CandidateRecord(Config.from_json(r["config_json"]), r["status"],
                                    Timing(r["median_s"], r["p20_s"], r["p80_s"], 0)
                                    if r.get("median_s") is not None else None, r.get("reason", ""),
-                                   r.get("config", ""))
+                                   r.get("config", ""), bool(r.get("confirmed", False)),
+                                   r.get("search_median_s"))
                    for r in data.get("records", [])]
         return TuningResult(data["kernel"], data["label"], Config.from_json(data["config"]),
                             Config.from_json(data["default_config"]), records, data["best_s"],
@@ -113,10 +134,12 @@ def is_oom(exc: BaseException) -> bool:
 class _Trial:
     """Builds, checks and times candidates of one tunable, keeping every outcome."""
 
-    def __init__(self, tunable: Tunable, rounds: int):
-        self.tunable, self.rounds = tunable, rounds
+    def __init__(self, tunable: Tunable, rounds: int, clock: Clock):
+        self.tunable, self.rounds, self.clock = tunable, rounds, clock
         self.records: dict[Config, CandidateRecord] = {}
         self.runnables: dict[Config, Callable[[], Any]] = {}
+        self.relative: dict[Config, float] = {}   # median over its step's fastest median
+        self._seeds = itertools.count()           # each measurement its own round orders
         try:
             self.expected = tunable.reference()
         except Exception as exc:
@@ -135,8 +158,9 @@ class _Trial:
         else:
             self.runnables[config] = runnable
 
-    def run(self, configs: list[Config], incumbent: Optional[Config] = None) -> None:
-        """Build and check ``configs`` (new ones), then time them with ``incumbent``."""
+    def run(self, configs: list[Config], incumbent: Optional[Config] = None) -> list[Config]:
+        """Build and check ``configs`` (new ones), then time them with ``incumbent`` in one
+        measurement; returns the configs that measurement timed."""
         fresh = [c for c in configs if c not in self.records and c not in self.runnables]
         if self.tunable.parallel_build and len(fresh) > 1:
             with ThreadPoolExecutor(max_workers=min(len(fresh), 8)) as pool:
@@ -147,39 +171,70 @@ class _Trial:
         timed = [c for c in fresh if c in self.runnables]
         if incumbent is not None and incumbent in self.runnables and incumbent not in timed:
             timed.append(incumbent)
-        self.time(timed)
-
-    def time(self, configs: list[Config]) -> None:
-        if not configs:
-            return
-        try:
-            timings = measure_interleaved({c: self.runnables[c] for c in configs},
-                                          device=self.tunable.device, rounds=self.rounds)
-        except Exception:
-            for config in configs:        # find the culprit(s) one by one
-                self._time_alone(config)
-            return
+        timings = self.measure(timed)
+        fastest = min((t.median for t in timings.values()), default=0.0)
         for config, timing in timings.items():
             self.records[config] = CandidateRecord(config, "ok", timing)
+            self.relative[config] = timing.median / fastest if fastest > 0 else 1.0
+        return list(timings)
 
-    def _time_alone(self, config: Config) -> None:
+    def confirm(self, finalists: list[Config]) -> dict[Config, Timing]:
+        """Re-time ``finalists`` together; their records then hold these timings."""
+        timings = self.measure(finalists)
+        for config, timing in timings.items():
+            searched = self.records[config].timing
+            self.records[config] = CandidateRecord(config, "ok", timing, confirmed=True,
+                                                   search_median=searched and searched.median)
+        return timings
+
+    def measure(self, configs: list[Config]) -> dict[Config, Timing]:
+        """The one timing protocol of a search, for its steps and its confirmation alike: one
+        interleaved measurement of ``configs``. A candidate that raises while timed is found by
+        timing each alone, recorded and dropped; the others are then timed together again."""
+        if not configs:
+            return {}
         try:
-            timing = measure_interleaved({0: self.runnables[config]}, device=self.tunable.device,
-                                         rounds=self.rounds)[0]
-            self.records[config] = CandidateRecord(config, "ok", timing)
+            return self._interleaved(configs)
+        except Exception:
+            alone = {c: t for c in configs if (t := self._alone(c)) is not None}
+        if len(alone) < 2 or len(alone) == len(configs):   # nothing left to compare, or the
+            return alone                                    # failure needs company: keep these
+        try:
+            return self._interleaved(list(alone))
+        except Exception:
+            return alone
+
+    def _interleaved(self, configs: list[Config]) -> dict[Config, Timing]:
+        return measure_interleaved({c: self.runnables[c] for c in configs},
+                                   device=self.tunable.device, rounds=self.rounds,
+                                   seed=next(self._seeds), clock=self.clock)
+
+    def _alone(self, config: Config) -> Optional[Timing]:
+        try:
+            return self._interleaved([config])[config]
         except Exception as exc:
             status = "oom" if is_oom(exc) else "error"
             self.records[config] = CandidateRecord(config, status, reason=_short(exc))
             self.runnables.pop(config, None)
+            self.relative.pop(config, None)
+            return None
 
-    def best(self, among: Optional[list[Config]] = None) -> Optional[Config]:
-        pool = [c for c in (among if among is not None else self.records)
-                if c in self.records and self.records[c].status == "ok"]
+    def best(self, among: list[Config]) -> Optional[Config]:
+        """The fastest of ``among``: configs timed in one measurement, never across several."""
+        pool = [c for c in among if c in self.records and self.records[c].status == "ok"]
         return min(pool, key=lambda c: self.records[c].timing.median, default=None)
 
     def median(self, config: Config) -> float:
         record = self.records.get(config)
         return record.timing.median if record and record.timing else math.inf
+
+    def finalists(self, default: Config, incumbent: Optional[Config]) -> list[Config]:
+        """The default, the search's final incumbent, then the candidates that came closest to
+        the fastest of their own step (each step's winner at ratio 1)."""
+        head = list(dict.fromkeys(c for c in (default, incumbent) if c in self.runnables))
+        ranked = sorted((c for c in self.relative if c not in head and c in self.runnables),
+                        key=self.relative.__getitem__)
+        return head + ranked[:MAX_FINALISTS - len(head)]
 
 
 def _short(exc: BaseException) -> str:
@@ -211,53 +266,58 @@ def neighbours(config: Config, pool: list[Config]) -> list[Config]:
 
 
 def search(tunable: Tunable, *, strategy: str = "guided", max_fraction: float = 0.25,
-           rounds: int = 7, seeds: int = 2, progress: Optional[Callable[[int], None]] = None
-           ) -> TuningResult:
+           rounds: int = 7, seeds: int = 2, progress: Optional[Callable[[int], None]] = None,
+           clock: Clock = time.perf_counter) -> TuningResult:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    start = time.perf_counter()
+    start = clock()
     space, problem = tunable.space, tunable.problem
     kept, pruned = space.survivors(problem)
     default = space.default
     if default not in kept:
         raise TuningError(f"{tunable.task.label()}: the default config {default.describe()} is "
                           f"pruned: {pruned.get(default, 'not in the space')}")
-    trial = _Trial(tunable, rounds)
+    trial = _Trial(tunable, rounds, clock)
     ranked = sorted(kept, key=tunable.cost)
     if strategy == "exhaustive" or len(kept) <= SMALL_SPACE:
-        used = "exhaustive"
-        for at in range(0, len(ranked), 8):
-            trial.run(ranked[at:at + 8], incumbent=trial.best())
+        used, incumbent = "exhaustive", None
+        for at in range(0, len(ranked), 8):     # each batch timed with the best so far
+            incumbent = trial.best(trial.run(ranked[at:at + 8], incumbent)) or incumbent
             if progress:
                 progress(len(trial.records))
     else:
         used = "guided"
-        _guided(trial, ranked, default, max(2, math.floor(max_fraction * len(space.configs))),
-                seeds, progress)
-    best = trial.best() or default
-    best_time = default_time = trial.median(default)
-    if best != default and default in trial.runnables:
-        # the head-to-head the reported gain comes from (records keep the search's timings)
-        final = measure_interleaved({c: trial.runnables[c] for c in (default, best)},
-                                    device=tunable.device, rounds=rounds)
-        best_time, default_time = final[best].median, final[default].median
-        if default_time <= best_time:
-            best, best_time = default, default_time
+        incumbent = _guided(trial, ranked, default,
+                            max(2, math.floor(max_fraction * len(space.configs))), seeds, progress)
+    confirmed = trial.confirm(trial.finalists(default, incumbent))
+    best = _choose(confirmed, default)
+    best_time, default_time = (confirmed[c].median if c in confirmed else math.inf
+                               for c in (best, default))
     records = [trial.records[c] for c in space.configs if c in trial.records]
     records += [CandidateRecord(c, "pruned", reason=r) for c, r in pruned.items()]
     for record in records:
         record.label = space.describe(record.config)
     return TuningResult(space.kernel, tunable.task.label(), best, default, records, best_time,
-                        default_time, len(space.configs), used, time.perf_counter() - start)
+                        default_time, len(space.configs), used, clock() - start)
+
+
+def _choose(confirmed: dict[Config, Timing], default: Config) -> Config:
+    """The fastest confirmed config, unless the default is within ``MIN_GAIN`` of it (a change
+    must earn its keep); the default when nothing was confirmed."""
+    if not confirmed:
+        return default
+    fastest = min(confirmed, key=lambda c: confirmed[c].median)
+    limit = confirmed[fastest].median * (1 + MIN_GAIN)
+    return default if default in confirmed and confirmed[default].median <= limit else fastest
 
 
 def _guided(trial: _Trial, ranked: list[Config], default: Config, budget: int, seeds: int,
-            progress) -> None:
+            progress) -> Optional[Config]:
+    """The local search; returns its final incumbent."""
     first = [default] + [c for c in ranked if c != default][:max(1, min(seeds, budget - 1))]
-    trial.run(first)
+    incumbent = trial.best(trial.run(first))
     if progress:
         progress(len(trial.records))
-    incumbent = trial.best()
     while incumbent is not None and len(trial.records) < budget:
         order = {c: i for i, c in enumerate(ranked)}
         fresh = [c for c in neighbours(incumbent, ranked) if c not in trial.records]
@@ -271,3 +331,4 @@ def _guided(trial: _Trial, ranked: list[Config], default: Config, budget: int, s
         if challenger is None or trial.median(challenger) >= trial.median(incumbent) * (1 - MIN_GAIN):
             break
         incumbent = challenger
+    return incumbent

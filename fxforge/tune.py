@@ -9,7 +9,9 @@
    measured and pruned, time spent;
 4. **batch sizes** (``--batch-sizes`` / ``--budget-ms`` / ``--budget-mb``): throughput curve of
    the tuned model over the first dimension of every input;
-5. **plots**: the measured configurations and the batch-size curve as PNG (``--plots DIR``).
+5. **plots**: the measured configurations (the finalists at the times the choice and the gain
+   were computed from) and the batch-size curve as PNG (``--plots DIR``; needs matplotlib,
+   checked before anything is tuned).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from fxforge.autotune.cache import TuningCache
 from fxforge.autotune.measure import measure_interleaved
 from fxforge.autotune.session import Pick, session
+from fxforge.errors import OptionsError
 
 
 def _compiled(model: torch.nn.Module, options: dict, autotune: str) -> Callable:
@@ -118,6 +121,8 @@ def batch_search(model, specs, options, args) -> Any:
 def cmd_tune(args: argparse.Namespace) -> int:
     from fxforge.__main__ import _model_and_examples
 
+    if args.plots:
+        _require_plotting()
     start = time.perf_counter()
     model, specs, examples, options = _model_and_examples(args)
     options.pop("autotune", None)
@@ -143,6 +148,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"exported {count} tuning entries to {args.export}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
+
+
+def _require_plotting() -> None:
+    """Refuse ``--plots`` before tuning, not after it, when matplotlib is missing."""
+    from fxforge.autotune.plots import require_matplotlib
+    try:
+        require_matplotlib()
+    except ImportError as exc:
+        raise OptionsError(f"--plots: {exc}") from None
 
 
 def _plots(folder: Path, picks: list[Pick], curve) -> None:

@@ -1,8 +1,10 @@
-"""Batch-size search: explicit sizes, doubling with OOM recovery, latency and memory budgets."""
+"""Batch-size search: explicit sizes, doubling with OOM recovery, latency and memory budgets.
+
+The latency budget is checked against a simulated clock (``conftest.SimulatedClock``), so that
+which sizes fit does not depend on how busy the machine is."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -65,15 +67,17 @@ def test_first_size_failing_raises_naming_the_batch_size():
         find_batch_size(run, make_inputs, batch_sizes=[2, 4], **FAST)
 
 
-def test_latency_budget_marks_over_latency_and_picks_within_budget():
+def test_latency_budget_marks_over_latency_and_picks_within_budget(clock):
     def run(x):
-        time.sleep(x.shape[0] * 1e-3)
+        clock.spend(2.5e-3 + x.shape[0] * 1e-3)    # sizes up to 7 fit in 10 ms
         return x
-    curve = find_batch_size(run, lambda b: (torch.zeros(b),), budget_ms=10, max_batch=64, **FAST)
-    assert curve.best is not None and curve.best.batch_size <= 10 and curve.best.median_s <= 10e-3
-    over = [p for p in curve.points if p.status == "over_latency"]
-    assert over and all(p.median_s > 10e-3 and "> 10" in p.reason for p in over)
-    assert all(p.batch_size <= 16 for p in curve.points)  # growth stopped at the first bad size
+    curve = find_batch_size(run, lambda b: (torch.zeros(b),), budget_ms=10, max_batch=64,
+                            clock=clock, **FAST)
+    # doubling stops at the first bad size (8), then the refinement tries 6 and 7 (both fit)
+    assert [(p.batch_size, p.status) for p in curve.points] == [
+        (1, "ok"), (2, "ok"), (4, "ok"), (6, "ok"), (7, "ok"), (8, "over_latency")]
+    assert curve.best.batch_size == 7 and curve.best.median_s == pytest.approx(9.5e-3)
+    assert curve.points[-1].median_s == pytest.approx(10.5e-3) and "> 10" in curve.points[-1].reason
 
 
 def test_memory_budget_without_clear_refs_is_refused_up_front(monkeypatch):

@@ -6,7 +6,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from fxforge.autotune.batch import BatchCurve, BatchPoint
-from fxforge.autotune.plots import plot_batch_curve, plot_configs
+from fxforge.autotune.plots import _plot_kernel, plot_batch_curve, plot_configs
+from fxforge.autotune.search import search
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,3 +60,26 @@ def test_plot_configs_writes_png_for_three_kernels(tmp_path):
 def test_plot_configs_caps_the_number_of_subplots(tmp_path):
     results = [_result(f"k{i}", 3, []) for i in range(15)]
     assert _is_png(plot_configs(results, tmp_path / "many.png"))
+
+
+def test_the_plot_shows_the_times_the_choice_was_made_on(clock, fixed_times):
+    """The chosen star and the default's diamond sit at the times the choice and the reported
+    gain come from, even when a neighbour's job makes every duration 3x longer mid-search."""
+    import matplotlib.pyplot as plt
+    clock.load = lambda now: 1.0 if now < 0.04 else 3.0     # the search's step takes ~35 ms
+    result = search(fixed_times({0: 1.0, 1: 0.5, 2: 0.8}), rounds=3, clock=clock).to_json()
+    assert result["best"] == "way 1"
+    assert result["default_s"] / result["best_s"] == pytest.approx(2.0)
+    fig, ax = plt.subplots()
+    try:
+        _plot_kernel(ax, result)
+        marks = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines()
+                 if line.get_label() in ("chosen", "default")}
+        timed = {c.get_label(): sorted(c.lines[0].get_xdata()) for c in ax.containers}
+    finally:
+        plt.close(fig)
+    assert marks == {"chosen": pytest.approx(result["best_s"] * 1e3),
+                     "default": pytest.approx(result["default_s"] * 1e3)}
+    assert timed == {"re-timed together": pytest.approx(sorted(
+        r["median_s"] * 1e3 for r in result["records"] if r["confirmed"]))}
+    assert "chosen among 3 re-timed together" in ax.get_title()

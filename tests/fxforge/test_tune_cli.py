@@ -1,5 +1,6 @@
 """``python -m fxforge tune``: a whole tuning run on the small GPT, then a warm second run."""
 import json
+import sys
 
 import pytest
 
@@ -36,5 +37,16 @@ def test_tune_run_fills_the_cache_reports_plots_and_a_warm_run_measures_nothing(
 
 
 def test_tune_rejects_a_bad_factory(capsys):
-    with pytest.raises(SystemExit, match="no callable"):
-        main(["tune", "fxforge.examples.small_gpt:nope", "--example", EXAMPLE])
+    assert main(["tune", "fxforge.examples.small_gpt:nope", "--example", EXAMPLE]) == 2
+    assert capsys.readouterr().err.strip() == "error: 'fxforge.examples.small_gpt' has no callable 'nope'"
+
+
+def test_plots_without_matplotlib_is_refused_before_tuning(tmp_path, monkeypatch, capsys):
+    """Checked first, not after a whole tuning run; the message names the extra to install."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # `import matplotlib` now fails
+    monkeypatch.setattr("fxforge.tune.collect_tasks",
+                        lambda *a, **k: pytest.fail("nothing may be tuned without matplotlib"))
+    code = main(["tune", MODEL, "--example", EXAMPLE, "--plots", str(tmp_path / "plots")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--plots" in err and "fxforge[tune]" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "plots").exists()
