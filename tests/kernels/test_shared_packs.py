@@ -43,6 +43,7 @@ def test_a_pack_lives_only_while_some_kernel_holds_it():
     torch.manual_seed(3)
     weight = torch.randn(64, 32)
     held = shared_pack("test lifetime", weight, _double)
+    gc.collect()   # packs of earlier tests' modules still in reference cycles die here, not below
     before = live_packs()
     del held
     gc.collect()
