@@ -1,11 +1,11 @@
 """``fxforge::cached_attention`` on the CPU: a small C++ kernel for the decode step, SDPA otherwise.
 
 The op runs once per layer per generated token, so its fixed cost matters as much as its
-bandwidth. Measured here (2-core Zen 1, one thread, SmolLM2's H=9, Hkv=3, D=64, fp32, q/k/v as
+bandwidth. Measured on a 2-core Zen 1 (AVX2, one thread, SmolLM2's H=9, Hkv=3, D=64, fp32, q/k/v as
 views of [B, t, H, D] projections), the ATen composition :func:`sdpa_cached_attention` -- two
 slice ``copy_`` into the caches, two cache views, ``F.scaled_dot_product_attention`` (its flash
-path with ``enable_gqa``, the fastest SDPA variant here) -- costs ~80 us a call at L=32 (each torch
-call pays ~4-8 us of dispatch in this process) and ~170 us at L=512 (PyTorch's CPU kernels run
+path with ``enable_gqa``, the fastest SDPA variant there) -- costs ~80 us a call at L=32 (each torch
+call paid ~4-8 us of dispatch in that process) and ~170 us at L=512 (PyTorch's CPU kernels run
 GEMMs with one query row). The C++ kernel does the whole op in one ctypes call, ~18 us at L=32
 and ~78 us at L=512 (~58 us on two threads): it reads the cache length from ``cache_pos`` itself
 (no ``.item()``), writes the new keys/values into the caches, and for each (batch, query head,

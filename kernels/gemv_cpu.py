@@ -2,7 +2,7 @@
 
 A decode step multiplies one (or a few) activation rows by every weight matrix of the model, so
 its time is the weights' bytes over the memory bandwidth. PyTorch's CPU GEMM does not reach that
-bandwidth at M=1: measured here (2-core Zen 1, 2 threads, fp32, weights larger than the LLC),
+bandwidth at M=1: measured on a 2-core Zen 1 (AVX2, 2 threads, fp32, weights larger than the LLC),
 ``F.linear``/``mm`` read 12-16 GB/s of weights, against ~30 GB/s for a plain ``sum``. This kernel
 streams the [N, K] weight once, four output rows at a time (eight independent AVX2 FMA chains,
 the activation rows reread from L1), splits N across threads, and applies bias, activation and
@@ -13,7 +13,7 @@ residual while the outputs are still in registers: 22-27 GB/s on the same shapes
 Weights whose values are all bf16 values (``precision="bf16"`` on a CPU without bf16 math rounds
 them so: the ``bf16_weights`` precision) are stored in bf16, in blocks of sixteen rows, and
 widened to fp32 in registers (a shift and a mask per sixteen weights); the math stays fp32, so
-the result is the fp32 linear's on those values. Half the bytes: measured here at M=1, 2 threads,
+the result is the fp32 linear's on those values. Half the bytes: measured on the same Zen 1 at M=1, 2 threads,
 1.66-1.89x the fp32 kernel's speed on SmolLM2's and a 2048x8192 shape (20-24 GB/s of bf16).
 
 The AVX2 path is compiled where the compiler targets AVX2 (``-march=native``); elsewhere the same
@@ -65,7 +65,7 @@ static inline float activate(float v, int act) {
 
 /* y = act(y) (+ residual) in place, over M rows of N (row strides sy, sr): the epilogue of a GEMM
    from a library (ATen/MKL addmm). One templated loop per activation, so each vectorizes
-   (fxf_erf/fxf_exp are branch-free): measured here at 2 threads, silu 0.5x and gelu 0.85-0.9x
+   (fxf_erf/fxf_exp are branch-free): measured on a 2-core Zen 1 at 2 threads, silu 0.5x and gelu 0.85-0.9x
    the time of ATen's in-place kernels, with the residual add in the same pass. */
 template <int ACT>
 static void epilogue_rows(float* y, int64_t M, int64_t N, int64_t sy, const float* res, int64_t sr,

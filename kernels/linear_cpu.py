@@ -59,8 +59,8 @@ def _describe_epilogue(activation: str, has_residual: bool) -> str:
 
 def _epilogue_(y: torch.Tensor, activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
     """The activation and residual add after a library GEMM: one vectorized C++ pass
-    (``gemv_cpu.epilogue_``: ATen's gelu_/silu_ cost ~1.5-2.2 ns an element here), or ATen's
-    in-place ops where that kernel does not apply."""
+    (``gemv_cpu.epilogue_``: ATen's gelu_/silu_ cost ~1.5-2.2 ns an element on a 2-core Zen 1),
+    or ATen's in-place ops where that kernel does not apply."""
     if activation != "none" and epilogue_(y, activation, residual):
         return y
     activate_(y, activation)
@@ -184,11 +184,11 @@ def unavailable_reason(candidate: str, compute_dtype: torch.dtype) -> Optional[s
     return None
 
 
-# Below this M, oneDNN's fixed cost per call (~50-100 us here: it sets up the primitive each
+# Below this M, oneDNN's fixed cost per call (~50-100 us on a 2-core Zen 1: it sets up the primitive each
 # call) outweighs the GEMM; aten addmm on the pre-transposed weight wins.
 ONEDNN_MIN_M = 8
 # Below this output width oneDNN's blocking gains nothing over MKL's addmm and its fixed cost
-# shows (M=128, 2 threads, quiet machine: N=384 aten 210 us vs oneDNN 243; N=512 405 vs 415;
+# shows (M=128, 2 threads, a quiet 2-core Zen 1: N=384 aten 210 us vs oneDNN 243; N=512 405 vs 415;
 # N=128 219 vs 255); from here on it wins (N=8192: 7.4 ms vs 9.7).
 ONEDNN_MIN_N = 2048
 # The default takes the GEMV for one row only: from two rows the tiled GEMM is faster, and at
