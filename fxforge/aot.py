@@ -125,7 +125,9 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
     names = _user_dim_names(metas, dynamic_shapes)
     signature = [TensorSignature(p.name, m.dtype, tuple(_rename(d, names) for d in m.shape)).to_json()
                  for p, m in zip(ir.placeholders(), metas)]
-    ranges = {names.get(k, k): v for k, v in ir.info.get("range_constraints", {}).items()}
+    # Ranges of the dynamic sizes themselves: a derived size's (``2*s0``) follows from its root's.
+    ranges = {names.get(k, k): v for k, v in ir.info.get("range_constraints", {}).items()
+              if k.isidentifier()}
     manifest = {
         "format": ARTIFACT_FORMAT, "versions": _versions(), "options": opts.to_dict(),
         "model": type(model).__qualname__, "inputs": signature,
@@ -198,9 +200,12 @@ def _rename(dim: Any, names: dict[str, str]) -> Any:
 class Artifact:
     """A loaded artifact: call it like the model (positional tensor inputs)."""
 
-    def __init__(self, path: Path, manifest: dict, ir, options: CompileOptions, step_ir=None):
+    def __init__(self, path: Path, manifest: dict, ir, options: CompileOptions,
+                 signature: list[TensorSignature], kv_plan=None):
+        """``signature``: the manifest's inputs, as ``check_manifest`` read them; ``kv_plan``:
+        the KV-cache plan over the step graph (kv_cache=True)."""
         self.path, self.manifest, self.ir, self.options = path, manifest, ir, options
-        self.signature = [TensorSignature.from_json(s) for s in manifest["inputs"]]
+        self.signature = signature
         self.ranges = {k: tuple(v) for k, v in manifest["ranges"].items()}
         self.in_spec = pytree.treespec_loads(manifest["in_spec"]) if manifest["in_spec"] else None
         self.out_spec = pytree.treespec_loads(manifest["out_spec"]) if manifest["out_spec"] else None
@@ -209,17 +214,14 @@ class Artifact:
         with tuning_session("cache" if options.autotune != "off" else "off", overlay=tuned) as active:
             self.lowered = lower(ir, resolve_backend(options.backend, ir))
             self.kv = None   # kv_cache=True: the transparent incremental decoder, as compiled
-            if step_ir is not None:
+            if kv_plan is not None:
                 from fxforge.kv_runtime import IncrementalDecoder
-                from fxforge.passes.kv_cache import KVCachePlan
-                plan = KVCachePlan.from_json(step_ir, manifest["kv_cache"])
-                self.kv = IncrementalDecoder(plan, lower(step_ir, resolve_backend(options.backend,
-                                                                                  step_ir)),
-                                             self.lowered, options.max_seq_len,
+                step = lower(kv_plan.ir, resolve_backend(options.backend, kv_plan.ir))
+                self.kv = IncrementalDecoder(kv_plan, step, self.lowered, options.max_seq_len,
                                              options.decode_replay, options.max_sessions)
             self.tuning = list(dict.fromkeys(active.picks)) if active else []
         release_lowered_irs([(ir, self.lowered)]
-                            + ([(step_ir, self.kv.step)] if self.kv is not None else []))
+                            + ([(kv_plan.ir, self.kv.step)] if self.kv is not None else []))
 
     def __call__(self, *args: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, {}))
@@ -236,7 +238,7 @@ class Artifact:
         return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec else tuple(outputs)
 
     def __repr__(self) -> str:
-        sig = ", ".join(f"{s.dtype}{[str(d) for d in s.shape]}".replace("torch.", "") for s in self.signature)
+        sig = ", ".join(s.describe() for s in self.signature)
         return f"Artifact({str(self.path)!r}, model={self.manifest['model']}, inputs=[{sig}])"
 
 
@@ -246,7 +248,7 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
     from safetensors.torch import load_file
 
     root = Path(path)
-    manifest = _read_manifest(root)
+    manifest, signature = _read_manifest(root)
     for name, digest in manifest["files"].items():
         file = root / name
         if not file.is_file():
@@ -276,35 +278,47 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
                                    writable_inputs=manifest["kv_cache"]["caches"])
         except Exception as exc:
             raise ArtifactError(f"artifact {root}: {STEP_GRAPH} cannot be rebuilt: {exc}") from exc
-    check_graph_inputs(root, ir, step_ir, manifest)
+    check_graph_inputs(root, ir, step_ir, manifest, signature)
     for graph_ir in (ir, step_ir) if step_ir is not None else (ir,):
-        why = restore_example_values(graph_ir.gm, _size_hints(graph_ir, manifest))
+        why = restore_example_values(graph_ir.gm, _size_hints(graph_ir, manifest, signature))
         if why is not None:
             log.warning("fxforge: artifact %s: no example values for a graph (%s); fused kernels "
                         "that need them run op by op", root, why)
+    kv_plan = _kv_plan(root, step_ir, manifest) if step_ir is not None else None
     try:
-        return Artifact(root, manifest, ir, options, step_ir)
+        return Artifact(root, manifest, ir, options, signature, kv_plan)
+    except Exception as exc:   # lowering runs what a hostile graph names: no raw traceback
+        raise ArtifactError(f"artifact {root}: building its kernels failed "
+                            f"({type(exc).__name__}: {exc})") from exc
+
+
+def _kv_plan(root: Path, step_ir, manifest: dict):
+    """The manifest's KV-cache plan over the step graph, or an ArtifactError saying why not."""
+    from fxforge.passes.kv_cache import KVCachePlan
+    try:
+        return KVCachePlan.from_json(step_ir, manifest["kv_cache"])
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise ArtifactError(f"artifact {root}: its KV-cache plan does not fit its step graph: "
                             f"{exc}") from exc
 
 
-def _size_hints(ir, manifest: dict) -> dict[str, int]:
+def _size_hints(ir, manifest: dict, signature: list[TensorSignature]) -> dict[str, int]:
     """Example size of each symbol of the graph's inputs: 16 clamped to the user's range."""
     hints: dict[str, int] = {}
     ranges = manifest["ranges"]
-    for placeholder, signature in zip(ir.placeholders(), manifest["inputs"]):
+    for placeholder, entry in zip(ir.placeholders(), signature):
         meta = placeholder.meta.get("fxf")
         if not isinstance(meta, TensorMeta):
             continue
-        for symbol, user in zip(meta.shape, signature["shape"]):
+        for symbol, user in zip(meta.shape, entry.shape):
             low, high = ranges.get(str(user), (2, 16))
             if not isinstance(symbol, int):
                 hints[str(symbol)] = max(low or 2, min(16, high or 16))
     return hints
 
 
-def _read_manifest(root: Path) -> dict:
+def _read_manifest(root: Path) -> tuple[dict, list[TensorSignature]]:
+    """The manifest, checked, and its input signature."""
     if not root.is_dir():
         raise ArtifactError(f"artifact {root} does not exist or is not a directory")
     file = root / MANIFEST
@@ -327,8 +341,7 @@ def _read_manifest(root: Path) -> dict:
     if not {GRAPH, WEIGHTS} <= set(files) <= {GRAPH, WEIGHTS, TUNING, STEP_GRAPH} or \
             (STEP_GRAPH in files) != bool(manifest.get("kv_cache")):
         raise ArtifactError(f"artifact {root}: {MANIFEST} lists files {sorted(files)}")
-    check_manifest(root, manifest)
-    return manifest
+    return manifest, check_manifest(root, manifest)
 
 
 def _check_versions(root: Path, built: dict) -> None:

@@ -19,18 +19,19 @@ import sympy
 
 from fxforge.errors import ArtifactError, FxforgeError
 from fxforge.irgraph.meta import META_KEY, TensorMeta
-from fxforge.irgraph.safe_parse import (DTYPES, ParseError, check_name, parse_dtype, parse_size,
-                                        short_repr)
+from fxforge.irgraph.safe_parse import DTYPES, ParseError, check_name, short_repr
+from fxforge.specs import TensorSignature
 
 # The containers an artifact's input/output structure may use (what aot_compile writes).
 _TREESPEC_TYPES = {None, "builtins.tuple", "builtins.list", "builtins.dict"}
 MAX_TREESPEC_DEPTH = 32
 
 
-def check_manifest(root: Path, manifest: dict) -> None:
-    """Raise ArtifactError naming the first manifest field that is not what fxforge writes."""
+def check_manifest(root: Path, manifest: dict) -> list[TensorSignature]:
+    """The manifest's input signature, read once; ArtifactError naming the first manifest field
+    that is not what fxforge writes."""
     try:
-        _check_fields(manifest)
+        return _check_fields(manifest)
     except (ParseError, TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
         what = f"a field lacks its entry {exc}" if isinstance(exc, KeyError) else str(exc)
         raise ArtifactError(f"artifact {root}: manifest.json: {what}") from None
@@ -41,7 +42,7 @@ def _expect(condition: bool, what: str) -> None:
         raise ValueError(what)
 
 
-def _check_fields(manifest: dict) -> None:
+def _check_fields(manifest: dict) -> list[TensorSignature]:
     versions = manifest["versions"]
     _expect(isinstance(versions, dict) and all(isinstance(v, (str, type(None)))
                                                for v in versions.values()), "bad versions")
@@ -51,14 +52,7 @@ def _check_fields(manifest: dict) -> None:
     _expect(not manifest.get("kernels"), "it carries kernel sources; fxforge generates kernels "
             "from the graph and never builds shipped source")
     _expect(isinstance(manifest["inputs"], list), "inputs is not a list")
-    for signature in manifest["inputs"]:
-        _expect(isinstance(signature, dict) and isinstance(signature["shape"], list),
-                f"bad input {short_repr(signature)}")
-        check_name(signature["name"], "input name")
-        parse_dtype(signature["dtype"])
-        for dim in signature["shape"]:
-            _expect(isinstance(dim, str), f"input {signature['name']}: bad size {short_repr(dim)}")
-            parse_size(dim)
+    signature = [TensorSignature.from_json(entry) for entry in manifest["inputs"]]
     _check_ranges(manifest["ranges"])
     aliases = manifest["aliases"]
     _expect(isinstance(aliases, dict), "aliases is not a dict")
@@ -71,12 +65,13 @@ def _check_fields(manifest: dict) -> None:
             _check_treespec(json.loads(manifest[key]), key)
     if manifest.get("kv_cache"):
         _check_kv_plan(manifest["kv_cache"])
+    return signature
 
 
 def _check_ranges(ranges: Any) -> None:
     _expect(isinstance(ranges, dict), "ranges is not a dict")
     for name, bounds in ranges.items():
-        parse_size(name)
+        check_name(name, "dynamic size name")
         ok = isinstance(bounds, list) and len(bounds) == 2 and _is_int(bounds[0]) and \
             bounds[0] >= 0 and (bounds[1] is None or _is_int(bounds[1]) and bounds[1] >= bounds[0])
         _expect(ok, f"range of {name} is {short_repr(bounds)}, not [low, high] with "
@@ -142,16 +137,18 @@ def link_constants(root: Path, manifest: dict, constants: dict) -> None:
 
 
 def check_tuning_bundle(root: Path, path: Path) -> None:
-    from fxforge.autotune.cache import bundle_problem
+    from fxforge.autotune.cache_format import bundle_problem
     problem = bundle_problem(path)
     if problem:
         raise ArtifactError(f"artifact {root}: {path.name} {problem}")
 
 
-def check_graph_inputs(root: Path, ir, step_ir, manifest: dict) -> None:
+def check_graph_inputs(root: Path, ir, step_ir, manifest: dict,
+                       signature: list[TensorSignature]) -> None:
     """The graphs' inputs must be the manifest's: the inputs are checked against the manifest
-    at each call, and kernels are built from what the graphs say, so the two must agree."""
-    signature = manifest["inputs"]
+    at each call, and kernels are built from what the graphs say, so the two must agree. A step
+    graph's further inputs must be the KV-cache position and caches in the manifest's order:
+    the runtime passes them by position."""
     graphs = [("graph.json", ir, [])]
     if step_ir is not None:
         plan = manifest["kv_cache"]
@@ -159,33 +156,38 @@ def check_graph_inputs(root: Path, ir, step_ir, manifest: dict) -> None:
     for file, graph, extra in graphs:
         placeholders = graph.placeholders()
         names = [p.name for p in placeholders[len(signature):]]
-        if len(placeholders) < len(signature) or sorted(names) != sorted(extra):
+        if len(placeholders) < len(signature) or names != extra:
             raise ArtifactError(f"artifact {root}: {file} has inputs "
                                 f"{[p.name for p in placeholders]}, the manifest "
-                                f"{[s['name'] for s in signature]} (+ {extra})")
+                                f"{[s.name for s in signature]} (+ {extra})")
         renamed: dict[str, str] = {}
-        for node, entry in zip(placeholders, signature):
-            problem = _input_mismatch(node.meta.get(META_KEY), entry, renamed)
-            if problem:
-                raise ArtifactError(f"artifact {root}: {file}'s input {node.name} {problem}")
+        # Symbols first: an input's size may derive from a later input's (``2*seq``, ``seq``).
+        for symbols_only in (True, False):
+            for node, entry in zip(placeholders, signature):
+                problem = _input_mismatch(node.meta.get(META_KEY), entry, renamed, symbols_only)
+                if problem:
+                    raise ArtifactError(f"artifact {root}: {file}'s input {node.name} {problem}")
 
 
-def _input_mismatch(meta: Any, entry: dict, renamed: dict[str, str]) -> str:
+def _input_mismatch(meta: Any, entry: TensorSignature, renamed: dict[str, str],
+                    symbols_only: bool = False) -> str:
     """Why a graph input's metadata is not the manifest's entry, or ''. ``renamed`` collects
-    graph symbol -> manifest name (``s27`` -> ``seq``), one to one."""
+    graph symbol -> manifest name (``s27`` -> ``seq``), one to one; ``symbols_only``: compare
+    the sizes that are single symbols only."""
     if not isinstance(meta, TensorMeta):
         return "has no tensor metadata"
-    if meta.dtype != parse_dtype(entry["dtype"]) or meta.rank != len(entry["shape"]):
-        return f"is {meta.describe()}, the manifest says {entry['dtype']}{entry['shape']}"
-    for dim, text in zip(meta.shape, entry["shape"]):
-        want = parse_size(text, symbol=sympy.Symbol)
+    if meta.dtype != entry.dtype or meta.rank != len(entry.shape):
+        return f"is {meta.describe()}, the manifest says {entry.describe()}"
+    for dim, want in zip(meta.shape, entry.shape):
         if isinstance(dim, sympy.Symbol) and isinstance(want, sympy.Symbol):
             if renamed.setdefault(str(dim), str(want)) != str(want) or \
                     list(renamed.values()).count(str(want)) != 1:
-                return f"has size {dim} where the manifest says {text} (renamed inconsistently)"
+                return f"has size {dim} where the manifest says {want} (renamed inconsistently)"
+            continue
+        if symbols_only:
             continue
         if isinstance(dim, sympy.Expr) and all(str(s) in renamed for s in dim.free_symbols):
             dim = dim.subs({s: sympy.Symbol(renamed[str(s)]) for s in dim.free_symbols})
         if str(dim) != str(want):
-            return f"has size {dim} where the manifest says {text}"
+            return f"has size {dim} where the manifest says {want}"
     return ""

@@ -48,6 +48,8 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
     if merged.get("precision", "fp32") not in PRECISIONS:
         raise OptionsError(f"precision must be one of {PRECISIONS}, got {merged['precision']!r}")
     for key, feature in _NOT_YET.items():
+        if not isinstance(merged.get(key), (str, type(None))):
+            raise OptionsError(f"option {key} must be None or a string, got {merged[key]!r}")
         if merged.get(key):
             raise OptionsError(f"option {key}={merged[key]!r}: {feature} is not available in this "
                                "version of fxforge")
@@ -77,7 +79,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
 
 def _check_passes(names: Any) -> list[str]:
     from fxforge.passes import registered_passes
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise OptionsError(f"passes must be a list of pass names, got {names!r}")
     missing = [n for n in names if n not in registered_passes()]
     if missing:

@@ -15,7 +15,8 @@ import sympy
 import torch
 
 from fxforge.errors import InputSpecError
-from fxforge.irgraph.safe_parse import DTYPES, dtype_name, parse_dtype, parse_size
+from fxforge.irgraph.safe_parse import (DTYPES, ParseError, check_name, parse_dtype, parse_size,
+                                        short_repr, torch_name)
 
 _SPEC = re.compile(r"^\s*(\w+)\s*\[([^\]]*)\]\s*(?:\{\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*\})?\s*$")
 _DIM = re.compile(r"^\s*(?:(\w+)\s*=\s*)?(\d+)\s*(?::\s*(\d+)\s*\.\.\s*(\d+))?\s*$")
@@ -110,11 +111,11 @@ def _check_value_range(text: str, dtype: torch.dtype, low: Optional[int],
         return
     if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         raise InputSpecError(f"bad input spec {text!r}: a value range {{LOW..HIGH}} applies to "
-                             f"integer inputs, not {dtype_name(dtype)}")
+                             f"integer inputs, not {torch_name(dtype)}")
     info = torch.iinfo(dtype)
     if not info.min <= low < high <= info.max + 1:
         raise InputSpecError(f"bad input spec {text!r}: the value range {low}..{high} must have "
-                             f"LOW < HIGH within {dtype_name(dtype)}'s {info.min}..{info.max + 1}")
+                             f"LOW < HIGH within {torch_name(dtype)}'s {info.min}..{info.max + 1}")
 
 
 def export_dynamic_shapes(specs: Sequence[InputSpec]) -> Optional[tuple]:
@@ -145,14 +146,25 @@ class TensorSignature:
     shape: tuple  # ints and sympy expressions
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": dtype_name(self.dtype),
+        return {"name": self.name, "dtype": torch_name(self.dtype),
                 "shape": [str(d) for d in self.shape]}
 
+    def describe(self) -> str:
+        """``int64['2', 'seq']``: the dtype and the shape as the manifest writes them."""
+        return f"{torch_name(self.dtype)}{[str(d) for d in self.shape]}"
+
     @staticmethod
-    def from_json(data: dict) -> "TensorSignature":
-        """The inverse of ``to_json``, read without evaluating anything (ParseError if bad)."""
+    def from_json(data: Any) -> "TensorSignature":
+        """The inverse of ``to_json``, read without evaluating anything: ParseError naming what
+        is not a name, dtype and list of size strings (an artifact's manifest is data)."""
+        if not isinstance(data, dict) or not isinstance(data.get("shape"), list):
+            raise ParseError(f"bad input {short_repr(data)}")
+        name = check_name(data.get("name"), "input name")
+        for dim in data["shape"]:
+            if not isinstance(dim, str):
+                raise ParseError(f"input {name}: bad size {short_repr(dim)}")
         shape = tuple(parse_size(s, symbol=sympy.Symbol) for s in data["shape"])
-        return TensorSignature(data["name"], parse_dtype(data["dtype"]), shape)
+        return TensorSignature(name, parse_dtype(data.get("dtype")), shape)
 
 
 def check_inputs(args: Sequence[Any], signature: Sequence[TensorSignature],

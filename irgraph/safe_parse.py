@@ -23,8 +23,14 @@ MAX_DEPTH = 24            # nested parentheses, calls and unary minus
 MAX_EXPONENT = 8          # "s70**2" occurs (square attention masks); nothing near 8 does
 MAX_MAGNITUDE = 2 ** 62   # no size, stride or constant in a size comes close
 
+
+def torch_name(value: object) -> str:
+    """The stored name of a dtype, layout or memory format: ``torch.float32`` -> ``float32``."""
+    return str(value).removeprefix("torch.")
+
+
 # The dtypes an fxforge IR, artifact or input spec may name.
-DTYPES = {str(d).removeprefix("torch."): d for d in (
+DTYPES = {torch_name(d): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
@@ -53,10 +59,6 @@ def parse_dtype(name: object) -> torch.dtype:
         raise ParseError(f"unsupported dtype {short_repr(name)} "
                          f"(fxforge reads {', '.join(DTYPES)})")
     return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_device(text: object) -> torch.device:

@@ -1,19 +1,39 @@
 """IR <-> JSON (graph and typed metadata) + a dict of constant tensors (saved as safetensors).
 
 Loading rebuilds the fx graph node by node from names: no model code, no tracing, and nothing
-stored is evaluated. A stored graph is data (an artifact may come from anyone), so:
+stored is evaluated. A stored graph is data (an artifact may come from anyone), and fake
+propagation at load and every call run its ops, so a target resolves (:func:`resolve_target`)
+only to one of the few Python callables in :data:`PYTHON_CALLABLES`, or to an operator
+``torch.ops.<namespace>.<op>.<overload>`` of :data:`OP_NAMESPACES` whose schema says it computes
+its results from its arguments and does nothing else:
 
-* a target resolves only to an op of ``torch.ops.<namespace>.<op>.<overload>`` for the
-  namespaces in :data:`OP_NAMESPACES`, minus ops that reach outside the graph (files, stdout)
-  or write to their arguments, or to one of the few Python callables in
-  :data:`PYTHON_CALLABLES`; anything else is a :class:`SerializationError` naming the node;
+* it is a tensor operator of the dispatcher. ``torch.ops.aten`` also reaches TorchScript's
+  interpreter builtins (``manual_seed``, ``seed``, ``set_grad_enabled``, ``backward``, ``grad``,
+  RRef, string, list and dict functions), which are not;
+* it writes to none of its arguments (``set_``, ``record_stream``, every in-place op),
+  except that fxforge's own ops may write to the inputs the caller names writable (a step
+  graph's KV caches, which the runtime owns);
+* it returns something: an op that returns nothing exists for its effect on state outside the
+  graph (``_backward``, ``_cufft_set_plan_cache_max_size``, ``_print``). The exceptions are the
+  runtime checks export writes (:data:`CHECK_OPS`), which raise or do nothing;
+* its results are tensors, numbers or lists of tensors (not ``get_gradients``' dict of the
+  distributed autograd context's gradients);
+* it is not ``from_file``, which reads any file into a tensor a caller gets back.
+
+Ops that only read process state (``_cufft_get_plan_cache_size``) pass, and sampling ops draw
+from the global generator as the model does when run eagerly. Anything else is a
+:class:`SerializationError` naming the node. Besides:
+
 * node names, constant names and keyword names must be Python identifiers: fx writes them into
-  the Python source it generates for the graph;
+  the Python source it generates for the graph; node names may not be one of the names that
+  source already uses (:data:`RESERVED_NAMES`), nor a constant name an attribute of the module
+  that holds it;
 * sizes, dtypes and devices go through :mod:`fxforge.irgraph.safe_parse` (a grammar and tables,
-  never ``sympify``/``eval``).
+  never ``sympify``/``eval``); integers must fit in int64.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any, Sequence
 
@@ -23,25 +43,35 @@ import torch.fx as fx
 from fxforge.irgraph.fusion import GROUP_KEY
 from fxforge.irgraph.graph import IRGraph, op_name
 from fxforge.irgraph.meta import META_KEY, SymMeta, TensorMeta
-from fxforge.irgraph.safe_parse import (ParseError, check_name, dtype_name, parse_device,
-                                        parse_dtype, parse_size, short_repr)
+from fxforge.irgraph.safe_parse import (ParseError, check_name, parse_device, parse_dtype,
+                                        parse_size, short_repr, torch_name)
 
 FORMAT_VERSION = 1
 # torch.ops namespaces a stored graph may call: ATen, and fxforge's own ops (irgraph/ops.py).
 # (No IR fxforge builds holds a prims op: capture decomposes to ATen.)
 OP_NAMESPACES = ("aten", "fxforge")
-# ATen ops with effects outside the graph: files, stdout, futures.
-_OUTSIDE_EFFECTS = {"aten::save", "aten::from_file", "aten::_print", "aten::warn", "aten::wait"}
+# Ops that return nothing yet belong in a graph: the checks export writes (see the docstring).
+CHECK_OPS = {"aten::_assert_async", "aten::_assert_scalar", "aten::_assert_tensor_metadata",
+             "aten::sym_constrain_range", "aten::sym_constrain_range_for_size"}
+# A functional op that returns a value and still reaches outside the graph: it reads a file.
+_READS_FILES = {"aten::from_file"}
+# What an op may return, as its schema prints it.
+_RESULT_TYPES = {"Tensor", "List[Tensor]", "int", "float", "bool", "number"}
 # The Python callables an IR holds: ``getitem`` picks one result of a multi-output op, and
 # torch.export writes integer arithmetic on symbolic sizes (``2 * s0`` for a view's shape).
 PYTHON_CALLABLES = {op_name(f): f for f in (
     operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
     operator.neg, torch.sym_max, torch.sym_min)}
+# The names fx's generated ``forward(self, ...)`` uses besides the graph's own: ``self``, and the
+# globals every generated module starts with (``torch``, ``inf``, ``device`` ...). A placeholder
+# keeps its stored name as the argument's name, so an input called ``torch`` would hide the
+# module and an input called ``self`` the module itself.
+RESERVED_NAMES = frozenset({"self", *torch.fx.graph._custom_builtins})
 MAX_ARG_DEPTH = 16        # real arguments nest three deep (a tuple of lists of nodes)
-_MAX_INT = 2 ** 63
-_MEMORY_FORMATS = {str(f).replace("torch.", ""): f for f in (
+_INT64 = range(-2 ** 63, 2 ** 63)
+_MEMORY_FORMATS = {torch_name(f): f for f in (
     torch.contiguous_format, torch.preserve_format, torch.channels_last, torch.channels_last_3d)}
-_LAYOUTS = {str(l).replace("torch.", ""): l for l in (torch.strided, torch.sparse_coo)}
+_LAYOUTS = {torch_name(layout): layout for layout in (torch.strided, torch.sparse_coo)}
 
 
 class SerializationError(ValueError):
@@ -51,7 +81,7 @@ class SerializationError(ValueError):
 def encode_meta(meta) -> Any:
     if isinstance(meta, TensorMeta):
         return {"tensor": {"shape": [str(d) for d in meta.shape], "stride": [str(s) for s in meta.stride],
-                           "dtype": dtype_name(meta.dtype), "device": str(meta.device)}}
+                           "dtype": torch_name(meta.dtype), "device": str(meta.device)}}
     if isinstance(meta, SymMeta):
         return {"sym": str(meta.expr)}
     if isinstance(meta, tuple):
@@ -90,19 +120,17 @@ def _encode_arg(value: Any) -> Any:
         return value
     if isinstance(value, (list, tuple)):
         return {"list" if isinstance(value, list) else "tuple": [_encode_arg(v) for v in value]}
-    if isinstance(value, torch.dtype):
-        return {"dtype": str(value).replace("torch.", "")}
     if isinstance(value, torch.device):
         return {"device": str(value)}
-    if isinstance(value, torch.memory_format):
-        return {"memory_format": str(value).replace("torch.", "")}
-    if isinstance(value, torch.layout):
-        return {"layout": str(value).replace("torch.", "")}
+    for kind, cls in (("dtype", torch.dtype), ("memory_format", torch.memory_format),
+                      ("layout", torch.layout)):
+        if isinstance(value, cls):
+            return {kind: torch_name(value)}
     raise SerializationError(f"cannot serialize argument {value!r} of type {type(value).__name__}")
 
 
 def _decode_arg(value: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_INT:
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
         raise SerializationError(f"integer argument {short_repr(value)} is out of range")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -130,33 +158,57 @@ def _decode_arg(value: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
 def resolve_target(name: str) -> Any:
     """``aten.addmm.default`` -> the OpOverload; ``operator.getitem`` -> the function.
 
-    Only ops of :data:`OP_NAMESPACES` (less those with effects outside the graph, and ATen ops
-    that write to an argument) and the callables of :data:`PYTHON_CALLABLES` resolve."""
+    Only the callables of :data:`PYTHON_CALLABLES` and the ops of :data:`OP_NAMESPACES` whose
+    schema says they do nothing but compute their results resolve (the module docstring)."""
     if not isinstance(name, str):
         raise SerializationError(f"bad op name {short_repr(name)}")
     if name in PYTHON_CALLABLES:
         return PYTHON_CALLABLES[name]
     parts = name.split(".")
     if len(parts) != 3 or parts[0] not in OP_NAMESPACES or \
-            not all(p.isidentifier() and not p.startswith("__") for p in parts):
+            not all(p.isidentifier() for p in parts) or parts[2].startswith("__"):
         raise SerializationError(f"op {short_repr(name)} is not one fxforge loads: an op of "
                                  f"torch.ops.{{{','.join(OP_NAMESPACES)}}} or one of "
                                  f"{sorted(PYTHON_CALLABLES)}")
     namespace, op, overload = parts
     try:
-        target = getattr(getattr(getattr(torch.ops, namespace), op), overload)
+        target = getattr(_op_packet(namespace, op), overload)
     except (AttributeError, RuntimeError):
         target = None
     if not isinstance(target, torch._ops.OpOverload):
         raise SerializationError(f"unknown op {short_repr(name)} (is the library that defines "
                                  "it imported?)")
-    if target._schema.name in _OUTSIDE_EFFECTS:
-        raise SerializationError(f"op {short_repr(name)} reaches outside the graph (files or "
-                                 "output)")
-    if namespace != "fxforge" and target._schema.is_mutable:
-        raise SerializationError(f"op {short_repr(name)} writes to its arguments; a stored "
-                                 "graph is functional")
+    why = _effect_beyond_results(target, may_write=namespace == "fxforge")
+    if why:
+        raise SerializationError(f"op {short_repr(name)} {why}; a stored graph may only "
+                                 "compute its outputs")
     return target
+
+
+def _op_packet(namespace: str, op: str) -> torch._ops.OpOverloadPacket:
+    """``torch.ops.<namespace>.<op>`` looked up as an operator name only, so that ``__and__``
+    is ATen's op and ``__class__`` (an attribute of the namespace object) is no op at all."""
+    ops = getattr(torch.ops, namespace)
+    packet = vars(ops).get(op)
+    return packet if isinstance(packet, torch._ops.OpOverloadPacket) else \
+        type(ops).__getattr__(ops, op)
+
+
+def _effect_beyond_results(op: torch._ops.OpOverload, may_write: bool) -> str:
+    """What ``op`` does besides computing its results from its arguments, read from its schema
+    (the rules of the module docstring), or ''."""
+    schema = op._schema
+    if not torch._C._dispatch_has_kernel(op.name()):
+        return "is a TorchScript builtin, not a tensor operator"
+    if schema.is_mutable and not may_write:
+        return "writes to its arguments"
+    if not schema.returns and schema.name not in CHECK_OPS:
+        return "returns nothing, so it exists for an effect outside the graph"
+    if any(str(result.type) not in _RESULT_TYPES for result in schema.returns):
+        return f"returns {[str(r.type) for r in schema.returns]}, not tensors or numbers"
+    if schema.name in _READS_FILES:
+        return "reads a file"
+    return ""
 
 
 def _check_call(target: Any, args: tuple, kwargs: dict, writable: Sequence[str]) -> None:
@@ -212,18 +264,34 @@ def ir_from_json(data: dict, constants: dict[str, torch.Tensor],
             env[name] = _rebuild_node(graph, owner, entry, env, constants, writable_inputs)
         except (ParseError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SerializationError(f"node {index} ({str(name)[:60]!r}): {exc}") from None
-    return IRGraph(fx.GraphModule(owner, graph), fake_mode=None, info={"capture": "artifact"})
+    try:
+        gm = fx.GraphModule(owner, graph)
+    except (RuntimeError, TypeError, ValueError, AttributeError, SyntaxError) as exc:
+        raise SerializationError(f"fx cannot build the stored graph: {exc}") from None
+    return IRGraph(gm, fake_mode=None, info={"capture": "artifact"})
+
+
+@functools.cache
+def _module_attributes() -> frozenset[str]:
+    """The attribute names of a GraphModule (its own and nn.Module's): a constant is stored as
+    an attribute of the module, so it may not be called ``graph``, ``code`` or ``forward``."""
+    return frozenset(dir(fx.GraphModule(torch.nn.Module(), fx.Graph())))
 
 
 def _rebuild_node(graph: fx.Graph, owner: torch.nn.Module, entry: dict, env: dict,
                   constants: dict, writable: Sequence[str]) -> fx.Node:
     op, name = entry["op"], check_name(entry["name"], "node name")
+    if name in RESERVED_NAMES:
+        raise SerializationError(f"node name {name!r} is reserved: fx's generated code uses it")
     if name in env:
         raise SerializationError(f"duplicate node name {name!r}")
     args = _decode_arg({"tuple": entry["args"]["tuple"]}, env)
     kwargs = {check_name(k, "keyword"): _decode_arg(v, env) for k, v in entry["kwargs"].items()}
     if op == "get_attr":
         target = check_name(entry["target"], "constant name")
+        if target in _module_attributes():
+            raise SerializationError(f"constant name {target!r} is an attribute of the module "
+                                     "that holds the graph")
         if target not in constants:
             raise SerializationError(f"constant {target!r} is missing from the weights file")
         owner.register_buffer(target, constants[target])

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +175,42 @@ def test_a_loaded_kv_cache_artifact_builds_the_kernels_of_the_compile(tmp_path, 
         for _ in range(6):
             expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(fxforge.generate(loaded, ids, 6), expected)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("no kernel for this graph"),
+                                   ValueError("operands do not fit"), NotImplementedError("op")])
+def test_a_failure_to_build_kernels_is_an_artifact_error_naming_it(artifact, monkeypatch, error):
+    """Lowering runs what a stored graph names: whatever it raises is the artifact's problem,
+    said as such (the cause chained), not a raw traceback and not a KV-cache plan's misfit."""
+    def failing_lower(*args, **kwargs):
+        raise error
+    monkeypatch.setattr("fxforge.aot.lower", failing_lower)
+    with pytest.raises(fxforge.ArtifactError, match="building its kernels failed") as info:
+        fxforge.load(artifact[1])
+    assert info.value.__cause__ is error and "KV-cache" not in str(info.value)
+
+
+def test_a_kv_cache_plan_that_does_not_fit_its_step_graph_is_named(tiny_gpt_artifact, tmp_path):
+    from tests.fxforge.hostile_crafting import rehash
+    art = _copy(tiny_gpt_artifact, tmp_path)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["kv_cache"]["tokens"] = 9   # the step graph has no tenth input
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    rehash(art)
+    with pytest.raises(fxforge.ArtifactError, match="KV-cache plan does not fit its step graph"):
+        fxforge.load(art)
+
+
+def test_an_input_sized_by_a_later_inputs_dynamic_size_round_trips(tmp_path):
+    """``x`` is [2, 2*s], ``y`` [2, s]: the graph's ``2*s94`` is matched with the manifest's
+    ``2*s`` once ``y`` names ``s``; the manifest keeps the range of ``s`` alone (``2*s``'s
+    follows from it)."""
+    class Strided(torch.nn.Module):
+        def forward(self, x, y):
+            return x[:, ::2] + y
+    s = torch.export.Dim("s", min=2, max=32)
+    fxforge.aot_compile(Strided(), (torch.randn(2, 8), torch.randn(2, 4)), tmp_path / "a",
+                        dynamic_shapes=({1: 2 * s}, {1: s}))
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["ranges"] == {"s": [2, 32]}
+    x, y = torch.randn(2, 12), torch.randn(2, 6)
+    torch.testing.assert_close(fxforge.load(tmp_path / "a")(x, y), Strided()(x, y))

@@ -6,6 +6,7 @@ import torch
 
 from fxforge.__main__ import main
 from fxforge.errors import InputSpecError
+from fxforge.irgraph.safe_parse import ParseError
 from fxforge.specs import TensorSignature, export_dynamic_shapes, parse_spec
 
 MALFORMED = [
@@ -77,6 +78,9 @@ def test_a_signature_reads_its_sizes_without_evaluating_them():
     assert sig.dtype == torch.int64 and sig.shape[0] == 2 and str(sig.shape[2]) == "2*seq + 1"
     assert TensorSignature.from_json(sig.to_json()) == sig
     for bad in ({"name": "x", "dtype": "__class__", "shape": ["2"]},
-                {"name": "x", "dtype": "int64", "shape": ["__import__('os').getpid()"]}):
-        with pytest.raises(ValueError):
+                {"name": "x", "dtype": "int64", "shape": ["__import__('os').getpid()"]},
+                {"name": "x=open('f')", "dtype": "int64", "shape": ["2"]},
+                {"name": "x", "dtype": "int64", "shape": [2]}, {"name": "x", "dtype": "int64"},
+                ["x", "int64", ["2"]]):
+        with pytest.raises(ParseError):
             TensorSignature.from_json(bad)
