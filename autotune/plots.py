@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 MAX_SUBPLOTS = 12
 MAX_TICK_LABELS = 20  # more candidates than this: the config descriptions are left off the axis
+SEARCH_STEP_LABEL = "finalist in its search step"
 
 
 def require_matplotlib():
@@ -97,7 +98,9 @@ def _failure_counts(records: list[dict]) -> str:
 def _plot_kernel(ax, result: dict[str, Any]) -> None:
     """One kernel: measured candidates sorted by median time with p20-p80 bars, best and default
     marked. The finalists' times come from the one measurement the choice was made on (blue);
-    the other candidates' from the search step that ruled them out (grey: another moment)."""
+    the other candidates' from the search step that ruled them out (grey: another moment). A
+    hollow circle shows a finalist's time in its last search step: near its blue point when the
+    search and the confirmation agree; all shifted alike when the machine's load changed."""
     records = result.get("records", [])
     measured = sorted((r for r in records if r.get("status") == "ok" and r.get("median_s") is not None),
                       key=lambda r: r["median_s"])
@@ -118,6 +121,11 @@ def _plot_kernel(ax, result: dict[str, Any]) -> None:
         if rows:
             ax.errorbar([ms[i] for i in rows], rows, xerr=_spread([measured[i] for i in rows]),
                         fmt="o", markersize=3, elinewidth=1, capsize=2, **style)
+    searched = [(r["search_median_s"] * 1e3, i) for i, r in enumerate(measured)
+                if r.get("confirmed") and r.get("search_median_s") is not None]
+    if searched:
+        ax.plot(*zip(*searched), linestyle="none", marker="o", markersize=6, mfc="none",
+                color="tab:blue", alpha=0.6, label=SEARCH_STEP_LABEL)
     for key, style in (("default", dict(marker="D", color="tab:orange", label="default")),
                        ("best", dict(marker="*", color="tab:green", label="chosen", markersize=12))):
         hits = [i for i, r in enumerate(measured) if r["config"] == result.get(key)]

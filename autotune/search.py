@@ -13,7 +13,8 @@
 4. **Confirm**: the default and the finalists (the candidates that came closest to the best
    timed *in the same measurement*) are re-timed together in one more interleaved measurement.
    The choice, the reported gain and the times the records (and so the plots) show for the
-   finalists all come from that one measurement.
+   finalists all come from that one measurement. Finalists that run alone but cannot be timed
+   together are not confirmed, and the default stays.
 
 Only candidates timed in one interleaved measurement are ever compared: timings taken at
 different moments differ by more than the candidates do once the machine's load changes
@@ -49,6 +50,10 @@ STRATEGIES = ("guided", "exhaustive")
 
 class TuningError(RuntimeError):
     """Nothing valid to choose: every candidate was pruned, or the reference itself fails."""
+
+
+class _NotTogether(Exception):
+    """Candidates that each run alone could not be timed in one measurement."""
 
 
 @dataclass
@@ -171,7 +176,13 @@ class _Trial:
         timed = [c for c in fresh if c in self.runnables]
         if incumbent is not None and incumbent in self.runnables and incumbent not in timed:
             timed.append(incumbent)
-        timings = self.measure(timed)
+        try:
+            timings = self.measure(timed)
+        except _NotTogether as exc:   # run alone, but never compared: kept out of the choice
+            for config in timed:
+                if config not in self.records:
+                    self.records[config] = CandidateRecord(config, "error", reason=str(exc))
+            return []
         fastest = min((t.median for t in timings.values()), default=0.0)
         for config, timing in timings.items():
             self.records[config] = CandidateRecord(config, "ok", timing)
@@ -179,8 +190,12 @@ class _Trial:
         return list(timings)
 
     def confirm(self, finalists: list[Config]) -> dict[Config, Timing]:
-        """Re-time ``finalists`` together; their records then hold these timings."""
-        timings = self.measure(finalists)
+        """Re-time ``finalists`` together; their records then hold these timings. None is
+        confirmed when they cannot be timed together (the choice then keeps the default)."""
+        try:
+            timings = self.measure(finalists)
+        except _NotTogether:
+            return {}
         for config, timing in timings.items():
             searched = self.records[config].timing
             self.records[config] = CandidateRecord(config, "ok", timing, confirmed=True,
@@ -190,19 +205,25 @@ class _Trial:
     def measure(self, configs: list[Config]) -> dict[Config, Timing]:
         """The one timing protocol of a search, for its steps and its confirmation alike: one
         interleaved measurement of ``configs``. A candidate that raises while timed is found by
-        timing each alone, recorded and dropped; the others are then timed together again."""
+        timing each alone, recorded and dropped; the others are then timed together again.
+        Raises :class:`_NotTogether` when they still cannot be (the failure needs company):
+        timings taken apart are never returned, so they are never compared."""
         if not configs:
             return {}
         try:
             return self._interleaved(configs)
-        except Exception:
-            alone = {c: t for c in configs if (t := self._alone(c)) is not None}
-        if len(alone) < 2 or len(alone) == len(configs):   # nothing left to compare, or the
-            return alone                                    # failure needs company: keep these
-        try:
-            return self._interleaved(list(alone))
-        except Exception:
+        except Exception as exc:
+            failure = exc
+        alone = {c: t for c in configs if (t := self._alone(c)) is not None}
+        if len(alone) <= 1:            # one survivor: its own measurement is the only one
             return alone
+        if len(alone) < len(configs):  # the culprits are dropped: time the others together
+            try:
+                return self._interleaved(list(alone))
+            except Exception as exc:
+                failure = exc
+        raise _NotTogether(f"runs alone, but raised when timed together with {len(alone) - 1} "
+                           f"other candidate(s): {_short(failure)}")
 
     def _interleaved(self, configs: list[Config]) -> dict[Config, Timing]:
         return measure_interleaved({c: self.runnables[c] for c in configs},

@@ -181,7 +181,10 @@ class CUDAGraphRunner:
     """Replays a static-shape graph as one CUDA graph: inputs are copied into static buffers.
     Those buffers are the runner's, and every thread calling the compiled graph shares the
     runner: copy-in, replay and copy-out hold its lock, so one call's inputs never meet
-    another's replay (calls from several threads are ordered on the default stream)."""
+    another's replay (calls from several threads are ordered on the default stream). The
+    warm-up calls and the capture hold it too (the capture must follow complete warm-ups, which
+    compile the kernels); a call of another shape than the captured one runs the graph eagerly
+    outside it, touching none of the runner's buffers."""
 
     def __init__(self, fn: Callable, warmup: int = 2):
         self.fn, self.warmup, self.graph = fn, warmup, None
@@ -193,27 +196,34 @@ class CUDAGraphRunner:
     def __call__(self, *args):
         signature = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         with self.lock:
-            if self.graph is not None and signature != self.signature:
-                return self.fn(*args)  # a shape the graph was not captured for
-            if self.graph is None:
-                if self.warmup > 0:
-                    self.warmup -= 1
-                    return self.fn(*args)
-                self._capture(args, signature)
-            for buf, arg in zip(self.static_inputs, args):
-                if isinstance(buf, torch.Tensor):
-                    buf.copy_(arg)
-            self.graph.replay()
-            # Fresh outputs per call: the static ones are overwritten by the next replay.
-            return torch.utils._pytree.tree_map(
-                lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.static_outputs)
+            if self.graph is None or signature == self.signature:
+                return self._replay(args, signature)
+        return self.fn(*args)   # a shape the graph was not captured for: eager, unlocked
+
+    def _replay(self, args, signature):
+        """The captured graph on ``args``, after the warm-up calls and the capture (the caller
+        holds the lock)."""
+        if self.graph is None:
+            if self.warmup > 0:
+                self.warmup -= 1
+                return self.fn(*args)
+            self._capture(args, signature)
+        for buf, arg in zip(self.static_inputs, args):
+            if isinstance(buf, torch.Tensor):
+                buf.copy_(arg)
+        self.graph.replay()
+        # Fresh outputs per call: the static ones are overwritten by the next replay.
+        return torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.static_outputs)
 
     def _capture(self, args, signature) -> None:
         self.signature = signature
         self.static_inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         self.graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads' syncs and allocations stay legal during the capture
+        # (kernels/replay.py, CudaGraphRecording)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_outputs = self.fn(*self.static_inputs)
 
 

@@ -84,12 +84,13 @@ class IncrementalDecoder:
         session = active_session()
         if ids.shape[1] <= self.max_seq_len:
             if session is not None:
-                with session.state_for(self, ids) as state:
-                    return state(args)
-            state = self.pool.checkout(ids)
-            if state is not None:
+                with session.state_for(self, ids) as (state, cached):
+                    return state(args, cached)
+            found = self.pool.checkout(ids)
+            if found is not None:
+                state, cached = found
                 try:
-                    return state(args)
+                    return state(args, cached)
                 finally:
                     self.pool.release(state)
         self.count({"uncached": 1})
@@ -110,10 +111,14 @@ class DecodeState:
         self.buffers: dict[int, torch.Tensor] = {}
         self.stats = dict.fromkeys(STATS, 0)
 
-    def __call__(self, args: Sequence[Any]) -> list:
+    def __call__(self, args: Sequence[Any], start: Optional[int] = None) -> list:
+        """One call; ``start``: how many leading positions of its tokens the cache holds, where
+        the caller just compared them (the pool does: a comparison costs a few microseconds,
+        and a device sync on a GPU), else None and they are compared here."""
         decoder, counts = self.decoder, dict.fromkeys(STATS, 0)
         ids = args[decoder.plan.tokens]
-        start = self.cached_prefix(ids)
+        if start is None:
+            start = self.cached_prefix(ids)
         if start == 0:
             self._reset(ids)
         counts["steps" if start else "prefills"] += 1
@@ -188,8 +193,8 @@ class StepReplay:
     recording that cannot be made or that disagrees turns replay off for this state, with the
     reason logged; a shape change, or an input that turns out to be a new tensor at each call,
     re-records (at most ``MAX_RECORDINGS`` times). Each :class:`DecodeState` has its own: a
-    recording holds raw pointers into its state's caches and buffers. Running a step twice is harmless: it writes
-    the same keys and values at the same cache positions."""
+    recording holds raw pointers into its state's caches and buffers. Running a step twice is
+    harmless: it writes the same keys and values at the same cache positions."""
 
     MAX_RECORDINGS = 8
 

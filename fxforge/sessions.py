@@ -7,8 +7,10 @@ tokens, the K/V buffers, the output buffers and the decode-step recording -- is 
 
 * a :class:`Session` owns one state per compiled graph it runs through. Activate it with
   ``with session:`` (or pass ``session=`` to ``fxforge.generate``); calls inside the block, in
-  that thread, use its states. Its caches stay its own between blocks (a chat's next turn extends
-  the last one from the cache) until :meth:`Session.close`, or until it is garbage-collected.
+  that thread or asyncio task (the activation is a context variable), use its states. Its caches
+  stay its own between blocks (a chat's next turn extends the last one from the cache) until
+  :meth:`Session.close`, or until it is garbage-collected. A session keeps no compiled graph
+  alive: the pool holds the states, and a graph that is dropped takes its states with it.
 * without a session, the graph's :class:`StatePool` picks a state per call: the free state whose
   tokens the call extends (a longer match first), else a fresh one, else the least recently used
   free one (evicted, logged). So the plain loop just works, in any thread, and loops interleaved
@@ -36,24 +38,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fxforge")
 
-_ACTIVE: contextvars.ContextVar[Optional["Session"]] = contextvars.ContextVar(
-    "fxforge_session", default=None)
+# The sessions activated in the caller's context, innermost last: a context variable, so that
+# each thread and each asyncio task (which runs in a copy of its creator's context) has its own.
+_ACTIVE: contextvars.ContextVar[tuple["Session", ...]] = contextvars.ContextVar(
+    "fxforge_sessions", default=())
 _CALL = "a call"          # holder of a state while a transparent call uses it
 _RETIRED = "retired"      # holder of a state its session handed back: reused first
 
 
 def active_session() -> Optional["Session"]:
     """The session activated (``with session:``) in the caller's context, or None."""
-    return _ACTIVE.get()
+    active = _ACTIVE.get()
+    return active[-1] if active else None
 
 
 class Session:
     """The decoding state of one sequence (a batch of rows), owned by its user.
 
-    ``with session:`` makes calls in the block (in this thread) use the session's KV caches;
+    ``with session:`` makes calls in the block (in this thread or task) use its KV caches;
     a session serves one call at a time: a call while another thread's call through the same
     session runs raises :class:`~fxforge.errors.SessionInUseError` (give each thread its own).
     :attr:`stats` counts the session's calls; :meth:`close` hands its caches back to the pools.
+    Blocks nest, and asyncio tasks sharing a thread each see their own blocks.
 
     ::
 
@@ -67,58 +73,56 @@ class Session:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._states: "weakref.WeakKeyDictionary[IncrementalDecoder, DecodeState]" = \
-            weakref.WeakKeyDictionary()
-        self._baselines: dict[int, dict] = {}   # id(state) -> its counts when this session took it
-        self._busy: set[int] = set()            # id() of the states a call is using now
-        self._entered: dict[int, list] = {}     # thread id -> its context tokens (nested blocks)
-        self._closed_counts: dict[str, int] = {}
+        # decoder -> a weak reference to this session's state in the decoder's pool: the pool
+        # holds it for as long as this session lives; a strong one would keep the graph alive
+        self._states: "weakref.WeakKeyDictionary[IncrementalDecoder, weakref.ref[DecodeState]]" \
+            = weakref.WeakKeyDictionary()
+        self._busy: set["DecodeState"] = set()     # the states a call is using now
+        self._counts: dict[str, int] = {}          # what its calls ran, over every graph
 
     def __enter__(self) -> "Session":
-        token = _ACTIVE.set(self)
-        with self._lock:
-            self._entered.setdefault(threading.get_ident(), []).append(token)
+        _ACTIVE.set(_ACTIVE.get() + (self,))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        with self._lock:
-            tokens = self._entered[threading.get_ident()]
-            token = tokens.pop()
-            if not tokens:
-                del self._entered[threading.get_ident()]
-        _ACTIVE.reset(token)
+        active = _ACTIVE.get()
+        if not active or active[-1] is not self:
+            raise RuntimeError("fxforge.Session: leaving a `with session:` block that this "
+                               "context did not enter last")
+        _ACTIVE.set(active[:-1])
 
     @contextlib.contextmanager
     def state_for(self, decoder: "IncrementalDecoder",
-                  ids: "torch.Tensor") -> Iterator["DecodeState"]:
+                  ids: "torch.Tensor") -> Iterator[tuple["DecodeState", Optional[int]]]:
         """This session's state for ``decoder`` (taken from its pool on first use), held for
-        the duration of one call."""
+        the duration of one call, with how many leading positions of ``ids`` it holds where
+        the pool just compared them (None: the call compares)."""
         with self._lock:
-            state = self._states.get(decoder)
+            mine = self._states.get(decoder)
+            state, cached = (mine() if mine is not None else None), None
             if state is None:
-                state = decoder.pool.take(ids, holder=weakref.ref(self))
-                self._states[decoder] = state
-                self._baselines[id(state)] = dict(state.stats)
-            if id(state) in self._busy:
+                state, cached = decoder.pool.take(ids, holder=weakref.ref(self))
+                self._states[decoder] = weakref.ref(state)
+            if state in self._busy:
                 raise SessionInUseError("this fxforge.Session is already running a call (from "
                                         "another thread?): give each thread its own Session")
-            self._busy.add(id(state))
+            self._busy.add(state)
+            before = dict(state.stats)
         try:
-            yield state
+            yield state, cached
         finally:
             with self._lock:
-                self._busy.discard(id(state))
+                self._busy.discard(state)
+                for key, value in _since(state, before).items():
+                    self._counts[key] = self._counts.get(key, 0) + value
 
     @property
     def stats(self) -> dict:
         """This session's ``prefills``, ``steps``, ``positions`` and ``replayed`` steps, over
-        every compiled graph it ran through (closed ones included)."""
+        every compiled graph it ran through: calls before a :meth:`close`, and calls through
+        graphs dropped since, still count."""
         with self._lock:
-            counts = dict(self._closed_counts)
-            for state in list(self._states.values()):
-                for key, value in _since(state, self._baselines[id(state)]).items():
-                    counts[key] = counts.get(key, 0) + value
-        return counts
+            return dict(self._counts)
 
     def close(self) -> None:
         """Hand the caches back (their pools reuse them first); the session stays usable and
@@ -126,13 +130,11 @@ class Session:
         with self._lock:
             if self._busy:
                 raise SessionInUseError("cannot close a fxforge.Session while a call runs in it")
-            held = list(self._states.items())
+            held = [(decoder, mine()) for decoder, mine in self._states.items()]
             self._states = weakref.WeakKeyDictionary()
-            for _, state in held:
-                for key, value in _since(state, self._baselines.pop(id(state))).items():
-                    self._closed_counts[key] = self._closed_counts.get(key, 0) + value
         for decoder, state in held:
-            decoder.pool.release(state, retired=True)
+            if state is not None:
+                decoder.pool.release(state, retired=True)
 
 
 def _since(state: "DecodeState", baseline: dict) -> dict:
@@ -156,11 +158,14 @@ class StatePool:
         with self._lock:
             return list(self._holders)
 
-    def checkout(self, ids: "torch.Tensor") -> Optional["DecodeState"]:
-        """A state for one transparent call on ``ids`` (give it back with :meth:`release`), or
-        None when ``cap`` states exist and every one is busy."""
+    def checkout(self, ids: "torch.Tensor") -> Optional[tuple["DecodeState", int]]:
+        """A state for one transparent call on ``ids`` and how many leading positions of ``ids``
+        its cache holds (compared here: the call need not compare them again); give the state
+        back with :meth:`release`. None when ``cap`` states exist and every one is busy."""
         with self._lock:
-            state = self._extended_by(ids) or self._spare(ids)
+            state, cached = self._extended_by(ids)
+            if state is None:
+                state = self._spare(ids)
             if state is None:
                 if not self._told_busy:
                     self._told_busy = True
@@ -168,18 +173,20 @@ class StatePool:
                              "runs uncached until one is free", self.cap)
                 return None
             self._hold(state, _CALL)
-            return state
+            return state, cached
 
-    def take(self, ids: "torch.Tensor", holder: Any) -> "DecodeState":
+    def take(self, ids: "torch.Tensor", holder: Any) -> tuple["DecodeState", int]:
         """A state for a session to keep: as :meth:`checkout`, but past ``cap`` when need be."""
         with self._lock:
-            state = self._extended_by(ids) or self._spare(ids)
+            state, cached = self._extended_by(ids)
+            if state is None:
+                state = self._spare(ids)
             if state is None:
                 state = self.new_state()
                 log.info("fxforge: kv_cache: %d sessions hold states, more than max_sessions=%d",
                          len(self._holders) + 1, self.cap)
             self._hold(state, holder)
-            return state
+            return state, cached
 
     def release(self, state: "DecodeState", retired: bool = False) -> None:
         with self._lock:
@@ -191,23 +198,26 @@ class StatePool:
         return holder is None or holder is _RETIRED or (
             isinstance(holder, weakref.ref) and holder() is None)
 
-    def _extended_by(self, ids: "torch.Tensor") -> Optional["DecodeState"]:
-        """The free state holding the longest prefix of ``ids``, or None. A decode step's ids
-        are a state's tokens plus one: states of that length are tried first, most recently
-        used first, and the first that matches is the longest possible (a token comparison
-        costs a few microseconds; most states differ in batch or length and cost nothing)."""
+    def _extended_by(self, ids: "torch.Tensor") -> tuple[Optional["DecodeState"], int]:
+        """The free state holding the longest prefix of ``ids`` and that prefix's length. When
+        none does, (None, 0): every free state that could hold a prefix was compared, so the
+        spare :meth:`_spare` picks holds none (the call starts it over, comparing nothing).
+        A decode step's ids are a state's tokens plus one: states of that length are tried
+        first, most recently used first, and the first that matches is the longest possible
+        (a token comparison costs a few microseconds, and a device sync on a GPU; most states
+        differ in batch or length and cost nothing)."""
         free = [s for s, h in reversed(self._holders.items())
                 if self._free(h) and s.tokens is not None and s.tokens.shape[0] == ids.shape[0]]
         for state in free:
             if state.tokens.shape[1] == ids.shape[1] - 1 and state.cached_prefix(ids):
-                return state
+                return state, state.tokens.shape[1]
         best, longest = None, 0
         for state in free:
             if longest < state.tokens.shape[1] < ids.shape[1] - 1:
                 cached = state.cached_prefix(ids)
                 if cached > longest:
                     best, longest = state, cached
-        return best
+        return best, longest
 
     def _spare(self, ids: "torch.Tensor") -> Optional["DecodeState"]:
         """A state for a new sequence: a retired one (its caches' batch size first: they and
@@ -235,5 +245,7 @@ class StatePool:
     def _trim(self) -> None:
         """Drop the least recently used free states beyond ``cap``."""
         extra = len(self._holders) - self.cap
-        for state in [s for s, h in self._holders.items() if self._free(h)][:max(extra, 0)]:
+        if extra <= 0:
+            return
+        for state in [s for s, h in self._holders.items() if self._free(h)][:extra]:
             del self._holders[state]

@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from fxforge.irgraph.safe_parse import torch_name
+
 log = logging.getLogger("fxforge")
 
 SAMPLED_WORDS = 8      # per CPU weight; cost measured in docs/ARCHITECTURE.md ("Weights and freezing")
@@ -170,7 +172,7 @@ class FrozenWeights:
 
 def _name(weights: Sequence[torch.Tensor], index: int) -> str:
     weight = weights[index]
-    return f"weight {index} ({str(weight.dtype).replace('torch.', '')}{list(weight.shape)})"
+    return f"weight {index} ({torch_name(weight.dtype)}{list(weight.shape)})"
 
 
 def _first_difference(a: Sequence[Any], b: Sequence[Any]) -> int:

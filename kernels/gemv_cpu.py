@@ -288,11 +288,10 @@ class GemvLinear:
         self.bias_ptr = self.bias.data_ptr() if self.bias is not None else None
         self.n, self.k = weight_nk.shape
         self.act = ACTIVATION_CODES[activation]
-        self.threads = 0    # 0: torch's thread count
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                  threads: int = 0) -> torch.Tensor:
-        """``threads``: this call's thread count (0: :attr:`threads`, else torch's)."""
+        """``threads``: this call's thread count (0: torch's)."""
         if x.stride(1) != 1:
             x = x.contiguous()
         rows = x.shape[0]
@@ -303,7 +302,7 @@ class GemvLinear:
                          int(self.storage == torch.bfloat16), self.n,
                          self.bias_ptr, residual.data_ptr() if residual is not None else None,
                          residual.stride(0) if residual is not None else 0, self.act,
-                         y.data_ptr(), threads or self.threads or torch.get_num_threads()))
+                         y.data_ptr(), threads or torch.get_num_threads()))
         return y
 
     def describe(self, dtype_name: str, has_residual: bool) -> str:

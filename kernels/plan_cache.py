@@ -12,7 +12,7 @@ keeps the plan too: ``kernels/replay.launch``'s ``keep``).
 from __future__ import annotations
 
 import threading
-from typing import Any, Hashable, Iterator, Optional
+from typing import Any, Hashable, Optional
 
 
 class PlanCache:
@@ -34,9 +34,3 @@ class PlanCache:
                 self._plans = {}   # a new table: readers of the old one finish undisturbed
             self._plans[key] = plan
         return plan
-
-    def values(self) -> Iterator[Any]:
-        return iter(list(self._plans.values()))
-
-    def __len__(self) -> int:
-        return len(self._plans)

@@ -157,7 +157,11 @@ class CudaGraphRecording(Recording):
     """The same contract on a CUDA device: the call is captured as one CUDA graph, so a replay is
     one launch instead of a step's few hundred. A warm-up run on a side stream first compiles and
     tunes every kernel outside the capture; a call the capture refuses (a host sync such as
-    ``.item()``, an op CUDA graphs do not allow) raises :class:`Unreplayable` with the reason."""
+    ``.item()``, an op CUDA graphs do not allow) raises :class:`Unreplayable` with the reason.
+    Each state captures its own graph, maybe while other threads run or capture theirs. CUDA
+    refuses potentially unsafe calls (a device sync, a ``cudaMalloc``) during a capture: in
+    torch's default ``global`` mode in every thread, so another thread's decode step would fail;
+    ``thread_local`` refuses them in the capturing thread only."""
 
     def __init__(self, fn: Callable, args: Sequence[Any], keep: Sequence[int] = ()):
         self._own_inputs(args, keep)
@@ -169,7 +173,7 @@ class CudaGraphRecording(Recording):
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = fn(*self.inputs)
         except Exception as exc:   # noqa: BLE001  (capture errors come from many layers)
             raise Unreplayable(f"CUDA graph capture failed: {type(exc).__name__}: "

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from fxforge.autotune.batch import BatchCurve, BatchPoint
-from fxforge.autotune.plots import _plot_kernel, plot_batch_curve, plot_configs
+from fxforge.autotune.plots import SEARCH_STEP_LABEL, _plot_kernel, plot_batch_curve, plot_configs
 from fxforge.autotune.search import search
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,6 +76,8 @@ def test_the_plot_shows_the_times_the_choice_was_made_on(clock, fixed_times):
         marks = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines()
                  if line.get_label() in ("chosen", "default")}
         timed = {c.get_label(): sorted(c.lines[0].get_xdata()) for c in ax.containers}
+        searched = [sorted(line.get_xdata()) for line in ax.get_lines()
+                    if line.get_label() == SEARCH_STEP_LABEL]
     finally:
         plt.close(fig)
     assert marks == {"chosen": pytest.approx(result["best_s"] * 1e3),
@@ -83,3 +85,7 @@ def test_the_plot_shows_the_times_the_choice_was_made_on(clock, fixed_times):
     assert timed == {"re-timed together": pytest.approx(sorted(
         r["median_s"] * 1e3 for r in result["records"] if r["confirmed"]))}
     assert "chosen among 3 re-timed together" in ax.get_title()
+    # beside each finalist, its time in the search step (before the load changed: 3x less)
+    search_ms = sorted(r["search_median_s"] * 1e3 for r in result["records"] if r["confirmed"])
+    assert searched == [pytest.approx(search_ms)] and search_ms == pytest.approx(
+        [t / 3 for t in timed["re-timed together"]])

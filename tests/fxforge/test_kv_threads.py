@@ -1,16 +1,17 @@
-"""The KV cache from several threads and from loops interleaved in one thread (issue 15).
+"""The KV cache from several threads and from loops interleaved in one thread.
 
 One compiled ``kv_cache`` module, or one loaded artifact, serves threads that generate different
 prompts at different batch sizes, and loops that take turns in one thread: every caller gets
-eager's greedy tokens, and decode steps still run from the cache (its counts are asserted).
-Before the fix threads got each other's tokens, mixed batch sizes crashed in
-``fxforge::cached_attention``, interleaved loops made every call a prefill, and threads through
-one compiled module aborted the process (``double free or corruption``).
+eager's greedy tokens, and decode steps still run from the cache (its counts are asserted). What
+these catch: a cache shared by threads mixes their tokens; mixed batch sizes meet a cache of
+another batch in ``fxforge::cached_attention``; interleaved loops that start each other's cache
+over make every call a prefill; and a native buffer (kernel scratch, pack, replay recording)
+shared by threads corrupts memory (``double free or corruption``), which the subprocess test
+turns into a test failure instead of a crashed pytest.
 """
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -34,27 +35,6 @@ def plain_loop(fn, ids, steps=STEPS):
     return ids
 
 
-def run_threads(jobs):
-    """Run each job in its own thread, all released at once; re-raise the first error a
-    thread met."""
-    errors = []
-    start = threading.Barrier(len(jobs))
-
-    def run(job):
-        try:
-            start.wait(60)
-            job()
-        except BaseException as exc:  # noqa: BLE001  (handed to the test's thread)
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 def repeated(fn, ids, want, repetitions):
     """A thread's job: ``repetitions`` runs of ``fn`` on ``ids``, each giving ``want``."""
     def job():
@@ -64,7 +44,20 @@ def repeated(fn, ids, want, repetitions):
     return job
 
 
-def test_threads_with_different_prompts_get_their_own_tokens(tiny_gpt, tiny_gpt_artifact):
+def test_run_threads_fails_the_test_on_an_error_in_any_thread(run_threads):
+    """The threaded tests' verdicts rest on this: an assert failing in a thread must surface."""
+    ran = []
+
+    def fails():
+        ran.append(1)
+        assert False, "in a thread"
+    with pytest.raises(AssertionError, match="in a thread"):
+        run_threads([lambda: ran.append(1), fails, lambda: ran.append(1)])
+    assert len(ran) == 3
+
+
+def test_threads_with_different_prompts_get_their_own_tokens(tiny_gpt, tiny_gpt_artifact,
+                                                             run_threads):
     loaded = fxforge.load(tiny_gpt_artifact)
     prompts = [prompt(1, 4 + i, seed=i) for i in range(4)]
     run_threads([repeated(lambda ids: plain_loop(loaded, ids), p, plain_loop(tiny_gpt, p), 3)
@@ -90,7 +83,8 @@ def test_interleaved_loops_in_one_thread_each_hit_the_cache(tiny_gpt, tiny_gpt_a
     assert stats["replayed"] >= 3 * (STEPS - 3)       # each loop's own recording
 
 
-def test_eight_threads_through_one_artifact_get_eager_tokens(tiny_gpt, tiny_gpt_artifact):
+def test_eight_threads_through_one_artifact_get_eager_tokens(tiny_gpt, tiny_gpt_artifact,
+                                                              run_threads):
     """Acceptance: 8 threads through one loaded artifact, half running the plain loop and half
     ``fxforge.generate``, at batch sizes 1-3: eager's tokens at each of 20 repetitions; the
     cache counts are printed (``-s``)."""

@@ -1,4 +1,5 @@
 """``fxforge.Session`` and the state pool behind the transparent KV-cache mode."""
+import asyncio
 import gc
 import logging
 import weakref
@@ -11,7 +12,7 @@ import fxforge
 from fxforge.errors import OptionsError, SessionInUseError
 from fxforge.kernels.shared_packs import live_packs
 from fxforge.kv_runtime import DecodeState
-from fxforge.sessions import StatePool
+from fxforge.sessions import StatePool, active_session
 from fxforge.testing import assert_close_to_eager
 
 
@@ -34,8 +35,10 @@ def stub_pool(cap):
     return StatePool(lambda: DecodeState(decoder), cap)
 
 
-def ran(pool, state, ids):
-    """What a call on ``ids`` leaves in ``state``: its tokens cached; the state handed back."""
+def ran(pool, checkout, ids):
+    """What a call on ``ids`` leaves in the state it checked out: its tokens cached; the state
+    handed back."""
+    state, _ = checkout
     state.tokens = ids
     pool.release(state)
     return state
@@ -51,10 +54,12 @@ def test_a_call_gets_the_state_whose_tokens_it_extends_the_longest_match_first()
     state_a7 = ran(pool, pool.checkout(a), longer(a, 7))  # a again extends no state: a new one
     state_b = ran(pool, pool.checkout(b), b)
     assert len({state_a, state_a7, state_b}) == 3
-    assert pool.checkout(longer(b, 3)) is state_b
-    assert pool.checkout(longer(a, 7, 9)) is state_a7     # a + 7 is longer than a
-    assert pool.checkout(longer(a, 8)) is state_a
-    assert pool.checkout(a) is not state_a                # a extends neither: a new state
+    # each with the length of the prefix its cache holds: the call does not compare again
+    assert pool.checkout(longer(b, 3)) == (state_b, 5)
+    assert pool.checkout(longer(a, 7, 9)) == (state_a7, 6)   # a + 7 is longer than a
+    assert pool.checkout(longer(a, 8)) == (state_a, 5)
+    fresh, cached = pool.checkout(a)                          # a extends neither: a new state
+    assert fresh not in (state_a, state_a7, state_b) and cached == 0
 
 
 def test_at_its_cap_the_pool_reuses_the_least_recently_used_free_state(caplog):
@@ -63,9 +68,9 @@ def test_at_its_cap_the_pool_reuses_the_least_recently_used_free_state(caplog):
     state_b = ran(pool, pool.checkout(b), b)
     ran(pool, pool.checkout(longer(a, 1)), longer(a, 1))  # a is now the most recently used
     with caplog.at_level(logging.INFO, "fxforge"):
-        assert pool.checkout(c) is state_b
+        assert pool.checkout(c) == (state_b, 0)
     assert "least recently used" in caplog.text and len(pool.states()) == 2
-    assert pool.checkout(longer(a, 1, 2)) is state_a      # a kept its cache
+    assert pool.checkout(longer(a, 1, 2)) == (state_a, 5)   # a kept its cache
 
 
 def test_when_every_state_is_busy_a_call_gets_none_and_it_is_logged_once(caplog):
@@ -79,24 +84,24 @@ def test_when_every_state_is_busy_a_call_gets_none_and_it_is_logged_once(caplog)
 
 def test_sessions_are_never_refused_and_their_states_are_reused_first(caplog):
     pool, holder = stub_pool(1), fxforge.Session()
-    first = pool.take(prompt(1, 4, seed=1), holder=weakref.ref(holder))
+    first, _ = pool.take(prompt(1, 4, seed=1), holder=weakref.ref(holder))
     with caplog.at_level(logging.INFO, "fxforge"):
-        second = pool.take(prompt(1, 4, seed=2), holder=weakref.ref(holder))
+        second, _ = pool.take(prompt(1, 4, seed=2), holder=weakref.ref(holder))
     assert second is not first and "more than max_sessions=1" in caplog.text
     pool.release(second, retired=True)                    # back to the cap: the free one goes
     assert pool.states() == [first]
     pool.release(first, retired=True)
-    assert pool.checkout(prompt(1, 4, seed=3)) is first   # handed back: reused before a new one
+    assert pool.checkout(prompt(1, 4, seed=3)) == (first, 0)   # handed back: reused first
 
 
 def test_the_state_of_a_garbage_collected_session_is_free_again():
     pool = stub_pool(1)
     session = fxforge.Session()
-    held = pool.take(prompt(1, 4, seed=1), holder=weakref.ref(session))
+    held, _ = pool.take(prompt(1, 4, seed=1), holder=weakref.ref(session))
     assert pool.checkout(prompt(1, 4, seed=2)) is None
     del session
     gc.collect()
-    assert pool.checkout(prompt(1, 4, seed=2)) is held
+    assert pool.checkout(prompt(1, 4, seed=2)) == (held, 0)
 
 
 def test_generate_takes_only_a_session_as_session(tiny_gpt):
@@ -129,6 +134,42 @@ def test_a_session_keeps_its_caches_from_one_turn_to_the_next(tiny_gpt, tiny_gpt
     assert session.stats["steps"] == 10
     session.close()
     assert session.stats["steps"] == 10 and len(loaded.kv.states()) == 1
+
+
+def test_a_session_keeps_no_dropped_graph_alive_and_keeps_counting_what_ran(tiny_gpt_artifact):
+    """A session's caches for a graph the user dropped go with the graph (they serve nothing
+    else); its stats still count the calls that ran there."""
+    loaded, session = fxforge.load(tiny_gpt_artifact), fxforge.Session()
+    fxforge.generate(loaded, prompt(1, 5, seed=8), 4, session=session)
+    counted = session.stats
+    assert counted["prefills"] == 1 and counted["steps"] == 3
+    decoder, state = weakref.ref(loaded.kv), weakref.ref(loaded.kv.states()[0])
+    del loaded
+    gc.collect()
+    assert decoder() is None and state() is None
+    assert session.stats == counted
+    again = fxforge.load(tiny_gpt_artifact)
+    fxforge.generate(again, prompt(1, 5, seed=9), 2, session=session)
+    assert session.stats["prefills"] == 2 and session.stats["steps"] == 4
+    session.close()
+    assert session.stats["prefills"] == 2 and session.stats["steps"] == 4
+
+
+def test_a_decode_step_compares_its_tokens_with_the_cache_once(tiny_gpt, tiny_gpt_artifact,
+                                                                 monkeypatch):
+    """The pool compares a call's tokens with a state's to pick it and hands the match on: the
+    state does not compare them again (a comparison is a device sync on a GPU). A session's
+    state compares once per call too."""
+    compared = []
+    real = DecodeState.cached_prefix
+    monkeypatch.setattr(DecodeState, "cached_prefix",
+                        lambda state, ids: compared.append(1) or real(state, ids))
+    loaded, ids, steps = fxforge.load(tiny_gpt_artifact), prompt(1, 5, seed=10), 6
+    assert torch.equal(eager_greedy(loaded, ids, steps), eager_greedy(tiny_gpt, ids, steps))
+    assert loaded.kv.stats["steps"] == steps - 1 and len(compared) == steps - 1
+    compared.clear()
+    fxforge.generate(loaded, prompt(1, 5, seed=11), steps, session=fxforge.Session())
+    assert len(compared) == steps - 1
 
 
 def test_a_session_runs_one_call_at_a_time(tiny_gpt_artifact):
@@ -165,3 +206,41 @@ def test_states_share_the_compiled_kernels_and_their_packed_weights(tiny_gpt_art
             loops = [torch.cat([ids, loaded(ids)[:, -1].argmax(-1, keepdim=True)], 1)
                      for ids in loops]
     assert len(loaded.kv.states()) == 4 and live_packs() == packs
+
+
+# ---------------------------------------------------------------- activation: nesting, asyncio
+
+def test_with_session_blocks_nest():
+    outer, inner = fxforge.Session(), fxforge.Session()
+    with outer:
+        with inner:
+            assert active_session() is inner
+            with outer:                                  # the same session, entered again
+                assert active_session() is outer
+            assert active_session() is inner
+        assert active_session() is outer
+    assert active_session() is None
+
+
+def test_asyncio_tasks_in_one_thread_each_see_their_own_session_block():
+    """Two tasks of one event loop (one thread) enter blocks of one session and of another and
+    leave them in an order no thread-wide stack follows: each task sees its own activation."""
+    shared, other = fxforge.Session(), fxforge.Session()
+    seen = []
+
+    async def block(name, session, waits):
+        with session:
+            for _ in range(waits):                       # the other task runs meanwhile
+                await asyncio.sleep(0)
+                seen.append((name, active_session() is session))
+            with other:
+                await asyncio.sleep(0)
+                seen.append((name, active_session() is other))
+            seen.append((name, active_session() is session))
+        seen.append((name, active_session() is None))
+
+    async def main():
+        await asyncio.gather(block("first", shared, 1), block("second", shared, 3))
+    asyncio.run(main())
+    assert len(seen) == 10 and all(ok for _, ok in seen), seen
+    assert active_session() is None

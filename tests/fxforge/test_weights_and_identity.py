@@ -145,27 +145,23 @@ def test_alternating_instances_keep_their_own_build(builds):
     assert len(builds) == 2
 
 
-def test_threads_calling_two_instances_get_their_own_weights(builds):
-    import threading
+def test_threads_calling_two_instances_get_their_own_weights(builds, run_threads):
     models = [MLP().eval(), MLP().eval()]
     x = torch.randn(2, 8)
     with torch.no_grad():
         expected = [m(x) for m in models]
         compiled = [torch.compile(m, backend="fxforge") for m in models]
         compiled[0](x)   # dynamo's first compile, before the threads
-    failures = []
 
     def loop(index):
-        with torch.no_grad():
-            for _ in range(10):
-                if not torch.allclose(compiled[index](x), expected[index], rtol=1.3e-5, atol=1e-5):
-                    failures.append(index)
-    threads = [threading.Thread(target=loop, args=(i % 2,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures and len(builds) == 2
+        def job():
+            with torch.no_grad():
+                for call in range(10):
+                    assert_close_to_eager(compiled[index](x), expected[index],
+                                          f"instance {index}, call {call}")
+        return job
+    run_threads([loop(i % 2) for i in range(4)])   # an error in a thread fails the test
+    assert len(builds) == 2
 
 
 def test_more_weight_sets_than_kept_are_evicted_with_a_warning(caplog):

@@ -34,8 +34,8 @@ def test_threads_and_activations_on_a_parallel_size(threads, activation):
     torch.manual_seed(threads)
     weight, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(2, k)
     kernel = GemvLinear(weight, bias, activation)
-    kernel.threads = threads
-    assert_close_to_eager(kernel(x, None), _reference(x, weight.t(), bias, activation, None))
+    assert_close_to_eager(kernel(x, None, threads=threads),
+                          _reference(x, weight.t(), bias, activation, None))
 
 
 def test_strided_rows_and_residual():
@@ -66,11 +66,10 @@ def test_bf16_valued_weights_are_stored_in_bf16_and_stay_exact(n, k, m, threads)
     weight, bias = _bf16_valued(n, k), torch.randn(n)
     x, res = torch.randn(m, k), torch.randn(m, n)
     kernel = GemvLinear(weight, bias, "silu")
-    kernel.threads = threads
     assert kernel.storage == torch.bfloat16 and kernel.weight.dtype == torch.bfloat16
     assert "weights stored in bf16" in kernel.describe("fp32", True)
-    assert_close_to_eager(kernel(x, res), _reference(x, weight.t(), bias, "silu", res),
-                          f"M={m} N={n} K={k}")
+    assert_close_to_eager(kernel(x, res, threads=threads),
+                          _reference(x, weight.t(), bias, "silu", res), f"M={m} N={n} K={k}")
 
 
 def test_other_weights_stay_fp32():

@@ -88,7 +88,8 @@ def test_every_compiled_cpu_kernel_is_launched_through_launch():
 
 def test_a_recording_sees_only_the_launches_of_its_own_thread():
     """Another thread's kernel launch during a recording is not part of it: a replay would call
-    that kernel again on pointers into the other thread's freed temporaries (issue 15)."""
+    that kernel again on pointers into the other thread's freed temporaries (memory corruption
+    when several threads decode through one compiled module)."""
     import threading
 
     from fxforge.kernels.replay import launch
@@ -120,3 +121,21 @@ def test_a_recording_sees_only_the_launches_of_its_own_thread():
     assert "their_kernel" not in rec.labels and rec.labels.count("my_kernel") == 1
     rec.replay([torch.ones(2)])
     assert mine == [1, 1] and theirs == [2]        # the replay re-ran only its own launch
+
+
+def test_a_cuda_graph_runner_runs_a_shape_it_did_not_capture_outside_its_lock():
+    """The runner's lock guards its static buffers (warm-up, capture, copy-in, replay, copy-out);
+    a call of another shape uses none of them and runs eagerly without the lock, so threads
+    calling other shapes are not serialized. (No CUDA here: the captured graph is a stand-in.)"""
+    from fxforge.backends.triton import CUDAGraphRunner
+    locked = []
+
+    def graph(x):
+        locked.append(runner.lock.locked())
+        return x + 1
+    runner = CUDAGraphRunner(graph, warmup=1)
+    runner(torch.zeros(2))                      # the warm-up: under the lock, before a capture
+    runner.graph = object()                     # as if captured for float32 [2] on the CPU
+    runner.signature = ((torch.Size([2]), torch.float32, torch.device("cpu")),)
+    assert torch.equal(runner(torch.zeros(3)), torch.ones(3))
+    assert locked == [True, False]
