@@ -12,7 +12,12 @@ bundle file ``{"format", "schema", "entries": [entry, ...]}`` (shipped inside an
 an overlay serves such a bundle read-only.
 
 Folders and entries another user owns or can write are reported once and ignored
-(``kernels/cache_trust.py``). Top-level imports are stdlib only (cache_trust's too).
+(``kernels/cache_trust.py``). The entry and bundle formats and their checks are in
+``cache_format.py``. This module's own top-level imports are the standard library and those
+two modules, whose own are stdlib only: the three load from their files alone (each registered
+under its name first), which spares the concurrency test's worker processes torch (a test
+checks it). Imported as ``fxforge.autotune.cache`` it imports the ``fxforge`` package (torch)
+first, like any submodule.
 """
 from __future__ import annotations
 
@@ -24,29 +29,27 @@ import logging
 import os
 import platform
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from fxforge.kernels.cache_trust import cache_root, make_private_dirs, path_problem
+from fxforge.autotune.cache_format import (BUNDLE_FORMAT, KEY_TYPES, SCHEMA, Entry, canonical,
+                                           config_problem, decode_entry, entry_doc,
+                                           key_fields_problem, read_bundle, record_problem)
+from fxforge.kernels.cache_trust import (UntrustedCacheError, cache_root, make_private_dirs,
+                                         path_problem, read_private, resolve_root, write_atomic)
 
 log = logging.getLogger("fxforge.autotune")
 
-SCHEMA = 1
-BUNDLE_FORMAT = "fxforge-tuning"
 RELEVANT_ENV = ("FXFORGE_CPU_ISA", "FXFORGE_CXXFLAGS", "OMP_NUM_THREADS", "TRITON_INTERPRET")
 # ISA features that change which config wins; /proc/cpuinfo names, then torch's capability names.
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
               "amx_int8")
 _TORCH_CAPABILITY_NAMES = {"fma3": "fma", "avx512_f": "avx512f"}
-_KEY_TYPES = {"kernel": str, "source_hash": str, "problem": dict, "device": str,
-              "versions": dict, "env": dict, "schema": int}
 
 _reported: set[str] = set()  # what this process already warned about (paths, bundles, roots)
 
 PathLike = Union[str, Path]
-Entry = tuple[dict, dict]  # (key fields, record)
 
 
 def _warn_once(tag: str, message: str) -> None:
@@ -124,7 +127,7 @@ class CacheKey:
         for name in ("problem", "versions", "env"):
             plain = json.loads(json.dumps(getattr(self, name), default=_jsonable, sort_keys=True))
             object.__setattr__(self, name, plain)
-        wrong = [n for n, kind in _KEY_TYPES.items() if not isinstance(getattr(self, n), kind)]
+        wrong = [n for n, kind in KEY_TYPES.items() if not isinstance(getattr(self, n), kind)]
         if wrong:  # caught here, not as a "corrupt" entry on every later read
             raise TypeError(f"CacheKey fields of the wrong type: {', '.join(wrong)}")
 
@@ -136,99 +139,22 @@ class CacheKey:
 
     @staticmethod
     def from_fields(fields: Any) -> "CacheKey":
-        problem = _key_fields_problem(fields)
+        problem = key_fields_problem(fields)
         if problem:
             raise ValueError(f"invalid cache key: {problem}")
         return CacheKey(**fields)
 
     def fields(self) -> dict:
-        return {name: json.loads(json.dumps(getattr(self, name))) for name in _KEY_TYPES}
+        return {name: json.loads(json.dumps(getattr(self, name))) for name in KEY_TYPES}
 
     def digest(self) -> str:
-        return hashlib.sha256(_canonical(self.fields()).encode()).hexdigest()
+        return hashlib.sha256(canonical(self.fields()).encode()).hexdigest()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CacheKey) and self.digest() == other.digest()
 
     def __hash__(self) -> int:
         return hash(self.digest())
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def _checksum(key: Any, record: Any) -> str:
-    return hashlib.sha256(_canonical({"key": key, "record": record}).encode()).hexdigest()
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _key_fields_problem(fields: Any) -> Optional[str]:
-    if not isinstance(fields, dict) or set(fields) != set(_KEY_TYPES):
-        return "key is not a dict with exactly the fields " + ", ".join(_KEY_TYPES)
-    for name, kind in _KEY_TYPES.items():
-        if not isinstance(fields[name], kind) or isinstance(fields[name], bool):
-            return f"key field {name!r} is not a {kind.__name__}"
-    return None if fields["schema"] == SCHEMA else f"key schema {fields['schema']} != {SCHEMA}"
-
-
-def _config_problem(config: Any) -> Optional[str]:
-    if not isinstance(config, dict) or not isinstance(config.get("params"), dict):
-        return "config is not a dict with a 'params' dict"
-    if not all(isinstance(k, str) and _is_int(v) for k, v in config["params"].items()):
-        return "config params are not all str -> int"
-    if not (_is_int(config.get("num_warps")) and _is_int(config.get("num_stages"))):
-        return "config num_warps/num_stages are not ints"
-    return None
-
-
-def _record_problem(record: Any) -> Optional[str]:
-    if not isinstance(record, dict) or "config" not in record:
-        return "record is not a dict with a 'config'"
-    return _config_problem(record["config"])
-
-
-def _entry_problem(doc: Any) -> Optional[str]:
-    """What is wrong with a stored ``{key, record, checksum}`` entry, or None."""
-    if not isinstance(doc, dict) or set(doc) != {"key", "record", "checksum"}:
-        return "not an entry (expected exactly key, record, checksum)"
-    if doc["checksum"] != _checksum(doc["key"], doc["record"]):
-        return "checksum mismatch"
-    return _key_fields_problem(doc["key"]) or _record_problem(doc["record"])
-
-
-def _decode_entry(raw: bytes) -> tuple[Optional[Entry], str]:
-    """(key fields, record) of a stored entry, or (None, what is wrong with it)."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return None, f"not valid JSON ({type(exc).__name__}; truncated or garbage?)"
-    problem = _entry_problem(doc)
-    return (None, problem) if problem else ((doc["key"], doc["record"]), "")
-
-
-def _entry_doc(fields: dict, record: dict) -> dict:
-    return {"key": fields, "record": record, "checksum": _checksum(fields, record)}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Readers see the old file or the complete new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; bundles travel with artifacts
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def config_to_json(config: Any) -> dict:
@@ -238,7 +164,7 @@ def config_to_json(config: Any) -> dict:
 def config_from_json(data: Any) -> Any:
     """``Config.from_json`` with the cache's stricter checks of the record's config."""
     from fxforge.kernels.tuning import Config
-    problem = _config_problem(data)
+    problem = config_problem(data)
     if problem:
         raise ValueError(f"invalid tuning config {data!r}: {problem}")
     return Config.from_json(data)
@@ -248,8 +174,11 @@ class TuningCache:
     """Entries on disk under ``root`` plus an optional read-only in-memory overlay."""
 
     def __init__(self, root: Optional[PathLike] = None) -> None:
-        self.root = Path(root) if root is not None else cache_root() / "autotune"
-        self._trust_root = Path(root) if root is not None else cache_root()   # ours from here
+        # resolved once, as the kernel cache's root: links on the way are judged here, then the
+        # real path is all that is used; the rule holds from the trust root down
+        self._trust_root, self._link_problem = resolve_root(
+            Path(root) if root is not None else cache_root())
+        self.root = self._trust_root if root is not None else self._trust_root / "autotune"
         self._overlay: dict[str, Entry] = {}
 
     def path_for(self, key: CacheKey) -> Path:
@@ -273,18 +202,18 @@ class TuningCache:
 
     def put(self, key: CacheKey, record: dict) -> Optional[Path]:
         """Store ``record``; None when the cache cannot be written (warned once, never raised)."""
-        problem = _record_problem(record)
+        problem = record_problem(record)
         if problem:
             raise ValueError(f"TuningCache.put: invalid record for {key.kernel}: {problem}")
         fields = key.fields()
-        text = json.dumps(_entry_doc(fields, record), sort_keys=True, indent=1)
+        text = json.dumps(entry_doc(fields, record), sort_keys=True, indent=1)
         path = self.path_for(key)
         try:
-            problem = make_private_dirs(path.parent, self._trust_root)
+            problem = self._link_problem or make_private_dirs(path.parent, self._trust_root)
             if problem:
                 _warn_once(problem, f"tuning cache: {problem}; not writing tuning results there")
                 return None
-            _atomic_write(path, text)
+            write_atomic(path, text.encode())
         except OSError as exc:
             _warn_once(f"write:{self.root}", f"tuning cache: cannot write under {self.root} "
                        f"({exc}); tuning results will not persist")
@@ -292,26 +221,46 @@ class TuningCache:
         _reported.discard(str(path))  # repaired: a later corruption is worth a new warning
         return path
 
-    def _read(self, path: Path) -> Optional[Entry]:
+    def _folder_trusted(self, folder: Path) -> bool:
+        """Whether the rule holds for ``folder`` and every folder from the trust root down to it
+        (a problem is warned once); raises FileNotFoundError if it does not exist."""
+        untrusted = self._link_problem or path_problem(folder, self._trust_root)
+        if untrusted:
+            _warn_once(untrusted, f"tuning cache: {untrusted}; its entries are ignored")
+        return not untrusted
+
+    def _read(self, path: Path, folder_checked: bool = False) -> Optional[Entry]:
+        """The valid entry in ``path``; only what we wrote is read: the folders are checked first
+        (unless ``folder_checked``), the file on the descriptor it is read from."""
         try:
-            raw = path.read_bytes()
+            if not folder_checked and not self._folder_trusted(path.parent):
+                return None
+            raw = read_private(path)
         except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder) there
+            return None
+        except UntrustedCacheError as exc:
+            _warn_once(str(exc), f"tuning cache: {exc}; ignored")
             return None
         except OSError as exc:
             _warn_once(str(path), f"tuning cache: cannot read {path} ({exc}); ignored")
             return None
-        untrusted = path_problem(path, self._trust_root)   # only we may have written it
-        if untrusted:
-            _warn_once(untrusted, f"tuning cache: {untrusted}; its entries are ignored")
-            return None
-        entry, problem = _decode_entry(raw)
+        entry, problem = decode_entry(raw)
         if entry is None:
             _warn_once(str(path), f"tuning cache: {path} is corrupt ({problem}); ignored")
         return entry
 
     def entries(self) -> list[Entry]:
-        """(key fields, record) of every valid entry on disk (the overlay is not included)."""
-        found = (self._read(path) for path in sorted(self.root.glob("*/*.json")))
+        """(key fields, record) of every valid entry on disk (the overlay is not included); each
+        kernel folder's chain is checked once, not once per entry."""
+        found = []
+        for folder in sorted(p for p in self.root.glob("*") if p.is_dir()):
+            try:
+                if not self._folder_trusted(folder):
+                    continue
+            except FileNotFoundError:   # removed meanwhile (clear)
+                continue
+            found += [self._read(path, folder_checked=True)
+                      for path in sorted(folder.glob("*.json"))]
         return [entry for entry in found if entry is not None]
 
     def export(self, path: PathLike, keys: Optional[Iterable[CacheKey]] = None) -> int:
@@ -322,14 +271,16 @@ class TuningCache:
             chosen = [(key.fields(), record) for key in keys
                       if (record := self.get(key)) is not None]
         bundle = {"format": BUNDLE_FORMAT, "schema": SCHEMA,
-                  "entries": [_entry_doc(fields, record) for fields, record in chosen]}
-        _atomic_write(Path(path), json.dumps(bundle, sort_keys=True, indent=1))
+                  "entries": [entry_doc(fields, record) for fields, record in chosen]}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # 0644: a bundle travels with an artifact, to other users
+        write_atomic(Path(path), json.dumps(bundle, sort_keys=True, indent=1).encode(), 0o644)
         return len(chosen)
 
     def import_(self, path: PathLike, *, overwrite: bool = True) -> int:
         """Copy a bundle's valid entries to disk; returns how many were written."""
         written = 0
-        for fields, record in _read_bundle(Path(path)):
+        for fields, record in read_bundle(Path(path)):
             key = CacheKey(**fields)
             if overwrite or self._stored(key) is None:
                 written += self.put(key, record) is not None
@@ -337,9 +288,9 @@ class TuningCache:
 
     def add_overlay(self, source: Union[PathLike, Iterable[Entry]]) -> int:
         """Serve a bundle file's (or the given) entries read-only, ahead of the disk."""
-        found = _read_bundle(Path(source)) if isinstance(source, (str, Path)) else list(source)
+        found = read_bundle(Path(source)) if isinstance(source, (str, Path)) else list(source)
         for fields, record in found:
-            problem = _key_fields_problem(fields) or _record_problem(record)
+            problem = key_fields_problem(fields) or record_problem(record)
             if problem:
                 raise ValueError(f"add_overlay: invalid entry: {problem}")
             key = CacheKey(**fields)
@@ -361,44 +312,3 @@ class TuningCache:
         for folder in self.root.iterdir() if self.root.is_dir() else ():
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only empty kernel folders go
-
-
-def _bundle_doc(path: Path) -> tuple[Optional[dict], str]:
-    """A bundle file's document, or (None, why it is not one)."""
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return None, f"is unreadable ({type(exc).__name__}: {exc})"
-    if (not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT
-            or doc.get("schema") != SCHEMA or not isinstance(doc.get("entries"), list)):
-        return None, f"is not a schema-{SCHEMA} {BUNDLE_FORMAT} bundle"
-    return doc, ""
-
-
-def bundle_problem(path: PathLike) -> Optional[str]:
-    """Why ``path`` is not a bundle whose every entry is valid, or None. An AOT artifact's
-    bundle must be one; other bundles only lose their bad entries (``_read_bundle``)."""
-    doc, problem = _bundle_doc(Path(path))
-    if doc is None:
-        return problem
-    return next((f"holds an invalid entry ({p})" for p in map(_entry_problem, doc["entries"]) if p),
-                None)
-
-
-def _read_bundle(path: Path) -> list[Entry]:
-    """A bundle's valid entries; bad content gets one warning per call, never an exception."""
-    doc, problem = _bundle_doc(path)
-    if doc is None:
-        log.warning("tuning bundle %s %s; ignored", path, problem)
-        return []
-    valid, reasons = [], []
-    for item in doc["entries"]:
-        problem = _entry_problem(item)
-        if problem:
-            reasons.append(problem)
-        else:
-            valid.append((item["key"], item["record"]))
-    if reasons:
-        log.warning("tuning bundle %s: skipped %d invalid entr%s (first: %s)", path, len(reasons),
-                    "y" if len(reasons) == 1 else "ies", reasons[0])
-    return valid

@@ -1,33 +1,48 @@
 """Where fxforge's on-disk cache lives, and when what is in it may be used.
 
 The cache holds native libraries that fxforge loads into the process, generated Triton source
-it imports and tuning results it follows, all under predictable names: whoever can write there
-can run code in every process that uses the cache. So the rule ssh applies to ``~/.ssh``:
+and tuning results it follows, all under predictable names: whoever can write there could run
+code in every process that uses the cache. So the rule ssh applies to ``~/.ssh``:
 
 * every folder from the cache root down, and every file in them, must be owned by this user and
   writable by no one else (no group or other write bit; a file must be a regular file, a folder
   below the root a real folder, not a link);
 * every folder above the root must be owned by root or by this user and writable by no one
   else, unless it has the sticky bit (``/tmp``): there others cannot rename or delete what we own;
+* the root is resolved once (:func:`resolve_root`) and only real paths are handed out; a link on
+  the way to it must be owned by root or us and lie in a folder that passes the rule above,
+  else whoever controls that folder could re-point it;
 * folders fxforge creates are owner-only (0700), files it writes 0600 (libraries 0700), written
-  to a temporary file and ``os.replace``-d into place;
-* a library is loaded only if its SHA-256 equals the digest recorded beside it
-  (``<name>.sha256``) when fxforge built it, checked right before ``ctypes.CDLL``.
+  to a temporary file and ``os.replace``-d into place (:func:`write_atomic`);
+* files are read through a descriptor opened without following a link and checked (``fstat``)
+  on that descriptor, so what was checked is what is read (:func:`read_private`);
+* a library is installed under a name holding its SHA-256, ``<name>.<sha256>.so``, never
+  rewritten with other bytes; then the record ``<name>.so.sha256`` is replaced to name it. A
+  library is loaded only through its record and only if its bytes still have that digest,
+  checked right before ``ctypes.CDLL``. A reader thus always finds a record and a library that
+  agree, whatever concurrent builds do, and a rebuilt library has a new path (``dlopen`` of a
+  path already loaded would return the old image). Replaced libraries stay until the cache is
+  cleared: a reader holding the previous record still finds its library.
 
 A cache folder that breaks the rule is reported once and not used: kernels are built in a
 private temporary folder of this process instead (removed at exit), tuning results are neither
 read from nor written to it. The checks are a few ``lstat`` calls; a library is hashed once per
-process (its loaded handle is kept).
+process (its loaded handle is kept, by its content-addressed path).
 
-Top-level imports are stdlib only (``autotune/cache.py`` is loaded on its own by tests).
+This module's own imports are stdlib only, so it can be loaded from its file alone (the tuning
+cache's concurrency test does so to spare its workers torch); importing it as
+``fxforge.kernels.cache_trust`` imports the ``fxforge`` package first, like any submodule.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
+import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -39,10 +54,15 @@ log = logging.getLogger("fxforge.cache")
 
 DIGEST_SUFFIX = ".sha256"
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_MAX_LINK_HOPS = 40   # as the kernel's ELOOP limit
+# O_NONBLOCK: opening a FIFO planted under an entry's name must not wait for a writer
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
 
 _lock = threading.Lock()
 _warned: set[str] = set()                 # problems this process already reported
-_loaded: dict[str, ctypes.CDLL] = {}      # verified and loaded libraries, by path
+_loaded: dict[str, ctypes.CDLL] = {}      # verified and loaded libraries, by content-addressed path
 _fallback: Optional[Path] = None          # this process's private cache, made on first need
 
 
@@ -51,7 +71,8 @@ class UntrustedCacheError(OSError):
 
 
 def cache_root() -> Path:
-    """``$FXFORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxforge``, else ``~/.cache/fxforge``."""
+    """``$FXFORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxforge``, else ``~/.cache/fxforge``
+    (as configured: :func:`resolve_root` gives the path to use)."""
     if os.environ.get("FXFORGE_CACHE_DIR"):
         return Path(os.environ["FXFORGE_CACHE_DIR"])
     if os.environ.get("XDG_CACHE_HOME"):
@@ -120,49 +141,83 @@ def _kind_problem(path: Path, st: os.stat_result, last: bool) -> Optional[str]:
     return f"{path} is not a regular {'file or folder' if last else 'folder'} (a link?)"
 
 
+def _links_problem(path: Path, hops: int = 0) -> Optional[str]:
+    """Why a link on the way to ``path`` (absolute, unresolved) could be re-pointed by someone
+    else: each must be owned by root or us and lie in a folder that the rule for the folders
+    above the cache allows; the links its target passes through are judged the same way."""
+    if hops > _MAX_LINK_HOPS:
+        return f"{path}: too many levels of links"
+    for prefix in [*reversed(path.parents), path][1:]:   # "/" is never a link
+        try:
+            st = os.lstat(prefix)
+        except FileNotFoundError:
+            return None   # fxforge creates the rest, as real folders
+        if not stat.S_ISLNK(st.st_mode):
+            continue
+        euid = _euid()
+        if euid is not None and st.st_uid not in (0, euid):
+            return f"{prefix}, a link on the way to the cache, is owned by uid {st.st_uid}"
+        folder = Path(os.path.realpath(prefix.parent))
+        problem = _parents_problem(folder) or _ancestor_problem(folder, os.stat(folder))
+        if problem:
+            return f"{prefix} is a link in a folder others can change ({problem})"
+        problem = _links_problem(prefix.parent / os.readlink(prefix), hops + 1)
+        if problem:
+            return problem
+    return None
+
+
+def resolve_root(root: Path) -> tuple[Path, Optional[str]]:
+    """(``root`` with its links resolved, why a link on the way cannot be trusted or None). Only
+    the resolved path is used from then on: what was checked is what is used, even if a link is
+    re-pointed later. The one place both the kernel and the tuning cache resolve their root."""
+    path = Path(root) if Path(root).is_absolute() else Path.cwd() / root   # ".." kept, as the OS
+    try:
+        problem = _links_problem(path)
+    except OSError as exc:
+        problem = f"cannot check the links on the way to {root} ({exc})"
+    return Path(os.path.realpath(path)), problem
+
+
 def path_problem(path: Path, root: Path) -> Optional[str]:
-    """Why ``path`` (``root`` itself or a folder or file below it) breaks the rule, or None."""
+    """Why ``path`` (``root`` itself or a folder or file below it) breaks the rule, or None.
+    ``root`` comes from :func:`resolve_root`: the walk starts there and follows no link (one
+    that is found is refused). Raises FileNotFoundError if ``path`` does not exist."""
     try:
         parts = Path(path).relative_to(root).parts
     except ValueError:
         return f"{path} is not inside the cache folder {root}"
-    real_root = Path(os.path.realpath(root))   # a link to the root is judged by its target
+    chain = [Path(root).joinpath(*parts[:depth]) for depth in range(len(parts) + 1)]
+    current = chain[0]
     try:
-        problem = _parents_problem(real_root)
-        if problem:
-            return problem
-        st = os.stat(real_root)
-        problem = (None if stat.S_ISDIR(st.st_mode) else f"{root} is not a folder"
-                   ) or _ours_problem(Path(root), st)
-        current = Path(root)
-        for i, part in enumerate(parts):
+        problem = _parents_problem(current)
+        for current in chain:   # the root must be a folder; below it, only the end may be a file
             if problem:
                 break
-            current = current / part
-            st = os.lstat(current)   # never follow a link below the root
-            problem = (_kind_problem(current, st, last=i == len(parts) - 1)
-                       or _ours_problem(current, st))
+            st = os.lstat(current)
+            last = len(chain) > 1 and current == chain[-1]
+            problem = _kind_problem(current, st, last) or _ours_problem(current, st)
         return problem
-    except FileNotFoundError as exc:
-        return f"{exc.filename} does not exist"
+    except FileNotFoundError:
+        raise
     except OSError as exc:
-        return f"cannot check {path} ({exc})"
+        return f"cannot check {current} ({exc})"
 
 
 def make_private_dirs(folder: Path, root: Path) -> Optional[str]:
     """Create ``folder`` (and missing parents, the root's included) owner-only (raises OSError if
-    it cannot); then the rule's verdict on the whole chain: None if it may be used, else why."""
+    it cannot); then the rule's verdict on the whole chain: None if it may be used, else why.
+    ``root`` comes from :func:`resolve_root`."""
     missing = []
     probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
+    while not os.path.lexists(probe) and probe != probe.parent:
         missing.append(probe)
         probe = probe.parent
     # judge what exists before adding to it: nothing is created inside a folder others control
     if probe.is_relative_to(root):
         problem = path_problem(probe, root)
-    else:
-        real = Path(os.path.realpath(probe))
-        problem = _parents_problem(real) or _ancestor_problem(real, os.stat(real))
+    else:   # above the root, which is resolved: no links here
+        problem = _parents_problem(probe) or _ancestor_problem(probe, os.stat(probe))
     if problem:
         return problem
     for path in reversed(missing):
@@ -183,98 +238,163 @@ def _private_root() -> Path:
         return _fallback
 
 
-def _real_cache_root() -> Path:
-    """The cache root with links resolved: a path handed out never passes through a link that
-    someone could re-point between our check and our use."""
-    return Path(os.path.realpath(cache_root()))
-
-
 def trusted_dir(*parts: str) -> Path:
     """``<cache root>/<parts>``, created owner-only, if the rule holds for it; else (reported
-    once) the same folder under this process's private temporary cache."""
-    root = _real_cache_root()
-    try:
-        problem = make_private_dirs(root.joinpath(*parts), root)
-    except OSError as exc:
-        problem = f"cannot create {root.joinpath(*parts)} ({exc})"
+    once) the same folder under this process's private temporary cache. Raises
+    :class:`UntrustedCacheError` if neither may be used."""
+    root, problem = resolve_root(cache_root())
+    if problem is None:
+        try:
+            problem = make_private_dirs(root.joinpath(*parts), root)
+        except OSError as exc:
+            problem = f"cannot create {root.joinpath(*parts)} ({exc})"
     if problem is None:
         return root.joinpath(*parts)
     _warn_once(problem, "not using it; kernels go to a private temporary folder of this process "
                         "(or set FXFORGE_CACHE_DIR to a folder only you can write)")
     fallback = _private_root()
-    problem = make_private_dirs(fallback.joinpath(*parts), fallback)
+    try:
+        problem = make_private_dirs(fallback.joinpath(*parts), fallback)
+    except OSError as exc:
+        problem = f"cannot create {fallback.joinpath(*parts)} ({exc})"
     if problem:
         raise UntrustedCacheError(f"no trustworthy cache folder: {problem}")
     return fallback.joinpath(*parts)
 
 
 def cached_file_problem(path: Path) -> Optional[str]:
-    """Why ``path``, in a folder from :func:`trusted_dir`, must not be used (None: it may be)."""
-    for root in (_real_cache_root(), _fallback):
-        if root is not None and Path(path).is_relative_to(root):
-            return path_problem(path, root)
+    """Why ``path``, in a folder from :func:`trusted_dir`, must not be used (None: it may be).
+    Raises FileNotFoundError if it does not exist."""
+    if _fallback is not None and Path(path).is_relative_to(_fallback):
+        return path_problem(path, _fallback)
+    root, problem = resolve_root(cache_root())
+    if Path(path).is_relative_to(root):
+        return problem or path_problem(path, root)
     return f"{path} is not inside fxforge's cache folder"
 
 
-# --- writing and loading ------------------------------------------------------------------------
+# --- writing and reading ------------------------------------------------------------------------
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Readers see the old file or the complete new one, never a partial write: a temporary file
+    in the same folder, flushed to disk (after a crash the name never holds an empty file),
+    given ``mode``, then ``os.replace``-d into place. The folder must exist."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 
-def digest_path(library: Path) -> Path:
-    return library.with_name(library.name + DIGEST_SUFFIX)
+def read_private(path: Path) -> bytes:
+    """The bytes of ``path``, which must be a regular file owned by this user and writable by no
+    one else, judged (``fstat``) on the descriptor the bytes are read from; a link is refused,
+    not followed. The folders above must have been checked (:func:`path_problem`). Raises
+    FileNotFoundError, :class:`UntrustedCacheError` (naming the problem) or another OSError."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):   # what O_NOFOLLOW gives for a link
+            raise UntrustedCacheError(f"{path} is a link, not a regular file") from exc
+        raise
+    with os.fdopen(fd, "rb") as stream:
+        st = os.fstat(fd)
+        problem = (None if stat.S_ISREG(st.st_mode) else f"{path} is not a regular file"
+                   ) or _ours_problem(Path(path), st)
+        if problem:
+            raise UntrustedCacheError(problem)
+        return stream.read()
 
 
-def install_library(built: Path, target: Path) -> None:
-    """Move a freshly built library into place (owner-only) and record its digest beside it."""
-    digest = hashlib.sha256(built.read_bytes()).hexdigest()
+# --- libraries ----------------------------------------------------------------------------------
+
+def digest_path(target: Path) -> Path:
+    """The record naming the library fxforge built for ``target`` (its SHA-256, hex)."""
+    return target.with_name(target.name + DIGEST_SUFFIX)
+
+
+def library_path(target: Path, digest: str) -> Path:
+    """Where the library with SHA-256 ``digest`` built for ``target`` lives."""
+    return target.with_name(f"{target.stem}.{digest}{target.suffix}")
+
+
+def install_library(built: Path, target: Path) -> Path:
+    """Move a freshly built library to its content-addressed path beside ``target`` (owner-only),
+    then record it for ``target``; returns that path. The library is in place before the record
+    names it, so a concurrent reader sees the previous pair or this one, never a mismatch."""
+    data = Path(built).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    library = library_path(target, digest)
+    fd = os.open(built, os.O_RDONLY)
+    try:
+        os.fsync(fd)   # on disk before a record names it: a crash leaves no empty library
+    finally:
+        os.close(fd)
     os.chmod(built, 0o700)
-    os.replace(built, target)   # atomic: a concurrent reader sees the old file or the new one
-    write_private(digest_path(target), f"{digest}\n".encode())
+    os.replace(built, library)   # same bytes if the name exists: content-addressed
+    write_atomic(digest_path(target), f"{digest}\n".encode())
+    return library
 
 
-def _library_problem(library: Path) -> tuple[Optional[str], bool]:
+def _recorded_digest(target: Path) -> tuple[Optional[str], Optional[str], bool]:
+    """(the digest of the library recorded for ``target``, None, False), or (None, why there is
+    none that may be used, whether that looks hostile)."""
+    record = digest_path(target)
+    try:
+        problem = cached_file_problem(Path(target).parent)
+        if problem:
+            return None, problem, True
+        digest = read_private(record).decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None, f"{target} has no recorded library (built by an older fxforge?)", False
+    except UntrustedCacheError as exc:
+        return None, str(exc), True
+    except OSError as exc:
+        return None, f"cannot read {record} ({exc})", False
+    if not _SHA256_HEX.fullmatch(digest):
+        return None, f"{record} does not hold a SHA-256 digest", True
+    return digest, None, False
+
+
+def _library_problem(library: Path, digest: str) -> tuple[Optional[str], bool]:
     """(why ``library`` must not be loaded, whether that looks hostile), or (None, False)."""
-    recorded = digest_path(library)
-    if not os.path.lexists(library):
-        return f"{library} does not exist", False
-    problem = cached_file_problem(library)
-    if problem:
-        return problem, True
-    if not os.path.lexists(recorded):
-        return f"{library} has no recorded digest (built by an older fxforge?)", False
-    problem = cached_file_problem(recorded)
-    if problem:
-        return problem, True
-    expected = recorded.read_text(errors="replace").strip()
-    if hashlib.sha256(library.read_bytes()).hexdigest() != expected:
+    try:
+        data = read_private(library)   # its folder was checked with the record's
+    except FileNotFoundError:
+        return f"{library}, recorded by fxforge, does not exist", False
+    except UntrustedCacheError as exc:
+        return str(exc), True
+    except OSError as exc:
+        return f"cannot read {library} ({exc})", False
+    if hashlib.sha256(data).hexdigest() != digest:
         return f"{library} does not match the digest recorded when fxforge built it", True
     return None, False
 
 
-def load_library(library: Path) -> ctypes.CDLL:
-    """``ctypes.CDLL(library)`` after checking it against the rule and its recorded digest;
-    raises :class:`UntrustedCacheError` (logged) if it fails them. Once per process a path."""
-    key = str(library)
-    with _lock:
-        if key in _loaded:   # the verified image is mapped already; dlopen would return it
-            return _loaded[key]
-    problem, hostile = _library_problem(library)
+def load_library(target: Path) -> ctypes.CDLL:
+    """``ctypes.CDLL`` of the library recorded for ``target`` (:func:`install_library`) after
+    checking it against the rule and its digest; raises :class:`UntrustedCacheError` (logged:
+    WARNING when it looks hostile) if it fails them. A library is hashed once per process."""
+    digest, problem, hostile = _recorded_digest(target)
+    library = library_path(target, digest or "")
+    if digest is not None:
+        with _lock:   # its path names its bytes: the image mapped under it is the verified one
+            handle = _loaded.get(str(library))
+        if handle is not None:
+            return handle
+        problem, hostile = _library_problem(library, digest)
     if problem:
         (log.warning if hostile else log.info)("fxforge cache: %s; not loading it", problem)
         raise UntrustedCacheError(problem)
     # between the check and dlopen only this user can change the file: every folder is ours
-    handle = ctypes.CDLL(key)
+    handle = ctypes.CDLL(str(library))
     with _lock:
-        _loaded[key] = handle
+        _loaded[str(library)] = handle
     return handle

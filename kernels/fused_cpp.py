@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from fxforge.kernels.cache_trust import install_library, load_library, write_private
+from fxforge.kernels.cache_trust import digest_path, install_library, load_library, write_atomic
 from fxforge.kernels.fused import (ELEM, ROW, KernelBuildError, RowProgram, Unsupported,
                                    bind_shapes, build_program, cache_dir, kind_of, needed_by,
                                    source_hash)
@@ -255,18 +255,24 @@ def _cpu_flags() -> str:
 
 
 def build_shared_object(source: str, name: str = "fused", rebuild: bool = False) -> Path:
-    """The path of ``source``'s library in the kernel cache, compiled there unless present (or
-    ``rebuild``). Whether it may be loaded is checked at load time: use :func:`load_function`."""
+    """The kernel cache's name for ``source``'s library (the record of ``kernels/cache_trust.py``
+    names the library file built for it), compiled there unless recorded already (or
+    ``rebuild``). Whether it may be loaded is checked at load time: use :func:`load_function`.
+    Raises KernelBuildError, also when no cache folder may be used."""
     compiler = find_compiler()
     flags = compile_flags()
     key = source_hash(source, _compiler_identity(compiler), " ".join(flags))
-    target = cache_dir() / f"{name}_{key[:32]}.so"
-    if target.exists() and not rebuild:
-        return target
-    return _compile(compiler, flags, source, target)
+    try:
+        target = cache_dir() / f"{name}_{key[:32]}.so"
+        if digest_path(target).exists() and not rebuild:
+            return target
+        _compile(compiler, flags, source, target)
+    except OSError as exc:   # UntrustedCacheError included: no trustworthy folder to build in
+        raise KernelBuildError(f"cannot build {name} in the kernel cache: {exc}") from exc
+    return target
 
 
-def _compile(compiler: str, flags: tuple[str, ...], source: str, target: Path) -> Path:
+def _compile(compiler: str, flags: tuple[str, ...], source: str, target: Path) -> None:
     directory = target.parent
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         src = Path(tmp) / "kernel.cpp"
@@ -280,24 +286,25 @@ def _compile(compiler: str, flags: tuple[str, ...], source: str, target: Path) -
         if done.returncode != 0 or not tmp_so.exists():
             raise KernelBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                                    f"{done.stderr[-4000:]}")
-        write_private(target.with_suffix(".cpp"), source.encode())   # for people; never read
-        install_library(tmp_so, target)   # os.replace, then its digest is recorded
-    return target
+        write_atomic(target.with_suffix(".cpp"), source.encode())   # for people; never read
+        install_library(tmp_so, target)   # under its digest's name, then recorded for target
 
 
 def load_function(source: str, symbol: str, name: str = "fused") -> Callable:
     """Build (cached) and load ``symbol``. A cached library that fails the cache's trust check
-    (owner, permissions, recorded digest: ``kernels/cache_trust.py``) or fails to load is
-    rebuilt once; the hostile or broken file is never loaded."""
-    path = build_shared_object(source, name)
+    (owner, permissions, recorded digest: ``kernels/cache_trust.py``) or fails to load or lacks
+    ``symbol`` is rebuilt once; the hostile or broken file is never loaded. The rebuilt library
+    has a path of its own (it is named by its digest), so the retry loads it, not the image
+    already mapped under the old path."""
+    target = build_shared_object(source, name)
     try:
-        return getattr(load_library(path), symbol)
+        return getattr(load_library(target), symbol)
     except (OSError, AttributeError):   # UntrustedCacheError is an OSError
-        path = build_shared_object(source, name, rebuild=True)
+        target = build_shared_object(source, name, rebuild=True)
         try:
-            return getattr(load_library(path), symbol)
+            return getattr(load_library(target), symbol)
         except (OSError, AttributeError) as exc:
-            raise KernelBuildError(f"cannot load {path}: {exc}") from exc
+            raise KernelBuildError(f"cannot load {name} ({target}): {exc}") from exc
 
 
 def build_failure(entry: Callable[[], Callable], what: str) -> Optional[str]:

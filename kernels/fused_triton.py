@@ -3,21 +3,23 @@
 One program handles ``BLOCK_R`` rows. When the row fits in ``BLOCK_N`` (``SINGLE``), every
 value is computed once from whole-row tiles held in registers and reductions are
 ``tl.sum``/``tl.max`` along axis 1; otherwise each reduction phase loops over the row in
-``BLOCK_N`` chunks with a tile-shaped accumulator, and a last loop stores. The source is
-written to the cache directory by content hash (a private folder: ``kernels/cache_trust.py``)
-and imported from there (Triton's JIT reads real source files). bf16/fp16 results are rounded
-where eager rounds, as in the C++ kernels.
+``BLOCK_N`` chunks with a tile-shaped accumulator, and a last loop stores. The source runs
+from memory (``_import_kernel``); a copy is kept in the cache by content hash. bf16/fp16 results
+are rounded where eager rounds, as in the C++ kernels.
 """
 from __future__ import annotations
 
-import importlib.util
+import linecache
+import os
 import sys
+import types
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-from fxforge.kernels.cache_trust import cached_file_problem, trusted_dir, write_private
+from fxforge.kernels.cache_trust import trusted_dir, write_atomic
 from fxforge.kernels.fused import (ELEM, ROW, RowProgram, Unsupported, bind_shapes,
                                    build_program, kind_of, needed_by, source_hash)
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
@@ -357,16 +359,29 @@ def default_config(rows: int, ncols: int) -> Config:
 
 
 def _import_kernel(source: str, name: str) -> Any:
+    """Run ``source`` as module ``fxforge_fused_<name>`` and return its kernel ``name``.
+
+    It runs from memory, never through the import system, which would write a ``.pyc`` beside
+    the file (in a ``__pycache__`` made with the umask's mode) and run such a file instead of the
+    source whenever its header matches the source's mtime and size. Triton's ``@jit`` reads its
+    kernel's text through ``inspect``, which finds it in ``linecache`` (an entry without an
+    mtime is never re-read from disk). The copy in the cache (a private folder:
+    ``kernels/cache_trust.py``) is for people and tracebacks; it is never read back."""
     module_name = f"fxforge_fused_{name}"
     if module_name in sys.modules:
         return getattr(sys.modules[module_name], name)
-    path = trusted_dir("kernels", "triton") / f"{name}_{source_hash(source)[:16]}.py"
-    if cached_file_problem(path) or path.read_text() != source:   # imported: ours, as generated
-        write_private(path, source.encode())
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[module_name] = module
+    path = str(trusted_dir("kernels", "triton") / f"{name}_{source_hash(source)[:16]}.py")
+    if not os.path.lexists(path):   # the name holds the source's hash: an existing one is this
+        write_atomic(Path(path), source.encode())
+    linecache.cache[path] = (len(source), None, source.splitlines(keepends=True), path)
+    module = types.ModuleType(module_name)
+    module.__file__ = path
+    sys.modules[module_name] = module   # inspect.getmodule looks for it while @jit runs
+    try:
+        exec(compile(source, path, "exec"), module.__dict__)   # noqa: S102  (source we generated)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return getattr(module, name)
 
 

@@ -1,13 +1,11 @@
-"""The persistent tuning cache: keys, round trips, corruption, concurrency, export/import."""
+"""The persistent tuning cache: keys, round trips, corruption, export/import (concurrency:
+``test_cache_concurrency.py``)."""
 from __future__ import annotations
 
 import errno
 import json
 import logging
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,9 @@ import torch
 
 import fxforge
 from fxforge.autotune import cache as cache_mod
+from fxforge.autotune import cache_format
 from fxforge.autotune.cache import (CacheKey, TuningCache, cache_root, config_from_json,
                                     config_to_json, current_versions, device_identity)
-from fxforge.kernels import cache_trust
 from fxforge.kernels.tuning import Config
 
 VERSIONS = {"fxforge": "0.1.0", "torch": "2.13.0", "triton": "3.9.0"}
@@ -207,14 +205,14 @@ def _not_a_dict(path: Path) -> None:
 def _bad_record_behind_good_checksum(path: Path) -> None:
     doc = json.loads(path.read_text())
     record = {"config": {"params": {"BLOCK_M": "64"}, "num_warps": 4, "num_stages": 2}}
-    doc["record"], doc["checksum"] = record, cache_mod._checksum(doc["key"], record)
+    doc["record"], doc["checksum"] = record, cache_format.checksum(doc["key"], record)
     path.write_text(json.dumps(doc))
 
 
 def _missing_fields(path: Path) -> None:
     doc = json.loads(path.read_text())
     del doc["key"]["versions"]
-    doc["checksum"] = cache_mod._checksum(doc["key"], doc["record"])
+    doc["checksum"] = cache_format.checksum(doc["key"], doc["record"])
     path.write_text(json.dumps(doc))
 
 
@@ -356,121 +354,3 @@ def test_overlay_serves_a_bundle_without_writing(cache, three_keys, tmp_path):
     assert not (tmp_path / "nowhere").exists()
     with pytest.raises(ValueError, match="add_overlay"):
         in_memory.add_overlay([(three_keys[0].fields(), {"no": "config"})])
-
-
-# --- concurrency --------------------------------------------------------------------------------
-
-# Workers load cache.py straight from its file (its top-level imports are stdlib only), so six
-# processes do not each pay for importing torch and fxforge.
-WORKER = r"""
-import importlib.util, json, logging, sys, time
-from pathlib import Path
-module_path, role, ident, root, sync, trust_path = sys.argv[1:7]
-# cache.py's one fxforge import (stdlib-only too) is registered under its name first
-for name, path in (("fxforge.kernels.cache_trust", trust_path),
-                   ("fxforge_cache_under_test", module_path)):
-    spec = importlib.util.spec_from_file_location(name, path)
-    cache_mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = cache_mod
-    spec.loader.exec_module(cache_mod)
-warnings = []
-handler = logging.Handler()
-handler.emit = lambda record: warnings.append(record.getMessage())
-logging.getLogger("fxforge.autotune").addHandler(handler)
-
-def key(which):
-    return cache_mod.CacheKey("matmul", "h", {"which": which}, "cpu|test|avx2|threads=1",
-                              {"fxforge": "0", "torch": "0", "triton": None}, {})
-
-def record(writer, i):
-    return {"config": {"params": {"BLOCK": 16 + i}, "num_warps": 4, "num_stages": 2},
-            "writer": writer, "i": i, "pad": "x" * ((i * 997) % 20000)}
-
-def wait_for(name):
-    while not Path(sync, name).exists():
-        time.sleep(0.005)
-
-cache = cache_mod.TuningCache(root)
-Path(sync, f"ready-{role}{ident}").touch()
-wait_for("go")
-shared = key("shared")
-if role == "writer":
-    failed = 0
-    for i in range(200):
-        failed += cache.put(shared, record(ident, i)) is None
-        failed += cache.put(key(f"{ident}-{i % 20}"), record(ident, i)) is None
-    print(json.dumps({"failed": failed, "warnings": warnings}))
-else:
-    reads = hits = 0
-    bad = []
-    path = cache.path_for(shared)
-    while not Path(sync, "stop").exists():
-        got = cache.get(shared)
-        reads += 1
-        if got is not None:
-            hits += 1
-            if hits == 1:   # the test stops the readers only once each has seen the entry
-                Path(sync, f"hit-{ident}").touch()
-            if got != record(got.get("writer"), got.get("i")):
-                bad.append(got)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            continue
-        entry, problem = cache_mod._decode_entry(raw)
-        if entry is None:
-            bad.append(f"raw read: {problem} ({len(raw)} bytes)")
-    print(json.dumps({"reads": reads, "hits": hits, "bad": bad[:5], "warnings": warnings}))
-"""
-
-
-def _spawn(role: str, ident: str, root: Path, sync: Path) -> subprocess.Popen:
-    args = [sys.executable, "-c", WORKER, cache_mod.__file__, role, ident, str(root), str(sync),
-            cache_trust.__file__]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _result(proc: subprocess.Popen) -> dict:
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, f"worker failed:\n{err}"
-    return json.loads(out)
-
-
-def test_concurrent_writers_and_readers_never_see_a_partial_entry(tmp_path):
-    root, sync = tmp_path / "tuning", tmp_path / "sync"
-    sync.mkdir()
-    writers = [_spawn("writer", str(w), root, sync) for w in range(4)]
-    readers = [_spawn("reader", str(r), root, sync) for r in range(2)]
-    try:
-        deadline = time.monotonic() + 30
-        while len(list(sync.glob("ready-*"))) < 6:
-            assert time.monotonic() < deadline, "workers did not start within 30 s"
-            assert all(p.poll() is None for p in writers + readers), "a worker died at start-up"
-            time.sleep(0.01)
-        (sync / "go").touch()
-        written = [_result(p) for p in writers]
-        # stop only once every reader has read the entry: a reader starved by a busy machine
-        # until after the writers finished must not fail the test for being slow
-        while len(list(sync.glob("hit-*"))) < len(readers):
-            assert time.monotonic() < deadline + 60, "a reader never read the shared entry"
-            assert all(p.poll() is None for p in readers), "a reader died"
-            time.sleep(0.01)
-        (sync / "stop").touch()
-        read = [_result(p) for p in readers]
-    finally:
-        for proc in writers + readers:
-            if proc.poll() is None:
-                proc.kill()
-    assert written == [{"failed": 0, "warnings": []}] * 4
-    for result in read:
-        assert result["bad"] == [] and result["warnings"] == []
-        assert result["hits"] > 0, f"readers never overlapped the writers: {result}"
-
-    cache = TuningCache(root)
-    entries = cache.entries()
-    assert len(entries) == 1 + 4 * 20
-    stray = [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".json")]
-    assert stray == []
-    final = cache.get(CacheKey("matmul", "h", {"which": "shared"}, "cpu|test|avx2|threads=1",
-                               {"fxforge": "0", "torch": "0", "triton": None}, {}))
-    assert final is not None and final["i"] == 199  # every writer's last put is its i=199

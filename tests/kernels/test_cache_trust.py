@@ -8,7 +8,7 @@ would be garbage."""
 from __future__ import annotations
 
 import hashlib
-import logging
+import json
 import os
 import pwd
 import shutil
@@ -49,8 +49,9 @@ def run_and_check(scale: float) -> None:
 
 @pytest.fixture(scope="module")
 def seed(tmp_path_factory) -> dict:
-    """Both kernels built once into a cache of their own: {scale: library path}. Tests copy
-    them (what fxforge built earlier) or take their predictable names (where to plant)."""
+    """Both kernels built once into a cache of their own: {scale: the cache's name for the
+    library, whose record ``<name>.sha256`` names the library file}. Tests copy what fxforge
+    built earlier, or take the predictable names (where to plant)."""
     folder = tmp_path_factory.mktemp("seed")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FXFORGE_CACHE_DIR", str(folder))
@@ -59,35 +60,31 @@ def seed(tmp_path_factory) -> dict:
             for scale, program in PROGRAMS.items()}
 
 
+def record_of(target):
+    return target.with_name(target.name + ".sha256")
+
+
+def recorded_library(target):
+    """The library file that ``target``'s record names."""
+    return cache_trust.library_path(target, record_of(target).read_text().strip())
+
+
 def copy_built(seed: dict, root, scale: float):
-    """Put the library fxforge built (and its recorded digest) into ``root``'s kernel folder."""
+    """Put the library fxforge built and its record into ``root``'s kernel folder; returns the
+    copied library."""
     (root / "kernels").mkdir(parents=True, exist_ok=True, mode=0o700)
-    for path in (seed[scale], sidecar(seed[scale])):
+    built = recorded_library(seed[scale])
+    for path in (built, record_of(seed[scale])):
         shutil.copy2(path, root / "kernels" / path.name)
-    return root / "kernels" / seed[scale].name
+    return root / "kernels" / built.name
 
 
 def digest_of(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def sidecar(path):
-    return path.with_name(path.name + ".sha256")
+pytestmark = pytest.mark.usefixtures("fresh_trust_state")
 
-
-@pytest.fixture(autouse=True)
-def _fresh_trust_state():
-    """No warning given, fallback folder made or library loaded by an earlier test counts."""
-    cache_trust.reset()
-    yield
-    cache_trust.reset()
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("FXFORGE_CACHE_DIR", str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +112,20 @@ extern "C" void {symbol}(void) {{}}   /* a no-op kernel: outputs stay uninitiali
     return lib.read_bytes(), marker
 
 
-def plant(path, payload: bytes, *, forged_digest: bool = False, mode: int = 0o700) -> None:
+def plant(path, payload: bytes, mode: int = 0o700) -> None:
     path.write_bytes(payload)
     path.chmod(mode)
-    if forged_digest:   # an attacker who can write the folder can write the digest too
-        sidecar(path).write_text(hashlib.sha256(payload).hexdigest() + "\n")
 
 
-def trust_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("fxforge") and r.levelno >= logging.WARNING]
+def plant_recorded(target, payload: bytes, mode: int = 0o700):
+    """What an attacker who can write the folder plants: a library under its digest's name and
+    a record naming it. Returns the planted library."""
+    digest = hashlib.sha256(payload).hexdigest()
+    library = cache_trust.library_path(target, digest)
+    plant(library, payload, mode)
+    record_of(target).write_text(digest + "\n")
+    return library
+
 
 
 def mode_of(path) -> int:
@@ -139,72 +140,73 @@ def test_cache_folders_are_created_owner_only_and_libraries_get_a_digest(tmp_pat
     run_and_check(SCALES[0])
     for folder in (tmp_path / "missing", tmp_path / "missing" / "parents", root, root / "kernels"):
         assert mode_of(folder) == 0o700, folder
+    [record] = (root / "kernels").glob("*.sha256")
     [library] = (root / "kernels").glob("*.so")
+    assert library == recorded_library(record.with_name(record.name.removesuffix(".sha256")))
     assert mode_of(library) & 0o022 == 0
-    assert sidecar(library).read_text().strip() == digest_of(library)
-    assert mode_of(sidecar(library)) == 0o600
+    assert record.read_text().strip() == digest_of(library)
+    assert mode_of(record) == 0o600
     path = TuningCache().put(CacheKey.make("probe", "h", {"M": 1}),
                              {"config": {"params": {"B": 1}, "num_warps": 1, "num_stages": 1}})
     assert mode_of(root / "autotune") == 0o700 and mode_of(path.parent) == 0o700
+    assert mode_of(path) == 0o600
 
 
 # --- planted libraries -------------------------------------------------------------------------
 
 def test_library_planted_before_the_first_build_is_not_loaded(tmp_path, monkeypatch, planted,
-                                                              seed, caplog):
-    caplog.set_level(logging.INFO, logger="fxforge.cache")
+                                                              seed):
     payload, marker = planted
-    name = seed[SCALES[0]].name                        # the predictable file name
+    target = seed[SCALES[0]]
     victim = tmp_path / "victim"
     (victim / "kernels").mkdir(parents=True, mode=0o700)
-    plant(victim / "kernels" / name, payload)          # no digest: fxforge never built it
+    for name in (target.name, recorded_library(target).name):   # the predictable file names
+        plant(victim / "kernels" / name, payload)               # no record: fxforge never built it
     monkeypatch.setenv("FXFORGE_CACHE_DIR", str(victim))
     run_and_check(SCALES[0])
     assert not marker.exists()
-    library = victim / "kernels" / name
-    assert sidecar(library).read_text().strip() == digest_of(library) != hashlib.sha256(
-        payload).hexdigest()
-    assert any(str(library) in r.getMessage() and "no recorded digest" in r.getMessage()
-               for r in caplog.records)
+    target = victim / "kernels" / target.name
+    assert record_of(target).read_text().strip() == digest_of(recorded_library(target)) \
+        != hashlib.sha256(payload).hexdigest()
 
 
 @pytest.mark.parametrize("hostile", ["planted library", "garbage bytes"])
-def test_library_replaced_after_its_build_is_rebuilt_with_a_warning(root, planted, seed, caplog,
+def test_library_replaced_after_its_build_is_rebuilt_with_a_warning(root, planted, seed, trust_warnings,
                                                                    hostile):
     payload, marker = planted
     library = copy_built(seed, root, SCALES[0])
     plant(library, payload if hostile == "planted library" else b"\x7fELF garbage")
     run_and_check(SCALES[0])
     assert not marker.exists()
-    assert sidecar(library).read_text().strip() == digest_of(library)
-    messages = [m for m in trust_warnings(caplog) if str(library) in m]
+    rebuilt = recorded_library(root / "kernels" / seed[SCALES[0]].name)
+    assert record_of(root / "kernels" / seed[SCALES[0]].name).read_text().strip() == \
+        digest_of(rebuilt)
+    messages = [m for m in trust_warnings() if str(library) in m]
     assert len(messages) == 1 and "digest" in messages[0]
 
 
 @pytest.mark.parametrize("how", ["writable by others", "owned by another user",
                                  "a link to a file elsewhere"])
 def test_library_with_a_forged_digest_but_bad_owner_mode_or_kind_is_not_loaded(
-        root, planted, seed, caplog, tmp_path, how):
+        root, planted, seed, trust_warnings, tmp_path, how):
     if how == "owned by another user" and not IS_ROOT:
         pytest.skip(NOT_ROOT_REASON)
     payload, marker = planted
     (root / "kernels").mkdir(parents=True, mode=0o700)
-    library = root / "kernels" / seed[SCALES[0]].name
+    target = root / "kernels" / seed[SCALES[0]].name
+    library = plant_recorded(target, payload, mode=0o666 if how == "writable by others" else 0o755)
     if how == "a link to a file elsewhere":
         elsewhere = tmp_path / "elsewhere.so"
-        plant(elsewhere, payload)
+        library.rename(elsewhere)
         library.symlink_to(elsewhere)
-        sidecar(library).write_text(hashlib.sha256(payload).hexdigest())
-    else:
-        mode = 0o666 if how == "writable by others" else 0o755
-        plant(library, payload, forged_digest=True, mode=mode)
     if how == "owned by another user":
         os.chown(library, pwd.getpwnam("nobody").pw_uid, -1)
     run_and_check(SCALES[0])
     assert not marker.exists()
-    assert not library.is_symlink() and library.stat().st_uid == os.geteuid()
-    assert mode_of(library) & 0o022 == 0
-    assert any(str(library) in m for m in trust_warnings(caplog))
+    rebuilt = recorded_library(target)
+    assert rebuilt != library and not rebuilt.is_symlink() and rebuilt.stat().st_uid == os.geteuid()
+    assert mode_of(rebuilt) & 0o022 == 0
+    assert any(str(library) in m for m in trust_warnings())
 
 
 def test_a_library_is_checked_once_per_process(root, seed, monkeypatch):
@@ -214,10 +216,68 @@ def test_a_library_is_checked_once_per_process(root, seed, monkeypatch):
     checked = []
     check = cache_trust._library_problem
     monkeypatch.setattr(cache_trust, "_library_problem",
-                        lambda lib: checked.append(lib) or check(lib))
+                        lambda lib, digest: checked.append(lib) or check(lib, digest))
     run_and_check(SCALES[0])   # loaded already: its verified image is reused, nothing re-hashed
     run_and_check(SCALES[1])
-    assert [p.name for p in checked] == [seed[SCALES[1]].name]
+    assert [p.name for p in checked] == [recorded_library(seed[SCALES[1]]).name]
+
+
+# Another process loading a kernel: cache_trust loaded from its file (stdlib-only imports).
+LOADER = r"""
+import importlib.util, json, logging, sys
+from pathlib import Path
+module_path, target = sys.argv[1:3]
+spec = importlib.util.spec_from_file_location("fxforge.kernels.cache_trust", module_path)
+trust = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = trust
+spec.loader.exec_module(trust)
+messages = []
+handler = logging.Handler()
+handler.emit = lambda record: messages.append(record.getMessage())
+logging.getLogger("fxforge.cache").addHandler(handler)
+try:
+    loaded = trust.load_library(Path(target)).fxf_version()
+except OSError:
+    loaded = None
+print(json.dumps({"loaded": loaded, "messages": messages}))
+"""
+
+
+def load_in_another_process(target) -> dict:
+    done = subprocess.run([sys.executable, "-c", LOADER, cache_trust.__file__, str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_library_reinstalled_while_another_process_loads_it_gives_no_false_alarm(
+        root, tmp_path, monkeypatch):
+    """At every step of installing a new build (each rename into the kernel folder), a process
+    that loads the kernel finds a library and a digest that agree: the old pair or the new."""
+    folder = root / "kernels"
+    folder.mkdir(parents=True, mode=0o700)
+    target = folder / "probe_0123.so"
+    builds = []
+    for version in (1, 2):
+        src = tmp_path / f"v{version}.c"
+        src.write_text(f"int fxf_version(void) {{ return {version}; }}\n")
+        builds.append(tmp_path / f"v{version}.so")
+        subprocess.run([fused_cpp.find_compiler(), "-shared", "-fPIC", "-x", "c", str(src), "-o",
+                        str(builds[-1])], check=True, capture_output=True, timeout=120)
+    cache_trust.install_library(builds[0], target)
+    seen = []
+    rename = os.replace
+
+    def rename_then_load(src, dst):
+        rename(src, dst)
+        if Path(dst).parent == folder:
+            seen.append(load_in_another_process(target))
+
+    monkeypatch.setattr(os, "replace", rename_then_load)
+    cache_trust.install_library(builds[1], target)
+    monkeypatch.setattr(os, "replace", rename)
+    assert seen and all(r["messages"] == [] and r["loaded"] in (1, 2) for r in seen), seen
+    assert seen[-1]["loaded"] == 2
 
 
 def test_every_library_is_opened_through_the_checked_loader():
@@ -229,10 +289,10 @@ def test_every_library_is_opened_through_the_checked_loader():
 # --- folders that are not ours ------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["cache root", "kernels folder"])
-def test_world_writable_folder_is_warned_once_and_not_used(root, planted, seed, caplog, which):
+def test_world_writable_folder_is_warned_once_and_not_used(root, planted, seed, trust_warnings, which):
     payload, marker = planted
     (root / "kernels").mkdir(parents=True, mode=0o700)
-    plant(root / "kernels" / seed[SCALES[0]].name, payload, forged_digest=True)   # looks fine
+    plant_recorded(root / "kernels" / seed[SCALES[0]].name, payload)   # looks fine
     before = sorted(p.name for p in (root / "kernels").iterdir())
     refused = root if which == "cache root" else root / "kernels"
     refused.chmod(0o777)
@@ -240,23 +300,23 @@ def test_world_writable_folder_is_warned_once_and_not_used(root, planted, seed, 
         run_and_check(SCALES[0])
     assert not marker.exists()
     assert sorted(p.name for p in (root / "kernels").iterdir()) == before   # nothing new there
-    messages = trust_warnings(caplog)
+    messages = trust_warnings()
     assert len(messages) == 1 and str(refused) in messages[0] and "writable" in messages[0]
 
 
 @pytest.mark.skipif(not IS_ROOT, reason=NOT_ROOT_REASON)
-def test_cache_folder_owned_by_another_user_is_warned_once_and_not_used(root, caplog):
+def test_cache_folder_owned_by_another_user_is_warned_once_and_not_used(root, trust_warnings):
     root.mkdir(mode=0o755)
     os.chown(root, pwd.getpwnam("nobody").pw_uid, -1)
     for _ in range(2):
         run_and_check(SCALES[0])
     assert list(root.iterdir()) == []
-    messages = trust_warnings(caplog)
+    messages = trust_warnings()
     assert len(messages) == 1 and str(root) in messages[0] and "owned by" in messages[0]
 
 
 @pytest.mark.parametrize("sticky", [False, True])
-def test_a_parent_writable_by_others_is_refused_unless_sticky(tmp_path, monkeypatch, caplog,
+def test_a_parent_writable_by_others_is_refused_unless_sticky(tmp_path, monkeypatch, trust_warnings,
                                                              sticky):
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -265,10 +325,10 @@ def test_a_parent_writable_by_others_is_refused_unless_sticky(tmp_path, monkeypa
     monkeypatch.setenv("FXFORGE_CACHE_DIR", str(root))
     run_and_check(SCALES[0])
     if sticky:   # others cannot rename or delete what we own there
-        assert list((root / "kernels").glob("*.so")) and not trust_warnings(caplog)
+        assert list((root / "kernels").glob("*.so")) and not trust_warnings()
     else:
         assert not root.exists()
-        messages = trust_warnings(caplog)
+        messages = trust_warnings()
         assert len(messages) == 1 and str(shared) in messages[0]
 
 
@@ -279,7 +339,7 @@ RECORD = {"config": {"params": {"BLOCK": 64}, "num_warps": 4, "num_stages": 2}}
 
 @pytest.mark.parametrize("how", ["folder writable by others", "entry writable by others",
                                  "entry owned by another user"])
-def test_tuning_cache_ignores_entries_it_cannot_trust(root, caplog, how):
+def test_tuning_cache_ignores_entries_it_cannot_trust(root, trust_warnings, how):
     if how == "entry owned by another user" and not IS_ROOT:
         pytest.skip(NOT_ROOT_REASON)
     key = CacheKey.make("probe", "h", {"M": 8})
@@ -293,27 +353,7 @@ def test_tuning_cache_ignores_entries_it_cannot_trust(root, caplog, how):
         os.chown(entry, pwd.getpwnam("nobody").pw_uid, -1)
     for _ in range(2):
         assert TuningCache().get(key) is None
-    assert len(trust_warnings(caplog)) == 1
+    assert len(trust_warnings()) == 1
     if how == "folder writable by others":   # nothing written where others can write
         assert TuningCache().put(CacheKey.make("probe", "h", {"M": 16}), RECORD) is None
         assert [p.name for p in entry.parent.iterdir()] == [entry.name]
-
-
-# --- generated Triton source --------------------------------------------------------------------
-
-def test_generated_triton_source_is_not_written_to_a_world_writable_folder(root, caplog,
-                                                                           monkeypatch):
-    pytest.importorskip("triton")
-    from fxforge.kernels import fused_triton
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    root.mkdir(mode=0o777)
-    root.chmod(0o777)
-    gm = make_fx(lambda x: torch.softmax(x * 0.5, -1), decomposition_table=decomposition_table(),
-                 tracing_mode="symbolic")(torch.randn(3, 8))
-    module = f"fxforge_fused_fused_{build_program(gm).digest()}"
-    monkeypatch.delitem(sys.modules, module, raising=False)
-    kernel = fused_triton.compile_fused_triton(gm)
-    x = torch.randn(2, 8)
-    assert_close_to_eager(kernel(x)[0], torch.softmax(x * 0.5, -1))
-    assert list(root.iterdir()) == []
-    assert len(trust_warnings(caplog)) == 1

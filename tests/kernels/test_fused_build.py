@@ -2,6 +2,7 @@
 and the Triton kernel's tuning space."""
 import re
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxforge.irgraph import decomposition_table
-from fxforge.kernels import fused_cpp
+from fxforge.kernels import cache_trust, fused_cpp
 from fxforge.kernels.fused import KernelBuildError, build_program, reference
 from fxforge.kernels.fused_cpp import compile_fused_cpu, compile_program_cpu, generate_source
 from fxforge.kernels.fused_triton import TUNING_SPACE, default_config
@@ -41,17 +42,57 @@ def test_no_compiler_raises_kernel_build_error(cache, monkeypatch):
         compile_fused_cpu(softmax_group(1.5))
 
 
+def recorded_library(target):
+    """The library file that ``target``'s record (written when fxforge built it) names."""
+    digest = cache_trust.digest_path(target).read_text().strip()
+    return cache_trust.library_path(target, digest)
+
+
 def test_cache_is_reused_and_a_corrupt_binary_is_rebuilt(cache, monkeypatch):
     program = build_program(softmax_group(0.75))
     source = generate_source(program, f"fused_{program.digest()}")
-    path = fused_cpp.build_shared_object(source)
-    assert fused_cpp.build_shared_object(source) == path            # a cache hit
-    path.write_bytes(b"not an ELF file")                             # never loaded: safe
-    kernel = compile_program_cpu(program)                            # load fails -> rebuild
+    target = fused_cpp.build_shared_object(source)
+    library = recorded_library(target)
+    assert fused_cpp.build_shared_object(source) == target          # a cache hit
+    assert recorded_library(target) == library
+    library.write_bytes(b"not an ELF file")                          # never loaded: safe
+    kernel = compile_program_cpu(program)                            # check fails -> rebuild
     x = torch.randn(4, 9)
     assert_close_to_eager(kernel(x)[0], torch.softmax(x * 0.75, -1))
-    assert path.read_bytes()[:4] == b"\x7fELF"
+    assert recorded_library(target).read_bytes()[:4] == b"\x7fELF"
     assert not [p for p in cache.iterdir() if p.is_dir()], "temporary build dirs left behind"
+
+
+def test_a_retry_loads_the_rebuilt_library_not_the_image_already_mapped(cache, tmp_path):
+    """The cached library for a source lacks its symbol (a broken or older build, still ours):
+    it is loaded, the lookup fails, the rebuild must be what the retry loads. dlopen of a path
+    already loaded returns that image, so the rebuilt library needs a path of its own."""
+    source = 'extern "C" int fxf_probe(void) { return 42; }\n'
+    target = fused_cpp.build_shared_object(source, "probe")
+    other = tmp_path / "other.cpp"
+    other.write_text('extern "C" int fxf_other(void) { return 7; }\n')
+    broken = tmp_path / "broken.so"
+    subprocess.run([fused_cpp.find_compiler(), "-shared", "-fPIC", str(other), "-o", str(broken)],
+                   check=True, capture_output=True, timeout=120)
+    cache_trust.install_library(broken, target)
+    assert cache_trust.load_library(target).fxf_other() == 7   # mapped now, under its path
+    assert fused_cpp.load_function(source, "fxf_probe", "probe")() == 42
+
+
+def test_no_trustworthy_cache_folder_is_a_kernel_build_error(cache, tmp_path, monkeypatch):
+    """Neither the cache (writable by others) nor a private temporary folder (made where others
+    can rename it) may be used: the build fails as builds fail, so the group runs on ATen."""
+    cache.parent.chmod(0o777)
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir(mode=0o777)
+    shared_tmp.chmod(0o777)   # no sticky bit
+    monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))
+    cache_trust.reset()
+    try:
+        with pytest.raises(KernelBuildError, match="no trustworthy cache folder"):
+            compile_fused_cpu(softmax_group(1.75))
+    finally:
+        cache_trust.reset()
 
 
 def test_extra_compiler_flags_from_the_environment_reach_the_build_and_its_cache_key(cache,
@@ -119,11 +160,22 @@ def test_row_loops_vectorize_with_256_bit_vectors(tmp_path):
     assert loops and not missed, f"row loops not 256-bit vectorized at lines {missed}"
 
 
-def test_small_work_runs_on_one_thread(cache):
+def test_small_work_runs_on_one_thread(cache, monkeypatch):
+    """The thread count a launch passes the kernel: 1 for a small input, torch's for a big one."""
     gm = make_fx(lambda x: torch.softmax(x, -1), decomposition_table=decomposition_table())(
         torch.randn(2, 8))
     kernel = compile_fused_cpu(gm)
-    kernel(torch.randn(4, 8))
-    kernel(torch.randn(512, 1024))
-    decisions = [plan[2] for plan in kernel.plans.values()]
-    assert decisions == [False, True]
+    threads, real_launch = [], fused_cpp.launch
+
+    def launch(fn, args, keep=None):
+        threads.append(args[1])   # the kernel's thread count
+        return real_launch(fn, args, keep)
+    monkeypatch.setattr(fused_cpp, "launch", launch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernel(torch.randn(4, 8))
+        kernel(torch.randn(512, 1024))
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [1, 2]
