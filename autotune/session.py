@@ -16,7 +16,6 @@ One search per distinct task per session: thirty layers of the same shape are tu
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Callable, Iterator, Optional
 from fxforge.autotune.cache import CacheKey, TuningCache
 from fxforge.autotune.search import TuningError, TuningResult, search
 from fxforge.autotune.task import TuningTask, make_tunable
-from fxforge.kernels.tuning import Config, TuningSpace
+from fxforge.kernels.tuning import Config, TuningSpace, choose, consulted, current  # noqa: F401
 
 log = logging.getLogger("fxforge.autotune")
 MODES = ("off", "cache", "tune", "collect")
@@ -121,28 +120,9 @@ class Session:
                 for source in ("default", "cache", "tuned", "failed")}
 
 
-_CURRENT: contextvars.ContextVar[Optional[Session]] = contextvars.ContextVar(
-    "fxforge_autotune_session", default=None)
-
-
 @contextlib.contextmanager
 def session(mode: str = "tune", **kwargs) -> Iterator[Session]:
-    """Open a tuning session for the block (sessions nest: the innermost one answers)."""
-    active = Session(mode, **kwargs)
-    token = _CURRENT.set(active)
-    try:
+    """Open a tuning session for the block (sessions nest: the innermost one answers). Kernels
+    find it through ``kernels/tuning.py`` (``current``, ``choose``: re-exported here)."""
+    with consulted(Session(mode, **kwargs)) as active:
         yield active
-    finally:
-        _CURRENT.reset(token)
-
-
-def current() -> Optional[Session]:
-    return _CURRENT.get()
-
-
-def choose(space: TuningSpace, task: Callable[[], TuningTask]) -> Config:
-    """The config a kernel should use: ``task`` is built only when a session is open."""
-    active = _CURRENT.get()
-    if active is None or active.mode == "off":
-        return space.default
-    return active.choose(space, task())

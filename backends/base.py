@@ -45,6 +45,13 @@ class Backend:
         """Why ``precision`` ("bf16", "fp16") has no fast path here, or ``None`` if it has."""
         return None
 
+    @property
+    def weight_formats(self) -> frozenset:
+        """The weight formats (``irgraph.weight_format``) this backend's linear kernels store
+        natively, so marking a weight with a lossless one is worth it; the reference decodes
+        every implemented format."""
+        return frozenset({"dense"})
+
     def weight_only_precision(self, precision: str) -> Optional[str]:
         """Where ``precision`` has no fast math path: the weight-only variant this backend makes
         faster (weights stored in the low dtype, math in fp32), e.g. ``"bf16_weights"``, or None."""
@@ -84,7 +91,8 @@ class LoweredGraph:
     partitions: int
     fallbacks: list[Fallback] = field(default_factory=list)
     # What each kernel-generating backend decided, per op or fusion group (KernelChoice records),
-    # and how many kernels one call launches; filled by backends that keep a ``report``.
+    # and how many kernels one call launches; read from the lowered modules themselves
+    # (``kernel_lowering.kernel_choices``): each lowering has its own, never the backend's.
     choices: list = field(default_factory=list)
     kernels: Optional[int] = None
 
@@ -154,9 +162,9 @@ def drop_unused_tensors(gm: fx.GraphModule) -> None:
 
 
 def _finish(lowered: LoweredGraph, backend: Backend) -> LoweredGraph:
-    """Attach the backend's per-kernel report and the number of kernels a call launches."""
-    from fxforge.backends.kernel_lowering import kernel_count
-    lowered.choices = list(getattr(backend, "report", []))
+    """Attach this lowering's kernel choices and the number of kernels a call launches."""
+    from fxforge.backends.kernel_lowering import kernel_choices, kernel_count
+    lowered.choices = kernel_choices(lowered.gm)
     lowered.kernels = kernel_count(lowered.gm) if isinstance(lowered.gm, fx.GraphModule) else None
     return lowered
 

@@ -18,7 +18,9 @@ from fxforge.backends.base import register_backend
 from fxforge.backends.kernel_lowering import (LINEAR_OPS, Bound, KernelTable, attention_operands,
                                                linear_operands, lower_to_kernels)
 from fxforge.backends.reference import ReferenceBackend
-from fxforge.irgraph import META_KEY, TensorMeta
+from fxforge.irgraph import TensorMeta
+from fxforge.irgraph.query import tensor_meta
+from fxforge.irgraph.views import CachedAttention
 
 log = logging.getLogger("fxforge.backends")
 aten = torch.ops.aten
@@ -33,17 +35,12 @@ def _fused_cpu(sub: fx.GraphModule) -> tuple[Callable, str]:
     return kernel, f"generated C++ ({isa})"
 
 
-def _meta(node) -> Optional[TensorMeta]:
-    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
-    return meta if isinstance(meta, TensorMeta) else None
-
-
 def _attention_path(args: tuple, is_causal: bool) -> str:
     """The path ``cpu_attention`` takes for the traced inputs (their fake values decide it as
     real ones would), or what it chooses between when the shapes are symbolic."""
     from fxforge.kernels.attention_cpu import describe_attention
     vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-    static = all(isinstance(m, TensorMeta) and m.is_static for m in map(_meta, args[:3]))
+    static = all(isinstance(m, TensorMeta) and m.is_static for m in map(tensor_meta, args[:3]))
     if static and all(isinstance(v, torch.Tensor) for v in vals[:3]) and \
             (vals[3] is None or isinstance(vals[3], torch.Tensor)):
         return describe_attention(*vals, is_causal=is_causal)
@@ -63,13 +60,13 @@ def make_table() -> KernelTable:
         bias = constant(ops.bias) if ops.bias is not None else None
         if weight is None or (ops.bias is not None and bias is None):
             return None  # activations times activations: ATen's matmul
-        meta = _meta(ops.x)
+        meta = tensor_meta(ops.x)
         if meta is None or meta.dtype not in (torch.float32, torch.bfloat16) or meta.rank != 2:
             return None
         varying = not isinstance(meta.shape[0], int)
         rows = 128 if varying else meta.shape[0]  # dynamic M: pack for prefill, GEMV for decode
         packed = tuned_linear(weight, bias, ops.activation, ops.residual is not None, ops.out_dtype,
-                              rows, varying)
+                              rows, varying, ops.weight_format)
         args = (ops.x, ops.residual) if ops.residual is not None else (ops.x,)
         return packed, args, packed.describe(), packed.path.reason
 
@@ -87,12 +84,12 @@ def make_table() -> KernelTable:
     @table.rule(torch.ops.fxforge.cached_attention.default)
     def cached_attention(node: fx.Node, constant) -> Optional[tuple]:
         from fxforge.kernels.decode_attention_cpu import cpu_cached_attention, cpu_decode_path
-        tensors = list(node.args[:6])  # q, k, v, k_cache, v_cache, cache_pos
-        scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
-        call = Bound("cpu_cached_attention", cpu_cached_attention, scale=scale)
+        op = CachedAttention.of(node)
+        tensors = list(op.tensors)
+        call = Bound("cpu_cached_attention", cpu_cached_attention, scale=op.scale)
         vals = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in tensors]
         static = all(isinstance(v, torch.Tensor) for v in vals) and \
-            all(isinstance(m, TensorMeta) and m.is_static for m in map(_meta, tensors))
+            all(isinstance(m, TensorMeta) and m.is_static for m in map(tensor_meta, tensors))
         reason = cpu_decode_path(*vals) if static else "C++ decode kernel where the layout allows"
         return call, tensors, "CPU cached attention (decode)", reason
 
@@ -105,7 +102,6 @@ class CPUBackend(ReferenceBackend):
     name = "cpu"
 
     def __init__(self):
-        self.report: list = []
         self.table = make_table()
 
     def precision_unsupported(self, precision: str) -> Optional[str]:
@@ -114,6 +110,12 @@ class CPUBackend(ReferenceBackend):
         path = choose_matmul_path(dtype)
         return path.reason if path.compute_dtype == torch.float32 else None
 
+    @property
+    def weight_formats(self) -> frozenset:
+        """bf16 too where the C++ GEMV and tiled GEMM build: they keep bf16 weights in bf16."""
+        from fxforge.kernels.gemv_cpu import gemv_unavailable
+        return frozenset({"dense", "bf16"} if gemv_unavailable() is None else {"dense"})
+
     def weight_only_precision(self, precision: str) -> Optional[str]:
         """bf16 without bf16 units: the C++ GEMV and tiled GEMM store bf16-valued weights in bf16
         (one shared pack), so decode reads half the bytes; the math stays fp32."""
@@ -121,8 +123,7 @@ class CPUBackend(ReferenceBackend):
         return "bf16_weights" if precision == "bf16" and gemv_unavailable() is None else None
 
     def compile_partition(self, gm: fx.GraphModule) -> Callable:
-        lowered, choices = lower_to_kernels(gm, self.table)
-        self.report.extend(choices)
+        lowered, _ = lower_to_kernels(gm, self.table)   # its choices travel with it
         return lowered
 
 

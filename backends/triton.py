@@ -13,13 +13,16 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from fxforge.autotune.session import current as tuning_session
-from fxforge.autotune.task import bucket
 from fxforge.backends.base import register_backend
 from fxforge.backends.kernel_lowering import (LINEAR_OPS, Bound, KernelTable, attention_operands,
                                                linear_operands, lower_to_kernels)
 from fxforge.backends.reference import ReferenceBackend
-from fxforge.irgraph import META_KEY, TensorMeta
+from fxforge.irgraph import TensorMeta
+from fxforge.irgraph.query import tensor_meta
+from fxforge.irgraph.views import CachedAttention
+from fxforge.irgraph.weight_format import DENSE, not_implemented_by
+from fxforge.kernels.tuning import bucket
+from fxforge.kernels.tuning import current as tuning_session
 
 log = logging.getLogger("fxforge.backends")
 aten = torch.ops.aten
@@ -47,8 +50,8 @@ def unavailable() -> Optional[str]:
 
 
 def _runs_here(node: fx.Node) -> bool:
-    meta = node.meta.get(META_KEY)
-    return isinstance(meta, TensorMeta) and (meta.device.type == "cuda" or interpreting())
+    meta = tensor_meta(node)
+    return meta is not None and (meta.device.type == "cuda" or interpreting())
 
 
 def _fused_triton(sub: fx.GraphModule) -> tuple[Callable, str]:
@@ -66,6 +69,8 @@ def make_table() -> KernelTable:
         ops = linear_operands(node)
         if ops is None or not _runs_here(node):
             return None
+        if ops.weight_format != DENSE:   # the op's reference decodes it (logged as a fallback)
+            raise not_implemented_by("Triton matmul", ops.weight_format, (DENSE,))
         tuned = _tuned_linear(node, ops)
         call = Bound("triton_linear", _linear_call, activation=ops.activation, out_dtype=ops.out_dtype,
                       has_bias=ops.bias is not None, has_residual=ops.residual is not None, fn=triton_linear,
@@ -92,9 +97,9 @@ def make_table() -> KernelTable:
     @table.rule(torch.ops.fxforge.cached_attention.default)
     def cached_attention(node: fx.Node, constant) -> Optional[tuple]:
         from fxforge.kernels.decode_attention import triton_cached_attention
-        tensors = list(node.args[:6])  # q, k, v, k_cache, v_cache, cache_pos
-        scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
-        metas = [n.meta.get(META_KEY) if isinstance(n, fx.Node) else None for n in tensors[:5]]
+        op = CachedAttention.of(node)
+        tensors, scale = list(op.tensors), op.scale
+        metas = [tensor_meta(n) for n in tensors[:5]]
         if not _runs_here(node) or not all(isinstance(m, TensorMeta) for m in metas) \
                 or len({m.dtype for m in metas}) != 1:
             return None  # mixed dtypes (a cache of another precision): the op's ATen reference
@@ -130,7 +135,7 @@ def _tuned_linear(node: fx.Node, ops) -> Optional[tuple]:
     x, w = _example_sizes(ops.x), _example_sizes(ops.weight)
     if x is None or w is None or len(x) != 2 or len(w) != 2:
         return None
-    dtype, device = node.meta[META_KEY].dtype, node.meta[META_KEY].device
+    dtype, device = tensor_meta(node).dtype, tensor_meta(node).device
     x_dtype = ops.x.meta["val"].dtype
     config = tuned_linear_config(x[0], x[1], w[1], x_dtype, ops.activation, ops.bias is not None,
                                  ops.residual is not None, device, dtype)
@@ -230,7 +235,7 @@ class CUDAGraphRunner:
 def _static_cuda(gm: fx.GraphModule) -> bool:
     """Replayable as a CUDA graph: static CUDA inputs, and no op that writes into an input (a
     replay writes into the runner's private copies: a KV cache would never see its updates)."""
-    metas = [n.meta.get(META_KEY) for n in gm.graph.nodes if n.op == "placeholder"]
+    metas = [tensor_meta(n) for n in gm.graph.nodes if n.op == "placeholder"]
     mutates = any(getattr(getattr(n.target, "_schema", None), "is_mutable", False)
                   for n in gm.graph.nodes if n.op == "call_function")
     return bool(metas) and not mutates and all(
@@ -242,12 +247,10 @@ class TritonBackend(ReferenceBackend):
     unavailable = staticmethod(unavailable)
 
     def __init__(self):
-        self.report: list = []
         self.table = make_table()
 
     def compile_partition(self, gm: fx.GraphModule) -> Callable:
-        lowered, choices = lower_to_kernels(gm, self.table)
-        self.report.extend(choices)
+        lowered, _ = lower_to_kernels(gm, self.table)   # its choices travel with it
         if _static_cuda(gm) and os.environ.get("FXFORGE_CUDA_GRAPHS", "1") != "0":
             runner = CUDAGraphRunner(lowered)
             runner.graph_module = lowered

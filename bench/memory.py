@@ -39,7 +39,7 @@ def measure(model_name: str, config: str, new_tokens: int) -> dict:
     import torch
 
     import fxforge
-    from fxforge.compiler import return_freed_memory
+    from fxforge.orchestrate import return_freed_memory
     from fxforge.examples.hf_models import LogitsOnly
     if model_name == "smollm2":
         from fxforge.examples.smollm2 import load_smollm2

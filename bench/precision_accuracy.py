@@ -9,7 +9,7 @@ largest |logit - eager logit| relative to the largest |eager logit|, and how oft
 next-token prediction (top-1) agrees with eager's.
 
 Low precision on this CPU: the cpu backend runs bf16 only where the CPU has AMX or
-AVX512-BF16 and otherwise keeps fp32 (``fxforge.compiler.effective_options``). To measure the
+AVX512-BF16 and otherwise keeps fp32 (``fxforge.orchestrate.effective_options``). To measure the
 accuracy anyway, this script sets ``FXFORGE_CPU_ISA=avx512_bf16`` before fxforge compiles, so
 the precision pass really runs (on a CPU without bf16 units ATen's bf16 matmul is very slow:
 the bf16 rows' seconds say nothing about speed). The cpu backend has no fp16 matmul path on

@@ -26,13 +26,13 @@ from torch.utils import _pytree as pytree
 import fxforge
 from fxforge.artifact_checks import (check_graph_inputs, check_manifest, check_tuning_bundle,
                                      link_constants, read_options)
-from fxforge.backends import lower, resolve_backend
-from fxforge.compiler import check_against_eager, optimize, release_lowered_irs, tuning_session
-from fxforge.errors import ArtifactError, InputSpecError
+from fxforge.compiler import check_against_eager
+from fxforge.errors import ArtifactError, InputSpecError, VerificationError
 from fxforge.irgraph import (SerializationError, TensorMeta, capture_export, ir_from_json,
                              ir_to_json)
 from fxforge.irgraph.meta import restore_example_values
 from fxforge.options import CompileOptions, parse_options
+from fxforge.orchestrate import compile_graph, tuning_session
 from fxforge.specs import TensorSignature, check_inputs
 
 log = logging.getLogger("fxforge.aot")
@@ -83,7 +83,8 @@ def _dedup_constants(constants: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: str | os.PathLike,
                 dynamic_shapes: Any = None, **options: Any) -> "Artifact":
-    """Capture ``model`` with torch.export, optimize, check against eager, write an artifact."""
+    """Capture ``model`` with torch.export, optimize, write an artifact, load it (the one
+    lowering, in the autotuning session whose results ship with it) and check it against eager."""
     from safetensors.torch import save_file
 
     opts = parse_options(options)
@@ -91,17 +92,10 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
     example_inputs = tuple(example_inputs)
     with torch.no_grad():
         ir = capture_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-        backend = resolve_backend(opts.backend, ir)
-        ir = optimize(ir, opts, backend)
+        prepared = compile_graph(ir, opts, stages=("passes", "kv_step"))
+        ir, step = prepared.ir, prepared.plan
         flat_inputs, in_spec = pytree.tree_flatten((example_inputs, {}))
-        expected = model(*example_inputs)
-        step = _kv_step(ir) if opts.kv_cache else None
-        with tuning_session(opts.autotune) as active:
-            lowered = lower(ir, backend)
-            if step is not None:
-                lower(step.ir, backend)   # its tuning picks are shipped with the artifact too
-        flat_expected, out_spec = pytree.tree_flatten(expected)
-        check_against_eager(list(lowered(*flat_inputs)), flat_expected, ir.info.get("precision", "fp32"))
+        flat_expected, out_spec = pytree.tree_flatten(model(*example_inputs))
     graph_text, step_text = _graph_json(ir), _graph_json(step.ir) if step is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,11 +108,6 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         (out / STEP_GRAPH).write_text(step_text)
         shipped.append(STEP_GRAPH)
     (out / TUNING).unlink(missing_ok=True)
-    if active is not None and active.keys:
-        if active.cache.export(out / TUNING, active.keys):
-            shipped.append(TUNING)
-        else:
-            (out / TUNING).unlink(missing_ok=True)
     metas = [p.meta.get("fxf") for p in ir.placeholders()]
     if not all(isinstance(m, TensorMeta) for m in metas):
         raise ArtifactError("AOT artifacts take tensor inputs only")
@@ -142,11 +131,32 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         log.warning("fxforge: %s returns %s; the artifact returns its tensors as a flat tuple",
                     type(model).__name__, out_spec.type.__name__ if out_spec.type else "?")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    artifact = load(out)
-    if artifact.kv is not None:   # the step graph, as loaded, runs the example as a prefill
-        flat_outputs = pytree.tree_flatten(artifact(*example_inputs))[0]
-        check_against_eager(flat_outputs, flat_expected, ir.info.get("precision", "fp32"))
+    with tuning_session(opts.autotune) as active:   # the load's lowering tunes in this session
+        artifact = load(out)
+    if active is not None and active.keys and active.cache.export(out / TUNING, active.keys):
+        manifest["files"][TUNING] = _sha256(out / TUNING)   # what it tuned ships with it
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        artifact.manifest = manifest
+    else:
+        (out / TUNING).unlink(missing_ok=True)
+    _check_artifact(artifact, example_inputs, flat_inputs, flat_expected, ir.info)
     return artifact
+
+
+def _check_artifact(artifact: "Artifact", example_inputs: tuple, flat_inputs: list,
+                    flat_expected: list, info: dict) -> None:
+    """The artifact, as loaded, against eager: its graph, and its step graph running the
+    example as a prefill (kv_cache=True). One that differs is no artifact: its manifest goes."""
+    precision = info.get("precision", "fp32")
+    try:
+        with torch.no_grad():
+            check_against_eager(list(artifact.lowered(*flat_inputs)), flat_expected, precision)
+        if artifact.kv is not None:
+            flat_outputs = pytree.tree_flatten(artifact(*example_inputs))[0]
+            check_against_eager(flat_outputs, flat_expected, precision)
+    except VerificationError:
+        (artifact.path / MANIFEST).unlink(missing_ok=True)
+        raise
 
 
 def _graph_json(ir) -> str:
@@ -155,16 +165,6 @@ def _graph_json(ir) -> str:
         return json.dumps(ir_to_json(ir))
     except SerializationError as exc:
         raise ArtifactError(f"this graph cannot be stored as an artifact: {exc}") from None
-
-
-def _kv_step(ir):
-    """The KV-cache pass's plan for ``ir``, or None (the reason is logged)."""
-    from fxforge.passes.kv_cache import insert_kv_cache
-    plan = insert_kv_cache(ir)
-    if isinstance(plan, str):
-        log.info("fxforge: kv_cache: not applied (%s); the artifact runs uncached", plan)
-        return None
-    return plan
 
 
 def _all_constants(ir, step) -> dict[str, torch.Tensor]:
@@ -211,17 +211,11 @@ class Artifact:
         self.out_spec = pytree.treespec_loads(manifest["out_spec"]) if manifest["out_spec"] else None
         tuned = path / TUNING if TUNING in manifest["files"] else None
         # shipped tuning results are used, never re-measured on load
-        with tuning_session("cache" if options.autotune != "off" else "off", overlay=tuned) as active:
-            self.lowered = lower(ir, resolve_backend(options.backend, ir))
-            self.kv = None   # kv_cache=True: the transparent incremental decoder, as compiled
-            if kv_plan is not None:
-                from fxforge.kv_runtime import IncrementalDecoder
-                step = lower(kv_plan.ir, resolve_backend(options.backend, kv_plan.ir))
-                self.kv = IncrementalDecoder(kv_plan, step, self.lowered, options.max_seq_len,
-                                             options.decode_replay, options.max_sessions)
-            self.tuning = list(dict.fromkeys(active.picks)) if active else []
-        release_lowered_irs([(ir, self.lowered)]
-                            + ([(kv_plan.ir, self.kv.step)] if self.kv is not None else []))
+        built = compile_graph(ir, options, stages=("lower",), plan=kv_plan, tuning_overlay=tuned,
+                              measure=False)
+        self.lowered = built.lowered
+        self.kv = built.kv   # kv_cache=True: the transparent incremental decoder, as compiled
+        self.tuning = built.tuning
 
     def __call__(self, *args: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, {}))

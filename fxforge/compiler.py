@@ -1,4 +1,5 @@
-"""IR -> runnable: freeze weights, run the pass pipeline, lower through a backend.
+"""IR -> runnable: freeze weights, then :func:`fxforge.orchestrate.compile_graph` (passes, KV
+step, lowering through a backend, tuning), one build per weight set.
 
 Weights arrive from dynamo as graph inputs. Freezing turns them into constants so passes can
 fold and prepack them. The runtime guards that assumption before each call
@@ -9,23 +10,19 @@ keeps one build per set.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from fxforge.autotune import session as tuning
-from fxforge.backends import Backend, LoweredGraph, lower, resolve_backend
+from fxforge.backends import LoweredGraph
 from fxforge.errors import VerificationError
 from fxforge.irgraph import IRGraph, build_ir
 from fxforge.options import CompileOptions
-from fxforge.passes import PassManager, default_pipeline
+from fxforge.orchestrate import compile_graph
 from fxforge.weight_sets import FrozenWeights, WeightSetCache
 
 log = logging.getLogger("fxforge")
@@ -54,52 +51,6 @@ TOLERANCES = {torch.float32: (1.3e-5, 1e-5), torch.float64: (1e-7, 1e-7),
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     """(rtol, atol) for comparing a compiled result of ``dtype`` with eager."""
     return TOLERANCES.get(dtype, (0.0, 0.0))
-
-
-def effective_options(options: CompileOptions, backend: Backend) -> CompileOptions:
-    """The options the pipeline runs with on ``backend``: a low precision the hardware has no
-    fast math path for (bf16 on a CPU without AMX or AVX512-BF16) runs as the backend's
-    weight-only variant where it has one (``bf16_weights``: low-precision weight storage, fp32
-    math), and otherwise stays fp32, which would only lose accuracy and time; the log says which
-    and why."""
-    if options.precision == "fp32":
-        return options
-    reason = backend.precision_unsupported(options.precision)
-    if reason is None:
-        return options
-    weight_only = backend.weight_only_precision(options.precision)
-    if weight_only is not None:
-        log.warning("fxforge: precision=%r on the %s backend: %s; weights are rounded to %s and "
-                    "stored so where a kernel reads them (C++ GEMM/GEMV: half the bytes), math stays "
-                    "fp32 (precision %r)", options.precision, backend.name, reason,
-                    options.precision, weight_only)
-        return dataclasses.replace(options, precision=weight_only)
-    log.warning("fxforge: precision=%r runs in fp32 on the %s backend: %s", options.precision,
-                backend.name, reason)
-    return dataclasses.replace(options, precision="fp32")
-
-
-def optimize(ir: IRGraph, options: CompileOptions, backend: Optional[Backend] = None) -> IRGraph:
-    """Run the pipeline for ``options`` (adjusted to ``backend``'s hardware when given)."""
-    if backend is not None:
-        options = effective_options(options, backend)
-    out = PassManager(default_pipeline(options.to_dict())).run(ir)
-    out.info["precision"] = options.precision
-    return out
-
-
-@contextlib.contextmanager
-def tuning_session(mode: str, overlay=None):
-    """The autotuning session lowering runs in: an enclosing one (a ``fxforge tune`` run, an
-    artifact's shipped results) wins; else one for the ``autotune`` option; else none."""
-    outer = tuning.current()
-    if outer is not None:
-        yield outer
-    elif mode != "off" or overlay is not None:
-        with tuning.session(mode if mode != "off" else "cache", overlay=overlay) as active:
-            yield active
-    else:
-        yield None
 
 
 def freeze(ir: IRGraph, positions: Sequence[int], values: Sequence[torch.Tensor]) -> IRGraph:
@@ -153,34 +104,14 @@ class CompiledGraph:
         frozen = FrozenWeights(weights)   # stamped before freezing reads the values
         # The pass manager never modifies its input, so the captured graph needs no copy here.
         ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
-        backend = resolve_backend(self.options.backend, ir)
-        ir = optimize(ir, self.options, backend)
-        with tuning_session(self.options.autotune) as active:
-            first = len(active.picks) if active else 0
-            lowered = lower(ir, backend)
-            kv = self._kv_cache(ir, lowered, backend) if self.options.kv_cache else None
-            tuning = list(dict.fromkeys(active.picks[first:])) if active else []
-        release_lowered_irs([(ir, lowered)] + ([(kv.plan.ir, kv.step)] if kv is not None else []))
-        seconds = time.perf_counter() - start   # passes + lowering (+ tuning)
+        done = compile_graph(ir, self.options)   # passes, KV step, lowering (+ tuning)
+        seconds = time.perf_counter() - start
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
-                 "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes), len(ir.gm.graph.nodes),
-                 len(weights), len(lowered.fallbacks), seconds * 1e3)
-        build = Build(frozen, ir, lowered, kv, tuning, seconds)
+                 "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes),
+                 len(done.ir.gm.graph.nodes), len(weights), len(done.lowered.fallbacks), seconds * 1e3)
+        build = Build(frozen, done.ir, done.lowered, done.kv, done.tuning, seconds)
         self._weight_sets.put(build)
         return build
-
-    def _kv_cache(self, ir: IRGraph, lowered: LoweredGraph, backend: Backend):
-        """The incremental decoder over the KV-cache pass's step graph, or None (logged)."""
-        from fxforge.kv_runtime import IncrementalDecoder, describe
-        from fxforge.passes.kv_cache import insert_kv_cache
-        plan = insert_kv_cache(ir)
-        if isinstance(plan, str):
-            log.info("fxforge: kv_cache: not applied (%s); the graph runs uncached", plan)
-            return None
-        log.info("fxforge: %s", describe(plan))
-        return IncrementalDecoder(plan, lower(plan.ir, backend), lowered,
-                                  self.options.max_seq_len, self.options.decode_replay,
-                                  self.options.max_sessions)
 
     def _build_for(self, args: Sequence[Any]) -> "Build":
         """The build frozen from exactly the weights in ``args``: the active one (the common
@@ -230,37 +161,6 @@ class Build:
     kv: Any                       # the incremental decoder (kv_cache=True), or None
     tuning: list
     compile_seconds: float
-
-
-def release_lowered_irs(pairs: Sequence[tuple[IRGraph, Any]]) -> None:
-    """After lowering: each (IR, lowered callable) pair's IR stays for reports (``explain``),
-    but its constants (folded weights such as the concatenated q/k/v projections; an
-    artifact's whole weights) would be a second copy beside the kernels' packed ones: they are
-    released where the lowered module is not the IR's own (the reference backend and an eager
-    fallback run the IR's module itself). Then the freed heap goes back to the OS."""
-    released = sum(ir.release_constants() for ir, lowered in pairs
-                   if getattr(lowered, "gm", None) is not ir.gm)
-    return_freed_memory()
-    log.debug("fxforge: released %.1f MB of constants held by lowered IRs", released / 2**20)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_trim() -> Optional[Callable[[int], int]]:
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
-    except (OSError, AttributeError):   # not glibc: nothing to call
-        return None
-
-
-def return_freed_memory() -> None:
-    """Give the C heap's free pages back to the OS after a compile. Packing reads transposed
-    copies of every weight; glibc keeps such freed blocks (its mmap threshold rises after the
-    first large free, so later ones come from the heap), and SmolLM2's process stayed ~535 MB
-    larger than it needed (2369 -> 1833 MB RSS after ``malloc_trim``). A no-op without glibc."""
-    trim = _libc_trim()
-    if trim is not None:
-        trim(0)
 
 
 _LOW = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16_weights": torch.bfloat16}

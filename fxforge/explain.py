@@ -23,8 +23,8 @@ from fxforge.api import compile as fxforge_compile
 from fxforge.backends import Fallback
 from fxforge.compiler import recording
 from fxforge.irgraph import IRGraph, groups, op_name
+from fxforge.irgraph.query import is_view_op
 from fxforge.passes.base import PassStats
-from fxforge.passes.pattern import is_view_op
 
 if TYPE_CHECKING:
     from fxforge.backends.kernel_lowering import KernelChoice
@@ -134,25 +134,11 @@ def _call_ops(ir: IRGraph) -> Counter:
     return Counter(op_name(n.target) for n in ir.gm.graph.nodes if n.op == "call_function")
 
 
-def optimized_ir(compiled: Any) -> IRGraph:
-    """The optimized IR of a :class:`fxforge.compiler.CompiledGraph`.
-
-    Lowering into several partitions rewrites ``compiled.ir`` in place (torch.fx's partitioner
-    moves each partition into a ``call_module``, which the IR never holds otherwise); then the
-    passes are run again on the captured graph to get the optimized IR back."""
-    ir = compiled.ir
-    if not any(n.op == "call_module" for n in ir.gm.graph.nodes):
-        return ir
-    from fxforge.compiler import freeze, optimize
-    weights = compiled.weights
-    start = freeze(compiled.captured, compiled.weight_positions, weights) if weights else compiled.captured
-    return optimize(start, compiled.options)
-
-
 def graph_report(index: int, compiled: Any) -> GraphReport:
     """Build the report of one :class:`fxforge.compiler.CompiledGraph`."""
     from fxforge.backends.kernel_lowering import kernel_count
-    ir, lowered = optimized_ir(compiled), compiled.lowered
+    # The IR as optimized: lowering works on copies (partitioning included), never on it.
+    ir, lowered = compiled.ir, compiled.lowered
     group_members = groups(ir)
     kernels = lowered.kernels if lowered.kernels is not None else kernel_count(ir.gm)
     choices, fallbacks = list(lowered.choices), list(lowered.fallbacks)

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.irgraph import GROUP_KEY, op_name
-from fxforge.passes.pattern import is_view_op
+from fxforge.irgraph.query import is_view_op, view_source
 
 MAX_NODES = 400
 MAX_PER_ROW = 16
@@ -60,8 +60,7 @@ def drawing_graph(gm: fx.GraphModule, summary: bool) -> nx.DiGraph:
         if node.op != "call_function":
             continue
         if node.target is operator.getitem or (summary and is_view_op(node.target)):
-            source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            represents[node] = represents.get(source)
+            represents[node] = represents.get(view_source(node))
             continue
         group = node.meta.get(GROUP_KEY)
         key = f"group:{group}" if summary and group else node.name

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.irgraph.graph import IRGraph
+from fxforge.irgraph.views_aten import Cat, Slice
 
 aten = torch.ops.aten
 GROUP_KEY = "fxf_group"
@@ -58,20 +59,14 @@ LAST_DIM_LAYOUT = frozenset({aten.slice.Tensor, aten.cat.default})
 
 def acts_on_last_dim(node: fx.Node) -> bool:
     """A ``slice`` (step 1) or ``cat`` over the last dimension of its tensors."""
-    if node.op != "call_function" or node.target not in LAST_DIM_LAYOUT:
+    op = Cat.of(node) or Slice.of(node)
+    if op is None or (isinstance(op, Slice) and op.step != 1):
         return False
-    first = node.args[0][0] if node.target is aten.cat.default else node.args[0]
+    first = op.tensors[0] if isinstance(op, Cat) else op.input
     val = first.meta.get("val") if isinstance(first, fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
-    if node.target is aten.cat.default:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    else:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
-        if step != 1:
-            return False
-    return isinstance(dim, int) and dim % val.dim() == val.dim() - 1
+    return isinstance(op.dim, int) and op.dim % val.dim() == val.dim() - 1
 
 
 def group_of(node: fx.Node) -> Optional[str]:

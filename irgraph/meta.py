@@ -105,8 +105,10 @@ def set_meta(node: fx.Node, value: Any) -> NodeMeta:
     return node.meta[META_KEY]
 
 
-def tensor_meta(node: fx.Node) -> Optional[TensorMeta]:
-    meta = node.meta.get(META_KEY)
+def tensor_meta(node: Any) -> Optional[TensorMeta]:
+    """The typed metadata of a node holding one tensor; None for anything else (a node of
+    another kind of value, a constant argument such as an int or None)."""
+    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
     return meta if isinstance(meta, TensorMeta) else None
 
 

@@ -4,13 +4,15 @@ Each is a ``torch.library.custom_op`` with a fake (meta) implementation, so a re
 still runs eagerly (the reference implementation here is the test oracle), propagates fake
 tensors, and serializes by name (``torch.ops.fxforge.*``).
 
-``fxforge::linear(x, weight, bias, activation, residual, out_dtype)`` is a matmul with its
-epilogue folded in::
+``fxforge::linear(x, weight, bias, activation, residual, out_dtype, weight_format)`` is a matmul
+with its epilogue folded in::
 
-    y = act(x @ weight + bias) + residual        # then cast to out_dtype (default x.dtype)
+    y = act(x @ W + bias) + residual        # then cast to out_dtype (default x.dtype)
 
 ``x`` is ``[M, K]``, ``weight`` is ``[K, N]`` (the second operand of ``mm``, usually a
-transposed view of an ``nn.Linear`` weight), ``bias`` ``[N]``, ``residual`` ``[M, N]``.
+transposed view of an ``nn.Linear`` weight), ``bias`` ``[N]``, ``residual`` ``[M, N]``;
+``W`` is the weight in its ``weight_format`` (:mod:`fxforge.irgraph.weight_format`; "dense": the
+weight as it is, "bf16": its values rounded to bf16), which kernels read from here.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from fxforge.irgraph.weight_format import DENSE, decode, implemented_format
 
 # activation name -> function; the names are part of the IR (serialized as strings).
 ACTIVATIONS = {
@@ -29,7 +33,9 @@ ACTIVATIONS = {
 }
 
 
-def _check(x, weight, bias, activation, residual) -> None:
+def _check(x, weight, bias, activation, residual, weight_format=DENSE) -> None:
+    if weight_format != DENSE:
+        implemented_format(weight_format)   # an unknown one, or a declared slot: a clear error
     if activation not in ACTIVATIONS:
         raise ValueError(f"fxforge::linear: unknown activation {activation!r}; one of {sorted(ACTIVATIONS)}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[0]:
@@ -44,9 +50,13 @@ def _check(x, weight, bias, activation, residual) -> None:
 
 @torch.library.custom_op("fxforge::linear", mutates_args=())
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-           residual: Optional[torch.Tensor], out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Reference: the same ATen ops, in the same order, as the unfused graph (bit-exact)."""
-    _check(x, weight, bias, activation, residual)
+           residual: Optional[torch.Tensor], out_dtype: Optional[torch.dtype] = None,
+           weight_format: str = DENSE) -> torch.Tensor:
+    """Reference: the same ATen ops, in the same order, as the unfused graph (bit-exact), on
+    the weight decoded from its format."""
+    _check(x, weight, bias, activation, residual, weight_format)
+    if weight_format != DENSE:
+        weight = decode(weight, weight_format)
     y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
     y = ACTIVATIONS[activation](y)
     if residual is not None:
@@ -55,8 +65,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 
 @linear.register_fake
-def _linear_fake(x, weight, bias, activation, residual, out_dtype=None):
-    _check(x, weight, bias, activation, residual)
+def _linear_fake(x, weight, bias, activation, residual, out_dtype=None, weight_format=DENSE):
+    _check(x, weight, bias, activation, residual, weight_format)
     dtype = out_dtype if out_dtype is not None else torch.promote_types(x.dtype, weight.dtype)
     if residual is not None and out_dtype is None:
         dtype = torch.promote_types(dtype, residual.dtype)

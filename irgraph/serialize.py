@@ -29,7 +29,9 @@ from the global generator as the model does when run eagerly. Anything else is a
   source already uses (:data:`RESERVED_NAMES`), nor a constant name an attribute of the module
   that holds it;
 * sizes, dtypes and devices go through :mod:`fxforge.irgraph.safe_parse` (a grammar and tables,
-  never ``sympify``/``eval``); integers must fit in int64.
+  never ``sympify``/``eval``); integers must fit in int64; a linear's weight format must be one
+  :mod:`fxforge.irgraph.weight_format` implements (a graph stored before formats existed reads
+  as "dense", the argument's default).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ from fxforge.irgraph.graph import IRGraph, op_name
 from fxforge.irgraph.meta import META_KEY, SymMeta, TensorMeta
 from fxforge.irgraph.safe_parse import (ParseError, check_name, parse_device, parse_dtype,
                                         parse_size, short_repr, torch_name)
+from fxforge.irgraph.views import Linear
+from fxforge.irgraph.weight_format import implemented_format
 
 FORMAT_VERSION = 1
 # torch.ops namespaces a stored graph may call: ATen, and fxforge's own ops (irgraph/ops.py).
@@ -306,6 +310,8 @@ def _rebuild_node(graph: fx.Graph, owner: torch.nn.Module, entry: dict, env: dic
         raise SerializationError(f"unsupported node kind {short_repr(op)}")
     # fx may rename (e.g. ``input`` -> ``input_1``, a builtin's name); env keys stay as stored.
     node = graph.create_node(op, target, args, kwargs, name=name)
+    if (linear := Linear.of(node)) is not None:   # a format this fxforge runs, else its name
+        implemented_format(linear.weight_format)
     node.meta[META_KEY] = decode_meta(entry.get("meta"))
     group = entry.get("group")
     if group is not None:

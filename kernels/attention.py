@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fxforge.autotune.session import current as current_session
 from fxforge.kernels.matmul import SUPPORTED_DTYPES, dtype_itemsize, interpreting
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
+from fxforge.kernels.tuning import current as current_session
 
 MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2

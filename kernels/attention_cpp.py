@@ -34,10 +34,10 @@ from typing import Callable, Optional
 
 import torch
 
-from fxforge.kernels.fused_cpp import PRELUDE, load_function
-from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch
+from fxforge.kernels.toolchain import load_function
 
 log = logging.getLogger("fxforge.kernels")
 

@@ -33,10 +33,10 @@ import torch
 from fxforge.irgraph.ops import _check_cached, cache_overflow
 from fxforge.kernels.attention_cpp import kernel_declines as tiled_declines
 from fxforge.kernels.attention_cpp import tiled_attention
-from fxforge.kernels.fused_cpp import PRELUDE, load_function
-from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch
+from fxforge.kernels.toolchain import load_function
 
 log = logging.getLogger("fxforge.kernels")
 

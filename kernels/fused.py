@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -29,7 +27,7 @@ import torch.fx as fx
 from fxforge.errors import FxforgeError
 from fxforge.irgraph.fusion import POINTWISE, ROW_REDUCTIONS, acts_on_last_dim
 from fxforge.irgraph.graph import node_arguments
-from fxforge.kernels.cache_trust import trusted_dir
+from fxforge.irgraph.views import Cat
 
 aten = torch.ops.aten
 CONST, ROW, ELEM = 0, 1, 2
@@ -40,10 +38,6 @@ REDUCTIONS = ("sum", "max", "min")
 
 class Unsupported(FxforgeError, NotImplementedError):
     """The group is outside the fused-kernel contract; the backend runs it op by op."""
-
-
-class KernelBuildError(FxforgeError, RuntimeError):
-    """A generated kernel failed to compile or load."""
 
 
 def kind_of(dtype: torch.dtype) -> str:
@@ -105,21 +99,6 @@ class RowProgram:
 
     def reductions(self) -> list[int]:
         return [i for i, v in enumerate(self.values) if v.op in REDUCTIONS]
-
-
-def source_hash(*parts: str) -> str:
-    """SHA-256 of generated source plus everything else that changes the binary."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    """``<cache root>/kernels``, created owner-only; a private folder of this process instead
-    when the cache is not trustworthy (``kernels/cache_trust.py``)."""
-    return trusted_dir("kernels")
 
 
 def reference(gm: fx.GraphModule, *inputs: torch.Tensor) -> tuple:
@@ -344,7 +323,7 @@ def _lower_cat(b: _Builder, node: fx.Node) -> int:
         raise Unsupported(f"{node.name}: a cat not over the last dim")
     if _dims(_tensor_meta(node))[-1] != b.iter_dims[-1]:
         raise Unsupported(f"{node.name}: a cat whose result is not the iteration shape")
-    pieces, starts, start = node.args[0], [], 0
+    pieces, starts, start = Cat.of(node).tensors, [], 0
     for piece in pieces:
         starts.append(start)
         start += _static_last_size(piece)

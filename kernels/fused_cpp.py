@@ -9,42 +9,24 @@ inner stride 1). exp/log/tanh/erf/sigmoid are the branch-free ``fxf_*`` function
 (``-fno-trapping-math``/``-fno-math-errno`` change no result). A costly value that the last
 reduction loop computes (a softmax's exp) is stored in an output buffer and read back by the
 output loop. bf16 is stored as uint16 and converted with bit shifts (round-to-nearest-even on
-the way back). Binaries live in a cache directory keyed by the SHA-256 of source, compiler
-version and flags, and are loaded only after the checks of ``kernels/cache_trust.py``.
+the way back). The op spellings and the expression renderer are shared with the Triton
+renderer (``kernels/row_render.py``); builds, the binary cache and its trust checks are the
+C++ toolchain's (``kernels/toolchain.py``).
 """
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
-import shlex
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
-from fxforge.kernels.cache_trust import digest_path, install_library, load_library, write_atomic
-from fxforge.kernels.fused import (ELEM, ROW, KernelBuildError, RowProgram, Unsupported,
-                                   bind_shapes, build_program, cache_dir, kind_of, needed_by,
-                                   source_hash)
-from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.kernels.fused import ELEM, ROW, RowProgram, bind_shapes, build_program, kind_of, needed_by
+from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch
-
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-fno-trapping-math", "-fno-math-errno",
-         "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
-# Extra compiler flags for every kernel build, from the environment (they enter the cache key):
-# for checking builds, e.g. FXFORGE_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer" with
-# libasan preloaded (LD_PRELOAD) runs every kernel under AddressSanitizer.
-EXTRA_FLAGS_ENV = "FXFORGE_CXXFLAGS"
-
-
-def compile_flags() -> tuple[str, ...]:
-    return FLAGS + tuple(shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")))
+from fxforge.kernels.row_render import CPP, RowExprs
+from fxforge.kernels.toolchain import load_function
 
 MAX_PLANS = 64                # cached input layouts per kernel (decode steps vary the length)
 PARALLEL_MIN_WORK = 1 << 15   # elements x work_per_element below which one thread is faster
@@ -52,46 +34,7 @@ EXPENSIVE_WORK = 8            # an exp/erf/tanh/... counts as this many cheap op
 CTYPES_SCALAR = {torch.float32: "float", torch.bfloat16: "uint16_t", torch.float16: "_Float16",
                  torch.int64: "int64_t", torch.int32: "int32_t", torch.int16: "int16_t",
                  torch.int8: "int8_t", torch.uint8: "uint8_t", torch.bool: "uint8_t"}
-
-
-PRELUDE = r"""#include <stdint.h>
-#include <string.h>
-#include <math.h>
-static inline float bf16_load(uint16_t u) { uint32_t b = (uint32_t)u << 16; float f; memcpy(&f, &b, 4); return f; }
-static inline uint16_t bf16_store(float f) {
-  uint32_t b; memcpy(&b, &f, 4);
-  uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-  return (b & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : (uint16_t)rounded;
-}
-static inline float bf16_round(float f) { return bf16_load(bf16_store(f)); }
-static inline float f16_round(float f) { return (float)(_Float16)f; }
-static inline int64_t fxf_col(int64_t c, int64_t n) { return c < 0 ? 0 : (c >= n ? n - 1 : c); }
-"""
-
 REGISTER = {"f": "float", "i": "int64_t", "b": "bool"}
-GELU_TANH_BETA = "0.7978845608028654f"   # sqrt(2 / pi)
-FLOAT_OPS = {
-    "neg": "(-{0})", "abs": "fabsf({0})", "exp": "fxf_exp({0})", "log": "fxf_log({0})",
-    "sqrt": "sqrtf({0})", "rsqrt": "(1.0f / sqrtf({0}))", "reciprocal": "(1.0f / {0})",
-    "tanh": "fxf_tanh({0})", "sigmoid": "fxf_sigmoid({0})", "erf": "fxf_erf({0})",
-    "relu": "({0} < 0.0f ? 0.0f : {0})", "silu": "({0} / (1.0f + fxf_exp(-{0})))",
-    "sin": "sinf({0})", "cos": "cosf({0})",
-    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-    "maximum": "(({0} != {0}) ? {0} : (({0} > {1}) ? {0} : {1}))",
-    "minimum": "(({0} != {0}) ? {0} : (({0} < {1}) ? {0} : {1}))",
-    "where": "({0} ? {1} : {2})", "cast": "{0}",
-}
-INT_OPS = {"neg": "(-{0})", "abs": "({0} < 0 ? -{0} : {0})", "relu": "({0} < 0 ? 0 : {0})",
-           "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
-           "maximum": "({0} > {1} ? {0} : {1})", "minimum": "({0} < {1} ? {0} : {1})",
-           "where": "({0} ? {1} : {2})", "cast": "{0}", "bitwise_not": "(~{0})"}
-BOOL_OPS = {"logical_not": "(!{0})", "bitwise_not": "(!{0})", "logical_and": "({0} && {1})",
-            "where": "({0} ? {1} : {2})", "cast": "{0}", "maximum": "({0} || {1})",
-            "minimum": "({0} && {1})", "mul": "({0} && {1})", "add": "({0} || {1})"}
-COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-POW_SPECIAL = {2.0: "({0} * {0})", 1.0: "{0}", 0.5: "sqrtf({0})", 3.0: "({0} * {0} * {0})",
-               -1.0: "(1.0f / {0})", -2.0: "(1.0f / ({0} * {0}))", -0.5: "(1.0f / sqrtf({0}))",
-               0.0: "1.0f"}
 STORAGE_CAST = {torch.int32: "int32_t", torch.int16: "int16_t", torch.int8: "int8_t",
                 torch.uint8: "uint8_t"}
 
@@ -125,11 +68,12 @@ def float_literal(x: float) -> str:
     return f"((float){x.hex()})"
 
 
-class CExprs:
+class CExprs(RowExprs):
     """C expressions for the values of a program (names, literals, conversions, ops)."""
 
-    def __init__(self, program: RowProgram):
-        self.values = program.values
+    target, column = "C++", CPP
+    pow_call = "powf({0}, {e})"
+    select_col = "(j < {at} ? {0} : {1})"   # j: the column
 
     def ref(self, vid: int) -> str:
         value = self.values[vid]
@@ -142,6 +86,9 @@ class CExprs:
             return f"{x}LL" if isinstance(x, int) else float_literal(x)
         return f"{'r' if value.level == ROW else 'e'}{vid}"
 
+    def literal(self, x, kind: str) -> str:
+        return float_literal(x) if kind == "f" else f"{int(x)}LL"
+
     def as_kind(self, vid: int, kind: str) -> str:
         source, expr = kind_of(self.values[vid].dtype), self.ref(vid)
         if source == kind:
@@ -150,48 +97,11 @@ class CExprs:
             return f"({expr} != 0)"
         return f"(({REGISTER[kind]}){expr})"
 
-    def op_expr(self, vid: int) -> str:
-        value = self.values[vid]
-        kinds = [value.ctype] * len(value.args)
-        if value.op == "where":
-            kinds[0] = "b"
-        args = [self.as_kind(a, k) for a, k in zip(value.args, kinds)]
-        if value.op in COMPARE:
-            expr = f"({args[0]} {COMPARE[value.op]} {args[1]})"
-        elif value.op == "pow":
-            template = POW_SPECIAL.get(value.attr, "powf({0}, %s)" % float_literal(value.attr))
-            expr = template.format(*args)
-        elif value.op == "gelu":
-            expr = self.gelu(args[0], value.attr)
-        elif value.op == "clamp":
-            expr = self.clamp(args[0], value.attr, value.ctype)
-        elif value.op == "select_col":   # cat over the last dim (j: the column)
-            expr = f"(j < {value.attr}LL ? {args[0]} : {args[1]})"
-        else:
-            table = {"f": FLOAT_OPS, "i": INT_OPS, "b": BOOL_OPS}[value.ctype]
-            if value.op not in table:
-                raise Unsupported(f"{value.op} on {value.dtype} in C++")
-            expr = table[value.op].format(*args)
-        result = kind_of(value.dtype)
-        if result != value.ctype:   # e.g. a cast: the op ran in the source kind
-            expr = (f"({expr} != 0)" if result == "b" else f"(({REGISTER[result]}){expr})")
-        return round_expr(value.dtype, expr)
+    def convert(self, expr: str, op: str, source: str, result: str) -> str:
+        return f"({expr} != 0)" if result == "b" else f"(({REGISTER[result]}){expr})"
 
-    @staticmethod
-    def gelu(x: str, approximate: str) -> str:
-        if approximate == "tanh":
-            inner = f"{GELU_TANH_BETA} * ({x} + 0.044715f * {x} * {x} * {x})"
-            return f"(0.5f * {x} * (1.0f + fxf_tanh({inner})))"
-        return f"(0.5f * {x} * (1.0f + fxf_erf({x} * 0.70710678118654752440f)))"
-
-    def clamp(self, x: str, bounds: tuple, ctype: str) -> str:
-        lit = float_literal if ctype == "f" else (lambda b: f"{int(b)}LL")
-        lo, hi = bounds
-        if lo is not None:
-            x = f"({x} < {lit(lo)} ? {lit(lo)} : {x})"
-        if hi is not None:
-            x = f"({x} > {lit(hi)} ? {lit(hi)} : {x})"
-        return x
+    def round(self, dtype: torch.dtype, expr: str) -> str:
+        return round_expr(dtype, expr)
 
     def load_expr(self, index: int, position: str) -> str:
         value = next(v for v in self.values if v.op == "load" and v.attr == index)
@@ -225,97 +135,6 @@ class CExprs:
         return (f"float {name} = {start}; int {name}_nan = 0;",
                 f"reduction({value.op}:{name}) reduction(|:{name}_nan)", update,
                 [f"if ({name}_nan) {name} = NAN;"] + post)
-
-
-def find_compiler() -> str:
-    for candidate in (os.environ.get("CXX"), "g++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    raise KernelBuildError("no C++ compiler found ($CXX, g++, clang++)")
-
-
-@functools.lru_cache(maxsize=None)
-def _compiler_identity(compiler: str) -> str:
-    try:
-        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelBuildError(f"{compiler} --version failed: {exc}") from exc
-    return out.stdout + _cpu_flags()
-
-
-def _cpu_flags() -> str:
-    """-march=native binaries are only valid on the same ISA: the CPU flags enter the key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def build_shared_object(source: str, name: str = "fused", rebuild: bool = False) -> Path:
-    """The kernel cache's name for ``source``'s library (the record of ``kernels/cache_trust.py``
-    names the library file built for it), compiled there unless recorded already (or
-    ``rebuild``). Whether it may be loaded is checked at load time: use :func:`load_function`.
-    Raises KernelBuildError, also when no cache folder may be used."""
-    compiler = find_compiler()
-    flags = compile_flags()
-    key = source_hash(source, _compiler_identity(compiler), " ".join(flags))
-    try:
-        target = cache_dir() / f"{name}_{key[:32]}.so"
-        if digest_path(target).exists() and not rebuild:
-            return target
-        _compile(compiler, flags, source, target)
-    except OSError as exc:   # UntrustedCacheError included: no trustworthy folder to build in
-        raise KernelBuildError(f"cannot build {name} in the kernel cache: {exc}") from exc
-    return target
-
-
-def _compile(compiler: str, flags: tuple[str, ...], source: str, target: Path) -> None:
-    directory = target.parent
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src = Path(tmp) / "kernel.cpp"
-        src.write_text(source)
-        tmp_so = Path(tmp) / "kernel.so"
-        cmd = [compiler, *flags, str(src), "-o", str(tmp_so)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise KernelBuildError(f"{' '.join(cmd)}: {exc}") from exc
-        if done.returncode != 0 or not tmp_so.exists():
-            raise KernelBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
-                                   f"{done.stderr[-4000:]}")
-        write_atomic(target.with_suffix(".cpp"), source.encode())   # for people; never read
-        install_library(tmp_so, target)   # under its digest's name, then recorded for target
-
-
-def load_function(source: str, symbol: str, name: str = "fused") -> Callable:
-    """Build (cached) and load ``symbol``. A cached library that fails the cache's trust check
-    (owner, permissions, recorded digest: ``kernels/cache_trust.py``) or fails to load or lacks
-    ``symbol`` is rebuilt once; the hostile or broken file is never loaded. The rebuilt library
-    has a path of its own (it is named by its digest), so the retry loads it, not the image
-    already mapped under the old path."""
-    target = build_shared_object(source, name)
-    try:
-        return getattr(load_library(target), symbol)
-    except (OSError, AttributeError):   # UntrustedCacheError is an OSError
-        target = build_shared_object(source, name, rebuild=True)
-        try:
-            return getattr(load_library(target), symbol)
-        except (OSError, AttributeError) as exc:
-            raise KernelBuildError(f"cannot load {name} ({target}): {exc}") from exc
-
-
-def build_failure(entry: Callable[[], Callable], what: str) -> Optional[str]:
-    """Build and load a kernel through ``entry`` (a cached loader); None if it works, else
-    ``"<what> unavailable (<error type>: <error>)"``: no compiler, a failed build or load. The
-    callers then run the library op that computes the same."""
-    try:
-        entry()
-    except Exception as exc:  # noqa: BLE001  (KernelBuildError, OSError, ...)
-        return f"{what} unavailable ({type(exc).__name__}: {exc})"
-    return None
 
 
 class _RowBody:

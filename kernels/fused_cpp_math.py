@@ -1,6 +1,22 @@
-"""The C math block every generated fusion kernel includes: exp, log, tanh, erf and sigmoid
-written branch-free so GCC vectorizes the row loops (libm's scalar versions do not vectorize).
+"""The C every generated CPU kernel starts with: ``PRELUDE`` (headers, bf16/fp16 conversions
+and rounding, column clamping) and the math block, exp, log, tanh, erf and sigmoid written
+branch-free so GCC vectorizes the row loops (libm's scalar versions do not vectorize).
 """
+
+PRELUDE = r"""#include <stdint.h>
+#include <string.h>
+#include <math.h>
+static inline float bf16_load(uint16_t u) { uint32_t b = (uint32_t)u << 16; float f; memcpy(&f, &b, 4); return f; }
+static inline uint16_t bf16_store(float f) {
+  uint32_t b; memcpy(&b, &f, 4);
+  uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  return (b & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : (uint16_t)rounded;
+}
+static inline float bf16_round(float f) { return bf16_load(bf16_store(f)); }
+static inline float f16_round(float f) { return (float)(_Float16)f; }
+static inline int64_t fxf_col(int64_t c, int64_t n) { return c < 0 ? 0 : (c >= n ? n - 1 : c); }
+"""
+
 
 MATH = r"""/* Branch-free float math (selects, fma, bit casts) that GCC vectorizes inside `omp simd`
    loops (given -fno-trapping-math); max errors vs float64 over the float range are in the

@@ -14,14 +14,14 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxforge.autotune.session import choose, current
-from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
-from fxforge.kernels.fused import RowProgram, source_hash
+from fxforge.kernels.fused import RowProgram
 from fxforge.kernels.fused_inputs import example_shapes, random_inputs, rows_and_cols
 from fxforge.kernels.fused_cpp import (PARALLEL_MIN_WORK, compile_program_cpu, generate_source,
                                        work_per_element)
 from fxforge.kernels.linear_cpu import thread_counts
-from fxforge.kernels.tuning import Config, Problem, TuningSpace
+from fxforge.kernels.toolchain import source_hash
+from fxforge.kernels.tuning import (Config, Problem, Tunable, TuningSpace, TuningTask, bucket, choose,
+                                    current, register_family)
 
 CHUNKS = (0, 1, 2, 4, 8, 16, 32)      # 0: rows split evenly between the threads
 SIMDLENS = (0, 8, 16, 32)             # 0: the compiler's choice (8 floats with AVX2)

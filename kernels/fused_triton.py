@@ -20,8 +20,9 @@ import torch
 import torch.fx as fx
 
 from fxforge.kernels.cache_trust import trusted_dir, write_atomic
-from fxforge.kernels.fused import (ELEM, ROW, RowProgram, Unsupported, bind_shapes,
-                                   build_program, kind_of, needed_by, source_hash)
+from fxforge.kernels.fused import ELEM, ROW, RowProgram, bind_shapes, build_program, kind_of, needed_by
+from fxforge.kernels.row_render import COMPARE, TRITON, RowExprs
+from fxforge.kernels.toolchain import source_hash
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
 
 TL_DTYPE = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -30,27 +31,6 @@ TL_DTYPE = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
             torch.bool: "tl.int1"}
 REGISTER = {"f": "tl.float32", "i": "tl.int64", "b": "tl.int1"}
 MAX_TILE = 16384   # elements of one [BLOCK_R, BLOCK_N] tile kept in registers
-FLOAT_OPS = {
-    "neg": "(-{0})", "abs": "tl.abs({0})", "exp": "tl.exp({0})", "log": "tl.log({0})",
-    "sqrt": "tl.sqrt_rn({0})", "rsqrt": "(1.0 / tl.sqrt_rn({0}))", "reciprocal": "(1.0 / {0})",
-    "tanh": "_tanh({0})", "sigmoid": "(1.0 / (1.0 + tl.exp(-{0})))",
-    "erf": "_erf({0})", "relu": "tl.where({0} < 0.0, 0.0, {0})",
-    "silu": "({0} / (1.0 + tl.exp(-{0})))", "sin": "tl.sin({0})", "cos": "tl.cos({0})",
-    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-    "maximum": "tl.where({0} != {0}, {0}, tl.where({0} > {1}, {0}, {1}))",
-    "minimum": "tl.where({0} != {0}, {0}, tl.where({0} < {1}, {0}, {1}))",
-    "where": "tl.where({0}, {1}, {2})", "cast": "{0}",
-}
-INT_OPS = {"neg": "(-{0})", "abs": "tl.abs({0})", "relu": "tl.where({0} < 0, 0, {0})",
-           "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
-           "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",
-           "where": "tl.where({0}, {1}, {2})", "cast": "{0}", "bitwise_not": "(~{0})"}
-BOOL_OPS = {"logical_not": "({0} == 0)", "bitwise_not": "({0} == 0)", "logical_and": "({0} & {1})",
-            "where": "tl.where({0}, {1}, {2})", "cast": "{0}", "maximum": "({0} | {1})",
-            "minimum": "({0} & {1})", "mul": "({0} & {1})", "add": "({0} | {1})"}
-COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-POW_SPECIAL = {2.0: "({0} * {0})", 1.0: "{0}", 0.5: "tl.sqrt_rn({0})", 3.0: "({0} * {0} * {0})",
-               -1.0: "(1.0 / {0})", -2.0: "(1.0 / ({0} * {0}))", -0.5: "(1.0 / tl.sqrt_rn({0}))"}
 HEADER = '''import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -121,10 +101,14 @@ def _round(dtype: torch.dtype, expr: str) -> str:
     return expr
 
 
-class _Emitter:
+class _Emitter(RowExprs):
+    target, column = "Triton", TRITON
+    pow_call = "_pow({0}, {e})"
+    select_col = "tl.where(cols < {at}, {0}, {1})"   # cat over the last dim
+
     def __init__(self, program: RowProgram):
+        super().__init__(program)
         self.p = program
-        self.values = program.values
 
     def ref(self, vid: int) -> str:
         value = self.values[vid]
@@ -134,45 +118,22 @@ class _Emitter:
             return _literal(value.attr)
         return f"{'r' if value.level == ROW else 'e'}{vid}"
 
+    def literal(self, x: Any, kind: str) -> str:
+        return _literal(x)
+
     def as_kind(self, vid: int, kind: str) -> str:
         source, expr = kind_of(self.values[vid].dtype), self.ref(vid)
         if source == kind or self.values[vid].op == "const" and kind != "b":
             return expr
         return f"({expr} != 0)" if kind == "b" else f"({expr}).to({REGISTER[kind]})"
 
-    def op_expr(self, vid: int) -> str:
-        value = self.values[vid]
-        kinds = ["b" if value.op == "where" and k == 0 else value.ctype
-                 for k in range(len(value.args))]
-        args = [self.as_kind(a, k) for a, k in zip(value.args, kinds)]
-        if value.op in COMPARE:
-            expr = f"({args[0]} {COMPARE[value.op]} {args[1]})"
-        elif value.op == "pow":
-            expr = POW_SPECIAL.get(value.attr, "_pow({0}, %s)" % _literal(value.attr))
-            expr = expr.format(*args)
-        elif value.op == "gelu":
-            x = args[0]
-            expr = (f"(0.5 * {x} * (1.0 + _tanh(0.7978845608028654 * ({x} + 0.044715 * "
-                    f"{x} * {x} * {x}))))" if value.attr == "tanh" else
-                    f"(0.5 * {x} * (1.0 + _erf({x} * 0.7071067811865476)))")
-        elif value.op == "select_col":   # cat over the last dim
-            expr = f"tl.where(cols < {value.attr}, {args[0]}, {args[1]})"
-        elif value.op == "clamp":
-            expr = args[0]
-            lo, hi = value.attr
-            if lo is not None:
-                expr = f"tl.where({expr} < {_literal(lo)}, {_literal(lo)}, {expr})"
-            if hi is not None:
-                expr = f"tl.where({expr} > {_literal(hi)}, {_literal(hi)}, {expr})"
-        else:
-            table = {"f": FLOAT_OPS, "i": INT_OPS, "b": BOOL_OPS}[value.ctype]
-            if value.op not in table:
-                raise Unsupported(f"{value.op} on {value.dtype} in Triton")
-            expr = table[value.op].format(*args)
-        result = kind_of(value.dtype)
-        if result != value.ctype and value.op not in COMPARE:
-            expr = f"({expr} != 0)" if result == "b" else f"({expr}).to({REGISTER[result]})"
-        return _round(value.dtype, expr)
+    def convert(self, expr: str, op: str, source: str, result: str) -> str:
+        if op in COMPARE:   # a comparison is already a Triton bool of any operand kind
+            return expr
+        return f"({expr} != 0)" if result == "b" else f"({expr}).to({REGISTER[result]})"
+
+    def round(self, dtype: torch.dtype, expr: str) -> str:
+        return _round(dtype, expr)
 
     def load(self, vid: int, elem_offsets: str, mask: str) -> str:
         value = self.values[vid]

@@ -14,8 +14,8 @@ The layout: the weight [K, N] is stored as panels of 16 output columns, ``[ceil(
 of 12 eight-wide accumulators (the classic AVX2 shape: 12 accumulators, 2 panel loads and 6
 broadcasts per k). Blocking: K in chunks of ``kc``, rows in blocks of ``mc``; threads share the
 (panel, 24-row strip) tasks of a block, so a panel chunk is read once per block. Written with
-GCC vector extensions, so the same source builds for AVX2, AVX-512 or plain SSE. Weights whose
-values are all bf16 are packed in bf16, in the GEMV's layout (one pack serves both kernels).
+GCC vector extensions, so the same source builds for AVX2, AVX-512 or plain SSE. Weights of
+format "bf16" are packed in bf16, in the GEMV's layout (one pack serves both kernels).
 
 Measured by ``bench/linear_cpu.py`` (weights cycled past the last-level cache, as in a model;
 2 threads, the Zen 1 dev box, medians of 9 interleaved rounds), against ``addmm`` + epilogue:
@@ -33,12 +33,12 @@ from typing import Callable, Optional
 import torch
 
 import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
-from fxforge.kernels.fused_cpp import PRELUDE, build_failure, load_function
-from fxforge.kernels.fused_cpp_math import MATH
-from fxforge.kernels.gemv_cpu import (ACT_OF_CPP, ACTIVATION_CODES, BF16_PACK_KIND, exactly_bf16,
-                                      pack_weight)
+from fxforge.kernels.activations import ACT_OF_CPP, ACTIVATION_CODES
+from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
+from fxforge.kernels.gemv_cpu import BF16_PACK_KIND, pack_weight, storage_of
 from fxforge.kernels.replay import launch
 from fxforge.kernels.shared_packs import shared_pack
+from fxforge.kernels.toolchain import build_failure, load_function
 
 PANEL = 16                       # output columns per packed panel (two 8-wide accumulators)
 # (kc, mc) choices, the first the default: a deep K chunk wins at every benched shape (fewer
@@ -242,28 +242,28 @@ def gemm_unavailable() -> Optional[str]:
 
 def pack_panels(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[N, K] fp32 -> [ceil(N/16), K, 16]: each panel of 16 output columns, k-major (rows past N
-    zero), so the inner loop reads a panel as one sequential stream. In bf16 (for weights whose
-    values are all bf16) each k's 16 columns are stored in pairs (c_j, c_8+j): the GEMV's bf16
+    zero), so the inner loop reads a panel as one sequential stream. In bf16 (weights of format
+    "bf16") each k's 16 columns are stored in pairs (c_j, c_8+j): the GEMV's bf16
     layout, which the kernel widens with a shift and a mask."""
     return pack_weight(weight_nk, dtype, fp32_rows=PANEL)   # bf16: the GEMV's own layout
 
 
 class TiledLinear:
     """``act(x @ weight_nk^T + bias) + residual`` for fp32 ``x`` [M, K] (any M; unit stride
-    along K, else copied). ``weight_nk`` is the [N, K] fp32 weight, kept in bf16 panels when its
-    values are exactly bf16 (:attr:`storage`: half the bytes, the same products), else fp32;
+    along K, else copied). ``weight_nk`` is the [N, K] fp32 weight, kept in bf16 panels when
+    ``weight_format`` is "bf16" (:attr:`storage`: half the bytes), else fp32;
     ``bias`` [N] or None; ``block``: an index into :data:`BLOCKS` (the tuner's knob)."""
 
     name = "tiled"
 
     def __init__(self, weight_nk: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                 block: int = 0):
+                 block: int = 0, weight_format: str = "dense"):
         if weight_nk.dtype != torch.float32 or weight_nk.dim() != 2:
             raise ValueError(f"tiled GEMM: a 2-D fp32 weight, got {weight_nk.dtype} "
                              f"{list(weight_nk.shape)}")
         self.fn = _entry()
         self.n, self.k = weight_nk.shape
-        self.storage = torch.bfloat16 if exactly_bf16(weight_nk) else torch.float32
+        self.storage = storage_of(weight_format, "tiled GEMM")
         self.panels = shared_pack(PACK_KINDS[self.storage], weight_nk,
                                   lambda w: pack_panels(w, self.storage))
         self.bias = None
@@ -311,6 +311,6 @@ class TiledLinear:
                              self.activation if self.act else "",
                              "residual add" if has_residual else "") if s]
         epilogue = f", epilogue per tile before the store: {' then '.join(steps)}" if steps else ""
-        stored = " (bf16: exact, its values are bf16)" if self.storage == torch.bfloat16 else ""
+        stored = " (bf16: weight format bf16)" if self.storage == torch.bfloat16 else ""
         return (f"C++ tiled GEMM ({dtype_name}, weight packed in 16-column panels{stored}, "
                 f"kc={self.kc}, mc={self.mc}){epilogue}")

@@ -10,10 +10,10 @@ residual while the outputs are still in registers: 22-27 GB/s on the same shapes
 (``python bench/decode.py --gemv`` prints the table), with one ctypes call instead of
 ``addmm`` + in-place epilogue ops.
 
-Weights whose values are all bf16 values (``precision="bf16"`` on a CPU without bf16 math rounds
-them so: the ``bf16_weights`` precision) are stored in bf16, in blocks of sixteen rows, and
-widened to fp32 in registers (a shift and a mask per sixteen weights); the math stays fp32, so
-the result is the fp32 linear's on those values. Half the bytes: measured on the same Zen 1 at M=1, 2 threads,
+Weights of format "bf16" (``irgraph/weight_format.py``: set by ``precision="bf16"`` on a CPU
+without bf16 math, and on fp32 weights whose values are all bf16) are stored in bf16, in blocks
+of sixteen rows, and widened to fp32 in registers (a shift and a mask per sixteen weights); the
+math stays fp32, so the result is the fp32 linear's on the bf16-rounded values. Half the bytes: measured on the same Zen 1 at M=1, 2 threads,
 1.66-1.89x the fp32 kernel's speed on SmolLM2's and a 2048x8192 shape (20-24 GB/s of bf16).
 
 The AVX2 path is compiled where the compiler targets AVX2 (``-march=native``); elsewhere the same
@@ -28,29 +28,17 @@ from typing import Callable, Optional
 
 import torch
 
-from fxforge.kernels.fused_cpp import PRELUDE, build_failure, load_function
-from fxforge.kernels.fused_cpp_math import MATH
+from fxforge.irgraph.weight_format import not_implemented_by
+from fxforge.kernels.activations import ACT_OF_CPP, ACTIVATION_CODES, REGISTRY
+from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.replay import launch
 from fxforge.kernels.shared_packs import shared_pack
+from fxforge.kernels.toolchain import build_failure, load_function
 
 log = logging.getLogger("fxforge.kernels")
 
 GEMV_MAX_M = 4                  # above this many rows the GEMM libraries win (measured, see below)
 PARALLEL_MIN_WEIGHTS = 1 << 15  # N x K below which one thread is faster than a parallel region
-ACTIVATION_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
-
-# The activations by ACTIVATION_CODES, as C++ (the same formulas as the reference ops); shared
-# with the tiled GEMM of kernels/gemm_cpu.py.
-ACT_OF_CPP = r"""
-template <int ACT> static inline float act_of(float v) {
-  if (ACT == 1) return v < 0.0f ? 0.0f : v;
-  if (ACT == 2) return v / (1.0f + fxf_exp(-v));
-  if (ACT == 3) return 0.5f * v * (1.0f + fxf_erf(v * 0.7071067811865476f));
-  if (ACT == 4) return 0.5f * v * (1.0f + fxf_tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-  return v;
-}
-"""
-
 SOURCE = "#include <omp.h>\n#include <immintrin.h>\n" + PRELUDE + MATH + ACT_OF_CPP + r"""
 
 static inline float activate(float v, int act) {
@@ -236,17 +224,19 @@ def gemv_unavailable() -> Optional[str]:
     return build_failure(_entry, "gemv: C++ kernel")
 
 
-def exactly_bf16(weight: torch.Tensor) -> bool:
-    """Every value of the fp32 ``weight`` is a bf16 value (rounded by the ``bf16_weights``
-    precision, or upcast from a bf16 checkpoint): storing it in bf16 loses nothing."""
-    # a bf16 is the top half of its fp32: exact iff the low 16 bits are zero (NaN and inf too)
-    return weight.dtype == torch.float32 and \
-        not bool((weight.contiguous().view(torch.int32) & 0xFFFF).any())
-
-
 # Layout names for kernels/shared_packs.py (the tiled GEMM reads the bf16 layout too)
 BF16_PACK_KIND = "bf16 pairs (c_j, c_8+j) [N/16][K][16]"
 PACK_KINDS = {torch.float32: "gemv fp32 [N/8][K][8]", torch.bfloat16: BF16_PACK_KIND}
+# The weight formats (irgraph/weight_format.py) the C++ GEMV and tiled GEMM store, and how
+STORAGE = {"dense": torch.float32, "bf16": torch.bfloat16}
+
+
+def storage_of(weight_format: str, kernel: str) -> torch.dtype:
+    """The dtype ``kernel`` keeps a weight of ``weight_format`` in (read from the op, never
+    from the values), or the error naming a format it does not implement."""
+    if weight_format not in STORAGE:
+        raise not_implemented_by(kernel, weight_format, STORAGE)
+    return STORAGE[weight_format]
 
 
 def pack_weight(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -267,21 +257,23 @@ def pack_weight(weight_nk: torch.Tensor, dtype: torch.dtype = torch.float32,
 class GemvLinear:
     """``act(x @ weight_nk^T + bias) + residual`` for fp32 ``x`` of at most GEMV_MAX_M rows.
 
-    ``weight_nk`` is the [N, K] fp32 weight (kept packed by :func:`pack_weight`, in bf16 when its
-    values are exactly bf16: :attr:`storage`); ``bias`` [N] or None. Calls pass x as [M, K] (``PackedLinear`` checks shapes); any M is correct, at most
+    ``weight_nk`` is the [N, K] fp32 weight (kept packed by :func:`pack_weight`, in bf16 when
+    ``weight_format`` is "bf16": :attr:`storage`); ``bias`` [N] or None. Calls pass x as [M, K] (``PackedLinear`` checks shapes); any M is correct, at most
     GEMV_MAX_M is where it is faster than the GEMM libraries."""
 
     def __init__(self, weight_nk: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                 bf16_pack: Optional[torch.Tensor] = None):
+                 bf16_pack: Optional[torch.Tensor] = None, weight_format: str = "dense"):
         """``bf16_pack``: ``weight_nk`` already packed in bf16 (the tiled GEMM's panels of the
-        same weight): used as is, not checked and packed again."""
+        same weight, format "bf16"): used as is, not packed again."""
         if weight_nk.dtype != torch.float32:
             raise ValueError(f"gemv: fp32 weights only, got {weight_nk.dtype}")
+        self.storage = storage_of(weight_format, "gemv")
         self.fn = _entry()
         if bf16_pack is not None:
-            self.storage, self.weight = torch.bfloat16, bf16_pack
+            if self.storage != torch.bfloat16:
+                raise ValueError(f"gemv: a bf16 pack for a weight of format {weight_format!r}")
+            self.weight = bf16_pack
         else:
-            self.storage = torch.bfloat16 if exactly_bf16(weight_nk) else torch.float32
             self.weight = shared_pack(PACK_KINDS[self.storage], weight_nk,
                                       lambda w: pack_weight(w, self.storage))
         self.bias = bias.to(torch.float32).contiguous() if bias is not None else None
@@ -307,8 +299,8 @@ class GemvLinear:
 
     def describe(self, dtype_name: str, has_residual: bool) -> str:
         steps = [s for s in ("bias" if self.bias is not None else "",
-                             {v: k for k, v in ACTIVATION_CODES.items()}[self.act] if self.act else "",
+                             REGISTRY[self.act].name if self.act else "",
                              "residual add" if has_residual else "") if s]
         epilogue = f", epilogue in registers: {' then '.join(steps)}" if steps else ""
-        stored = ", weights stored in bf16 (exact: bf16 values)" if self.storage == torch.bfloat16 else ""
+        stored = ", weights stored in bf16 (format bf16)" if self.storage == torch.bfloat16 else ""
         return f"C++ GEMV ({dtype_name}{stored}, M <= {GEMV_MAX_M}, weight streamed once){epilogue}"

@@ -25,15 +25,14 @@ from typing import Optional
 import torch
 
 from fxforge.irgraph.ops import ACTIVATIONS
+from fxforge.irgraph.weight_format import decode, not_implemented_by, weight_format as format_named
+from fxforge.kernels.activations import BY_NAME
 from fxforge.kernels.cpu_isa import MatmulPath, choose_matmul_path
 from fxforge.kernels.gemm_cpu import BLOCKS, TiledLinear, gemm_unavailable
-from fxforge.kernels.gemv_cpu import (GEMV_MAX_M, GemvLinear, epilogue_, epilogue_available,
-                                      gemv_unavailable)
+from fxforge.kernels.gemv_cpu import (GEMV_MAX_M, STORAGE, GemvLinear, epilogue_,
+                                      epilogue_available, gemv_unavailable)
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
 
-# fxforge activation name -> oneDNN unary post-op (attr, algorithm)
-_ONEDNN_POST_OPS = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"),
-                    "gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
 
 
 def activate_(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -73,7 +72,7 @@ class _OneDNNLinear:
     def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight_nk, batch_hint)
         self.bias, self.activation = bias, activation
-        self.post_op = _ONEDNN_POST_OPS[activation]
+        self.post_op = BY_NAME[activation].onednn
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         if residual is not None and self.activation == "none":
@@ -139,22 +138,26 @@ class _GemvLinear(GemvLinear):
     """The C++ GEMV of ``kernels/gemv_cpu.py`` as a candidate (for M <= GEMV_MAX_M)."""
     name = "gemv"
 
-    def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int):
-        super().__init__(weight_nk, bias, activation)
+    def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int,
+                 weight_format: str = "dense"):
+        super().__init__(weight_nk, bias, activation, weight_format=weight_format)
 
 
 class _TiledLinear(TiledLinear):
     """The tiled C++ GEMM of ``kernels/gemm_cpu.py`` as a candidate; ``block``: its blocking."""
 
     def __init__(self, weight_nk: torch.Tensor, bias, activation: str, batch_hint: int,
-                 block: int = 0):
-        super().__init__(weight_nk, bias, activation, block)
+                 block: int = 0, weight_format: str = "dense"):
+        super().__init__(weight_nk, bias, activation, block, weight_format)
 
 
 # New candidates go at the end: a tuned config names its candidate by index.
 _IMPLEMENTATIONS = {impl.name: impl for impl in (_OneDNNLinear, _MKLLinear, _AtenLinear,
                                                  _GemvLinear, _TiledLinear)}
 CANDIDATES: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
+# Candidates that store a weight format themselves (gemv_cpu.STORAGE); the libraries get the
+# weight decoded to its values (irgraph/weight_format.py) at pack time.
+_STORE_FORMATS = ("gemv", "tiled")
 
 
 def unavailable_reason(candidate: str, compute_dtype: torch.dtype) -> Optional[str]:
@@ -300,15 +303,21 @@ class PackedLinear:
     ``has_residual`` whether calls pass a residual [M, N]; ``path`` the matmul path (default:
     ``choose_matmul_path(weight.dtype)``); ``candidate`` one of :data:`CANDIDATES` (default:
     :func:`default_candidate` for ``batch_hint`` rows); ``batch_hint`` the M to pack for.
-    ``varying_rows``: M changes at run time (a KV-cache step graph runs the prompt, then one
-    token per call), so few-row calls may take the C++ GEMV (see :meth:`_few_rows`).
+    ``weight_format``: the op's (``irgraph/weight_format.py``): "dense" or "bf16" (the C++
+    kernels store bf16 weights in bf16; the libraries get the rounded values); another is a
+    ValueError naming it. ``varying_rows``: M changes at run time (a KV-cache step graph runs
+    the prompt, then one token per call), so few-row calls may take the C++ GEMV (see
+    :meth:`_few_rows`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  activation: str = "none", has_residual: bool = False,
                  out_dtype: Optional[torch.dtype] = None, *, path: Optional[MatmulPath] = None,
                  candidate: Optional[str] = None, batch_hint: int = 1, threads: int = 0,
-                 layout: str = "kn", block: int = 0, varying_rows: bool = False):
+                 layout: str = "kn", block: int = 0, varying_rows: bool = False,
+                 weight_format: str = "dense"):
+        if format_named(weight_format).name not in STORAGE:
+            raise not_implemented_by("PackedLinear (CPU linear)", weight_format, STORAGE)
         if weight.dim() != 2 or (bias is not None and list(bias.shape) != [weight.shape[1]]):
             raise ValueError(f"PackedLinear: weight {list(weight.shape)} must be [K, N] and bias [N]")
         if activation not in ACTIVATIONS:
@@ -325,11 +334,15 @@ class PackedLinear:
         reason = unavailable_reason(self.candidate, self.compute_dtype)
         if reason is not None:
             raise ValueError(f"PackedLinear: {reason}")
+        self.weight_format = weight_format
         weight_nk = weight.detach().t().to(self.compute_dtype).contiguous()
         bias = bias.detach().to(self.compute_dtype).contiguous() if bias is not None else None
         extra = ({"layout": layout} if self.candidate == "aten" else
                  {"block": block} if self.candidate == "tiled" else {})
-        self.impl = _IMPLEMENTATIONS[self.candidate](weight_nk, bias, activation, max(1, batch_hint),
+        if self.candidate in _STORE_FORMATS:
+            extra["weight_format"] = weight_format
+        stored = weight_nk if self.candidate in _STORE_FORMATS else decode(weight_nk, weight_format)
+        self.impl = _IMPLEMENTATIONS[self.candidate](stored, bias, activation, max(1, batch_hint),
                                                      **extra)
         self.few_rows, self.few_rows_max = (self._few_rows(weight_nk, bias, activation)
                                             if varying_rows else (None, 0))
@@ -345,10 +358,11 @@ class PackedLinear:
         if self.candidate == "gemv" or unavailable_reason("gemv", self.compute_dtype) is not None:
             return None, 0
         if self.candidate != "tiled":
-            return GemvLinear(weight_nk, bias, activation), GEMV_MAX_M
+            return GemvLinear(weight_nk, bias, activation, weight_format=self.weight_format), GEMV_MAX_M
         if self.impl.storage != torch.bfloat16:
             return None, 0
-        gemv = GemvLinear(weight_nk, bias, activation, bf16_pack=self.impl.panels)
+        gemv = GemvLinear(weight_nk, bias, activation, bf16_pack=self.impl.panels,
+                          weight_format=self.weight_format)
         return gemv, GEMV_DEFAULT_ROWS
 
     def _result_dtype(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:

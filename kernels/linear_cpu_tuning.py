@@ -11,11 +11,9 @@ from typing import Optional
 
 import torch
 
-from fxforge.autotune.session import choose
-from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.kernels.cpu_isa import MatmulPath, choose_matmul_path
 from fxforge.kernels.linear_cpu import LAYOUTS, PackedLinear, candidate_of, linear_cpu_space
-from fxforge.kernels.tuning import Config
+from fxforge.kernels.tuning import Config, Tunable, TuningTask, bucket, choose, register_family
 
 # What a tuned pick depends on: the implementations' code (a changed kernel invalidates picks).
 _SOURCES = ("linear_cpu.py", "gemm_cpu.py", "gemv_cpu.py", "linear_cpu_tuning.py")
@@ -30,9 +28,11 @@ def _module_source_hash() -> str:
 
 
 def linear_task(m: int, k: int, n: int, compute_dtype: torch.dtype, activation: str,
-                has_bias: bool, has_residual: bool) -> TuningTask:
+                has_bias: bool, has_residual: bool, weight_format: str = "dense") -> TuningTask:
     problem = {"M": bucket(m), "K": k, "N": n, "dtype": str(compute_dtype).split(".")[-1],
                "activation": activation, "bias": has_bias, "residual": has_residual}
+    if weight_format != "dense":   # another storage, another speed (dense keys stay as they were)
+        problem["weight_format"] = weight_format
     return TuningTask.make("linear_cpu", __name__, problem, _module_source_hash())
 
 
@@ -53,6 +53,7 @@ class LinearCpuTunable(Tunable):
         super().__init__(task)
         p = self.problem
         self.dtype = getattr(torch, p["dtype"])
+        self.weight_format = p.get("weight_format", "dense")
         self.space = linear_cpu_space(p["M"], p["K"], p["N"], self.dtype)
         g = torch.Generator().manual_seed(1234)
         copies = max(1, min(MAX_COPIES, WORKING_SET_BYTES // (4 * p["K"] * p["N"])))
@@ -69,7 +70,8 @@ class LinearCpuTunable(Tunable):
         linears = [PackedLinear(weight, self.bias, self.problem["activation"],
                                 self.residual is not None, path=path, candidate=candidate_of(config),
                                 batch_hint=self.problem["M"], threads=config["threads"],
-                                layout=LAYOUTS[config["layout"]], block=config.kwargs().get("block", 0))
+                                layout=LAYOUTS[config["layout"]], block=config.kwargs().get("block", 0),
+                                weight_format=self.weight_format)
                    for weight in self.weights]
         x, residual, turn = self.x, self.residual, itertools.count()
         if len(linears) == 1:
@@ -83,7 +85,7 @@ class LinearCpuTunable(Tunable):
 
     def reference(self):
         return torch.ops.fxforge.linear(self.x, self.weights[0], self.bias, self.problem["activation"],
-                                        self.residual, None)
+                                        self.residual, None, self.weight_format)
 
     def cost(self, config: Config) -> float:
         """Roofline-ish: GEMM flops over the threads' throughput, plus each path's fixed cost
@@ -103,18 +105,19 @@ register_family("linear_cpu", LinearCpuTunable)
 
 def tuned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
                  has_residual: bool, out_dtype: Optional[torch.dtype], rows: int,
-                 varying_rows: bool = False) -> PackedLinear:
+                 varying_rows: bool = False, weight_format: str = "dense") -> PackedLinear:
     """A PackedLinear with the config the tuning session picks (the default outside one);
-    ``varying_rows``: M is symbolic and ``rows`` only the size to tune and pack for."""
+    ``varying_rows``: M is symbolic and ``rows`` only the size to tune and pack for;
+    ``weight_format``: the op's (the kernel reads it from there, never from the values)."""
     path = choose_matmul_path(weight.dtype)
     k, n = weight.shape
     space = linear_cpu_space(rows, k, n, path.compute_dtype)
     config = choose(space, lambda: linear_task(rows, k, n, path.compute_dtype, activation,
-                                               bias is not None, has_residual))
+                                               bias is not None, has_residual, weight_format))
     if config["fp32"]:
         path = MatmulPath("fp32", f"tuned: an fp32 GEMM beat {path.name} for this shape",
                           torch.float32)
     return PackedLinear(weight, bias, activation, has_residual, out_dtype, path=path,
                         candidate=candidate_of(config), batch_hint=rows, threads=config["threads"],
                         layout=LAYOUTS[config["layout"]], block=config.kwargs().get("block", 0),
-                        varying_rows=varying_rows)
+                        varying_rows=varying_rows, weight_format=weight_format)

@@ -20,12 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fxforge.autotune.session import current as current_session
 from fxforge.irgraph.ops import ACTIVATIONS
+from fxforge.kernels.activations import ACTIVATION_CODES
 from fxforge.kernels.tuning import Config, Problem, TuningSpace
+from fxforge.kernels.tuning import current as current_session
 
-ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-assert set(ACTIVATION_CODES) == set(ACTIVATIONS), "every IR activation needs a kernel code"
+# the registry's codes (kernels/activations.py), as constants the kernel may read
+_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+_GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
+_GELU_TANH = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
+_SILU = tl.constexpr(ACTIVATION_CODES["silu"])
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_OFFSET = 2**31 - 1  # the kernel indexes with int32
@@ -45,14 +49,14 @@ def interpreting() -> bool:
 @triton.jit
 def _activation(y, ACTIVATION: tl.constexpr):
     """``ACTIVATIONS[name]`` on an fp32 block, selected at compile time by its code."""
-    if ACTIVATION == 1:
+    if ACTIVATION == _RELU:
         y = tl.maximum(y, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == _GELU:
         y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACTIVATION == 3:
+    elif ACTIVATION == _GELU_TANH:
         inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
         y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(u) = 2*sigmoid(2u) - 1
-    elif ACTIVATION == 4:
+    elif ACTIVATION == _SILU:
         y = y * tl.sigmoid(y)
     return y
 

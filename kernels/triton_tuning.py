@@ -24,12 +24,12 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from fxforge.autotune.session import choose, current
-from fxforge.autotune.task import Tunable, TuningTask, bucket, register_family
 from fxforge.kernels import attention, fused_triton, matmul
-from fxforge.kernels.fused import RowProgram, build_program, source_hash
+from fxforge.kernels.fused import RowProgram, build_program
 from fxforge.kernels.fused_inputs import example_shapes, random_inputs, rows_and_cols
-from fxforge.kernels.tuning import Config, TuningSpace
+from fxforge.kernels.toolchain import source_hash
+from fxforge.kernels.tuning import (Config, Tunable, TuningSpace, TuningTask, bucket, choose, current,
+                                    register_family)
 
 SM_COUNT = 132                   # H100 SXM; the cost model's default when no GPU is visible
 SM_FLOPS = 990e12 / 132          # dense bf16 tensor-core FLOP/s per SM

@@ -1,7 +1,10 @@
 """Attention fusion: explicit ``softmax(q @ k^T * scale + mask) @ v`` becomes one
 ``aten.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=, enable_gqa=)``.
 
-Matched by structure, anchored on each ``_softmax``:
+First the written form is canonicalised (:mod:`fxforge.passes.attention_canon`: layout ops
+around the two contractions rewritten to one canonical chain, whatever ``einsum``, ``permute``,
+``.contiguous()`` or broadcasting made them; softmax spelled as exp over sum made ``_softmax``).
+Then matched by structure, anchored on each ``_softmax``:
   * ``bmm(q3, kt3)``: q3 and kt3 hold the values of 4-D ``[B, H, L, D]`` q and k in row-major order
     (views, copies, unsqueezes), k through an explicit swap of its last two dims; scalar
     multiplies on q or k fold into the scale;
@@ -39,13 +42,16 @@ import torch.fx as fx
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.graph import hoist_get_attrs, node_arguments
 from fxforge.irgraph.meta import META_KEY
+from fxforge.irgraph.views import Bmm, Slice, Softmax, Where
+from fxforge.passes.attention_canon import canonicalize_attention
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.cleanup import is_pure
+from fxforge.irgraph.query import is_pure
+from fxforge.passes.layout_algebra import keeps_order, step_layout
 
 from fxforge.passes.attention_match import (  # noqa: F401  (HUGE_NEGATIVE, SDPA: re-exported)
     _AND, _NEGATE, _NOT, _OR, HUGE_NEGATIVE, MAX_CONSTANT_NUMEL, SDPA, SDPA_VARIANTS,
     Decline, Mask,
-    _check_broadcast, _class_of, _combine, _leads_to_bmm, _mask_value, _meta, _passes_order,
+    _check_broadcast, _class_of, _combine, _input, _leads_to_bmm, _mask_value, _meta, _operands,
     _scalar_value, _shape, _softmax_to_bmm, _trace, _trace_key, _unrepeat, _walk_scores)
 
 log = logging.getLogger("fxforge.passes.attention")
@@ -91,19 +97,20 @@ class _Context:
         meta = _meta(node)
         if node.op != "call_function" or meta is None or meta.rank < 2:
             return None
-        target, args = node.target, node.args
+        target, source = node.target, _input(node)
         if target in _NOT:
-            return _NEGATE.get(self.keep_class(args[0]))
-        if target in (aten.eq.Scalar, aten.ne.Scalar) and meta.dtype == torch.bool and \
-                _meta(args[0]).dtype == torch.bool and args[1] in (0, 1):  # x == 0 is not x
-            same = (args[1] == 1) == (target is aten.eq.Scalar)
-            return self.keep_class(args[0]) if same else _NEGATE.get(self.keep_class(args[0]))
+            return _NEGATE.get(self.keep_class(source))
+        if target in (aten.eq.Scalar, aten.ne.Scalar) and meta.dtype == torch.bool:
+            other = _operands(node)[1]
+            if _meta(source).dtype == torch.bool and other in (0, 1):  # x == 0 is not x
+                same = (other == 1) == (target is aten.eq.Scalar)
+                return self.keep_class(source) if same else _NEGATE.get(self.keep_class(source))
         adds = target is aten.add.Tensor and not node.kwargs and meta.dtype.is_floating_point
         if target in _AND or target in _OR or adds:  # adding {0, -big} masks keeps where both do
-            a, b = (self.keep_class(x) if isinstance(x, fx.Node) else None for x in args[:2])
+            a, b = (self.keep_class(x) if isinstance(x, fx.Node) else None for x in _operands(node))
             return _combine(a, b, target not in _OR)
-        if target is aten.where.self and meta.dtype.is_floating_point:
-            cond, a, b = args
+        if (where := Where.of(node)) is not None and meta.dtype.is_floating_point:
+            cond, a, b = where.condition, where.input, where.other
             low = torch.finfo(meta.dtype).min / 2
             fill_a, fill_b = _scalar_value(a), _scalar_value(b)
             if fill_a == 0 and fill_b is not None and fill_b <= low:
@@ -111,15 +118,13 @@ class _Context:
             if fill_b == 0 and fill_a is not None and fill_a <= low:
                 return _NEGATE.get(self.keep_class(cond))
             return None
-        if target is aten.slice.Tensor:
-            dim, start, _, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
-            if dim % meta.rank >= meta.rank - 2 and (start not in (0, None) or step != 1):
+        if (sliced := Slice.of(node)) is not None:
+            if sliced.dim % meta.rank >= meta.rank - 2 and (sliced.start not in (0, None) or sliced.step != 1):
                 return None
-            return self.keep_class(args[0])
-        src = _meta(args[0]) if args else None
-        if (_passes_order(node) or target is aten.expand.default) and src is not None and \
-                src.rank >= 2 and tuple(src.shape[-2:]) == tuple(meta.shape[-2:]):
-            return self.keep_class(args[0])
+            return self.keep_class(source)
+        layout = step_layout(node)   # only the leading dims change: each matrix keeps its class
+        if layout and len(layout.order) >= 2 and layout.dims[-2:] == [[a] for a in layout.order[-2:]]:
+            return self.keep_class(source)
         return None
 
     def attn_mask(self, mask: Mask, factor: float, dtype: torch.dtype, lq: Any, lk: Any,
@@ -183,7 +188,8 @@ class _Context:
 
     def fuse_softmax(self, softmax: fx.Node) -> bool:
         """Fuse the attention around ``softmax``; False when it is no attention at all."""
-        scores_in, dim = softmax.args[:2]
+        view = Softmax.of(softmax)
+        scores_in, dim = view.input, view.dim
         if not _leads_to_bmm(scores_in):
             return False  # a classifier's or a router's softmax
         rank = len(_shape(scores_in))
@@ -191,7 +197,7 @@ class _Context:
             raise Decline(f"softmax over dim {dim}, not the last")
         scores = _walk_scores(scores_in)
         bmm2, tail = _softmax_to_bmm(softmax)
-        (q3, kt3), v3 = scores.bmm.args, bmm2.args[1]
+        (q3, kt3), v3 = (Bmm.of(scores.bmm).input, Bmm.of(scores.bmm).mat2), Bmm.of(bmm2).mat2
         _, lq, d = _shape(q3)
         lk, dv = _shape(v3)[1:]
         for node in [scores.bmm, *scores.chain]:
@@ -207,7 +213,7 @@ class _Context:
             raise Decline("no 4-D q or v behind the matmuls")
         b, h = _shape(q)[:2]
         out = next(iter(bmm2.users)) if len(bmm2.users) == 1 else None
-        if out is None or not _passes_order(out) or _shape(out) != (b, h, lq, dv):
+        if out is None or not keeps_order(out) or _shape(out) != (b, h, lq, dv):
             raise Decline("the attention output has no single 4-D view")
         if _shape(k) != (b, h, lk, d) or _shape(v) != (b, h, lk, dv):
             raise Decline(f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)} do not line up")
@@ -229,7 +235,7 @@ class _Context:
         mask = args.get("attn_mask", args.get("attn_bias"))
         if args.get("dropout_p"):
             raise Decline(f"dropout_p={args['dropout_p']}")
-        outputs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        outputs = {_getitem_index(u): u for u in node.users if u.target is operator.getitem}
         if len(outputs) != len(node.users) or any(out.users for i, out in outputs.items() if i):
             raise Decline("an output other than the attention (logsumexp, RNG state) is used")
         if 0 not in outputs or any(_meta(x) is None or _meta(x).rank != 4 for x in (q, k, v)):
@@ -241,6 +247,11 @@ class _Context:
             graph.erase_node(out)
         graph.erase_node(node)
         return True
+
+
+def _getitem_index(node: fx.Node) -> int:
+    """Which result of a multi-output op ``getitem`` ``node`` takes."""
+    return node.args[1]
 
 
 def _replace(ir: IRGraph, old: fx.Node, new: fx.Node) -> None:
@@ -275,6 +286,9 @@ COUNT_KEYS = ("attention_fused", "normalized", "causal", "masked", "gqa", "decli
 @register_pass("fuse_attention")
 def fuse_attention(ir: IRGraph) -> PassResult:
     """Explicit attention chains and the devices' SDPA kernel ops become scaled_dot_product_attention."""
+    canonical = canonicalize_attention(ir)
+    if canonical:
+        log.debug("fuse_attention: canonicalised %s", dict(canonical))
     context = _Context(ir)
     constants_before = {name for name, _ in ir.gm.named_buffers()}
     for node in list(ir.gm.graph.nodes):

@@ -10,8 +10,10 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from fxforge.irgraph import TensorMeta, op_name
-from fxforge.irgraph.meta import META_KEY
+from fxforge.irgraph import node_arguments, op_name
+from fxforge.irgraph.query import tensor_meta
+from fxforge.irgraph.views import Bmm, Full, MaskedFill, Where
+from fxforge.passes.layout_algebra import keeps_order, step_layout
 
 
 aten = torch.ops.aten
@@ -27,10 +29,6 @@ SDPA_VARIANTS = tuple(getattr(aten, name).default for name in (
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
     if hasattr(aten, name))
 
-# Ops whose result holds its input's values in the same row-major order (only the shape differs).
-_SAME_ORDER = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
-               aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default,
-               aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
 _SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 _AND = {aten.bitwise_and.Tensor, aten.logical_and.default}
 _OR = {aten.bitwise_or.Tensor, aten.logical_or.default}
@@ -44,9 +42,7 @@ class Decline(Exception):
     """A candidate that must not fuse; the message is the reason."""
 
 
-def _meta(node: Any) -> Optional[TensorMeta]:
-    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
-    return meta if isinstance(meta, TensorMeta) else None
+_meta = tensor_meta   # (the short name reads better in the many shape checks below)
 
 
 def _shape(node: fx.Node) -> tuple:
@@ -56,20 +52,22 @@ def _shape(node: fx.Node) -> tuple:
     return tuple(meta.shape)
 
 
-def _passes_order(node: fx.Node) -> bool:
-    """``node`` holds its first input's values in the same row-major order."""
-    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.target in _SAME_ORDER:
-        return True
-    if node.target in (aten.expand.default, aten.slice.Tensor):  # only when they change nothing
-        src, out = _meta(node.args[0]), _meta(node)
-        return src is not None and out is not None and src.shape == out.shape
-    return False
+def _input(node: Any) -> Any:
+    """The tensor an ATen op acts on (its schema's ``self``); None for anything else."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)):
+        return None
+    return node_arguments(node).get("self")
+
+
+def _operands(node: fx.Node) -> tuple[Any, Any]:
+    """``self`` and ``other`` of a binary ATen op (``add``, ``mul``, ``div``, ``and``, ``eq``...)."""
+    args = node_arguments(node)
+    return args.get("self"), args.get("other")
 
 
 def _is_float_cast(node: fx.Node) -> bool:
-    src, out = _meta(node.args[0]) if node.args else None, _meta(node)
+    src, out = _meta(_input(node)), _meta(node)
     return (node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype", "memory_format"}
             and src is not None and out is not None and src.dtype.is_floating_point
             and out.dtype.is_floating_point and src.shape == out.shape)
@@ -87,11 +85,11 @@ def _scalar_value(arg: Any) -> Optional[float]:
         ok = isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point
         return float(value.item()) if ok else None
     if arg.target is aten.scalar_tensor.default:
-        return _scalar_value(arg.args[0])
-    if arg.target is aten.full.default and all(s == 1 for s in arg.args[0]):
-        return _scalar_value(arg.args[1])
+        return _scalar_value(node_arguments(arg)["s"])
+    if (full := Full.of(arg)) is not None and all(s == 1 for s in full.size):
+        return _scalar_value(full.fill_value)
     if arg.target in (aten._to_copy.default, aten.lift_fresh_copy.default, aten.clone.default):
-        return _scalar_value(arg.args[0])
+        return _scalar_value(_input(arg))
     return None
 
 
@@ -99,7 +97,7 @@ def _scalar_multiplier(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     """(tensor, factor) when ``node`` multiplies or divides a tensor by a real scalar constant."""
     if node.op != "call_function" or node.target not in _SCALE_OPS or node.kwargs:
         return None
-    a, b = node.args
+    a, b = _operands(node)
     divides = node.target in (aten.div.Tensor, aten.div.Scalar)
     for tensor, scalar in ((a, b),) if divides else ((a, b), (b, a)):
         value = _scalar_value(scalar)
@@ -119,8 +117,8 @@ def _trace(node: fx.Node, last2: tuple, absorb: bool = True) -> tuple[Optional[f
         meta = _meta(node)
         if meta is not None and meta.rank == 4 and tuple(meta.shape[-2:]) == tuple(last2):
             found, found_scale = node, scale
-        if _passes_order(node):
-            node = node.args[0]
+        if keeps_order(node):
+            node = _input(node)
             continue
         multiplier = _scalar_multiplier(node) if absorb else None
         if multiplier is None:
@@ -130,15 +128,11 @@ def _trace(node: fx.Node, last2: tuple, absorb: bool = True) -> tuple[Optional[f
 
 
 def _swaps_last_two(node: fx.Node) -> bool:
-    meta = _meta(node)
-    if node.op != "call_function" or meta is None or meta.rank < 2:
+    layout = step_layout(node)
+    if layout is None or len(layout.dims) < 2:
         return False
-    rank = meta.rank
-    if node.target is aten.permute.default:
-        return [d % rank for d in node.args[1]] == list(range(rank - 2)) + [rank - 1, rank - 2]
-    if node.target is aten.transpose.int:
-        return {node.args[1] % rank, node.args[2] % rank} == {rank - 2, rank - 1}
-    return False
+    *lead, rows, columns = ([a] for a in layout.order)
+    return layout.dims == [*lead, columns, rows]
 
 
 def _trace_key(kt3: fx.Node, lk: Any, d: Any) -> tuple[fx.Node, float]:
@@ -146,14 +140,14 @@ def _trace_key(kt3: fx.Node, lk: Any, d: Any) -> tuple[fx.Node, float]:
     node, scale = kt3, 1.0
     while not _swaps_last_two(node):
         multiplier = _scalar_multiplier(node)
-        if _passes_order(node):
-            node = node.args[0]
+        if keeps_order(node):
+            node = _input(node)
         elif multiplier is not None:
             node, factor = multiplier
             scale *= factor
         else:
             raise Decline("k reaches the matmul without a transpose of its last two dims")
-    k4, more = _trace(node.args[0], (lk, d))
+    k4, more = _trace(_input(node), (lk, d))
     if k4 is None:
         raise Decline("no 4-D k behind the transpose")
     return k4, scale * more
@@ -171,12 +165,12 @@ def _leads_to_bmm(node: Any, depth: int = 12) -> bool:
     while isinstance(node, fx.Node) and node.op == "call_function" and depth > 0:
         if node.target is aten.bmm.default:
             return True
-        if node.target is aten.where.self:
-            return any(_leads_to_bmm(a, depth - 1) for a in node.args[1:])
+        if (where := Where.of(node)) is not None:
+            return any(_leads_to_bmm(a, depth - 1) for a in (where.input, where.other))
         if node.target is aten.add.Tensor:
-            return any(_leads_to_bmm(a, depth - 1) for a in node.args)
+            return any(_leads_to_bmm(a, depth - 1) for a in _operands(node))
         multiplier = _scalar_multiplier(node)
-        node = multiplier[0] if multiplier else node.args[0] if node.args else None
+        node = multiplier[0] if multiplier else _input(node)
         depth -= 1
     return False
 
@@ -184,20 +178,20 @@ def _leads_to_bmm(node: Any, depth: int = 12) -> bool:
 def _mask_op(node: fx.Node) -> Optional[tuple[Mask, fx.Node]]:
     """(mask, score input) when ``node`` applies a mask to the scores."""
     if node.target is aten.add.Tensor and not node.kwargs:
-        a, b = node.args
+        a, b = _operands(node)
         sides = [(x, y) for x, y in ((a, b), (b, a)) if isinstance(y, fx.Node) and _leads_to_bmm(y)]
         if len(sides) != 1 or not isinstance(sides[0][0], fx.Node):
             raise Decline(f"{node.name}: cannot tell the scores from the mask")
         return Mask(sides[0][0], additive=True), sides[0][1]
-    if node.target is aten.where.self:
-        cond, a, b = node.args
+    if (where := Where.of(node)) is not None:
+        cond, a, b = where.condition, where.input, where.other
         if _scalar_value(a) is not None and isinstance(b, fx.Node):
             return _bool_mask(cond, False, _scalar_value(a)), b
         if _scalar_value(b) is not None and isinstance(a, fx.Node):
             return _bool_mask(cond, True, _scalar_value(b)), a
         raise Decline(f"{node.name}: a where without a constant fill")
-    if node.target is aten.masked_fill.Scalar:
-        return _bool_mask(node.args[1], False, _scalar_value(node.args[2])), node.args[0]
+    if (fill := MaskedFill.of(node)) is not None:
+        return _bool_mask(fill.mask, False, _scalar_value(fill.value)), fill.input
     return None
 
 
@@ -226,8 +220,8 @@ def _walk_scores(node: fx.Node) -> Scores:
     while node.op == "call_function" and node.target is not aten.bmm.default:
         chain.append(node)
         multiplier = _scalar_multiplier(node)
-        if _passes_order(node) or _is_float_cast(node):
-            node = node.args[0]
+        if keeps_order(node) or _is_float_cast(node):
+            node = _input(node)
         elif multiplier is not None:
             node, factor = multiplier
             late, early = (late * factor, early) if mask is None else (late, early * factor)
@@ -251,9 +245,9 @@ def _softmax_to_bmm(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         if len(node.users) != 1:
             raise Decline(f"{node.name} (attention weights) has {len(node.users)} users")
         user = next(iter(node.users))
-        if user.target is aten.bmm.default and user.args[0] is node:
+        if (bmm := Bmm.of(user)) is not None and bmm.input is node:
             return user, chain
-        if not (_passes_order(user) or _is_float_cast(user)) or user.args[0] is not node:
+        if not (keeps_order(user) or _is_float_cast(user)) or _input(user) is not node:
             raise Decline(f"the softmax result reaches {op_name(user.target)} before the matmul with v")
         chain.append(user)
         node = user
@@ -261,22 +255,22 @@ def _softmax_to_bmm(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 
 def _unrepeat(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     """(kv, n_rep) when ``node`` ``[B, Hkv*n_rep, L, D]`` is ``repeat_kv(kv [B, Hkv, L, D])``."""
-    while _passes_order(node):
-        node = node.args[0]
+    while keeps_order(node):
+        node = _input(node)
     if node.target is not aten.expand.default:
         return None
-    expanded, src = _meta(node), _meta(node.args[0])
+    expanded, src = _meta(node), _meta(_input(node))
     if expanded.rank != 5 or src is None or src.rank != 5 or src.shape[2] != 1 or \
             src.shape[:2] != expanded.shape[:2] or src.shape[3:] != expanded.shape[3:]:
         return None
     b, hkv, rep, length, d = expanded.shape
-    node = node.args[0]
+    node = _input(node)
     while True:
         if _shape(node) == (b, hkv, length, d):
             return node, rep
-        if not _passes_order(node):
+        if not keeps_order(node):
             return None
-        node = node.args[0]
+        node = _input(node)
 
 
 def _class_of(value: torch.Tensor) -> Optional[str]:
@@ -337,7 +331,7 @@ def _mask_value(mask: Mask, value: torch.Tensor, factor: float, dtype: torch.dty
 def _check_broadcast(mask: fx.Node, applied_at: fx.Node, target: tuple) -> None:
     """The mask was broadcast against ``applied_at``; it must mean the same against ``target``."""
     shape, at = _shape(mask), _shape(applied_at)
-    if at[-2:] != target[-2:] or len(shape) > 4:
+    if at[-2:] != target[-2:] or any(s != 1 for s in shape[:-4]):  # extra leading dims: size 1
         raise Decline(f"mask applied to scores of shape {at}")
     if at != target and any(s != 1 for s in shape[:-2]):
         raise Decline(f"mask {shape} on scores {at} would not broadcast the same to {target}")

@@ -8,23 +8,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxforge.irgraph import POINTWISE, IRGraph
+from fxforge.irgraph import POINTWISE, IRGraph, meta_of
+from fxforge.irgraph.query import aliases_graph_input, is_pure, is_view_op
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import RuleTable, aliases_graph_input, is_view_op, same_value_layout
+from fxforge.passes.pattern import Pat, PatternMatcher, graph_rewrite
 
 aten = torch.ops.aten
-
-
-def is_pure(node: fx.Node) -> bool:
-    """A call we may drop, merge or evaluate ahead of time: no mutation, no randomness."""
-    target = node.target
-    if node.op != "call_function":
-        return False
-    if isinstance(target, torch._ops.OpOverload):
-        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
-            return False
-        return not target.name().startswith("aten::_assert") and "sym_constrain" not in target.name()
-    return getattr(target, "__module__", None) in ("_operator", "operator")
 
 
 @register_pass("dce")
@@ -77,7 +66,6 @@ def common_subexpression_elimination(ir: IRGraph) -> PassResult:
     return PassResult(ir, {"merged": merged})
 
 
-NOOP_RULES = RuleTable()
 _IDENTITY_WHEN_SAME_LAYOUT = [
     aten.clone.default, aten.alias.default, aten._to_copy.default, aten.view.default,
     aten.reshape.default, aten._unsafe_view.default, aten.expand.default, aten.permute.default,
@@ -106,26 +94,39 @@ def _reaches_output(node: fx.Node, besides: fx.Node | None = None) -> bool:
     return False
 
 
-@NOOP_RULES.add(_IDENTITY_WHEN_SAME_LAYOUT, "identity")
-def _identity(node: fx.Node, ir: IRGraph):
+def same_value_layout(a: fx.Node, b: fx.Node) -> bool:
+    """True when two nodes hold tensors of equal shape, strides, dtype, device and offset."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    if meta_of(va) != meta_of(vb) or va.layout != torch.strided or vb.layout != torch.strided:
+        return False
+    return va.storage_offset() == vb.storage_offset()
+
+
+def identity(m) -> fx.Node | None:
     """An op whose result has its input's exact shape, strides, dtype and offset is a no-op.
 
     Declined when the result (or a view of it) is a graph output and its source is an input,
     a constant or another output: the output would then alias it (a new aliasing the IR
     forbids).
     """
-    source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node) or not same_value_layout(node, source):
+    if not same_value_layout(m.copy, m.source):
         return None
-    if _reaches_output(node) and (aliases_graph_input(source) or _reaches_output(source, node)):
+    if _reaches_output(m.copy) and (aliases_graph_input(m.source) or _reaches_output(m.source, m.copy)):
         return None
-    return source
+    return m.source
+
+
+NOOP_RULES = PatternMatcher([
+    (Pat(_IDENTITY_WHEN_SAME_LAYOUT, (Pat.var("source"),), name="copy"), identity),
+])
 
 
 @register_pass("remove_noops")
 def remove_noops(ir: IRGraph) -> PassResult:
     """Drop views, clones and casts that do not change shape, strides, dtype or device."""
-    counts: Counter = NOOP_RULES.apply(ir)
+    counts: Counter = graph_rewrite(ir, NOOP_RULES)
     return PassResult(ir, dict(counts))
 
 

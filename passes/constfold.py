@@ -18,9 +18,8 @@ import torch.fx as fx
 from fxforge.irgraph import IRGraph, TensorMeta
 from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.irgraph.meta import META_KEY
+from fxforge.irgraph.query import alias_root, is_pure, is_view_op
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.cleanup import is_pure
-from fxforge.passes.pattern import alias_root, is_view_op
 
 aten = torch.ops.aten
 

@@ -24,6 +24,7 @@ becomes the ATen one (equal up to rounding, a few ulp in fp32).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -33,34 +34,38 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from fxforge.irgraph import IRGraph, TensorMeta
-from fxforge.irgraph.meta import META_KEY
+from fxforge.irgraph import IRGraph, node_arguments
 from fxforge.irgraph.ops import ACTIVATIONS, fxforge_linear
+from fxforge.irgraph.query import is_weight, tensor_meta
+from fxforge.irgraph.views import Addmm, Linear, ToCopy, View
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.cleanup import is_pure
-from fxforge.passes.pattern import RuleTable, alias_root
+from fxforge.passes.pattern import (ANY, AnyOf, Match, Op, Pat, PatternMatcher, graph_rewrite,
+                                    is_contiguous)
 
 log = logging.getLogger("fxforge.passes")
 aten = torch.ops.aten
-LINEAR_FIELDS = ("x", "weight", "bias", "activation", "residual", "out_dtype")
-_DEFAULTS = {"bias": None, "activation": "none", "residual": None, "out_dtype": None}
 _RESHAPES = (aten.view.default, aten._unsafe_view.default)
 _DECLINES = "fuse_epilogues_declined"  # ir.info key: node name -> reason
-
-RULES = RuleTable()
-
-
-def linear_fields(node: fx.Node) -> dict:
-    """The arguments of a ``fxforge.linear`` node by name, defaults filled in."""
-    fields = dict(_DEFAULTS)
-    fields.update(zip(LINEAR_FIELDS, node.args))
-    fields.update(node.kwargs)
-    return fields
+tanh, erf, sigmoid = Op(aten.tanh.default), Op(aten.erf.default), Op(aten.sigmoid.default)
 
 
-def _meta(node) -> Optional[TensorMeta]:
-    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
-    return meta if isinstance(meta, TensorMeta) else None
+def _unset(*fields: str) -> Callable[[fx.Node], bool]:
+    """The linear's epilogue ``fields`` are still free (an epilogue applies in a fixed order:
+    act(matmul + bias) + residual, then the cast, so a later step closes the earlier ones)."""
+    def unset(node: fx.Node) -> bool:
+        linear = Linear.of(node)
+        return all(getattr(linear, f) == "none" if f == "activation" else getattr(linear, f) is None
+                   for f in fields)
+    return unset
+
+
+def fused(*free: str) -> AnyOf:
+    """A ``fxforge.linear`` whose epilogue fields ``free`` are unset, read directly or through
+    the reshape back to ``[B, T, N]`` (of a contiguous result) that follows a 2-D matmul.
+    Captures ``x`` (the value read), ``linear`` and, if read through one, ``view``."""
+    linear = Pat(fxforge_linear, name="linear", where=_unset(*free))
+    contiguous = Pat(fxforge_linear, name="linear", where=(_unset(*free), is_contiguous))
+    return AnyOf(linear, Pat(_RESHAPES, (contiguous,), name="view"), name="x")
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,13 @@ class Fused:
     linear: fx.Node
     view: Optional[fx.Node] = None
 
+    @classmethod
+    def of(cls, m: Match) -> "Fused":
+        return cls(m.linear, m.get("view"))
+
     @property
     def value(self) -> fx.Node:
         return self.view if self.view is not None else self.linear
-
-    @property
-    def fields(self) -> dict:
-        return linear_fields(self.linear)
 
     def sole_use(self, consumers: set[fx.Node]) -> bool:
         """Nothing but ``consumers`` reads the value (or the linear behind the view)."""
@@ -84,224 +89,107 @@ class Fused:
             return False
         return set(self.value.users) <= consumers
 
+    def grown(self, m: Match, **changes) -> fx.Node:
+        """The grown linear, viewed back to the shape the consumer read if it read a view."""
+        linear = Linear.of(self.linear)
+        fields = {f.name: getattr(linear, f.name) for f in dataclasses.fields(linear) if f.name != "node"}
+        node = _new_linear(m, **{**fields, **changes})
+        if self.view is not None:
+            node = m.call(self.view.target, node, View.of(self.view).size)
+        return node
 
-def fused_operand(value) -> Optional[Fused]:
-    if not isinstance(value, fx.Node) or value.op != "call_function":
-        return None
-    if value.target is fxforge_linear:
-        return Fused(value)
-    source = value.args[0] if value.args else None
-    if value.target in _RESHAPES and isinstance(source, fx.Node) and source.target is fxforge_linear:
-        meta = _meta(source)
-        if meta is not None and meta.is_contiguous():
-            return Fused(source, value)
-    return None
+
+def _new_linear(m: Match, **fields) -> fx.Node:
+    defaults = {"bias": None, "activation": "none", "residual": None, "out_dtype": None}
+    args, kwargs = Linear.arguments(**{**defaults, **fields})
+    return m.call(fxforge_linear, *args, **kwargs)
 
 
 def _decline(ir: IRGraph, node: fx.Node, reason: str) -> None:
     ir.info.setdefault(_DECLINES, {})[node.name] = reason
 
 
-class _Builder:
-    """Inserts nodes before ``anchor`` with fresh metadata, and can take them all back."""
-
-    def __init__(self, ir: IRGraph, anchor: fx.Node):
-        self.ir, self.anchor, self.nodes = ir, anchor, []
-
-    def call(self, target, args: tuple) -> fx.Node:
-        with self.ir.gm.graph.inserting_before(self.anchor):
-            node = self.ir.gm.graph.call_function(target, args)
-        self.nodes.append(node)
-        self.ir.infer(node)
-        return node
-
-    def linear(self, fused: Fused, **changes) -> fx.Node:
-        """The grown linear, viewed back to the shape the consumer read if it read a view."""
-        fields = {**fused.fields, **changes}
-        node = self.call(fxforge_linear, tuple(fields[name] for name in LINEAR_FIELDS))
-        if fused.view is not None:
-            node = self.call(fused.view.target, (node, *fused.view.args[1:]))
-        return node
-
-    def undo(self) -> None:
-        for node in reversed(self.nodes):
-            self.ir.gm.graph.erase_node(node)
-
-
-def _replace(ir: IRGraph, node: fx.Node, build: Callable[[_Builder], fx.Node]) -> Optional[fx.Node]:
-    """Build the replacement of ``node``; keep it only if its metadata matches ``node``'s."""
-    builder = _Builder(ir, node)
+def _replace(m: Match, build: Callable[[Match], fx.Node]) -> Optional[fx.Node]:
+    """Build the replacement of the root; keep it only if its metadata matches the root's
+    (when declined, ``graph_rewrite`` removes the nodes ``build`` made)."""
+    node = m.root
     try:
-        out = build(builder)
+        out = build(m)
     except Exception as exc:  # the fake implementation refused the new node's shapes
-        builder.undo()
         log.debug("fuse_epilogues: %s: %s: %s", node.name, type(exc).__name__, exc)
-        _decline(ir, node, "the replacement does not type-check")
-        return None
-    old, new = _meta(node), _meta(out)
+        return _decline(m.ir, node, "the replacement does not type-check")
+    old, new = tensor_meta(node), tensor_meta(out)
     if old is None or new is None or (old.shape, old.stride, old.dtype, old.device) != \
             (new.shape, new.stride, new.dtype, new.device):
-        builder.undo()
-        _decline(ir, node, "the replacement's metadata differs")
-        return None
-    ir.info.get(_DECLINES, {}).pop(node.name, None)
+        return _decline(m.ir, node, "the replacement's metadata differs")
+    m.ir.info.get(_DECLINES, {}).pop(node.name, None)
     return out
 
 
 # ---- the matmul itself -------------------------------------------------------------------
 
-def is_weight(node, memo: Optional[dict] = None) -> bool:
-    """A constant, a view of one, or a pure computation on constants only (the weight
-    concatenation ``fuse_projections`` leaves for ``constant_fold``). Pass the same ``memo``
-    to many calls on one graph to visit each node once in all."""
-    if not isinstance(node, fx.Node):
-        return False
-    if alias_root(node).op == "get_attr":
-        return True
-    memo = {} if memo is None else memo
-    stack = [node]
-    while stack:  # post-order: a node is decided once all of its inputs are
-        current = stack[-1]
-        if current in memo:
-            stack.pop()
-        elif current.op == "get_attr":
-            memo[current] = True
-        elif not is_pure(current) or not current.all_input_nodes:
-            memo[current] = False  # a runtime input, a factory or a random op
-        else:
-            pending = [i for i in current.all_input_nodes if i not in memo]
-            if pending:
-                stack.extend(pending)
-            else:
-                memo[current] = all(memo[i] for i in current.all_input_nodes)
-    return memo[node]
-
-
-def _weight_matmul_decline(x, weight) -> Optional[str]:
+def _weight_matmul_decline(x: fx.Node, weight: fx.Node) -> Optional[str]:
     if not is_weight(weight):
         return "weight is not a constant"
-    if _meta(x) is None or _meta(weight) is None or _meta(x).rank != 2 or _meta(weight).rank != 2:
+    x_meta, w_meta = tensor_meta(x), tensor_meta(weight)
+    if x_meta is None or w_meta is None or x_meta.rank != 2 or w_meta.rank != 2:
         return "not a 2-D matmul"
     return None
 
 
-@RULES.add(aten.mm.default, "mm")
-def _mm(node: fx.Node, ir: IRGraph):
-    x, weight = node.args
-    reason = _weight_matmul_decline(x, weight)
+def mm(m: Match) -> Optional[fx.Node]:
+    reason = _weight_matmul_decline(m.x, m.weight)
     if reason:
-        return _decline(ir, node, reason)
-    return _replace(ir, node, lambda b: b.call(fxforge_linear, (x, weight, None, "none", None, None)))
+        return _decline(m.ir, m.root, reason)
+    return _replace(m, lambda m: _new_linear(m, x=m.x, weight=m.weight))
 
 
-@RULES.add(aten.addmm.default, "addmm")
-def _addmm(node: fx.Node, ir: IRGraph):
-    bias, x, weight = node.args
-    reason = _weight_matmul_decline(x, weight)
-    if node.kwargs:
+def addmm(m: Match) -> Optional[fx.Node]:
+    reason = _weight_matmul_decline(m.x, m.weight)
+    if not Addmm.of(m.root).plain:
         reason = "addmm with alpha/beta"
     elif reason is None:
-        bias_meta = _meta(bias)
-        if bias_meta is None or bias_meta.shape != (_meta(weight).shape[1],):
+        bias_meta = tensor_meta(m.bias)
+        if bias_meta is None or bias_meta.shape != (tensor_meta(m.weight).shape[1],):
             reason = "bias is not 1-D [N]"
     if reason:
-        return _decline(ir, node, reason)
-    return _replace(ir, node, lambda b: b.call(fxforge_linear, (x, weight, bias, "none", None, None)))
+        return _decline(m.ir, m.root, reason)
+    return _replace(m, lambda m: _new_linear(m, x=m.x, weight=m.weight, bias=m.bias))
 
 
 # ---- activation ------------------------------------------------------------------------
 
-def _grow_activation(ir: IRGraph, node: fx.Node, x, activation: str, pattern: set[fx.Node]):
-    fused = fused_operand(x)
-    if fused is None:
-        return None
-    fields = fused.fields
-    if fields["activation"] != "none" or fields["residual"] is not None or fields["out_dtype"] is not None:
-        return None  # epilogue order: act(matmul + bias) + residual, then the cast
-    if activation not in ACTIVATIONS:
-        return _decline(ir, node, f"activation {activation!r} is not supported")
-    if not fused.sole_use(pattern | {node}):
-        return _decline(ir, node, "the matmul result has other users")
-    return _replace(ir, node, lambda b: b.linear(fused, activation=activation))
+def activation(name: str) -> Callable[[Match], Optional[fx.Node]]:
+    """The rule folding activation ``name`` into the linear the match captured as ``x``. The
+    match's own nodes may read that linear (a written-out activation reads it several times)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"fxforge::linear has no activation {name!r}")
+
+    def activation(m: Match) -> Optional[fx.Node]:  # (counted as "activation")
+        target = Fused.of(m)
+        if not target.sole_use(set(m.nodes)):
+            return _decline(m.ir, m.root, "the matmul result has other users")
+        return _replace(m, lambda m: target.grown(m, activation=name))
+    return activation
 
 
-_SINGLE_OP_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu"}
-
-
-@RULES.add([aten.relu.default, aten.silu.default], "activation")
-def _relu_silu(node: fx.Node, ir: IRGraph):
-    return _grow_activation(ir, node, node.args[0], _SINGLE_OP_ACTIVATIONS[node.target], set())
-
-
-@RULES.add(aten.gelu.default, "activation")
-def _gelu(node: fx.Node, ir: IRGraph):
-    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-    name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate, f"gelu_{approximate}")
-    return _grow_activation(ir, node, node.args[0], name, set())
-
-
-_COMMUTATIVE = (aten.add.Tensor, aten.mul.Tensor)
-
-
-def _operand_orders(node, target):
-    """(a, b), and (b, a) if ``target`` commutes, for a binary ``target`` node."""
-    if isinstance(node, fx.Node) and node.target is target and len(node.args) == 2 and not node.kwargs:
-        a, b = node.args
-        yield a, b
-        if target in _COMMUTATIVE:
-            yield b, a
-
-
-def _with_scalar(node, target, value: float) -> Optional[fx.Node]:
-    """``t`` where ``node`` is ``target(t, value)`` or ``target(value, t)``."""
-    for tensor, scalar in _operand_orders(node, target):
-        if isinstance(tensor, fx.Node) and isinstance(scalar, (int, float)) and \
-                math.isclose(scalar, value, rel_tol=1e-6):
-            return tensor
-    return None
-
-
-def _unary(node, target) -> Optional[fx.Node]:
-    if isinstance(node, fx.Node) and node.target is target and len(node.args) == 1 and not node.kwargs:
-        return node.args[0]
-    return None
-
-
-def _silu_written_out(mul: fx.Node):
-    for x, sig in _operand_orders(mul, aten.mul.Tensor):
-        if _unary(sig, aten.sigmoid.default) is x:
-            return "silu", x, {sig}
-    return None
-
-
-def _gelu_written_out(mul: fx.Node):
-    """``0.5*x * (1 + tanh(sqrt(2/pi)*(x + 0.044715*x**3)))`` or ``0.5*x * (1 + erf(x/sqrt(2)))``."""
-    for half_x, one_plus in _operand_orders(mul, aten.mul.Tensor):
-        x, inner = _with_scalar(half_x, aten.mul.Tensor, 0.5), _with_scalar(one_plus, aten.add.Tensor, 1.0)
-        if x is None or inner is None:
-            continue
-        erf_arg = _unary(inner, aten.erf.default)
-        if erf_arg is not None and x in (_with_scalar(erf_arg, aten.mul.Tensor, math.sqrt(0.5)),
-                                         _with_scalar(erf_arg, aten.div.Tensor, math.sqrt(2))):
-            return "gelu", x, {half_x, one_plus, inner, erf_arg}
-        scaled = _unary(inner, aten.tanh.default)
-        poly = _with_scalar(scaled, aten.mul.Tensor, math.sqrt(2 / math.pi))
-        for lhs, cubic in _operand_orders(poly, aten.add.Tensor):
-            cube = _with_scalar(cubic, aten.mul.Tensor, 0.044715)
-            if lhs is x and cube is not None and _with_scalar(cube, aten.pow.Tensor_Scalar, 3) is x:
-                return "gelu_tanh", x, {half_x, one_plus, inner, scaled, poly, cubic, cube}
-    return None
-
-
-@RULES.add(aten.mul.Tensor, "activation")
-def _written_out_activation(node: fx.Node, ir: IRGraph):
-    match = _silu_written_out(node) or _gelu_written_out(node)
-    if match is None:
-        return None
-    name, x, pattern = match
-    if any(set(p.users) - pattern - {node} for p in pattern):
-        return None  # an inner value of the pattern is read elsewhere
-    return _grow_activation(ir, node, x, name, pattern)
+# Written out in the model (GPT-2's gelu_new, x*sigmoid(x), erf-gelu): the same epilogues, as
+# long as nothing else reads an inner value of the expression. They become the ATen activation
+# (equal up to rounding, a few ulp in fp32).
+X = fused("activation", "residual", "out_dtype")
+GELU_TANH = 0.5 * X * (1 + tanh(math.sqrt(2 / math.pi) * (X + 0.044715 * X ** 3)))
+GELU_ERF = 0.5 * X * (1 + erf(X / math.sqrt(2) | X * math.sqrt(0.5)))
+SILU = X * sigmoid(X)
+_gelu = Op(aten.gelu.default)
+ACTIVATION_RULES = PatternMatcher([
+    (Pat(aten.relu.default, (X,)), activation("relu")),
+    (Pat(aten.silu.default, (X,)), activation("silu")),
+    (_gelu(X, approximate="none"), activation("gelu")),
+    (_gelu(X, approximate="tanh"), activation("gelu_tanh")),
+    (SILU.inner_single_use(), activation("silu")),
+    (GELU_ERF.inner_single_use(), activation("gelu")),
+    (GELU_TANH.inner_single_use(), activation("gelu_tanh")),
+])
 
 
 # ---- residual and cast -----------------------------------------------------------------
@@ -318,58 +206,63 @@ def _depends_on(value: fx.Node, ancestor: fx.Node) -> bool:
     return False
 
 
-def _residual_candidate(node: fx.Node) -> Optional[tuple[Fused, fx.Node]]:
-    for a, b in _operand_orders(node, aten.add.Tensor):
-        fused = fused_operand(a)
-        if fused is not None and isinstance(b, fx.Node):
-            fields = fused.fields
-            if fields["residual"] is None and fields["out_dtype"] is None:
-                return fused, b
-    return None
+def add_with_alpha(m: Match) -> None:
+    return _decline(m.ir, m.root, "add with alpha")
 
 
-@RULES.add(aten.add.Tensor, "residual")
-def _residual(node: fx.Node, ir: IRGraph):
-    if node.kwargs and len(node.args) == 2:
-        if any(fused_operand(a) is not None for a in node.args):
-            _decline(ir, node, "add with alpha")
-        return None
-    found = _residual_candidate(node)
-    if found is None:
-        return None
-    fused, residual = found
-    if not fused.sole_use({node}):
-        return _decline(ir, node, "the matmul result has other users")
-    if _meta(residual) is None or _meta(residual).shape != _meta(fused.value).shape:
-        return _decline(ir, node, "the residual broadcasts")
-    if _depends_on(residual, fused.linear):
-        return _decline(ir, node, "the residual depends on the matmul")
+def residual(m: Match) -> Optional[fx.Node]:
+    target, added = Fused.of(m), m.residual
+    if not target.sole_use({m.root}):
+        return _decline(m.ir, m.root, "the matmul result has other users")
+    if tensor_meta(added) is None or tensor_meta(added).shape != tensor_meta(target.value).shape:
+        return _decline(m.ir, m.root, "the residual broadcasts")
+    if _depends_on(added, target.linear):
+        return _decline(m.ir, m.root, "the residual depends on the matmul")
 
-    def build(b: _Builder) -> fx.Node:
-        flat = residual
-        if fused.view is not None:
-            flat = b.call(aten.view.default, (residual, [-1, _meta(fused.linear).shape[1]]))
-        return b.linear(fused, residual=flat)
-    return _replace(ir, node, build)
+    def build(m: Match) -> fx.Node:
+        flat = added
+        if target.view is not None:
+            flat = m.call(aten.view.default, added, [-1, tensor_meta(target.linear).shape[1]])
+        return target.grown(m, residual=flat)
+    return _replace(m, build)
 
 
-@RULES.add(aten._to_copy.default, "cast")
-def _cast(node: fx.Node, ir: IRGraph):
-    fused = fused_operand(node.args[0])
-    if fused is None or fused.fields["out_dtype"] is not None:
-        return None
-    if len(node.args) != 1 or set(node.kwargs) != {"dtype"}:
-        return _decline(ir, node, "the copy changes more than the dtype")
-    if not fused.sole_use({node}):
-        return _decline(ir, node, "the matmul result has other users")
-    return _replace(ir, node, lambda b: b.linear(fused, out_dtype=node.kwargs["dtype"]))
+def cast(m: Match) -> Optional[fx.Node]:
+    copy = ToCopy.of(m.root)
+    if copy.dtype is None or not _sets_only(m.root, "dtype"):
+        return _decline(m.ir, m.root, "the copy changes more than the dtype")
+    target = Fused.of(m)
+    if not target.sole_use({m.root}):
+        return _decline(m.ir, m.root, "the matmul result has other users")
+    return _replace(m, lambda m: target.grown(m, out_dtype=copy.dtype))
+
+
+def _sets_only(node: fx.Node, *names: str) -> bool:
+    """Every argument of ``node`` with a default, other than ``names``, holds its default."""
+    values = node_arguments(node)
+    return all(values[a.name] == a.default_value for a in node.target._schema.arguments
+               if a.has_default_value() and a.name not in names)
+
+
+def _alpha_is_not_one(node: fx.Node) -> bool:
+    return node_arguments(node)["alpha"] != 1
+
+
+RULES = PatternMatcher([
+    (Pat(aten.mm.default, (Pat.var("x"), Pat.var("weight"))), mm),
+    (Pat(aten.addmm.default, (Pat.var("bias"), Pat.var("x"), Pat.var("weight"))), addmm),
+]) + ACTIVATION_RULES + PatternMatcher([
+    (Pat(aten.add.Tensor, (fused(), ANY), commutative=True, where=_alpha_is_not_one), add_with_alpha),
+    (fused("residual", "out_dtype") + Pat.var("residual"), residual),
+    (Pat(aten._to_copy.default, (fused("out_dtype"),)), cast),
+])
 
 
 @register_pass("fuse_epilogues")
 def fuse_epilogues(ir: IRGraph) -> PassResult:
     """Fold bias, activation, residual add and output cast into fxforge.linear matmuls."""
     ir.info[_DECLINES] = {}
-    fired: Counter = RULES.apply(ir)
+    fired: Counter = graph_rewrite(ir, RULES)
     alive = {n.name for n in ir.gm.graph.nodes}
     declined = {name: why for name, why in ir.info[_DECLINES].items() if name in alive}
     ir.info[_DECLINES] = declined

@@ -35,6 +35,7 @@ import torch
 from fxforge.irgraph.fusion import (FUSIBLE, GROUP_KEY, ROW_REDUCTIONS, acts_on_last_dim,
                                     clear_groups)
 from fxforge.irgraph.meta import META_KEY
+from fxforge.irgraph.views import Cat, LayerNorm, Neg, Reduction, RmsNorm, Slice
 from fxforge.passes.base import PassResult, register_pass
 
 aten = torch.ops.aten
@@ -62,23 +63,26 @@ def _broadcasts_to(shape: tuple, domain: tuple) -> bool:
 def _domain_of(node: fx.Node) -> Optional[tuple]:
     """The iteration shape a group started by ``node`` gets: a reduction iterates its input."""
     if node.target in ROW_REDUCTIONS:
-        source = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        reduced = _row_reduction(node).input
+        source = _shape(reduced) if isinstance(reduced, fx.Node) else None
         if source is None or not source or not _reduces_last_dim(node, len(source)):
             return None
         return source
     return _shape(node)
 
 
+def _row_reduction(node: fx.Node):
+    """The view of a :data:`ROW_REDUCTIONS` member: a norm or a reduction along ``dim``."""
+    return LayerNorm.of(node) or RmsNorm.of(node) or Reduction.of(node)
+
+
 def _reduces_last_dim(node: fx.Node, rank: int) -> bool:
     """Row reductions only: over the last dimension, as a whole row program computes."""
-    target, args = node.target, node.args
-    name = str(target)
-    if "_softmax" in name or "_log_softmax" in name:
-        return args[1] in (-1, rank - 1)
-    if "native_layer_norm" in name or "rms_norm" in name:
-        return len(args[1]) == 1
-    dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
-    return dims is not None and len(dims) == 1 and dims[0] in (-1, rank - 1)
+    op = _row_reduction(node)
+    if isinstance(op, (LayerNorm, RmsNorm)):
+        return len(op.normalized_shape) == 1
+    dims = op.dim if isinstance(op.dim, (list, tuple)) else [op.dim]   # None/[]: all dims
+    return len(dims) == 1 and dims[0] in (-1, rank - 1)
 
 
 def _is_call(node: object, target: object) -> bool:
@@ -92,15 +96,16 @@ def _cat_pieces(cat: fx.Node) -> Optional[list[fx.Node]]:
     if not _is_call(cat, aten.cat.default) or not acts_on_last_dim(cat):
         return None
     domain, pieces = _shape(cat), []
-    for arg in cat.args[0]:
+    for arg in Cat.of(cat).tensors:
         piece = arg
-        if _is_call(piece, aten.neg.default) and len(piece.users) == 1:
+        if (neg := Neg.of(piece)) is not None and len(piece.users) == 1:
             pieces.append(piece)
-            piece = piece.args[0]
-        if not (_is_call(piece, aten.slice.Tensor) and acts_on_last_dim(piece)
-                and len(piece.users) == 1 and isinstance(piece.args[0], fx.Node)):
+            piece = neg.input
+        sliced = Slice.of(piece)
+        if not (sliced is not None and acts_on_last_dim(piece)
+                and len(piece.users) == 1 and isinstance(sliced.input, fx.Node)):
             return None
-        source = _shape(piece.args[0])
+        source = _shape(sliced.input)
         if domain is None or source is None or not source or not _broadcasts_to(source, domain) \
                 or source[-1] != domain[-1]:
             return None

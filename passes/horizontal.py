@@ -19,50 +19,44 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from fxforge.irgraph import IRGraph, TensorMeta
-from fxforge.irgraph.meta import META_KEY
+from fxforge.irgraph import META_KEY, IRGraph
+from fxforge.irgraph.query import is_constant, tensor_meta
+from fxforge.irgraph.views import Addmm
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import alias_root
+from fxforge.passes.pattern import Match, Pat, has_rank
 
 aten = torch.ops.aten
 
-
-def _root_is_constant(node: fx.Node) -> bool:
-    """A weight: a constant or a view of one (``t(w)``, ``permute(w)``)."""
-    return alias_root(node).op == "get_attr"
-
-
-def _weight_meta(node: fx.Node):
-    meta = node.meta.get(META_KEY)
-    return meta if isinstance(meta, TensorMeta) and meta.rank == 2 and _root_is_constant(node) else None
+# A projection of ``x`` by a constant weight [K, N] (a constant or a view of one: ``t(w)``),
+# with a constant bias [N] if it is an unscaled addmm.
+_X, _WEIGHT = Pat.var("x"), Pat.var("weight", where=(is_constant, has_rank(2)))
+PROJECTION = Pat(aten.mm.default, (_X, _WEIGHT)) | Pat(
+    aten.addmm.default, (Pat.var("bias", where=(is_constant, has_rank(1))), _X, _WEIGHT),
+    where=lambda node: Addmm.of(node).plain)
 
 
-def _groups(ir: IRGraph) -> list[list[fx.Node]]:
+def _groups(ir: IRGraph) -> list[list[Match]]:
     """Projections keyed by (op, shared input, weight inner size, dtype), two or more each."""
-    by_key: dict[tuple, list[fx.Node]] = defaultdict(list)
+    by_key: dict[tuple, list[Match]] = defaultdict(list)
     for node in ir.call_nodes():
-        if node.target is aten.mm.default:
-            x, w = node.args
-        elif node.target is aten.addmm.default and not node.kwargs:
-            bias, x, w = node.args
-            bias_meta = bias.meta.get(META_KEY) if isinstance(bias, fx.Node) else None
-            if not (isinstance(bias_meta, TensorMeta) and bias_meta.rank == 1 and _root_is_constant(bias)):
-                continue
-        else:
-            continue
-        meta = _weight_meta(w) if isinstance(w, fx.Node) else None
-        if meta is not None:
-            by_key[(node.target, x, meta.shape[0], meta.dtype)].append(node)
+        match = PROJECTION.match(node)
+        if match is not None:
+            weight = tensor_meta(match.weight)
+            by_key[(node.target, match.x, weight.shape[0], weight.dtype)].append(match)
     return [group for group in by_key.values() if len(group) > 1]
 
 
-def _move_chain_before(value: fx.Node, anchor: fx.Node) -> None:
-    chain = []
-    while value.op == "call_function":
-        chain.append(value)
-        value = value.args[0]
+def _move_before(value: fx.Node, anchor: fx.Node) -> None:
+    """Move the calls computing ``value`` (a weight's view chain) that sit after ``anchor``
+    to just before it, in their order."""
+    chain, stack = set(), [value]
+    while stack:
+        node = stack.pop()
+        if node.op == "call_function" and node not in chain:
+            chain.add(node)
+            stack.extend(node.all_input_nodes)
     order = {n: i for i, n in enumerate(anchor.graph.nodes)}
-    for node in reversed(chain):
+    for node in sorted(chain, key=order.__getitem__):
         if order[node] > order[anchor]:
             anchor.prepend(node)
 
@@ -89,17 +83,18 @@ def _repropagate(ir: IRGraph, new: list[fx.Node], saved: dict[fx.Node, tuple]) -
         changed.add(node)
 
 
-def _fuse(ir: IRGraph, group: list[fx.Node]) -> bool:
+def _fuse(ir: IRGraph, matches: list[Match]) -> bool:
     graph = ir.gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
+    group = [m.root for m in matches]
     first = min(group, key=order.__getitem__)
     is_addmm = group[0].target is aten.addmm.default
-    x = group[0].args[1] if is_addmm else group[0].args[0]
-    weights = [n.args[2] if is_addmm else n.args[1] for n in group]
-    sizes = [int(w.meta[META_KEY].shape[1]) for w in weights]
-    biases = [n.args[0] for n in group] if is_addmm else []
+    x = matches[0].x
+    weights = [m.weight for m in matches]
+    sizes = [int(tensor_meta(w).shape[1]) for w in weights]
+    biases = [m.bias for m in matches] if is_addmm else []
     for value in weights + biases:  # weight views may sit after ``first``: they only read constants
-        _move_chain_before(value, first)
+        _move_before(value, first)
     new: list[fx.Node] = []
     with graph.inserting_before(first):
         cat_w = graph.call_function(aten.cat.default, (weights, 1))

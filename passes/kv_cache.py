@@ -18,7 +18,6 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -26,18 +25,12 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxforge.irgraph import IRGraph, TensorMeta
+from fxforge.irgraph import IRGraph
 from fxforge.irgraph.meta import META_KEY, SymMeta, set_meta
+from fxforge.irgraph.query import tensor_meta
+from fxforge.irgraph.views import Arange, CachedAttention, Contraction, Reduction, Sdpa, SymSize
 
 aten = torch.ops.aten
-
-MIXING_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
-                     aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
-                     aten.sort.default, aten.topk.default, aten.argmax.default,
-                     aten.argmin.default, aten.logsumexp.default, aten.max.dim, aten.min.dim,
-                     aten.var.correction, aten.std.correction, aten.cumprod.default}
-CONTRACTIONS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
-                aten.matmul.default}
 
 
 @dataclass
@@ -70,10 +63,10 @@ class KVCachePlan:
     def from_json(cls, ir: IRGraph, data: dict) -> "KVCachePlan":
         """The plan over ``ir``, a step graph rebuilt from an artifact (its sequence symbol and
         the caches' heads, head dims and dtypes are read back from its placeholders)."""
-        token_meta = _meta(ir.placeholders()[data["tokens"]])
+        token_meta = tensor_meta(ir.placeholders()[data["tokens"]])
         if token_meta is None or token_meta.rank != 2 or isinstance(token_meta.shape[1], int):
             raise ValueError("the step graph's token input is not [batch, symbolic sequence]")
-        metas = {p.name: _meta(p) for p in ir.placeholders()}
+        metas = {p.name: tensor_meta(p) for p in ir.placeholders()}
         if any(metas.get(name) is None for name in data["caches"]):
             raise ValueError(f"the step graph lacks the cache inputs {data['caches']}")
         caches = [CacheSpec(name, int(metas[name].shape[1]), int(metas[name].shape[3]),
@@ -82,18 +75,13 @@ class KVCachePlan:
                    list(data["seq_outputs"]), data["sites"], data["positions"])
 
 
-def _meta(node: Any) -> Optional[TensorMeta]:
-    meta = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
-    return meta if isinstance(meta, TensorMeta) else None
-
-
 def _is_seq(dim: Any, seq: sympy.Symbol) -> bool:
     return isinstance(dim, sympy.Expr) and sympy.simplify(dim - seq) == 0
 
 
 def _token_input(ir: IRGraph) -> Union[tuple[int, sympy.Symbol], str]:
     for i, node in enumerate(ir.placeholders()):
-        meta = _meta(node)
+        meta = tensor_meta(node)
         if meta is not None and meta.rank == 2 and not meta.dtype.is_floating_point \
                 and meta.dtype != torch.bool:
             seq = meta.shape[1]
@@ -106,11 +94,9 @@ def _token_input(ir: IRGraph) -> Union[tuple[int, sympy.Symbol], str]:
 
 def _sdpa_site(node: fx.Node, seq) -> Union[bool, str]:
     """True for a causal self-attention over the sequence; a reason if it blocks the pass."""
-    args = list(node.args) + [None] * (6 - len(node.args))
-    mask = node.kwargs.get("attn_mask", args[3])
-    dropout = node.kwargs.get("dropout_p", args[4] or 0.0)
-    causal = node.kwargs.get("is_causal", args[5] or False)
-    q, k = _meta(node.args[0]), _meta(node.args[1])
+    sdpa = Sdpa.of(node)
+    mask, dropout, causal = sdpa.attn_mask, sdpa.dropout_p, sdpa.is_causal
+    q, k = tensor_meta(sdpa.query), tensor_meta(sdpa.key)
     if q is None or k is None or q.rank != 4:
         return f"{node.name}: attention without 4-D tensor metadata"
     if not (_is_seq(q.shape[2], seq) and _is_seq(k.shape[2], seq)):
@@ -172,55 +158,32 @@ def _causal_pattern(mask: Any, length: int) -> bool:
                                                         (blocked <= torch.finfo(mask.dtype).min).all())
 
 
-def _reduced_dims(node: fx.Node) -> list[int]:
-    if node.target in (aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
-                       aten.cumprod.default, aten.sort.default, aten.argmax.default,
-                       aten.argmin.default, aten.max.dim, aten.min.dim):
-        dims = [node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)]
-    elif node.target == aten.topk.default:
-        dims = [node.args[2] if len(node.args) > 2 else -1]
-    else:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = list(range(_meta(node.args[0]).rank)) if dims in (None, []) else dims
-        dims = dims if isinstance(dims, (list, tuple)) else [dims]
-    return [d for d in dims if d is not None]
-
-
 def _mixes_positions(node: fx.Node, seq) -> Optional[str]:
     """Why ``node`` combines values of different positions (so a cache cannot serve it)."""
-    if node.target in MIXING_REDUCTIONS:
-        source = _meta(node.args[0])
+    if (reduction := Reduction.of(node)) is not None:
+        source = tensor_meta(reduction.input)
         if source is not None:
-            for dim in _reduced_dims(node):
-                if _is_seq(source.shape[dim % source.rank], seq):
+            for dim in reduction.dims(source.rank):
+                if _is_seq(source.shape[dim], seq):
                     return f"{node.name} ({node.target}) reduces over the sequence"
-    if node.target in CONTRACTIONS:
-        a, b = (node.args[1], node.args[2]) if node.target in (aten.addmm.default,
-                                                               aten.baddbmm.default) else node.args[:2]
-        ma = _meta(a)
+    if (product := Contraction.of(node)) is not None:
+        ma = tensor_meta(product.a)   # a @ b contracts a's last dim (a linear's x: [M, K])
         if ma is not None and _is_seq(ma.shape[-1], seq):
             return f"{node.name} ({node.target}) contracts over the sequence"
-    if node.target == torch.ops.fxforge.linear.default:
-        mx = _meta(node.args[0])
-        if mx is not None and _is_seq(mx.shape[-1], seq):
-            return f"{node.name} (linear) contracts over the sequence"
     return None
 
 
 def _position_arange(node: fx.Node, seq_nodes: set) -> bool:
-    if node.target == aten.arange.default:
-        return len(node.args) == 1 and node.args[0] in seq_nodes
-    if node.target in (aten.arange.start, aten.arange.start_step):
-        step = node.args[2] if len(node.args) > 2 else 1
-        return node.args[0] == 0 and node.args[1] in seq_nodes and step == 1
-    return False
+    arange = Arange.of(node)
+    return arange is not None and not isinstance(arange.start, fx.Node) and arange.start == 0 and \
+        isinstance(arange.end, fx.Node) and arange.end in seq_nodes and arange.step == 1
 
 
 def _sequence_size_nodes(ir: IRGraph, tokens: fx.Node, seq) -> set:
     nodes = {n for n in ir.placeholders() if isinstance(n.meta.get(META_KEY), SymMeta)
              and _is_seq(n.meta[META_KEY].expr, seq)}
-    nodes |= {n for n in ir.call_nodes() if n.target == aten.sym_size.int
-              and n.args[0] is tokens and n.args[1] in (1, -1)}
+    sizes = [SymSize.of(n) for n in ir.call_nodes()]
+    nodes |= {s.node for s in sizes if s is not None and s.input is tokens and s.dim in (1, -1)}
     return nodes
 
 
@@ -244,7 +207,7 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
     seq_nodes = _sequence_size_nodes(step, tokens, seq)
     sites, aranges = [], []
     for node in step.call_nodes():
-        if node.target == aten.scaled_dot_product_attention.default:
+        if Sdpa.matches(node):
             verdict = _sdpa_site(node, seq)
             if isinstance(verdict, str):
                 return verdict
@@ -262,7 +225,7 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
         return "no causal attention over the sequence: not a causal decoder"
     seq_outputs = []
     for i, value in enumerate(_flat_outputs(step)):
-        meta = _meta(value)
+        meta = tensor_meta(value)
         if meta is not None and meta.rank >= 2 and _is_seq(meta.shape[1], seq):
             seq_outputs.append(i)
         elif meta is not None and any(_is_seq(d, seq) for d in meta.shape):
@@ -285,7 +248,7 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
 
 
 def _mask_of(site: fx.Node) -> Optional[fx.Node]:
-    return site.kwargs.get("attn_mask", site.args[3] if len(site.args) > 3 else None)
+    return Sdpa.of(site).attn_mask
 
 
 def _only_feeding(roots: set, sinks: set) -> set:
@@ -311,10 +274,10 @@ def _add_input(ir: IRGraph, name: str, example: torch.Tensor) -> fx.Node:
 
 
 def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node, i: int) -> None:
-    q, k, v = site.args[:3]
+    sdpa = Sdpa.of(site)
     buffers = []
-    for kind, value in (("k", k), ("v", v)):
-        meta = _meta(value)
+    for kind, value in (("k", sdpa.key), ("v", sdpa.value)):
+        meta = tensor_meta(value)
         name = f"kv_cache_{kind}{i}"
         batch = value.meta["val"].shape[0]
         with ir.fake_mode:
@@ -323,9 +286,9 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
         buffers.append(_add_input(ir, name, example))
         plan.caches.append(CacheSpec(name, int(meta.shape[1]), int(meta.shape[3]), meta.dtype))
     with ir.gm.graph.inserting_before(site):
-        cached = ir.gm.graph.call_function(torch.ops.fxforge.cached_attention.default,
-                                           (q, k, v, *buffers, cache_pos),
-                                           {"scale": site.kwargs.get("scale")})
+        cached = CachedAttention.create(ir.gm.graph, q=sdpa.query, k=sdpa.key, v=sdpa.value,
+                                        k_cache=buffers[0], v_cache=buffers[1],
+                                        cache_pos=cache_pos, scale=sdpa.scale)
     site.replace_all_uses_with(cached)
     ir.gm.graph.erase_node(site)
     ir.infer(cached)

@@ -1,7 +1,7 @@
 """The pass pipeline built from compile options: an explicit, named list."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 # Order matters:
 # * no-op removal and CSE expose shared inputs (projections, attention's q/k/v);
@@ -14,10 +14,14 @@ FRONT = ["narrow_scalar_inputs", "remove_noops", "cse", "fuse_projections", "con
 BACK = ["constant_fold", "cse", "remove_noops", "dce", "fuse_elementwise"]
 
 
-def default_pipeline(options: Mapping[str, Any]) -> list[str]:
-    """The pass names to run for ``options`` (``options["passes"]`` overrides it whole)."""
+def default_pipeline(options: Mapping[str, Any], weight_formats: Iterable[str] = ("dense",)) -> list[str]:
+    """The pass names to run for ``options`` (``options["passes"]`` overrides it whole);
+    ``weight_formats``: those the backend's kernels store natively (``Backend.weight_formats``):
+    with "bf16", fp32 weights that are exactly bf16 get that format (lossless, once the weights
+    are final: after the last constant folding)."""
     if options.get("passes") is not None:
         return list(options["passes"])
     precision = options.get("precision", "fp32")
     low = [f"precision_{precision}"] if precision != "fp32" else []
-    return FRONT + low + BACK
+    back = BACK[:1] + ["exact_bf16_weights"] + BACK[1:] if "bf16" in weight_formats else BACK
+    return FRONT + low + back

@@ -1,4 +1,6 @@
-"""Low-precision matmuls and attention: ``precision_bf16`` and ``precision_fp16``.
+"""Low-precision matmuls and attention: ``precision_bf16`` and ``precision_fp16``; bf16 weight
+storage: ``precision_bf16_weights`` and the lossless ``exact_bf16_weights`` (set a linear's
+weight format, see the passes).
 
 Each fp32 matmul (``mm``, ``addmm``, ``bmm``, ``fxforge.linear``) and attention op
 (``scaled_dot_product_attention`` and the CPU flash variant) gets its inputs cast to the low
@@ -30,59 +32,39 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph, TensorMeta
 from fxforge.irgraph.meta import META_KEY
-from fxforge.irgraph.ops import fxforge_linear
+from fxforge.irgraph.query import alias_root, first_tensor_meta, is_constant, is_weight, tensor_meta
+from fxforge.irgraph.views import Addmm, Bmm, Linear, Mm, Sdpa, SdpaFlashCpu, ToCopy
+from fxforge.irgraph.weight_format import DENSE, exactly_bf16
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.epilogue import is_weight
 
-aten = torch.ops.aten
 MIN_K = 16  # matmuls with a smaller inner size stay fp32
 
-# op -> the inputs that run in low precision, as (position, keyword name) pairs. The first
-# one's last dimension is the op's inner size K.
-LOW_INPUTS = {
-    aten.mm.default: ((0, "self"), (1, "mat2")),
-    aten.addmm.default: ((1, "mat1"), (2, "mat2"), (0, "self")),
-    aten.bmm.default: ((0, "self"), (1, "mat2")),
-    fxforge_linear: ((0, "x"), (1, "weight"), (2, "bias")),
-    aten.scaled_dot_product_attention.default: ((0, "query"), (1, "key"), (2, "value"), (3, "attn_mask")),
-    aten._scaled_dot_product_flash_attention_for_cpu.default:
-        ((0, "query"), (1, "key"), (2, "value"), (None, "attn_mask")),
-}
-ATTENTION = {aten.scaled_dot_product_attention.default,
-             aten._scaled_dot_product_flash_attention_for_cpu.default}
+# op -> its view and the fields of the inputs that run in low precision. The first one's last
+# dimension is the op's inner size K.
+_LOW_FIELDS = (
+    (Mm, ("input", "mat2")),
+    (Addmm, ("mat1", "mat2", "input")),
+    (Bmm, ("input", "mat2")),
+    (Linear, ("x", "weight", "bias")),
+    (Sdpa, ("query", "key", "value", "attn_mask")),
+    (SdpaFlashCpu, ("query", "key", "value", "attn_mask")),
+)
+LOW_INPUTS = {target: (view, fields) for view, fields in _LOW_FIELDS for target in view.TARGETS}
+ATTENTION = set(Sdpa.TARGETS) | set(SdpaFlashCpu.TARGETS)
 SKIP_REASONS = ("not_fp32", "integer", "small_k", "no_metadata")
-_OUT_DTYPE_POSITION = 5  # fxforge.linear(x, weight, bias, activation, residual, out_dtype)
 
 
-def _tensor_meta(value) -> Optional[TensorMeta]:
-    meta = value.meta.get(META_KEY) if isinstance(value, fx.Node) else None
-    return meta if isinstance(meta, TensorMeta) else None
-
-
-def _first_tensor_meta(node: fx.Node) -> Optional[TensorMeta]:
-    meta = node.meta.get(META_KEY)
-    if isinstance(meta, tuple) and meta:
-        meta = meta[0]  # attention's output; the rest are statistics
-    return meta if isinstance(meta, TensorMeta) else None
-
-
-def _get(node: fx.Node, position: Optional[int], name: str):
-    if position is not None and position < len(node.args):
-        return node.args[position]
-    return node.kwargs.get(name)
-
-
-def _set(node: fx.Node, position: Optional[int], name: str, value) -> None:
-    if position is not None and position < len(node.args):
-        node.update_arg(position, value)
-    else:
-        node.update_kwarg(name, value)
+def _low_inputs(node: fx.Node) -> list[tuple[str, object]]:
+    """(field, value) of the inputs of ``node`` that run in low precision, K's first."""
+    view, fields = LOW_INPUTS[node.target]
+    op = view.of(node)
+    return [(name, getattr(op, name)) for name in fields]
 
 
 def skip_reason(node: fx.Node) -> Optional[str]:
     """Why ``node`` stays as it is, or None if it should run in low precision."""
-    out = _first_tensor_meta(node)
-    inputs = [_tensor_meta(_get(node, p, n)) for p, n in LOW_INPUTS[node.target]]
+    out = first_tensor_meta(node.meta.get(META_KEY))   # attention: its output, then statistics
+    inputs = [tensor_meta(value) for _, value in _low_inputs(node)]
     if out is None or inputs[0] is None:
         return "no_metadata"
     if not out.dtype.is_floating_point:
@@ -108,11 +90,11 @@ class _Casts:
 
     def to(self, value: fx.Node, dtype: torch.dtype, before: fx.Node) -> fx.Node:
         key = (value, dtype)
-        if value in self.back_casts and _tensor_meta(value.args[0]).dtype == dtype:
-            return value.args[0]
+        if value in self.back_casts and tensor_meta(ToCopy.of(value).input).dtype == dtype:
+            return ToCopy.of(value).input
         if key not in self.made:
             with self.ir.gm.graph.inserting_before(before):
-                cast = self.ir.gm.graph.call_function(aten._to_copy.default, (value,), {"dtype": dtype})
+                cast = ToCopy.create(self.ir.gm.graph, input=value, dtype=dtype)
             self.ir.infer(cast)
             self.made[key] = cast
             self.count += 1
@@ -123,7 +105,7 @@ class _Casts:
         """Cast ``value``'s result to ``dtype`` for all of its current users."""
         users = list(value.users)
         with self.ir.gm.graph.inserting_after(value):
-            cast = self.ir.gm.graph.call_function(aten._to_copy.default, (value,), {"dtype": dtype})
+            cast = ToCopy.create(self.ir.gm.graph, input=value, dtype=dtype)
         self.ir.infer(cast)
         self.count += 1
         self.back_casts.add(cast)
@@ -135,13 +117,13 @@ class _Casts:
 def _lower(ir: IRGraph, node: fx.Node, low: torch.dtype, casts: _Casts) -> list[tuple[fx.Node, object]]:
     """Rewrite ``node``; return (node the rest of the graph now reads, its old metadata)."""
     before = node.meta.get(META_KEY)
-    for position, name in LOW_INPUTS[node.target]:
-        value = _get(node, position, name)
-        meta = _tensor_meta(value)
+    view = LOW_INPUTS[node.target][0]
+    for name, value in _low_inputs(node):
+        meta = tensor_meta(value)
         if meta is not None and meta.dtype == torch.float32:
-            _set(node, position, name, casts.to(value, low, before=node))
-    if node.target is fxforge_linear:
-        _set(node, _OUT_DTYPE_POSITION, "out_dtype", torch.float32)
+            view.of(node).replace(**{name: casts.to(value, low, before=node)})
+    if (linear := Linear.of(node)) is not None:
+        linear.replace(out_dtype=torch.float32)
         ir.infer(node)
         return [(node, before)]
     ir.infer(node)
@@ -151,7 +133,7 @@ def _lower(ir: IRGraph, node: fx.Node, low: torch.dtype, casts: _Casts) -> list[
     for user in [u for u in node.users if u.target is operator.getitem]:
         old = user.meta.get(META_KEY)
         ir.infer(user)
-        changed = isinstance(old, TensorMeta) and _tensor_meta(user).dtype != old.dtype
+        changed = isinstance(old, TensorMeta) and tensor_meta(user).dtype != old.dtype
         read.append((casts.back(user, old.dtype) if changed else user, old))
     return read
 
@@ -185,26 +167,53 @@ def precision_bf16(ir: IRGraph) -> PassResult:
 @register_pass("precision_bf16_weights")
 def precision_bf16_weights(ir: IRGraph) -> PassResult:
     """Weight-only bf16, for hardware that can store bf16 but has no bf16 math (a CPU without
-    AMX-BF16 or AVX512-BF16): every fp32 ``fxforge.linear`` weight is rounded to bf16 values (a
-    round trip of casts that constant folding evaluates once) and the math stays fp32. A backend
-    can then keep such weights in bf16 at no further loss, halving the bytes a decode step reads
-    (the CPU GEMV does: ``kernels/gemv_cpu.py``). Activations, biases and residuals are untouched."""
+    AMX-BF16 or AVX512-BF16): every fp32 ``fxforge.linear`` weight gets ``weight_format="bf16"``
+    (its values rounded to bf16; :mod:`fxforge.irgraph.weight_format`) and the math stays fp32.
+    A backend stores such weights in bf16 (the CPU C++ GEMV and GEMM do), halving the bytes a
+    decode step reads; the op's reference rounds them. Activations, biases and residuals are
+    untouched."""
     counts: Counter = Counter()
-    casts, memo = _Casts(ir), {}
+    memo: dict = {}
     for node in list(ir.gm.graph.nodes):
-        if node.op != "call_function" or node.target is not fxforge_linear:
+        if (linear := Linear.of(node)) is None:
             continue
-        weight = node.args[1]
-        reason = skip_reason(node) or (None if is_weight(weight, memo) else "not_a_weight")
+        reason = skip_reason(node) or (None if is_weight(linear.weight, memo) else "not_a_weight")
+        if reason is None and linear.weight_format != DENSE:
+            reason = "has_format"   # already stored another way (a later quantization's)
         if reason is not None:
             counts[f"skipped_{reason}"] += 1
             continue
-        rounded = casts.to(casts.to(weight, torch.bfloat16, before=node), torch.float32, before=node)
-        node.update_arg(1, rounded)
+        linear.replace(weight_format="bf16")
         counts["weights_rounded"] += 1
     return PassResult(ir, {"weights_rounded": counts["weights_rounded"],
                            **{f"skipped_{why}": counts[f"skipped_{why}"]
-                              for why in (*SKIP_REASONS, "not_a_weight")}})
+                              for why in (*SKIP_REASONS, "not_a_weight", "has_format")}})
+
+
+@register_pass("exact_bf16_weights")
+def exact_bf16_weights(ir: IRGraph) -> PassResult:
+    """Lossless: a dense fp32 linear weight whose values are all bf16 values (a checkpoint
+    upcast from bf16, weights rounded by a tool) gets ``weight_format="bf16"``, so a backend that
+    stores bf16 reads half the bytes for the same products. Each constant is scanned once, here,
+    at compile time; kernels read the format and never the values. Counted: ``weights_bf16``
+    (marked), ``dense`` (a value off the bf16 grid), ``not_constant`` (not a folded constant)."""
+    counts: Counter = Counter()
+    exact: dict[fx.Node, bool] = {}   # constant -> all its values are bf16 values
+    for node in list(ir.gm.graph.nodes):
+        linear = Linear.of(node)
+        meta = tensor_meta(linear.weight) if linear is not None else None
+        if meta is None or linear.weight_format != DENSE or meta.dtype != torch.float32:
+            continue
+        if not is_constant(linear.weight):
+            counts["not_constant"] += 1
+            continue
+        root = alias_root(linear.weight)   # views select values; none changes one
+        if root not in exact:
+            exact[root] = exactly_bf16(getattr(ir.gm, root.target))
+        if exact[root]:
+            linear.replace(weight_format="bf16")
+        counts["weights_bf16" if exact[root] else "dense"] += 1
+    return PassResult(ir, {k: counts[k] for k in ("weights_bf16", "dense", "not_constant")})
 
 
 @register_pass("precision_fp16")

@@ -13,8 +13,9 @@ from fxforge.autotune import search as search_module
 from fxforge.autotune.search import MIN_GAIN, TuningError, TuningResult, neighbours, search
 from fxforge.autotune.task import Tunable, TuningTask, make_tunable
 from fxforge.irgraph import decomposition_table
-from fxforge.kernels.fused import KernelBuildError, build_program
+from fxforge.kernels.fused import build_program
 from fxforge.kernels.fused_cpp_tuning import example_shapes, fused_task
+from fxforge.kernels.toolchain import KernelBuildError
 from fxforge.kernels.linear_cpu_tuning import linear_task
 from fxforge.kernels.tuning import Config, TuningSpace
 

@@ -147,11 +147,10 @@ def test_a_loaded_kv_cache_artifact_builds_the_kernels_of_the_compile(tmp_path, 
     the kernels the compile built for it -- its fusion group included -- with eager's tokens."""
     import logging
 
-    from fxforge.aot import _kv_step
-    from fxforge.backends import lower, resolve_backend
-    from fxforge.compiler import optimize
+    from fxforge.backends import lower
     from fxforge.irgraph import capture_export
     from fxforge.options import parse_options
+    from fxforge.orchestrate import compile_graph
 
     model = make_model(seed=5, n_layer=1)
     ids = torch.randint(0, 512, (1, 8))
@@ -164,8 +163,8 @@ def test_a_loaded_kv_cache_artifact_builds_the_kernels_of_the_compile(tmp_path, 
     with torch.no_grad():   # what aot_compile lowered the step graph to
         options = parse_options(kv_cache=True, max_seq_len=64)
         ir = capture_export(model, (ids,), dynamic_shapes=({1: SEQ},))
-        backend = resolve_backend(options.backend, ir)
-        compiled = lower(_kv_step(optimize(ir, options, backend)).ir, backend)
+        prepared = compile_graph(ir, options, stages=("passes", "kv_step"))
+        compiled = lower(prepared.plan.ir, prepared.backend)
     assert [(c.node, c.path) for c in loaded.kv.step.choices] == \
         [(c.node, c.path) for c in compiled.choices]
     assert any(c.node.startswith("fused") and "C++" in c.path for c in loaded.kv.step.choices)
@@ -184,7 +183,7 @@ def test_a_failure_to_build_kernels_is_an_artifact_error_naming_it(artifact, mon
     said as such (the cause chained), not a raw traceback and not a KV-cache plan's misfit."""
     def failing_lower(*args, **kwargs):
         raise error
-    monkeypatch.setattr("fxforge.aot.lower", failing_lower)
+    monkeypatch.setattr("fxforge.orchestrate.lower", failing_lower)
     with pytest.raises(fxforge.ArtifactError, match="building its kernels failed") as info:
         fxforge.load(artifact[1])
     assert info.value.__cause__ is error and "KV-cache" not in str(info.value)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fxforge.kernels.attention_cpp as attention_cpp
-from fxforge.kernels.fused import KernelBuildError
+from fxforge.kernels.toolchain import KernelBuildError
 from fxforge.kernels.attention_cpp import MAX_HEAD_DIM, MAX_KEYS, kernel_declines, tiled_attention
 from fxforge.testing import assert_close_to_eager
 

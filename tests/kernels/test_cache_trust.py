@@ -23,7 +23,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxforge.autotune.cache import CacheKey, TuningCache
 from fxforge.irgraph import decomposition_table
-from fxforge.kernels import cache_trust, fused_cpp
+from fxforge.kernels import cache_trust, fused_cpp, toolchain
 from fxforge.kernels.fused import build_program
 from fxforge.testing import assert_close_to_eager
 
@@ -55,7 +55,7 @@ def seed(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("seed")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FXFORGE_CACHE_DIR", str(folder))
-        return {scale: fused_cpp.build_shared_object(
+        return {scale: toolchain.build_shared_object(
             fused_cpp.generate_source(program, f"fused_{program.digest()}"))
             for scale, program in PROGRAMS.items()}
 
@@ -101,7 +101,7 @@ __attribute__((constructor)) static void plant(void) {{
 extern "C" void {symbol}(void) {{}}   /* a no-op kernel: outputs stay uninitialised */
 """)
     lib = folder / "planted.so"
-    subprocess.run([fused_cpp.find_compiler(), "-shared", "-fPIC", str(src), "-o", str(lib)],
+    subprocess.run([toolchain.find_compiler(), "-shared", "-fPIC", str(src), "-o", str(lib)],
                    check=True, capture_output=True, timeout=120)
     probe = folder / "probe.so"   # the marker really appears when such a library is loaded
     shutil.copy(lib, probe)
@@ -262,7 +262,7 @@ def test_a_library_reinstalled_while_another_process_loads_it_gives_no_false_ala
         src = tmp_path / f"v{version}.c"
         src.write_text(f"int fxf_version(void) {{ return {version}; }}\n")
         builds.append(tmp_path / f"v{version}.so")
-        subprocess.run([fused_cpp.find_compiler(), "-shared", "-fPIC", "-x", "c", str(src), "-o",
+        subprocess.run([toolchain.find_compiler(), "-shared", "-fPIC", "-x", "c", str(src), "-o",
                         str(builds[-1])], check=True, capture_output=True, timeout=120)
     cache_trust.install_library(builds[0], target)
     seen = []

@@ -16,7 +16,8 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxforge.irgraph import decomposition_table
-from fxforge.kernels.fused import build_program, source_hash
+from fxforge.kernels.fused import build_program
+from fxforge.kernels.toolchain import source_hash
 from fxforge.testing import assert_close_to_eager
 
 

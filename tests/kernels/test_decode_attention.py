@@ -11,9 +11,8 @@ from fxforge.irgraph import set_meta
 from fxforge.kernels import decode_attention_cpu
 from fxforge.kernels.decode_attention_cpu import (TILED_MIN_ROWS, cpu_cached_attention,
                                                   cpu_decode_path, sdpa_cached_attention)
-from fxforge.kernels.fused import KernelBuildError
-from fxforge.kernels.fused_cpp import find_compiler
 from fxforge.kernels.matmul import interpreting
+from fxforge.kernels.toolchain import KernelBuildError, find_compiler
 
 reference = torch.ops.fxforge.cached_attention.default
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxforge.irgraph import decomposition_table
-from fxforge.kernels import cache_trust, fused_cpp
-from fxforge.kernels.fused import KernelBuildError, build_program, reference
+from fxforge.kernels import cache_trust, fused_cpp, toolchain
+from fxforge.kernels.fused import build_program, reference
 from fxforge.kernels.fused_cpp import compile_fused_cpu, compile_program_cpu, generate_source
+from fxforge.kernels.toolchain import KernelBuildError
 from fxforge.kernels.fused_triton import TUNING_SPACE, default_config
 from fxforge.testing import assert_close_to_eager
 
@@ -37,7 +38,7 @@ def test_a_failing_compiler_raises_kernel_build_error(cache, monkeypatch):
 
 def test_no_compiler_raises_kernel_build_error(cache, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(fused_cpp.shutil, "which", lambda name: None)
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)
     with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler"):
         compile_fused_cpu(softmax_group(1.5))
 
@@ -51,9 +52,9 @@ def recorded_library(target):
 def test_cache_is_reused_and_a_corrupt_binary_is_rebuilt(cache, monkeypatch):
     program = build_program(softmax_group(0.75))
     source = generate_source(program, f"fused_{program.digest()}")
-    target = fused_cpp.build_shared_object(source)
+    target = toolchain.build_shared_object(source)
     library = recorded_library(target)
-    assert fused_cpp.build_shared_object(source) == target          # a cache hit
+    assert toolchain.build_shared_object(source) == target          # a cache hit
     assert recorded_library(target) == library
     library.write_bytes(b"not an ELF file")                          # never loaded: safe
     kernel = compile_program_cpu(program)                            # check fails -> rebuild
@@ -68,15 +69,15 @@ def test_a_retry_loads_the_rebuilt_library_not_the_image_already_mapped(cache, t
     it is loaded, the lookup fails, the rebuild must be what the retry loads. dlopen of a path
     already loaded returns that image, so the rebuilt library needs a path of its own."""
     source = 'extern "C" int fxf_probe(void) { return 42; }\n'
-    target = fused_cpp.build_shared_object(source, "probe")
+    target = toolchain.build_shared_object(source, "probe")
     other = tmp_path / "other.cpp"
     other.write_text('extern "C" int fxf_other(void) { return 7; }\n')
     broken = tmp_path / "broken.so"
-    subprocess.run([fused_cpp.find_compiler(), "-shared", "-fPIC", str(other), "-o", str(broken)],
+    subprocess.run([toolchain.find_compiler(), "-shared", "-fPIC", str(other), "-o", str(broken)],
                    check=True, capture_output=True, timeout=120)
     cache_trust.install_library(broken, target)
     assert cache_trust.load_library(target).fxf_other() == 7   # mapped now, under its path
-    assert fused_cpp.load_function(source, "fxf_probe", "probe")() == 42
+    assert toolchain.load_function(source, "fxf_probe", "probe")() == 42
 
 
 def test_no_trustworthy_cache_folder_is_a_kernel_build_error(cache, tmp_path, monkeypatch):
@@ -101,14 +102,14 @@ def test_extra_compiler_flags_from_the_environment_reach_the_build_and_its_cache
     the cache: a library built without it is not reused with it, nor the other way round."""
     source = ('#ifndef FXF_CHECKED_BUILD\n#error "built without FXFORGE_CXXFLAGS"\n#endif\n'
               'extern "C" int fxf_checked(void) { return FXF_CHECKED_BUILD; }\n')
-    monkeypatch.delenv(fused_cpp.EXTRA_FLAGS_ENV, raising=False)
+    monkeypatch.delenv(toolchain.EXTRA_FLAGS_ENV, raising=False)
     with pytest.raises(KernelBuildError, match="built without FXFORGE_CXXFLAGS"):
-        fused_cpp.build_shared_object(source, "checked")
-    monkeypatch.setenv(fused_cpp.EXTRA_FLAGS_ENV, "-DFXF_CHECKED_BUILD=7 -Wall")
-    assert fused_cpp.load_function(source, "fxf_checked", "checked")() == 7
-    plain = fused_cpp.build_shared_object("extern \"C\" int f(void) { return 1; }\n", "plain")
-    monkeypatch.setenv(fused_cpp.EXTRA_FLAGS_ENV, "")
-    assert fused_cpp.build_shared_object("extern \"C\" int f(void) { return 1; }\n",
+        toolchain.build_shared_object(source, "checked")
+    monkeypatch.setenv(toolchain.EXTRA_FLAGS_ENV, "-DFXF_CHECKED_BUILD=7 -Wall")
+    assert toolchain.load_function(source, "fxf_checked", "checked")() == 7
+    plain = toolchain.build_shared_object("extern \"C\" int f(void) { return 1; }\n", "plain")
+    monkeypatch.setenv(toolchain.EXTRA_FLAGS_ENV, "")
+    assert toolchain.build_shared_object("extern \"C\" int f(void) { return 1; }\n",
                                          "plain") != plain
 
 
@@ -148,8 +149,8 @@ def test_row_loops_vectorize_with_256_bit_vectors(tmp_path):
     source = generate_source(build_program(gm), "vec_check")
     src = tmp_path / "kernel.cpp"
     src.write_text(source)
-    flags = [f for f in fused_cpp.FLAGS if f != "-shared"]
-    done = subprocess.run([fused_cpp.find_compiler(), *flags, "-c", str(src), "-o",
+    flags = [f for f in toolchain.FLAGS if f != "-shared"]
+    done = subprocess.run([toolchain.find_compiler(), *flags, "-c", str(src), "-o",
                            str(tmp_path / "kernel.o"), "-fopt-info-vec-optimized"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -15,10 +15,14 @@ pytestmark = pytest.mark.skipif(gemm_cpu.gemm_unavailable() is not None,
                                 reason="no C++ compiler for the tiled GEMM")
 
 
+# the weight format (irgraph/weight_format.py) that makes the kernel store its weight so
+FORMAT = {torch.float32: "dense", torch.bfloat16: "bf16"}
+
+
 def _operands(m, k, n, seed, residual=True, storage=torch.float32):
     """x, weight [K, N] scaled like nn.Linear's init (sums stay O(1): fp32 tolerances fit any K),
-    bias, residual; fresh values per shape. ``storage`` bf16: weights with bf16 values (the
-    kernel then keeps them in bf16 panels)."""
+    bias, residual; fresh values per shape. ``storage`` bf16: weights with bf16 values (format
+    "bf16" then keeps them in bf16 panels, with the fp32 reference's results)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     weight = (torch.randn(k, n, generator=g) / max(k, 1) ** 0.5).to(storage).float()
@@ -39,7 +43,7 @@ def _reference(x, weight_kn, bias, activation, residual):
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
 def test_shapes_across_tile_and_block_edges(m, k, n, block, storage):
     x, weight, bias, res = _operands(m, k, n, seed=m * 7919 + k * 31 + n + block, storage=storage)
-    kernel = TiledLinear(weight.t().contiguous(), bias, "gelu", block)
+    kernel = TiledLinear(weight.t().contiguous(), bias, "gelu", block, FORMAT[storage])
     assert kernel.storage == storage
     assert_close_to_eager(kernel(x, res), _reference(x, weight, bias, "gelu", res),
                           f"{m}x{k}x{n} block {block} {storage}")
@@ -58,7 +62,8 @@ def test_epilogues_and_threads(activation, bias, residual, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = TiledLinear(weight.t().contiguous(), b, activation)(x, res)
+        got = TiledLinear(weight.t().contiguous(), b, activation,
+                          weight_format=FORMAT[storage])(x, res)
     finally:
         torch.set_num_threads(before)
     assert_close_to_eager(got, _reference(x, weight, b, activation, res), activation)
@@ -80,7 +85,7 @@ def test_nonfinite_values_propagate_as_in_the_reference(storage, m):
     x, weight, bias, res = _operands(m, 20, 18, seed=5, storage=storage)
     x[1, 3], x[m - 1, 0], weight[2, 17], weight[5, 3] = (float("nan"), float("inf"), float("-inf"),
                                                          float("nan"))
-    kernel = TiledLinear(weight.t().contiguous(), bias, "none")
+    kernel = TiledLinear(weight.t().contiguous(), bias, "none", weight_format=FORMAT[storage])
     assert kernel.storage == storage
     got = kernel(x, res)
     assert_close_to_eager(got, _reference(x, weight, bias, "none", res))
@@ -96,19 +101,43 @@ def test_empty_rows_and_zero_k():
 
 
 def test_bf16_panels_are_the_gemvs_pack_and_shared():
-    """bf16-valued weights: half the bytes, in the GEMV's bf16 layout, one tensor for both kernels
+    """Format bf16: half the bytes, in the GEMV's bf16 layout, one tensor for both kernels
     and for every kernel made from equal weights (kernels/shared_packs.py)."""
     from fxforge.kernels.gemv_cpu import GemvLinear, pack_weight
     _, weight, bias, _ = _operands(1, 40, 37, seed=21, storage=torch.bfloat16)
     weight_nk = weight.t().contiguous()
-    tiled = TiledLinear(weight_nk, bias, "none")
+    tiled = TiledLinear(weight_nk, bias, "none", weight_format="bf16")
     assert tiled.panels.dtype == torch.bfloat16
     assert torch.equal(tiled.panels, pack_weight(weight_nk, torch.bfloat16))
-    assert GemvLinear(weight_nk.clone(), None, "relu").weight is tiled.panels
-    assert TiledLinear(weight_nk.clone(), None, "silu", block=1).panels is tiled.panels
+    assert GemvLinear(weight_nk.clone(), None, "relu", weight_format="bf16").weight is tiled.panels
+    assert TiledLinear(weight_nk.clone(), None, "silu", block=1,
+                       weight_format="bf16").panels is tiled.panels
     other = weight_nk.clone()
     other[3, 4] = other[3, 4] * 2 + 1
-    assert TiledLinear(other, bias, "none").panels is not tiled.panels
+    assert TiledLinear(other, bias, "none", weight_format="bf16").panels is not tiled.panels
+    # the format decides, not the values: the same bf16 values, dense, stay fp32 panels
+    assert TiledLinear(weight_nk, bias, "none").panels.dtype == torch.float32
+
+
+def test_format_bf16_rounds_any_fp32_weight_as_the_reference_does():
+    """Format bf16 on weights off the bf16 grid: the kernel stores them rounded to nearest even,
+    exactly as the op's reference decodes them, so results match it and not the fp32 linear."""
+    x, weight, bias, res = _operands(7, 48, 37, seed=33)
+    assert not torch.equal(weight.to(torch.bfloat16).float(), weight)
+    kernel = TiledLinear(weight.t().contiguous(), bias, "silu", weight_format="bf16")
+    assert kernel.storage == torch.bfloat16 and "weight format bf16" in kernel.describe("fp32", True)
+    want = torch.ops.fxforge.linear(x, weight, bias, "silu", res, None, "bf16")
+    assert_close_to_eager(kernel(x, res), want)
+    assert not torch.allclose(want, _reference(x, weight, bias, "silu", res), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "int8_channel"])
+def test_a_format_the_kernel_does_not_store_is_a_clear_error(name):
+    _, weight, bias, _ = _operands(1, 16, 8, seed=3)
+    with pytest.raises(ValueError, match=f"tiled GEMM: weight format '{name}'.*not implemented"):
+        TiledLinear(weight.t().contiguous(), bias, "none", weight_format=name)
+    with pytest.raises(ValueError, match="unknown weight format 'bf17'"):
+        TiledLinear(weight.t().contiguous(), bias, "none", weight_format="bf17")
 
 
 def test_panels_hold_the_weight_in_kernel_order():
@@ -160,8 +189,8 @@ def test_without_a_compiler_the_libraries_run(monkeypatch):
 
 def test_portable_build_matches(monkeypatch):
     """The code a CPU without AVX2 runs (the same source built without -march=native)."""
-    from fxforge.kernels import fused_cpp
-    monkeypatch.setattr(fused_cpp, "FLAGS", tuple(f for f in fused_cpp.FLAGS if not f.startswith("-march")))
+    from fxforge.kernels import toolchain
+    monkeypatch.setattr(toolchain, "FLAGS", tuple(f for f in toolchain.FLAGS if not f.startswith("-march")))
     monkeypatch.setattr(gemm_cpu, "_entry", gemm_cpu._entry.__wrapped__)
     x, weight, bias, res = _operands(13, 33, 40, seed=9)
     got = TiledLinear(weight.t().contiguous(), bias, "gelu_tanh")(x, res)

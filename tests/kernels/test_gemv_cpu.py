@@ -59,23 +59,35 @@ def _bf16_valued(*shape):
 @pytest.mark.parametrize("m", [1, 3, GEMV_MAX_M])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bf16_valued_weights_are_stored_in_bf16_and_stay_exact(n, k, m, threads):
-    """Weights whose values are all bf16 values (the bf16_weights precision rounds them so) are
-    stored in bf16, half the bytes a decode step reads; the math is fp32 on the same values, so
-    the result is the fp32 linear's."""
+    """Weights of format bf16 (on bf16 values: lossless) are stored in bf16, half the bytes a
+    decode step reads; the math is fp32 on the same values, so the result is the fp32 linear's."""
     torch.manual_seed(n + 7 * k + m)
     weight, bias = _bf16_valued(n, k), torch.randn(n)
     x, res = torch.randn(m, k), torch.randn(m, n)
-    kernel = GemvLinear(weight, bias, "silu")
+    kernel = GemvLinear(weight, bias, "silu", weight_format="bf16")
     assert kernel.storage == torch.bfloat16 and kernel.weight.dtype == torch.bfloat16
     assert "weights stored in bf16" in kernel.describe("fp32", True)
     assert_close_to_eager(kernel(x, res, threads=threads),
                           _reference(x, weight.t(), bias, "silu", res), f"M={m} N={n} K={k}")
 
 
-def test_other_weights_stay_fp32():
+def test_the_format_decides_the_storage_not_the_values():
     weight = _bf16_valued(20, 30)
-    weight[3, 4] += 1e-4                               # one value off the bf16 grid
-    assert GemvLinear(weight, None, "none").storage == torch.float32
+    assert GemvLinear(weight, None, "none").storage == torch.float32      # dense: as it is
+    torch.manual_seed(5)
+    weight, x = torch.randn(20, 30), torch.randn(2, 30)                   # off the bf16 grid
+    kernel = GemvLinear(weight, None, "gelu", weight_format="bf16")
+    assert kernel.storage == torch.bfloat16                               # rounded, as the op
+    want = torch.ops.fxforge.linear(x, weight.t(), None, "gelu", None, None, "bf16")
+    assert_close_to_eager(kernel(x, None), want)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "int4_g64"])
+def test_a_format_the_gemv_does_not_store_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=f"gemv: weight format '{name}'.*not implemented"):
+        GemvLinear(torch.randn(8, 16), None, "none", weight_format=name)
+    with pytest.raises(ValueError, match=f"PackedLinear.*'{name}'.*runs dense, bf16"):
+        PackedLinear(torch.randn(16, 8), weight_format=name)
 
 
 def test_bf16_pack_layout():
@@ -121,7 +133,8 @@ def test_varying_rows_bf16_weights_share_one_pack(monkeypatch):
     takes single-row calls."""
     torch.manual_seed(4)
     weight, bias = _bf16_valued(48, 64).t(), torch.randn(48)    # [K, N]
-    linear = PackedLinear(weight, bias, "silu", batch_hint=128, varying_rows=True)
+    linear = PackedLinear(weight, bias, "silu", batch_hint=128, varying_rows=True,
+                          weight_format="bf16")
     assert linear.candidate == "tiled" and linear.impl.storage == torch.bfloat16
     assert linear.few_rows is not None and linear.few_rows.weight is linear.impl.panels
     assert "calls of <= 1 rows: C++ GEMV" in linear.describe()
@@ -169,11 +182,12 @@ def test_tuning_space_offers_the_gemv_for_few_rows_only():
 
 def test_portable_build_matches(monkeypatch):
     """The loops a CPU without AVX2 runs (the same source built without -march=native)."""
-    from fxforge.kernels import fused_cpp
-    monkeypatch.setattr(fused_cpp, "FLAGS", tuple(f for f in fused_cpp.FLAGS if not f.startswith("-march")))
+    from fxforge.kernels import toolchain
+    monkeypatch.setattr(toolchain, "FLAGS", tuple(f for f in toolchain.FLAGS if not f.startswith("-march")))
     monkeypatch.setattr(gemv_cpu, "_entry", gemv_cpu._entry.__wrapped__)
     torch.manual_seed(3)
-    for weight in (torch.randn(37, 21), _bf16_valued(37, 21)):
-        kernel = GemvLinear(weight, None, "relu")
+    for weight, fmt in ((torch.randn(37, 21), "dense"), (_bf16_valued(37, 21), "bf16")):
+        kernel = GemvLinear(weight, None, "relu", weight_format=fmt)
+        assert kernel.storage == (torch.bfloat16 if fmt == "bf16" else torch.float32)
         x = torch.randn(2, 21)
         assert_close_to_eager(kernel(x, None), _reference(x, weight.t(), None, "relu", None))

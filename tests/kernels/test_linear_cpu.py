@@ -272,3 +272,23 @@ def test_a_tuned_thread_count_reaches_the_cpp_kernels_as_an_argument(monkeypatch
     x = torch.randn(4, 64)
     assert_close_to_eager(linear(x), torch.relu(x @ weight + b))
     assert settings == ([] if candidate != "aten" else [threads, threads - 1])
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("m", [1, 9])
+def test_weight_format_bf16_on_every_candidate_matches_the_reference(candidate, m):
+    """The format comes from the op: the C++ kernels store the weight in bf16, the libraries get
+    its bf16-rounded values; every one computes the op's reference on the rounded weight."""
+    if unavailable_reason(candidate, torch.float32) is not None:
+        pytest.skip(unavailable_reason(candidate, torch.float32))
+    if candidate == "gemv" and m > 4:
+        pytest.skip("the GEMV takes few rows")
+    g = torch.Generator().manual_seed(len(candidate) * 10 + m)
+    x, weight = torch.randn(m, 48, generator=g), torch.randn(48, 40, generator=g) / 7
+    bias, residual = torch.randn(40, generator=g), torch.randn(m, 40, generator=g)
+    linear = PackedLinear(weight, bias, "silu", True, candidate=candidate, batch_hint=m,
+                          weight_format="bf16")
+    want = torch.ops.fxforge.linear(x, weight, bias, "silu", residual, None, "bf16")
+    assert_close_to_eager(linear(x, residual), want, candidate)
+    if candidate in ("gemv", "tiled"):
+        assert linear.impl.storage == torch.bfloat16

@@ -10,9 +10,8 @@ import fxforge.compiler
 import fxforge.passes.epilogue  # noqa: F401  (registers fuse_epilogues)
 from fxforge.examples import hf_models, small_gpt
 from fxforge.irgraph import capture_export
-from fxforge.irgraph.ops import fxforge_linear
+from fxforge.irgraph.views import Linear
 from fxforge.passes import PassManager
-from fxforge.passes.epilogue import linear_fields
 from fxforge.testing import assert_close_to_eager
 
 PIPELINE = ["remove_noops", "cse", "fuse_projections", "fuse_epilogues", "constant_fold", "cse", "dce"]
@@ -36,7 +35,7 @@ def run(model, inputs, exact=True, passes=UNFUSED):
 
 
 def linears(ir):
-    return [linear_fields(n) for n in ir.gm.graph.nodes if n.target is fxforge_linear]
+    return [view for view in map(Linear.of, ir.gm.graph.nodes) if view is not None]
 
 
 class Epilogues(nn.Module):
@@ -66,11 +65,11 @@ def test_bias_activation_residual_and_cast_fold_into_one_node_each():
                  "aten.relu.default", "aten.add.Tensor", "aten._to_copy.default"):
         assert gone not in ops
     fields = linears(ir)
-    assert sorted(f["activation"] for f in fields) == ["gelu", "gelu_tanh", "none", "relu", "silu"]
-    full = next(f for f in fields if f["activation"] == "silu")
-    assert full["residual"] is not None and full["out_dtype"] == torch.float64
-    assert full["bias"] is not None
-    assert next(f for f in fields if f["activation"] == "none")["bias"] is None
+    assert sorted(f.activation for f in fields) == ["gelu", "gelu_tanh", "none", "relu", "silu"]
+    full = next(f for f in fields if f.activation == "silu")
+    assert full.residual is not None and full.out_dtype == torch.float64
+    assert full.bias is not None
+    assert next(f for f in fields if f.activation == "none").bias is None
 
 
 class WrittenOut(nn.Module):
@@ -89,7 +88,7 @@ class WrittenOut(nn.Module):
 def test_written_out_activations_become_the_aten_ones():
     ir, counts = run(WrittenOut(), (torch.randn(3, 4, 16),), exact=False)  # equal up to rounding
     assert counts["activation"] == 3 and counts["linear_fused"] == 3
-    assert sorted(f["activation"] for f in linears(ir)) == ["gelu", "gelu_tanh", "silu"]
+    assert sorted(f.activation for f in linears(ir)) == ["gelu", "gelu_tanh", "silu"]
     ops = ir.op_counts()
     assert not {"aten.tanh.default", "aten.sigmoid.default", "aten.erf.default", "aten.mul.Tensor"} & set(ops)
 
@@ -123,7 +122,7 @@ def test_gpt2_gelu_new_and_llama_after_horizontal_fusion():
     ir, counts = run(gpt2, hf_models.example_inputs("gpt2", batch=2, seq=8), exact=False, passes=PIPELINE)
     assert counts == {"linear_fused": 9, "bias": 8, "activation": 2, "residual": 4, "cast": 0,
                       "declined": 0}
-    assert [f["activation"] for f in linears(ir)].count("gelu_tanh") == 2
+    assert [f.activation for f in linears(ir)].count("gelu_tanh") == 2
     assert "aten.tanh.default" not in ir.op_counts()
 
     llama = hf_models.LogitsOnly(hf_models.build("llama"))
@@ -172,7 +171,7 @@ def test_near_misses_decline_with_a_reason_and_stay_exact():
     ops = ir.op_counts()
     assert ops["aten.gelu.default"] == 1 and ops["aten.tanh.default"] == 1
     assert ops["aten.addmm.default"] == 2 and ops["aten.mm.default"] == 1
-    assert all(f["activation"] == "none" and f["residual"] is None for f in linears(ir))
+    assert all(f.activation == "none" and f.residual is None for f in linears(ir))
 
 
 def test_torch_compile_with_the_pass_list_matches_eager(monkeypatch):

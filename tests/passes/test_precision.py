@@ -12,9 +12,9 @@ from fxforge.examples import hf_models, small_gpt
 from fxforge.irgraph import capture_export
 from fxforge.irgraph.meta import META_KEY, TensorMeta
 from fxforge.irgraph.ops import fxforge_linear
+from fxforge.irgraph.query import alias_root, is_view_op
+from fxforge.irgraph.views import Linear
 from fxforge.passes import PassManager
-from fxforge.passes.epilogue import linear_fields
-from fxforge.passes.pattern import alias_root, is_view_op
 from fxforge.passes.precision import LOW_INPUTS
 
 aten = torch.ops.aten
@@ -95,11 +95,11 @@ def test_small_gpt_structure_and_numerics(precision, epilogues):
     assert len({c.data_ptr() for c in low_constants}) == 17  # each stored once
     check_structure(ir, low)
     if epilogues:
-        fields = [linear_fields(n) for n in ir.gm.graph.nodes if n.target is fxforge_linear]
-        assert len(fields) == 9 and all(f["out_dtype"] == torch.float32 for f in fields)
-        residuals = [f["residual"] for f in fields if f["residual"] is not None]
+        fields = [view for view in map(Linear.of, ir.gm.graph.nodes) if view is not None]
+        assert len(fields) == 9 and all(f.out_dtype == torch.float32 for f in fields)
+        residuals = [f.residual for f in fields if f.residual is not None]
         assert len(residuals) == 4 and all(dtype_of(r) == torch.float32 for r in residuals)
-        assert all(dtype_of(f["bias"]) == low for f in fields if f["bias"] is not None)
+        assert all(dtype_of(f.bias) == low for f in fields if f.bias is not None)
     check_logits(model, inputs, ir)
 
 
@@ -190,18 +190,20 @@ class _TwoLinears(nn.Module):
 
 
 def test_bf16_weights_rounds_linear_weights_and_keeps_the_math_fp32():
+    """The rounding is the linear's weight format (set through its view), not casts of values:
+    the weight constant is the model's own, the format says how it is stored."""
     model = _TwoLinears().eval()
     x, small = torch.randn(3, 32), torch.randn(3, 8)
     ir, counts = run(model, (x, small), pipeline("bf16_weights"))
     assert counts["weights_rounded"] == 1 and counts["skipped_small_k"] == 1
-    linears = [n for n in ir.call_nodes() if n.target is fxforge_linear]
-    weights = {n.args[0].meta[META_KEY].shape[-1]: getattr(ir.gm, alias_root(n.args[1]).target)
-               for n in linears}
-    assert torch.equal(weights[32].to(torch.bfloat16).float(), weights[32])      # rounded, folded
-    assert not torch.equal(weights[8].to(torch.bfloat16).float(), weights[8])    # K=8 < MIN_K
+    linears = {Linear.of(n).x.meta[META_KEY].shape[-1]: Linear.of(n) for n in ir.call_nodes()
+               if n.target is fxforge_linear}
+    assert linears[32].weight_format == "bf16" and linears[8].weight_format == "dense"  # K=8 < MIN_K
+    weight = getattr(ir.gm, alias_root(linears[32].weight).target)
+    assert torch.equal(weight, model.up.weight.detach())                   # the values as they are
     assert all(dtype_of(n) == torch.float32 for n in ir.call_nodes() if n.op == "call_function"
                and isinstance(n.meta.get(META_KEY), TensorMeta) and n.meta[META_KEY].dtype.is_floating_point)
-    assert not [n for n in ir.call_nodes() if n.target is aten._to_copy.default]   # all folded
+    assert not [n for n in ir.call_nodes() if n.target is aten._to_copy.default]   # no casts
     rounded = model.up.weight.detach().to(torch.bfloat16).float()
     h = x @ rounded.t() + model.up.bias + model.tiny(small)
     with torch.no_grad():
