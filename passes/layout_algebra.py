@@ -347,10 +347,13 @@ def arrange(layout: Layout, target: list[list[Atom]], build: Builder) -> fx.Node
         runs_by_dim.append(runs)
     flat = [run for runs in runs_by_dim for run in runs]
     sources = sorted((run for run in flat if not run[0].broadcast), key=lambda run: position[run[0]])
-    x = build.reshape(layout.source, [_product(run) for run in sources])
     kept = [run for run in flat if not run[0].broadcast]
-    x = build.permute(x, [sources.index(run) for run in kept])
-    if any(run[0].broadcast for run in flat):
+    order = [sources.index(run) for run in kept]
+    broadcasts = any(run[0].broadcast for run in flat)
+    if order == sorted(order) and not broadcasts:   # the values keep their order: one reshape
+        return build.reshape(layout.source, [_product(atoms) for atoms in target])
+    x = build.permute(build.reshape(layout.source, [_product(run) for run in sources]), order)
+    if broadcasts:
         for at, run in enumerate(flat):
             if run[0].broadcast:
                 x = build.op(Unsqueeze, x, dim=at)

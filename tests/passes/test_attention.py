@@ -239,6 +239,17 @@ def test_small_gpt_fuses_each_layer_causally(compile_model):
                               "declined": 0}
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_single_token_forward_fuses(compile_model, batch):
+    """One query and one key: every score row is [1, 1], so size-1 dims must not read as a
+    reshape of the rows (layout canonicalisation once split one view into two here)."""
+    from fxforge.examples.small_gpt import make_model
+    model = make_model(n_layer=2, n_embd=32, block_size=16)
+    (ir,) = compile_model(model, (torch.randint(0, 512, (batch, 1)),))
+    assert counts(ir)["attention_fused"] == 2 and counts(ir)["declined"] == 0
+    assert len(sdpa_nodes(ir)) == 2
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2", "bert"])
 def test_hf_models_fuse_once_per_layer(compile_model, arch):
     from fxforge.examples import hf_models
