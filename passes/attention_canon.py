@@ -33,8 +33,8 @@ from fxforge.irgraph import IRGraph, node_arguments
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import Bmm, MaskedFill, Reduction, Softmax, Where
 from fxforge.passes.attention_match import _is_float_cast, _leads_to_bmm, _scalar_multiplier
-from fxforge.passes.layout_algebra import (Builder, Layout, NotALayout, arrange, chain_source,
-                                          is_layout_op, layout_of, quotient, same_size)
+from fxforge.passes.layout_algebra import (Builder, Layout, NotALayout, _product, _shape, arrange,
+                                          chain_source, is_layout_op, layout_of, quotient, same_size)
 from fxforge.passes.pattern import AnyOf, Match, Op, Pat, PatternMatcher, graph_rewrite
 
 log = logging.getLogger("fxforge.passes.attention")
@@ -167,13 +167,6 @@ def batch_size(value_bmm: fx.Node) -> Optional[Any]:
     return _product(spread[0]) if len(spread) >= 2 else None
 
 
-def _product(atoms: list) -> Any:
-    size: Any = 1
-    for a in atoms:
-        size = size * a.size
-    return size
-
-
 def _attention_batch(bmm: fx.Node) -> Optional[Any]:
     """B for either contraction of an attention (None: not one, or B is not known)."""
     if weights_softmax(bmm) is not None:
@@ -224,10 +217,6 @@ def _operand(operand: Any, batch: Any, build: Builder, transposed: bool) -> Any:
     except NotALayout as why:
         log.debug("fuse_attention: %s stays as written: %s", operand.name, why)
         return operand
-
-
-def _shape(node: fx.Node) -> list:
-    return list(tensor_meta(node).shape)
 
 
 def canonical_score_operands(m: Match) -> Optional[fx.Node]:

@@ -109,6 +109,14 @@ def _scalar_multiplier(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     return None
 
 
+def _step_back(node: fx.Node, absorb: bool = True) -> Optional[tuple[fx.Node, float]]:
+    """(input, factor) one step back through an order-preserving op (factor 1) or, if
+    ``absorb``, a scalar multiply; None for anything else."""
+    if keeps_order(node):
+        return _input(node), 1.0
+    return _scalar_multiplier(node) if absorb else None
+
+
 def _trace(node: fx.Node, last2: tuple, absorb: bool = True) -> tuple[Optional[fx.Node], float]:
     """Back from a bmm operand through order-preserving ops (and scalar multiplies if ``absorb``):
     the deepest rank-4 node with last dims ``last2`` holding the same values, and the scale met."""
@@ -117,14 +125,9 @@ def _trace(node: fx.Node, last2: tuple, absorb: bool = True) -> tuple[Optional[f
         meta = _meta(node)
         if meta is not None and meta.rank == 4 and tuple(meta.shape[-2:]) == tuple(last2):
             found, found_scale = node, scale
-        if keeps_order(node):
-            node = _input(node)
-            continue
-        multiplier = _scalar_multiplier(node) if absorb else None
-        if multiplier is None:
+        if (step := _step_back(node, absorb)) is None:
             return found, found_scale
-        node, factor = multiplier
-        scale *= factor
+        node, scale = step[0], scale * step[1]
 
 
 def _swaps_last_two(node: fx.Node) -> bool:
@@ -139,14 +142,9 @@ def _trace_key(kt3: fx.Node, lk: Any, d: Any) -> tuple[fx.Node, float]:
     """The 4-D k ``[B, H, Lk, D]`` behind the transposed operand, and scales met on the way."""
     node, scale = kt3, 1.0
     while not _swaps_last_two(node):
-        multiplier = _scalar_multiplier(node)
-        if keeps_order(node):
-            node = _input(node)
-        elif multiplier is not None:
-            node, factor = multiplier
-            scale *= factor
-        else:
+        if (step := _step_back(node)) is None:
             raise Decline("k reaches the matmul without a transpose of its last two dims")
+        node, scale = step[0], scale * step[1]
     k4, more = _trace(_input(node), (lk, d))
     if k4 is None:
         raise Decline("no 4-D k behind the transpose")
@@ -219,11 +217,10 @@ def _walk_scores(node: fx.Node) -> Scores:
     late, early, mask, mask_at = 1.0, 1.0, None, None  # factors after / before the mask
     while node.op == "call_function" and node.target is not aten.bmm.default:
         chain.append(node)
-        multiplier = _scalar_multiplier(node)
-        if keeps_order(node) or _is_float_cast(node):
+        if _is_float_cast(node):
             node = _input(node)
-        elif multiplier is not None:
-            node, factor = multiplier
+        elif (step := _step_back(node)) is not None:   # a view (factor 1) or a scale
+            node, factor = step
             late, early = (late * factor, early) if mask is None else (late, early * factor)
         elif (found := _mask_op(node)) is not None:
             if mask is not None:
@@ -265,12 +262,11 @@ def _unrepeat(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
         return None
     b, hkv, rep, length, d = expanded.shape
     node = _input(node)
-    while True:
-        if _shape(node) == (b, hkv, length, d):
-            return node, rep
+    while _shape(node) != (b, hkv, length, d):
         if not keeps_order(node):
             return None
         node = _input(node)
+    return node, rep
 
 
 def _class_of(value: torch.Tensor) -> Optional[str]:
