@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
-from fxforge.kernels.activations import ACT_OF_CPP, ACTIVATION_CODES
+from fxforge.kernels.activations import ACT_OF_CPP, ACTIVATION_CODES, cpp_act_switch
 from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.gemv_cpu import BF16_PACK_KIND, pack_weight, storage_of
 from fxforge.kernels.replay import launch
@@ -201,14 +201,7 @@ template <typename W>
 static void gemm_act(const W* Bp, const float* A, int64_t lda, const float* bias, float* y,
                      int64_t ldy, const float* res, int64_t ldr, int64_t M, int64_t K, int64_t N,
                      int act, int64_t KC, int64_t MC, int nthreads) {
-  switch (act) {
-    case 1: gemm<W, 1>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    case 2: gemm<W, 2>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    case 3: gemm<W, 3>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    case 4: gemm<W, 4>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads); break;
-    default: gemm<W, 0>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);
-  }
-}
+""" + cpp_act_switch("gemm<W, {act}>(A, lda, Bp, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);") + r"""}
 
 /* Bp: the packed panels, fp32 or (bf16 != 0) bf16 pairs; bias: padded to the panels (or null);
    res: [M, N] with row stride ldr (or null) */

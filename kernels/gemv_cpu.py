@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from fxforge.irgraph.weight_format import not_implemented_by
-from fxforge.kernels.activations import ACT_OF_CPP, ACTIVATION_CODES, REGISTRY
+from fxforge.kernels.activations import ACT_OF_CPP, ACTIVATION_CODES, REGISTRY, cpp_act_switch
 from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.replay import launch
 from fxforge.kernels.shared_packs import shared_pack
@@ -39,17 +39,11 @@ log = logging.getLogger("fxforge.kernels")
 
 GEMV_MAX_M = 4                  # above this many rows the GEMM libraries win (measured, see below)
 PARALLEL_MIN_WEIGHTS = 1 << 15  # N x K below which one thread is faster than a parallel region
-SOURCE = "#include <omp.h>\n#include <immintrin.h>\n" + PRELUDE + MATH + ACT_OF_CPP + r"""
+# The activation switches come from the registry; the parentheses make .replace cover every piece.
+SOURCE = ("#include <omp.h>\n#include <immintrin.h>\n" + PRELUDE + MATH + ACT_OF_CPP + r"""
 
 static inline float activate(float v, int act) {
-  switch (act) {
-    case 1: return act_of<1>(v);
-    case 2: return act_of<2>(v);
-    case 3: return act_of<3>(v);
-    case 4: return act_of<4>(v);
-    default: return v;
-  }
-}
+""" + cpp_act_switch("return act_of<{act}>(v);") + r"""}
 
 /* y = act(y) (+ residual) in place, over M rows of N (row strides sy, sr): the epilogue of a GEMM
    from a library (ATen/MKL addmm). One templated loop per activation, so each vectorizes
@@ -74,14 +68,7 @@ static void epilogue_rows(float* y, int64_t M, int64_t N, int64_t sy, const floa
 
 extern "C" void fxf_epilogue(float* y, int64_t M, int64_t N, int64_t sy, int act, const float* res,
                              int64_t sr, int nthreads) {
-  switch (act) {
-    case 1: epilogue_rows<1>(y, M, N, sy, res, sr, nthreads); break;
-    case 2: epilogue_rows<2>(y, M, N, sy, res, sr, nthreads); break;
-    case 3: epilogue_rows<3>(y, M, N, sy, res, sr, nthreads); break;
-    case 4: epilogue_rows<4>(y, M, N, sy, res, sr, nthreads); break;
-    default: epilogue_rows<0>(y, M, N, sy, res, sr, nthreads);
-  }
-}
+""" + cpp_act_switch("epilogue_rows<{act}>(y, M, N, sy, res, sr, nthreads);") + r"""}
 
 /* acc[0:8] = x . w_(8b+i) for the eight rows of one packed block ([K][8]: one sequential stream) */
 static inline void block_dots(const float* x, const float* wb, int64_t K, float* acc) {
@@ -168,7 +155,7 @@ extern "C" void fxf_gemv(const float* x, int64_t sx, int64_t M, int64_t K, const
     gemv_blocks(x, sx, M, K, w, bf16, N, bias, res, sr, act, y, b0, b1);
   }
 }
-""".replace("PARALLEL_MIN_WEIGHTS", str(PARALLEL_MIN_WEIGHTS))
+""").replace("PARALLEL_MIN_WEIGHTS", str(PARALLEL_MIN_WEIGHTS))
 
 
 @functools.lru_cache(maxsize=None)
