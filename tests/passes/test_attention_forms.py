@@ -11,20 +11,11 @@ from fxforge.compiler import recording
 from fxforge.irgraph.views import Sdpa
 from fxforge.examples.attention_forms import FORMS, GROUPED, VOCAB, make_model
 from fxforge.testing import assert_close_to_eager
+from tests.passes.helpers import greedy_loop
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 CACHED = torch.ops.fxforge.cached_attention.default
 STEPS = 5   # calls of the loop: a prefill, then cached steps
-
-
-def _greedy_loop(fn, ids, steps):
-    """The user's loop: the whole sequence every call; every call's logits and the final ids."""
-    outs = []
-    for _ in range(steps):
-        logits = fn(ids)
-        outs.append(logits)
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids, outs
 
 
 def _fuse_counts(graph):
@@ -43,8 +34,8 @@ def test_form_fuses_into_one_attention_and_decodes_incrementally(form, batch):
     compiled = torch.compile(model, backend="fxforge",
                              options={"kv_cache": True, "max_seq_len": 32, "backend": "reference"})
     with torch.no_grad(), recording() as graphs:
-        want_ids, want = _greedy_loop(model, prompt, STEPS)
-        got_ids, got = _greedy_loop(compiled, prompt, STEPS)
+        want_ids, want = greedy_loop(model, prompt, STEPS)
+        got_ids, got = greedy_loop(compiled, prompt, STEPS)
     for step, (g, w) in enumerate(zip(got, want)):
         assert_close_to_eager(g, w, what=f"{form} logits at call {step}")
     assert torch.equal(got_ids, want_ids)

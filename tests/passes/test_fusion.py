@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from fxforge.irgraph import capture_export, groups, to_networkx, would_create_cycle
 from fxforge.passes import PassManager
 from fxforge.testing import assert_close_to_eager
+from tests.passes.helpers import Fn
 
 PIPELINE = ["remove_noops", "cse", "constant_fold", "dce", "fuse_elementwise"]
 
@@ -24,15 +25,6 @@ def run(model, *inputs):
     for nodes in groups(out).values():
         assert not would_create_cycle(nxg, {n.name for n in nodes})
     return stats, sorted(found.values())
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def test_residual_layernorm_is_one_group():

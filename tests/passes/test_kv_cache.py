@@ -9,16 +9,7 @@ from fxforge.compiler import recording
 from fxforge.errors import OptionsError
 from fxforge.examples.small_gpt import make_model
 from fxforge.testing import assert_close_to_eager
-
-
-def _greedy_loop(fn, ids, steps):
-    """The classic loop: the whole sequence every step; returns every step's logits."""
-    outs = []
-    for _ in range(steps):
-        logits = fn(ids)
-        outs.append(logits)
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids, outs
+from tests.passes.helpers import greedy_loop
 
 
 def _compiled(model, **options):
@@ -34,8 +25,8 @@ def _loop_matches_eager(model, prompt, steps, **options) -> list:
     """Greedy loops, eager and compiled with ``kv_cache``: same tokens and every step's logits
     within tolerance. Returns the compiled graphs' incremental decoders."""
     with torch.no_grad(), recording() as graphs:
-        want_ids, want = _greedy_loop(model, prompt, steps)
-        got_ids, got = _greedy_loop(_compiled(model, **options), prompt, steps)
+        want_ids, want = greedy_loop(model, prompt, steps)
+        got_ids, got = greedy_loop(_compiled(model, **options), prompt, steps)
     assert torch.equal(got_ids, want_ids)
     for g, w in zip(got, want):
         assert_close_to_eager([g], [w])

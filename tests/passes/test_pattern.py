@@ -4,25 +4,16 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from fxforge.irgraph import capture_export, verify
 from fxforge.passes.pattern import (ANY, Lit, Op, Pat, PatternMatcher, graph_rewrite, has_dtype,
                                     has_rank)
 from fxforge.testing import assert_close_to_eager
+from tests.passes.helpers import Fn
 
 aten = torch.ops.aten
 sigmoid, tanh, neg = Op(aten.sigmoid.default), Op(aten.tanh.default), Op(aten.neg.default)
 X = Pat.var("x")
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def capture(fn, *inputs):

@@ -1,0 +1,24 @@
+"""Small pieces the pass tests share."""
+import torch
+import torch.nn as nn
+
+
+class Fn(nn.Module):
+    """A function as a module, for torch.compile and torch.export."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def greedy_loop(fn, ids, steps):
+    """The user's loop: the whole sequence every call; the final ids and every call's logits."""
+    outs = []
+    for _ in range(steps):
+        logits = fn(ids)
+        outs.append(logits)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids, outs
