@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.irgraph.graph import IRGraph
-from fxforge.irgraph.views_aten import Cat, Slice
+from fxforge.irgraph.views_aten import Cat, LayerNorm, Reduction, RmsNorm, Slice
 
 aten = torch.ops.aten
 GROUP_KEY = "fxf_group"
@@ -67,6 +67,19 @@ def acts_on_last_dim(node: fx.Node) -> bool:
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
     return isinstance(op.dim, int) and op.dim % val.dim() == val.dim() - 1
+
+
+def reduced_row_input(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor a :data:`ROW_REDUCTIONS` node reduces, when it reduces that tensor's last
+    dimension only (a whole row per kernel program); None for any other node or reduction."""
+    op = LayerNorm.of(node) or RmsNorm.of(node) or Reduction.of(node)
+    val = op.input.meta.get("val") if op is not None and isinstance(op.input, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    if isinstance(op, (LayerNorm, RmsNorm)):
+        return op.input if len(op.normalized_shape) == 1 else None
+    dims = op.dim if isinstance(op.dim, (list, tuple)) else [op.dim]   # None/[]: all dims
+    return op.input if len(dims) == 1 and dims[0] in (-1, val.dim() - 1) else None
 
 
 def group_of(node: fx.Node) -> Optional[str]:

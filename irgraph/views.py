@@ -208,7 +208,7 @@ class LinearOperands:
 LINEAR_TARGETS = (Linear.TARGETS[0], Addmm.TARGETS[0], Mm.TARGETS[0])
 
 
-# ---- added by the attention canonicalisation (passes/layout_algebra.py) ----------------------
+# ---- added by the attention canonicalisation (irgraph/layout.py) ----------------------
 
 @frozen
 class Squeeze(OpView):

@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from fxforge.kernels.fused import ELEM, ROW, RowProgram, bind_shapes, build_program, kind_of, needed_by
+from fxforge.kernels.fused import build_program
+from fxforge.kernels.row_program import ELEM, ROW, RowProgram, bind_shapes, kind_of, needed_by
 from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxforge.kernels.fused import RowProgram
+from fxforge.kernels.row_program import RowProgram
 from fxforge.kernels.fused_inputs import example_shapes, random_inputs, rows_and_cols
 from fxforge.kernels.fused_cpp import (PARALLEL_MIN_WORK, compile_program_cpu, generate_source,
                                        work_per_element)

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.kernels.fused import RowProgram, bind_shapes
+from fxforge.kernels.row_program import RowProgram, bind_shapes
 
 
 def _example(size) -> Optional[int]:

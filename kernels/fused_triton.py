@@ -20,7 +20,8 @@ import torch
 import torch.fx as fx
 
 from fxforge.kernels.cache_trust import trusted_dir, write_atomic
-from fxforge.kernels.fused import ELEM, ROW, RowProgram, bind_shapes, build_program, kind_of, needed_by
+from fxforge.kernels.fused import build_program
+from fxforge.kernels.row_program import ELEM, ROW, RowProgram, bind_shapes, kind_of, needed_by
 from fxforge.kernels.row_render import COMPARE, TRITON, RowExprs
 from fxforge.kernels.toolchain import source_hash
 from fxforge.kernels.tuning import Config, Problem, TuningSpace

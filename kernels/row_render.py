@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fxforge.kernels.fused import RowProgram, Unsupported, kind_of
+from fxforge.kernels.row_program import RowProgram, Unsupported, kind_of
 
 CPP, TRITON = 0, 1   # the columns of the tables below
 

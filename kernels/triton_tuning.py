@@ -25,7 +25,8 @@ import torch
 import torch.fx as fx
 
 from fxforge.kernels import attention, fused_triton, matmul
-from fxforge.kernels.fused import RowProgram, build_program
+from fxforge.kernels.fused import build_program
+from fxforge.kernels.row_program import RowProgram
 from fxforge.kernels.fused_inputs import example_shapes, random_inputs, rows_and_cols
 from fxforge.kernels.toolchain import source_hash
 from fxforge.kernels.tuning import (Config, Tunable, TuningSpace, TuningTask, bucket, choose, current,

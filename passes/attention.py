@@ -46,7 +46,7 @@ from fxforge.irgraph.views import Bmm, Slice, Softmax, Where
 from fxforge.passes.attention_canon import canonicalize_attention
 from fxforge.passes.base import PassResult, register_pass
 from fxforge.irgraph.query import is_pure
-from fxforge.passes.layout_algebra import keeps_order, step_layout
+from fxforge.irgraph.layout import keeps_order, step_layout
 
 from fxforge.passes.attention_match import (  # noqa: F401  (HUGE_NEGATIVE, SDPA: re-exported)
     _AND, _NEGATE, _NOT, _OR, HUGE_NEGATIVE, MAX_CONSTANT_NUMEL, SDPA, SDPA_VARIANTS,

@@ -1,7 +1,7 @@
 """Attention canonicalisation: the rewrites that bring every common way of writing attention to
 the one form :mod:`fxforge.passes.attention` matches. ``fuse_attention`` runs them first.
 
-The rules (a :class:`~fxforge.passes.pattern.PatternMatcher` table, run to a fixed point):
+The rules (a :class:`~fxforge.irgraph.pattern.PatternMatcher` table, run to a fixed point):
 
 * ``softmax_from_exp_over_sum``: ``exp(x - amax(x)) / sum(exp(..))`` and ``exp(x) / sum(exp(x))``
   over the last dim become ``_softmax(x)`` when they are attention weights (their input comes
@@ -15,7 +15,7 @@ The rules (a :class:`~fxforge.passes.pattern.PatternMatcher` table, run to a fix
   weights, the attention output) becomes the shortest chain with the same layout, so the scores
   and the output are plain views of the contractions again.
 
-Layouts are compared semantically (:mod:`fxforge.passes.layout_algebra`), so the rules do not
+Layouts are compared semantically (:mod:`fxforge.irgraph.layout`), so the rules do not
 list written forms: any chain of views, permutes, expands, copies and unsqueezes is covered.
 Every rewrite keeps values exactly (the softmax rule up to rounding: both compute the same
 normalised exponentials).
@@ -33,9 +33,9 @@ from fxforge.irgraph import IRGraph, node_arguments
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import Bmm, MaskedFill, Reduction, Softmax, Where
 from fxforge.passes.attention_match import _is_float_cast, _leads_to_bmm, _scalar_multiplier
-from fxforge.passes.layout_algebra import (Builder, Layout, NotALayout, _product, _shape, arrange,
+from fxforge.irgraph.layout import (Builder, Layout, NotALayout, _product, _shape, arrange,
                                           chain_source, is_layout_op, layout_of, quotient, same_size)
-from fxforge.passes.pattern import AnyOf, Match, Op, Pat, PatternMatcher, graph_rewrite
+from fxforge.irgraph.pattern import AnyOf, Match, Op, Pat, PatternMatcher, graph_rewrite
 
 log = logging.getLogger("fxforge.passes.attention")
 aten = torch.ops.aten

@@ -13,7 +13,7 @@ import torch.fx as fx
 from fxforge.irgraph import node_arguments, op_name
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import Bmm, Full, MaskedFill, Where
-from fxforge.passes.layout_algebra import keeps_order, step_layout
+from fxforge.irgraph.layout import keeps_order, step_layout
 
 
 aten = torch.ops.aten

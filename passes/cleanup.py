@@ -11,7 +11,7 @@ import torch.fx as fx
 from fxforge.irgraph import POINTWISE, IRGraph, meta_of
 from fxforge.irgraph.query import aliases_graph_input, is_pure, is_view_op
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import Pat, PatternMatcher, graph_rewrite
+from fxforge.irgraph.pattern import Pat, PatternMatcher, graph_rewrite
 
 aten = torch.ops.aten
 

@@ -39,7 +39,7 @@ from fxforge.irgraph.ops import ACTIVATIONS, fxforge_linear
 from fxforge.irgraph.query import is_weight, tensor_meta
 from fxforge.irgraph.views import Addmm, Linear, ToCopy, View
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import (ANY, AnyOf, Match, Op, Pat, PatternMatcher, graph_rewrite,
+from fxforge.irgraph.pattern import (ANY, AnyOf, Match, Op, Pat, PatternMatcher, graph_rewrite,
                                     is_contiguous)
 
 log = logging.getLogger("fxforge.passes")

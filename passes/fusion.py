@@ -27,15 +27,14 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from fxforge.irgraph import IRGraph, TensorMeta
-import torch
-
 from fxforge.irgraph.fusion import (FUSIBLE, GROUP_KEY, ROW_REDUCTIONS, acts_on_last_dim,
-                                    clear_groups)
+                                    clear_groups, reduced_row_input)
 from fxforge.irgraph.meta import META_KEY
-from fxforge.irgraph.views import Cat, LayerNorm, Neg, Reduction, RmsNorm, Slice
+from fxforge.irgraph.views import Cat, Neg, Slice
 from fxforge.passes.base import PassResult, register_pass
 
 aten = torch.ops.aten
@@ -63,37 +62,16 @@ def _broadcasts_to(shape: tuple, domain: tuple) -> bool:
 def _domain_of(node: fx.Node) -> Optional[tuple]:
     """The iteration shape a group started by ``node`` gets: a reduction iterates its input."""
     if node.target in ROW_REDUCTIONS:
-        reduced = _row_reduction(node).input
-        source = _shape(reduced) if isinstance(reduced, fx.Node) else None
-        if source is None or not source or not _reduces_last_dim(node, len(source)):
-            return None
-        return source
+        reduced = reduced_row_input(node)
+        return _shape(reduced) if reduced is not None else None
     return _shape(node)
-
-
-def _row_reduction(node: fx.Node):
-    """The view of a :data:`ROW_REDUCTIONS` member: a norm or a reduction along ``dim``."""
-    return LayerNorm.of(node) or RmsNorm.of(node) or Reduction.of(node)
-
-
-def _reduces_last_dim(node: fx.Node, rank: int) -> bool:
-    """Row reductions only: over the last dimension, as a whole row program computes."""
-    op = _row_reduction(node)
-    if isinstance(op, (LayerNorm, RmsNorm)):
-        return len(op.normalized_shape) == 1
-    dims = op.dim if isinstance(op.dim, (list, tuple)) else [op.dim]   # None/[]: all dims
-    return len(dims) == 1 and dims[0] in (-1, rank - 1)
-
-
-def _is_call(node: object, target: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
 def _cat_pieces(cat: fx.Node) -> Optional[list[fx.Node]]:
     """The slices (and negs of slices) a last-dim ``cat`` gathers, when they can be fused with
     it: each used only on the way to the cat, each slicing the last dim of a tensor of the cat's
     shape (or one broadcasting to it with the same last dim). None otherwise."""
-    if not _is_call(cat, aten.cat.default) or not acts_on_last_dim(cat):
+    if Cat.of(cat) is None or not acts_on_last_dim(cat):
         return None
     domain, pieces = _shape(cat), []
     for arg in Cat.of(cat).tensors:

@@ -23,7 +23,7 @@ from fxforge.irgraph import META_KEY, IRGraph
 from fxforge.irgraph.query import is_constant, tensor_meta
 from fxforge.irgraph.views import Addmm
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.passes.pattern import Match, Pat, has_rank
+from fxforge.irgraph.pattern import Match, Pat, has_rank
 
 aten = torch.ops.aten
 

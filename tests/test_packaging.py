@@ -202,7 +202,7 @@ def test_the_check_finds_planted_bad_edges(tmp_path):
 
 
 # --------------------------------------------------------------- what an import really runs
-PROBES = ["fxforge.irgraph.graph", "fxforge.passes.pattern", "fxforge.backends.base",
+PROBES = ["fxforge.irgraph.graph", "fxforge.irgraph.pattern", "fxforge.backends.base",
           "fxforge.kernels.gemm_cpu", "fxforge.kernels.fused_cpp", "fxforge.autotune.session"]
 COMPILER = ("fxforge.api", "fxforge.compiler", "fxforge.aot")
 

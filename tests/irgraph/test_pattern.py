@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxforge.irgraph import capture_export, verify
-from fxforge.passes.pattern import (ANY, Lit, Op, Pat, PatternMatcher, graph_rewrite, has_dtype,
+from fxforge.irgraph.pattern import (ANY, Lit, Op, Pat, PatternMatcher, graph_rewrite, has_dtype,
                                     has_rank)
 from fxforge.testing import assert_close_to_eager
 from tests.passes.helpers import Fn
