@@ -21,6 +21,7 @@ from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import TensorMeta
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import CachedAttention
+from fxforge.irgraph.weight_format import QUANTIZED
 
 log = logging.getLogger("fxforge.backends")
 aten = torch.ops.aten
@@ -47,6 +48,18 @@ def _attention_path(args: tuple, is_causal: bool) -> str:
     return "CPU attention: tiled C++ kernel or PyTorch's flash kernel, by shape at run time"
 
 
+def _quantized_linear(ops, weight: torch.Tensor, bias: Optional[torch.Tensor], constant) -> tuple:
+    """(kernel, description, reason) of a linear in a quantized weight format; the caller adds
+    the arguments. Raises (the linear then runs its reference, the reason logged) where the
+    kernel cannot build or take the tensors."""
+    from fxforge.kernels.quant_linear_cpu import QuantLinear
+    scales = constant(ops.scales)
+    offsets = constant(ops.offsets) if ops.offsets is not None else None
+    kernel = QuantLinear(ops.weight_format, weight, scales, offsets, bias, ops.activation,
+                         ops.residual is not None, ops.out_dtype)
+    return kernel, kernel.describe(), f"weight format {ops.weight_format}"
+
+
 def make_table() -> KernelTable:
     table = KernelTable("cpu", _fused_cpu)
 
@@ -63,11 +76,14 @@ def make_table() -> KernelTable:
         meta = tensor_meta(ops.x)
         if meta is None or meta.dtype not in (torch.float32, torch.bfloat16) or meta.rank != 2:
             return None
+        args = (ops.x, ops.residual) if ops.residual is not None else (ops.x,)
+        if ops.weight_format in QUANTIZED:
+            kernel, description, reason = _quantized_linear(ops, weight, bias, constant)
+            return kernel, args, description, reason
         varying = not isinstance(meta.shape[0], int)
         rows = 128 if varying else meta.shape[0]  # dynamic M: pack for prefill, GEMV for decode
         packed = tuned_linear(weight, bias, ops.activation, ops.residual is not None, ops.out_dtype,
                               rows, varying, ops.weight_format)
-        args = (ops.x, ops.residual) if ops.residual is not None else (ops.x,)
         return packed, args, packed.describe(), packed.path.reason
 
     @table.rule(aten.scaled_dot_product_attention.default)
@@ -112,9 +128,14 @@ class CPUBackend(ReferenceBackend):
 
     @property
     def weight_formats(self) -> frozenset:
-        """bf16 too where the C++ GEMV and tiled GEMM build: they keep bf16 weights in bf16."""
+        """bf16 too where the C++ GEMV and tiled GEMM build (they keep bf16 weights in bf16), and
+        the quantized formats where the quantized GEMV builds."""
         from fxforge.kernels.gemv_cpu import gemv_unavailable
-        return frozenset({"dense", "bf16"} if gemv_unavailable() is None else {"dense"})
+        from fxforge.kernels.quant_linear_cpu import QUANT_FORMATS, quant_gemv_unavailable
+        formats = {"dense", "bf16"} if gemv_unavailable() is None else {"dense"}
+        if quant_gemv_unavailable() is None:
+            formats |= set(QUANT_FORMATS) & set(QUANTIZED)
+        return frozenset(formats)
 
     def weight_only_precision(self, precision: str) -> Optional[str]:
         """bf16 without bf16 units: the C++ GEMV and tiled GEMM store bf16-valued weights in bf16

@@ -16,7 +16,7 @@ class CompileOptions:
     max_seq_len: int = 2048       # positions a KV cache holds; longer inputs run uncached
     decode_replay: bool = True    # CPU decode steps replayed from a validated recording
     max_sessions: int = 8         # KV-cache states kept per graph (sequences; LRU beyond)
-    quantize: Optional[str] = None
+    quantize: Optional[tuple] = None  # weight-only quantization rules (passes/quantize.py)
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
     autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"
@@ -32,7 +32,7 @@ class CompileOptions:
 
 
 # Options whose feature has not landed yet: a clear error beats silently ignoring them.
-_NOT_YET = {"quantize": "quantization", "prune": "pruning",
+_NOT_YET = {"prune": "pruning",
             "attention": "sparse/linear attention rewrites"}
 AUTOTUNE_MODES = {False: "off", True: "tune", "off": "off", "tune": "tune", "cache": "cache"}
 
@@ -53,6 +53,12 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
         if merged.get(key):
             raise OptionsError(f"option {key}={merged[key]!r}: {feature} is not available in this "
                                "version of fxforge")
+    if merged.get("quantize") is not None:
+        from fxforge.passes.quantize import QuantizeSpecError, parse_quantize
+        try:
+            merged["quantize"] = parse_quantize(merged["quantize"])
+        except QuantizeSpecError as exc:
+            raise OptionsError(f"option quantize: {exc}") from None
     if "autotune" in merged:
         mode = merged["autotune"]
         if not isinstance(mode, (bool, str)) or mode not in AUTOTUNE_MODES:

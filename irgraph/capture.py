@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -125,6 +126,32 @@ def _is_weight_source(source: Any) -> bool:
     return "._parameters[" in name or "._buffers[" in name or name.startswith("G[")
 
 
+# node.meta key of a weight constant: the model's dotted name for it ("layers.0.mlp.up_proj.weight";
+# a constant folded from several weights: their names joined by ","), for per-layer options.
+WEIGHT_NAME_KEY = "fxf_weight_name"
+
+
+def weight_name_of_source(source_name: str) -> str:
+    """Dynamo's source text of a module weight -> its dotted name:
+    ``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``."""
+    keys = re.findall(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", source_name)
+    if keys:
+        return ".".join(keys)
+    dotted = re.sub(r"^L\['[^']*'\]\.?", "", source_name)       # attribute-style sources
+    return re.sub(r"\[(\d+)\]", r".\1", dotted)
+
+
+def dynamo_weight_names(gm: fx.GraphModule, indices: Iterable[int]) -> dict[int, str]:
+    """Input index -> dotted weight name, for the dynamo inputs at ``indices``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = {}
+    for i in indices:
+        source = getattr(placeholders[i].meta.get("grapharg"), "source", None)
+        if source is not None:
+            names[i] = weight_name_of_source(source.name if isinstance(source.name, str) else source.name())
+    return names
+
+
 def dynamo_weight_indices(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
     """Indices of dynamo graph inputs that are module weights (parameters and buffers)."""
     out = []
@@ -156,9 +183,11 @@ def capture_export(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] =
                            "AOT artifacts need a functional forward")
     state = {**ep.state_dict, **ep.constants}
     constants = {}
+    placeholders = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
     for spec in sig.input_specs:
         if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
             constants[spec.arg.name] = state[spec.target]
+            placeholders[spec.arg.name].meta[WEIGHT_NAME_KEY] = spec.target   # build_ir keeps it
     fake_mode = _fake_mode_of(ep.graph_module)
     ir = build_ir(ep.graph_module, fake_mode, constants, {"capture": "export"})
     ir.info["range_constraints"] = {str(k): (int(v.lower), _upper(v.upper))
@@ -194,6 +223,7 @@ def capture_aot_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
     from torch._dynamo.backends.common import aot_autograd
 
     weight_indices = list(weight_indices)
+    weight_names = dynamo_weight_names(gm, weight_indices)
 
     def fw_compiler(aot_gm: fx.GraphModule, aot_inputs: Sequence[Any]) -> Callable:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -205,6 +235,10 @@ def capture_aot_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
         ir = build_ir(aot_gm, fake_mode, {}, {"capture": "dynamo"})
         n_inputs = len(ir.placeholders())
         positions = weight_indices if n_inputs == len(example_inputs) else []
+        placeholders = ir.placeholders()
+        for position in positions:   # freezing turns them into constants and keeps the meta
+            if position in weight_names:
+                placeholders[position].meta[WEIGHT_NAME_KEY] = weight_names[position]
         if weight_indices and not positions:
             log.info("aot_autograd changed the input list (%d -> %d): weights are not frozen",
                      len(example_inputs), n_inputs)

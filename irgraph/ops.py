@@ -4,7 +4,8 @@ Each is a ``torch.library.custom_op`` with a fake (meta) implementation, so a re
 still runs eagerly (the reference implementation here is the test oracle), propagates fake
 tensors, and serializes by name (``torch.ops.fxforge.*``).
 
-``fxforge::linear(x, weight, bias, activation, residual, out_dtype, weight_format)`` is a matmul
+``fxforge::linear(x, weight, bias, activation, residual, out_dtype, weight_format, scales,
+offsets)`` is a matmul
 with its epilogue folded in::
 
     y = act(x @ W + bias) + residual        # then cast to out_dtype (default x.dtype)
@@ -12,7 +13,8 @@ with its epilogue folded in::
 ``x`` is ``[M, K]``, ``weight`` is ``[K, N]`` (the second operand of ``mm``, usually a
 transposed view of an ``nn.Linear`` weight), ``bias`` ``[N]``, ``residual`` ``[M, N]``;
 ``W`` is the weight in its ``weight_format`` (:mod:`fxforge.irgraph.weight_format`; "dense": the
-weight as it is, "bf16": its values rounded to bf16), which kernels read from here.
+weight as it is, "bf16": its values rounded to bf16; the quantized formats: codes, with their
+``scales`` and ``offsets`` tensors), which kernels read from here.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fxforge.irgraph.weight_format import DENSE, decode, implemented_format
+from fxforge.irgraph.weight_format import DENSE, decode, implemented_format, weight_format as format_named
 
 # activation name -> function; the names are part of the IR (serialized as strings).
 ACTIVATIONS = {
@@ -33,12 +35,13 @@ ACTIVATIONS = {
 }
 
 
-def _check(x, weight, bias, activation, residual, weight_format=DENSE) -> None:
-    if weight_format != DENSE:
-        implemented_format(weight_format)   # an unknown one, or a declared slot: a clear error
+def _check(x, weight, bias, activation, residual, weight_format=DENSE, scales=None,
+           offsets=None) -> None:
+    fmt = implemented_format(weight_format) if weight_format != DENSE else format_named(DENSE)
+    fmt.check_extras(weight, (scales, offsets))   # an unknown format, a declared slot: clear errors
     if activation not in ACTIVATIONS:
         raise ValueError(f"fxforge::linear: unknown activation {activation!r}; one of {sorted(ACTIVATIONS)}")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[0]:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != fmt.in_features(weight):
         raise ValueError(f"fxforge::linear: x {list(x.shape)} and weight {list(weight.shape)} "
                          "do not form [M, K] @ [K, N]")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[1]):
@@ -51,12 +54,13 @@ def _check(x, weight, bias, activation, residual, weight_format=DENSE) -> None:
 @torch.library.custom_op("fxforge::linear", mutates_args=())
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
            residual: Optional[torch.Tensor], out_dtype: Optional[torch.dtype] = None,
-           weight_format: str = DENSE) -> torch.Tensor:
+           weight_format: str = DENSE, scales: Optional[torch.Tensor] = None,
+           offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference: the same ATen ops, in the same order, as the unfused graph (bit-exact), on
     the weight decoded from its format."""
-    _check(x, weight, bias, activation, residual, weight_format)
+    _check(x, weight, bias, activation, residual, weight_format, scales, offsets)
     if weight_format != DENSE:
-        weight = decode(weight, weight_format)
+        weight = decode(weight, weight_format, scales, offsets)
     y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
     y = ACTIVATIONS[activation](y)
     if residual is not None:
@@ -65,9 +69,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 
 @linear.register_fake
-def _linear_fake(x, weight, bias, activation, residual, out_dtype=None, weight_format=DENSE):
-    _check(x, weight, bias, activation, residual, weight_format)
-    dtype = out_dtype if out_dtype is not None else torch.promote_types(x.dtype, weight.dtype)
+def _linear_fake(x, weight, bias, activation, residual, out_dtype=None, weight_format=DENSE,
+                 scales=None, offsets=None):
+    _check(x, weight, bias, activation, residual, weight_format, scales, offsets)
+    stored = weight.dtype if weight.dtype.is_floating_point else torch.float32   # codes: fp32 values
+    dtype = out_dtype if out_dtype is not None else torch.promote_types(x.dtype, stored)
     if residual is not None and out_dtype is None:
         dtype = torch.promote_types(dtype, residual.dtype)
     return x.new_empty((x.shape[0], weight.shape[1]), dtype=dtype)

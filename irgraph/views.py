@@ -47,6 +47,8 @@ class Linear(OpView):
     residual: Any
     out_dtype: Optional[torch.dtype] = None
     weight_format: str = "dense"
+    scales: Any = None      # the quantized formats' extra tensors (irgraph/weight_format.py)
+    offsets: Any = None
     TARGETS = (torch.ops.fxforge.linear.default,)
 
 
@@ -192,12 +194,14 @@ class LinearOperands:
     residual: Any = None
     out_dtype: Optional[torch.dtype] = None
     weight_format: str = "dense"   # aten's matmuls: the weight as it is
+    scales: Any = None
+    offsets: Any = None
 
     @classmethod
     def of(cls, node: Any) -> Optional["LinearOperands"]:
         if (lin := Linear.of(node)) is not None:
             return cls(lin.x, lin.weight, lin.bias, lin.activation, lin.residual, lin.out_dtype,
-                       lin.weight_format)
+                       lin.weight_format, lin.scales, lin.offsets)
         if (addmm := Addmm.of(node)) is not None:
             return cls(addmm.mat1, addmm.mat2, addmm.input) if addmm.plain else None
         if (mm := Mm.of(node)) is not None:

@@ -14,10 +14,21 @@ The formats:
 * ``bf16``: the weight's values rounded to bfloat16 (round to nearest even), math in the
   activations' dtype; lossless for a weight whose values are all bf16 already
   (:func:`exactly_bf16`);
-* declared slots, which the quantization issue fills (each lists the tensors it will carry
-  beside the weight): ``int8_channel``, ``int4_g32``/``g64``/``g128``, and the GGUF blocks
-  ``q8_0``, ``q4_0``, ``q4_1``, ``q4_k``, ``q6_k``. A slot has no decoding yet: naming one in an
-  op, a kernel or an artifact is a clear error naming it.
+* ``int8_channel``: symmetric int8 codes, one scale per output channel (``w = q * scale``);
+* ``int4_g32``/``g64``/``g128``: 4-bit codes ``q`` in 0..15, two per byte along K (the low
+  nibble holds the even k), an fp16 ``scale`` and ``offset`` per group of G values along K
+  (``w = q * scale + offset``: GGUF Q4_1's form; a symmetric int4 has ``offset = -8 * scale``);
+* ``int8_g32``: int8 codes with an fp16 scale per group of 32 along K (``w = q * scale``).
+
+GGUF's Q8_0 blocks are ``int8_g32`` and its Q4_0/Q4_1 blocks ``int4_g32`` value for value (the
+same codes, scales and minimums, laid out per format here; ``irgraph/gguf.py`` maps a file's
+blocks). The K-quants are declared slots for later work: ``q4_k``, ``q6_k``. A slot has no
+decoding yet: naming one in an op, a kernel or an artifact is a clear error naming it.
+
+Orientation: the op's ``weight`` is ``[K, N]`` (a transposed view of a ``[N, K]`` storage), and
+every extra tensor is ``[rows, N]`` the same way: ``scales`` ``[1, N]`` (int8) or ``[K/G, N]``
+(int4, int8_g32); int4 codes are ``uint8 [K/2, N]``. :meth:`WeightFormat.in_features` is K from the
+stored weight.
 
 To add a format: an entry in :data:`FORMATS` with its ``decode`` (the reference), then the
 kernels that store it natively list it in their own table of implemented formats; a kernel that
@@ -47,11 +58,42 @@ class WeightFormat:
     group: Optional[int]            # values sharing one scale: 0 a whole output channel, None none
     extras: tuple[str, ...]         # tensors a linear in this format carries beside its weight
     description: str
-    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None   # None: a declared slot
+    # (weight, *extras) -> the dense values; None: a declared slot
+    decode: Optional[Callable[..., torch.Tensor]] = None
+    code_dtype: Optional[torch.dtype] = None   # the stored weight's dtype (None: a float)
 
     @property
     def implemented(self) -> bool:
         return self.decode is not None
+
+    @property
+    def codes_per_row(self) -> int:
+        """Values of K one stored row of the weight holds (two nibbles per byte for 4 bits)."""
+        return 2 if self.bits == 4 else 1
+
+    def in_features(self, weight: torch.Tensor) -> int:
+        return weight.shape[0] * self.codes_per_row
+
+    def check_extras(self, weight: torch.Tensor, extras: tuple) -> None:
+        """The stored weight and its extras have this format's dtypes and shapes (a
+        WeightFormatError naming the first that does not)."""
+        given = tuple(e is not None for e in extras)
+        if given != tuple(name in self.extras for name in ("scales", "offsets")):
+            raise WeightFormatError(f"weight format {self.name!r} takes "
+                                    f"{', '.join(self.extras) or 'no extra tensors'}; got "
+                                    f"{[n for n, g in zip(('scales', 'offsets'), given) if g]}")
+        if self.code_dtype is None:
+            return
+        if weight.dtype != self.code_dtype or weight.dim() != 2:
+            raise WeightFormatError(f"weight format {self.name!r}: the weight must be 2-D "
+                                    f"{self.code_dtype}, got {weight.dtype} {list(weight.shape)}")
+        rows = 1 if self.group == 0 else self.in_features(weight) // self.group
+        for name, extra in zip(("scales", "offsets"), extras):
+            if extra is not None and (extra.dtype != torch.float16 or
+                                      list(extra.shape) != [rows, weight.shape[1]]):
+                raise WeightFormatError(f"weight format {self.name!r}: {name} must be float16 "
+                                        f"[{rows}, {weight.shape[1]}], got {extra.dtype} "
+                                        f"{list(extra.shape)}")
 
 
 def _round_to_bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -65,22 +107,53 @@ def _slot(name: str, bits: int, bits_per_weight: float, group: int, extras: tupl
     return WeightFormat(name, bits, bits_per_weight, group, extras, description)
 
 
-_INT4 = tuple(_slot(f"int4_g{g}", 4, 4 + 2 * 16 / g, g, ("scales", "zeros"),
-                    f"4-bit groups of {g} along K, an fp16/bf16 scale and zero point per group")
+def unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[K/2, N]`` -> the 4-bit values ``[K, N]`` (uint8): row 2j is byte j's low nibble."""
+    return torch.stack((codes & 15, codes >> 4), dim=1).reshape(-1, codes.shape[1])
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """``[K, N]`` values in 0..15 -> uint8 ``[K/2, N]`` (the inverse of :func:`unpack_nibbles`)."""
+    pairs = values.to(torch.uint8).reshape(-1, 2, values.shape[1])
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def _decode_int8_channel(codes: torch.Tensor, scales: torch.Tensor, offsets=None) -> torch.Tensor:
+    return codes.float() * scales.float()
+
+
+def _decode_int8_g32(codes: torch.Tensor, scales: torch.Tensor, offsets=None) -> torch.Tensor:
+    return codes.float() * scales.float().repeat_interleave(32, dim=0)
+
+
+def _decode_int4(group: int) -> Callable[..., torch.Tensor]:
+    def decode(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        # two ops, multiply then add, as GGUF's reference dequantization writes them
+        spread = lambda t: t.float().repeat_interleave(group, dim=0)  # noqa: E731
+        return unpack_nibbles(codes).float() * spread(scales) + spread(offsets)
+    return decode
+
+
+_INT4 = tuple(WeightFormat(f"int4_g{g}", 4, 4 + 2 * 16 / g, g, ("scales", "offsets"),
+                           f"4-bit codes in groups of {g} along K, an fp16 scale and offset per group",
+                           _decode_int4(g), torch.uint8)
               for g in (32, 64, 128))
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
     WeightFormat(DENSE, None, None, None, (), "the weight's own dtype", lambda w: w),
     WeightFormat("bf16", 16, 16.0, None, (), "bfloat16 values (the weight rounded to nearest even)",
                  _round_to_bf16),
-    _slot("int8_channel", 8, 8.0, 0, ("scales",), "symmetric int8, one scale per output channel"),
+    WeightFormat("int8_channel", 8, 8.0, 0, ("scales",),
+                 "symmetric int8 codes, an fp16 scale per output channel", _decode_int8_channel,
+                 torch.int8),
+    WeightFormat("int8_g32", 8, 8.5, 32, ("scales",),
+                 "int8 codes in groups of 32 along K, an fp16 scale per group (GGUF Q8_0)",
+                 _decode_int8_g32, torch.int8),
     *_INT4,
-    _slot("q8_0", 8, 8.5, 32, ("blocks",), "GGUF Q8_0: blocks of 32 int8 and an fp16 scale (34 B)"),
-    _slot("q4_0", 4, 4.5, 32, ("blocks",), "GGUF Q4_0: blocks of 32 nibbles and an fp16 scale (18 B)"),
-    _slot("q4_1", 4, 5.0, 32, ("blocks",), "GGUF Q4_1: Q4_0 plus an fp16 minimum (20 B)"),
     _slot("q4_k", 4, 4.5, 256, ("blocks",), "GGUF Q4_K: super-blocks of 256, 6-bit sub-scales (144 B)"),
     _slot("q6_k", 6, 6.5625, 256, ("blocks",), "GGUF Q6_K: super-blocks of 256, 8-bit sub-scales (210 B)"),
 )}
+QUANTIZED = tuple(name for name, f in FORMATS.items() if f.implemented and f.code_dtype is not None)
 
 
 def weight_format(name: object) -> WeightFormat:
@@ -108,9 +181,14 @@ def not_implemented_by(kernel: str, name: str, implemented) -> WeightFormatError
                              f"implemented by this kernel; it runs {', '.join(implemented)}")
 
 
-def decode(weight: torch.Tensor, name: str) -> torch.Tensor:
-    """The dense values a linear in format ``name`` computes with (the reference)."""
-    return implemented_format(name).decode(weight)
+def decode(weight: torch.Tensor, name: str, scales: Optional[torch.Tensor] = None,
+           offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense values a linear in format ``name`` computes with (the reference), ``[K, N]``."""
+    fmt = implemented_format(name)
+    if fmt.code_dtype is None:
+        return fmt.decode(weight)
+    fmt.check_extras(weight, (scales, offsets))
+    return fmt.decode(weight, scales, offsets)
 
 
 def exactly_bf16(weight: torch.Tensor) -> bool:

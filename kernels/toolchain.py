@@ -27,14 +27,27 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-fno-trapping-mat
 # for checking builds, e.g. FXFORGE_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer" with
 # libasan preloaded (LD_PRELOAD) runs every kernel under AddressSanitizer.
 EXTRA_FLAGS_ENV = "FXFORGE_CXXFLAGS"
+# Fixed targets that replace -march=native for a kernel built in several ISA variants, one
+# library each, chosen at run time (kernels/quant_gemv_cpu.py): a variant is then the same binary
+# whatever CPU built it, and a lower one can be tested on a higher CPU. haswell is the first
+# -march with AVX2+FMA+F16C; skylake-avx512 adds AVX-512 F/BW/VL/DQ/CD; cascadelake adds VNNI.
+ISA_MARCH = {"portable": "-march=x86-64", "avx2": "-march=haswell",
+             "avx512": "-march=skylake-avx512", "avx512_vnni": "-march=cascadelake"}
 
 
 class KernelBuildError(FxforgeError, RuntimeError):
     """A generated kernel failed to compile or load."""
 
 
-def compile_flags() -> tuple[str, ...]:
-    return FLAGS + tuple(shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")))
+def compile_flags(isa: Optional[str] = None) -> tuple[str, ...]:
+    """The flags of a build: FLAGS (``-march=native``), or with ``isa`` (a key of ISA_MARCH) its
+    fixed target in place of any ``-march``; then FXFORGE_CXXFLAGS."""
+    flags = FLAGS
+    if isa is not None:
+        if isa not in ISA_MARCH:
+            raise ValueError(f"unknown ISA variant {isa!r}; one of {sorted(ISA_MARCH)}")
+        flags = tuple(f for f in FLAGS if not f.startswith("-march=")) + (ISA_MARCH[isa],)
+    return flags + tuple(shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")))
 
 
 def source_hash(*parts: str) -> str:
@@ -79,13 +92,15 @@ def _cpu_flags() -> str:
     return ""
 
 
-def build_shared_object(source: str, name: str = "fused", rebuild: bool = False) -> Path:
+def build_shared_object(source: str, name: str = "fused", rebuild: bool = False,
+                        isa: Optional[str] = None) -> Path:
     """The kernel cache's name for ``source``'s library (the record of ``kernels/cache_trust.py``
     names the library file built for it), compiled there unless recorded already (or
     ``rebuild``). Whether it may be loaded is checked at load time: use :func:`load_function`.
+    ``isa``: a fixed target of ISA_MARCH instead of ``-march=native`` (the flags enter the key).
     Raises KernelBuildError, also when no cache folder may be used."""
     compiler = find_compiler()
-    flags = compile_flags()
+    flags = compile_flags(isa)
     key = source_hash(source, _compiler_identity(compiler), " ".join(flags))
     try:
         target = cache_dir() / f"{name}_{key[:32]}.so"
@@ -115,17 +130,18 @@ def _compile(compiler: str, flags: tuple[str, ...], source: str, target: Path) -
         install_library(tmp_so, target)   # under its digest's name, then recorded for target
 
 
-def load_function(source: str, symbol: str, name: str = "fused") -> Callable:
+def load_function(source: str, symbol: str, name: str = "fused",
+                  isa: Optional[str] = None) -> Callable:
     """Build (cached) and load ``symbol``. A cached library that fails the cache's trust check
     (owner, permissions, recorded digest: ``kernels/cache_trust.py``) or fails to load or lacks
     ``symbol`` is rebuilt once; the hostile or broken file is never loaded. The rebuilt library
     has a path of its own (it is named by its digest), so the retry loads it, not the image
-    already mapped under the old path."""
-    target = build_shared_object(source, name)
+    already mapped under the old path. ``isa``: as for :func:`build_shared_object`."""
+    target = build_shared_object(source, name, isa=isa)
     try:
         return getattr(load_library(target), symbol)
     except (OSError, AttributeError):   # UntrustedCacheError is an OSError
-        target = build_shared_object(source, name, rebuild=True)
+        target = build_shared_object(source, name, rebuild=True, isa=isa)
         try:
             return getattr(load_library(target), symbol)
         except (OSError, AttributeError) as exc:

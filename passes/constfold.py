@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.irgraph import IRGraph, TensorMeta
+from fxforge.irgraph.capture import WEIGHT_NAME_KEY
 from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.irgraph.meta import META_KEY
 from fxforge.irgraph.query import alias_root, is_pure, is_view_op
@@ -108,6 +109,21 @@ def _evaluate(ir: IRGraph, folds: set[fx.Node], wanted: list[fx.Node]) -> dict[f
     return {n: env[n] for n in wanted}
 
 
+def _weight_names(node: fx.Node) -> str:
+    """The model's names of the weights a folded value comes from (per-layer options find a
+    fused projection by any of its parts)."""
+    names, stack, seen = [], [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr" and current.meta.get(WEIGHT_NAME_KEY):
+            names.extend(current.meta[WEIGHT_NAME_KEY].split(","))
+        stack.extend(current.all_input_nodes)
+    return ",".join(sorted(set(names)))
+
+
 @register_pass("constant_fold")
 def constant_fold(ir: IRGraph) -> PassResult:
     """Evaluate weight-only subgraphs once at compile time."""
@@ -126,6 +142,7 @@ def constant_fold(ir: IRGraph) -> PassResult:
             ir.gm.graph.erase_node(const)
             delattr(ir.gm, const.target)
             continue
+        const.meta[WEIGHT_NAME_KEY] = _weight_names(node)
         node.replace_all_uses_with(const)
     ir.gm.graph.eliminate_dead_code()
     _copy_folded_outputs(ir, {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"} - weights)

@@ -1,7 +1,9 @@
 """The pass pipeline built from compile options: an explicit, named list."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Union
+
+from fxforge.passes.base import Pass
 
 # Order matters:
 # * no-op removal and CSE expose shared inputs (projections, attention's q/k/v);
@@ -14,7 +16,8 @@ FRONT = ["narrow_scalar_inputs", "remove_noops", "cse", "fuse_projections", "con
 BACK = ["constant_fold", "cse", "remove_noops", "dce", "fuse_elementwise"]
 
 
-def default_pipeline(options: Mapping[str, Any], weight_formats: Iterable[str] = ("dense",)) -> list[str]:
+def default_pipeline(options: Mapping[str, Any],
+                     weight_formats: Iterable[str] = ("dense",)) -> list[Union[str, Pass]]:
     """The pass names to run for ``options`` (``options["passes"]`` overrides it whole);
     ``weight_formats``: those the backend's kernels store natively (``Backend.weight_formats``):
     with "bf16", fp32 weights that are exactly bf16 get that format (lossless, once the weights
@@ -23,5 +26,11 @@ def default_pipeline(options: Mapping[str, Any], weight_formats: Iterable[str] =
         return list(options["passes"])
     precision = options.get("precision", "fp32")
     low = [f"precision_{precision}"] if precision != "fp32" else []
-    back = BACK[:1] + ["exact_bf16_weights"] + BACK[1:] if "bf16" in weight_formats else BACK
-    return FRONT + low + back
+    # weight formats are set once the weights are final (after the last constant folding)
+    formats: list[Union[str, Pass]] = []
+    if options.get("quantize"):
+        from fxforge.passes.quantize import parse_quantize, quantize_pass
+        formats.append(quantize_pass(parse_quantize(options["quantize"])))
+    if "bf16" in weight_formats:
+        formats.append("exact_bf16_weights")
+    return FRONT + low + BACK[:1] + formats + BACK[1:]

@@ -11,22 +11,23 @@ from fxforge.irgraph.weight_format import (DENSE, FORMATS, WeightFormatError, de
 from fxforge.passes import PassManager
 from fxforge.testing import assert_close_to_eager
 
-SLOTS = ["int8_channel", "int4_g32", "int4_g64", "int4_g128", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"]
+QUANTIZED = ["int8_channel", "int8_g32", "int4_g32", "int4_g64", "int4_g128"]
+SLOTS = ["q4_k", "q6_k"]
 
 
-def test_the_registry_holds_dense_bf16_and_the_quantization_slots():
-    assert {DENSE, "bf16", *SLOTS} == set(FORMATS)
-    assert FORMATS[DENSE].implemented and FORMATS["bf16"].implemented
-    for name in SLOTS:   # data only: what the quantization issue fills
+def test_the_registry_holds_dense_bf16_the_quantized_formats_and_the_slots():
+    assert {DENSE, "bf16", *QUANTIZED, *SLOTS} == set(FORMATS)
+    assert all(FORMATS[name].implemented for name in [DENSE, "bf16", *QUANTIZED])
+    for name in SLOTS:   # data only: what the GGUF work fills
         fmt = FORMATS[name]
         assert not fmt.implemented and fmt.extras and fmt.bits in (4, 6, 8), name
     assert FORMATS["int8_channel"].extras == ("scales",) and FORMATS["int8_channel"].group == 0
-    assert FORMATS["int4_g64"].extras == ("scales", "zeros") and FORMATS["int4_g64"].group == 64
-    assert FORMATS["q8_0"].bits_per_weight == 8.5 and FORMATS["q4_1"].bits_per_weight == 5.0
+    assert FORMATS["int4_g64"].extras == ("scales", "offsets") and FORMATS["int4_g64"].group == 64
+    assert FORMATS["int8_g32"].bits_per_weight == 8.5 and FORMATS["int4_g32"].bits_per_weight == 5.0
     with pytest.raises(WeightFormatError, match="unknown weight format 'int3'.*'bf16'"):
         weight_format("int3")
-    with pytest.raises(WeightFormatError, match="'q4_0'.*declared but not implemented"):
-        implemented_format("q4_0")
+    with pytest.raises(WeightFormatError, match="'q4_k'.*declared but not implemented"):
+        implemented_format("q4_k")
 
 
 def test_bf16_decodes_to_the_rounded_values_and_exactly_bf16_sees_one_value_off_the_grid():
@@ -55,7 +56,7 @@ def test_the_op_computes_on_the_weight_in_its_format(seed):
     assert not torch.equal(got, dense)
 
 
-@pytest.mark.parametrize("name,match", [("q8_0", "'q8_0'.*declared but not implemented"),
+@pytest.mark.parametrize("name,match", [("q6_k", "'q6_k'.*declared but not implemented"),
                                         ("fp8", "unknown weight format 'fp8'")])
 def test_the_op_refuses_a_format_it_cannot_run_naming_it(name, match):
     x, weight = torch.randn(2, 4), torch.randn(4, 3)
@@ -124,7 +125,7 @@ def test_a_graph_stored_before_formats_loads_as_dense():
             if Linear.of(n) is not None] == [DENSE, DENSE]
 
 
-@pytest.mark.parametrize("bad,match", [("q4_1", "'q4_1'.*declared but not implemented"),
+@pytest.mark.parametrize("bad,match", [("q6_k", "'q6_k'.*declared but not implemented"),
                                        ("__import__('os')", "unknown weight format"),
                                        (7, "unknown weight format '7'")])
 def test_a_stored_graph_with_a_format_this_fxforge_cannot_run_is_refused_naming_it(bad, match):
