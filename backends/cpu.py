@@ -121,10 +121,19 @@ class CPUBackend(ReferenceBackend):
         self.table = make_table()
 
     def precision_unsupported(self, precision: str) -> Optional[str]:
+        """Why ``precision`` does not run as low-precision math here, or None. bf16 math runs
+        only with AMX tiles: with AVX512-BF16 alone, a bf16 graph (a cast around every op)
+        decoded slower than fp32 math on bf16-stored weights, which read the same bytes
+        (bench/generate.py, recorded in bench/RESULTS.md), so bf16 becomes weight-only there."""
         from fxforge.kernels.cpu_isa import choose_matmul_path
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         path = choose_matmul_path(dtype)
-        return path.reason if path.compute_dtype == torch.float32 else None
+        if path.compute_dtype == torch.float32:
+            return path.reason
+        if path.name == "avx512_bf16":
+            return (f"{path.reason}; bf16 math with casts measured slower than fp32 math on bf16 "
+                    "weights on such CPUs")
+        return None
 
     @property
     def weight_formats(self) -> frozenset:

@@ -20,10 +20,12 @@ import torch
 import fxforge
 
 
-def bytes_per_token(model: torch.nn.Module, position: int, linear_itemsize: int = 0) -> int:
+def bytes_per_token(model: torch.nn.Module, position: int, linear_itemsize: float = 0,
+                    head_itemsize: float = 0) -> int:
     """Weights a decode step reads (an embedding table only as one row unless a linear also
     uses it, as tied LM heads do) plus the K/V cache up to ``position``; ``linear_itemsize``:
-    bytes per linear weight where they are stored in another dtype (2: bf16 weights)."""
+    bytes per linear weight where they are stored in another format (2: bf16 weights; 0.625:
+    int4 g32 with its scales and offsets), ``head_itemsize`` the same for a tied LM head."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     matmul_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     total, seen = 0, set()
@@ -32,7 +34,10 @@ def bytes_per_token(model: torch.nn.Module, position: int, linear_itemsize: int 
             continue
         seen.add(id(p))
         rows_only = id(p) in embeddings and id(p) not in matmul_weights
-        itemsize = linear_itemsize if linear_itemsize and id(p) in matmul_weights else p.element_size()
+        itemsize = p.element_size()
+        if linear_itemsize and id(p) in matmul_weights:
+            tied_head = id(p) in embeddings and head_itemsize
+            itemsize = head_itemsize if tied_head else linear_itemsize
         total += (p[0].numel() if rows_only else p.numel()) * itemsize
     config = model.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -108,8 +113,10 @@ def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str,
     from fxforge.kernels.decode_attention_cpu import CpuDecodeAttention
     from fxforge.kernels.fused_cpp import CpuFusedKernel
     from fxforge.kernels.linear_cpu import PackedLinear
+    from fxforge.kernels.quant_linear_cpu import QuantLinear
     from fxforge.kv_runtime import IncrementalDecoder
-    targets = {"linears": (PackedLinear, "__call__"), "attention": (CpuDecodeAttention, "__call__"),
+    targets = {"linears": (PackedLinear, "__call__"), "quantized linears": (QuantLinear, "__call__"),
+               "attention": (CpuDecodeAttention, "__call__"),
                "fused groups": (CpuFusedKernel, "__call__"), "step": (IncrementalDecoder, "__call__")}
     runs = {}
     for tokens in (1, new_tokens):
@@ -126,6 +133,7 @@ def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str,
         runs[tokens] = spent
     keys = set(runs[1]) | set(runs[new_tokens])
     per = {k: (runs[new_tokens][k] - runs[1][k]) / (new_tokens - 1) * 1e3 for k in keys}
+    per["linears"] = per.get("linears", 0.0) + per.pop("quantized linears", 0.0)   # one kind
     kinds = ["linears", "attention", "fused groups", "ATen ops"]
     inside = sum(per.get(k, 0.0) for k in kinds)
     out = {"token": per["token"], **{k: per.get(k, 0.0) for k in kinds}}
@@ -134,25 +142,44 @@ def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str,
     return out
 
 
-def report(model: torch.nn.Module, compiled, prompt: torch.Tensor, new_tokens: int,
+def _stored_itemsize(label: str) -> tuple[float, float]:
+    """(bytes per linear weight, per tied-head weight) of a runner's format, or (0, 0) for fp32:
+    from the runner's label (``bench/generate.py``'s) and the formats' registry."""
+    from fxforge.irgraph.weight_format import FORMATS
+    from fxforge.passes.quantize import parse_scheme
+    if label.endswith(" bf16"):
+        return 2, 2
+    scheme = label.split("kv_cache ", 1)[1] if "kv_cache " in label else ""
+    if scheme.startswith("gguf:"):   # SmolLM2's file: Q4_1 linears, a Q8_0 tied head
+        return FORMATS["int4_g32"].bits_per_weight / 8, FORMATS["int8_g32"].bits_per_weight / 8
+    if not scheme:
+        return 0, 0
+    fmt = FORMATS[parse_scheme(scheme).split(":")[0]]
+    return fmt.bits_per_weight / 8, fmt.bits_per_weight / 8
+
+
+def report(model: torch.nn.Module, compiled: dict, prompt: torch.Tensor, new_tokens: int,
            rates: dict[str, float]) -> list[str]:
-    """Lines: the bandwidth limit, each runner's fraction of it, and fxforge's breakdown."""
+    """Lines: the bandwidth limit, each runner's fraction of it, and the per-token breakdown of
+    each compiled module in ``compiled`` (runner label -> module)."""
     position = prompt.shape[1] + new_tokens // 2
     nbytes = bytes_per_token(model, position)
     bandwidth = read_bandwidth()
     limit = bandwidth / nbytes
-    bf16_limit = bandwidth / bytes_per_token(model, position, linear_itemsize=2)
     lines = [f"bandwidth limit: {nbytes / 1e6:.0f} MB per token (weights + KV at position "
-             f"{position}) / {bandwidth / 1e9:.1f} GB/s measured read = {limit:.1f} tok/s; "
-             f"with linear weights in bf16 {bf16_limit:.1f} tok/s"]
-    lines += [f"  {label:<22} {rate / (bf16_limit if 'bf16' in label else limit):6.1%} of the "
-              f"{'bf16-weight ' if 'bf16' in label else ''}limit" for label, rate in rates.items()]
-    parts = step_breakdown(compiled, prompt, new_tokens)
-    token = parts.pop("token")
-    lines.append(f"  fxforge kv_cache, per decode token {token:.2f} ms (instrumented run): " +
-                 ", ".join(f"{k} {v:.2f} ms ({v / token:.0%})" for k, v in parts.items()))
-    weights_read = bytes_per_token(model, 0)
-    if parts["linears"] > 0:
-        lines.append(f"  the linears read the weights at ~{weights_read / parts['linears'] / 1e6:.1f} "
-                     "GB/s")
+             f"{position}) / {bandwidth / 1e9:.1f} GB/s measured read = {limit:.1f} tok/s"]
+    for label, rate in rates.items():
+        itemsize, head = _stored_itemsize(label)
+        own = bytes_per_token(model, position, itemsize, head) if itemsize else nbytes
+        lines.append(f"  {label[:40]:<40} {rate:6.1f} tok/s = {rate / (bandwidth / own):6.1%} of its "
+                     f"limit ({own / 1e6:.0f} MB a token: {bandwidth / own:.1f} tok/s)")
+    for label, module in compiled.items():
+        parts = step_breakdown(module, prompt, new_tokens)
+        token = parts.pop("token")
+        lines.append(f"  {label[:40]}, per decode token {token:.2f} ms (instrumented run): " +
+                     ", ".join(f"{k} {v:.2f} ms ({v / token:.0%})" for k, v in parts.items()))
+        weights_read = bytes_per_token(model, 0, *_stored_itemsize(label))
+        if parts["linears"] > 0:
+            lines.append(f"  its linears read the weights at ~"
+                         f"{weights_read / parts['linears'] / 1e6:.1f} GB/s")
     return lines

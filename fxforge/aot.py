@@ -92,9 +92,9 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
     example_inputs = tuple(example_inputs)
     with torch.no_grad():
         ir = capture_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-        prepared = compile_graph(ir, opts, stages=("passes", "kv_step"))
-        ir, step = prepared.ir, prepared.plan
         flat_inputs, in_spec = pytree.tree_flatten((example_inputs, {}))
+        prepared = compile_graph(ir, opts, stages=("passes", "kv_step"), calibration=flat_inputs)
+        ir, step = prepared.ir, prepared.plan
         flat_expected, out_spec = pytree.tree_flatten(model(*example_inputs))
         if opts.quantize:   # a lossy pass: the artifact must compute the optimized graph's meaning
             flat_expected = pytree.tree_flatten(ir.gm(*flat_inputs))[0]

@@ -93,6 +93,8 @@ class CompiledGraph:
         self.runtime_positions = [i for i in range(len(captured.placeholders())) if i not in skip]
         self._weight_sets = WeightSetCache()
         self._build_lock = threading.Lock()
+        # the example's runtime inputs, kept only for a quantizer that calibrates on them
+        self._calibration = [weights[i] for i in self.runtime_positions] if options.quantize else None
         frozen = [weights[i] for i in self.weight_positions]
         self._activate(self._build(frozen), frozen)
         if _RECORDERS:
@@ -104,7 +106,7 @@ class CompiledGraph:
         frozen = FrozenWeights(weights)   # stamped before freezing reads the values
         # The pass manager never modifies its input, so the captured graph needs no copy here.
         ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
-        done = compile_graph(ir, self.options)   # passes, KV step, lowering (+ tuning)
+        done = compile_graph(ir, self.options, calibration=self._calibration)   # passes, KV step, lowering
         seconds = time.perf_counter() - start
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
                  "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes),

@@ -53,16 +53,19 @@ class Compilation:
 
 def compile_graph(ir: IRGraph, options: CompileOptions, *, stages: Sequence[str] = STAGES,
                   plan: Any = None, tuning_overlay: Optional[Path] = None,
-                  measure: bool = True) -> Compilation:
+                  measure: bool = True, calibration: Optional[Sequence] = None) -> Compilation:
     """Run ``stages`` on ``ir`` (module docstring). ``plan``: a KV-cache plan read from an
     artifact (instead of the ``kv_step`` stage); ``tuning_overlay``/``measure``: an artifact's
-    shipped tuning results, used and never re-measured (``measure=False``)."""
+    shipped tuning results, used and never re-measured (``measure=False``); ``calibration``:
+    runtime inputs of ``ir`` that passes which calibrate (gptq rounding) run it on."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown compile stages {sorted(unknown)}; the stages are {STAGES}")
     backend = resolve_backend(options.backend, ir)
     if "passes" in stages:
-        ir = optimize(ir, options, backend)
+        from fxforge.passes.gptq import calibrating
+        with calibrating(calibration):
+            ir = optimize(ir, options, backend)
     if "kv_step" in stages and options.kv_cache:
         plan = kv_step(ir)
     result = Compilation(ir, backend, plan)

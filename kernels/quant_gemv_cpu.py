@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fxforge.irgraph.weight_format import FORMATS, decode
 from fxforge.kernels import cpu_isa
 from fxforge.kernels.activations import ACTIVATION_CODES, REGISTRY
 from fxforge.kernels.gemv_cpu import GEMV_MAX_M, PARALLEL_MIN_WEIGHTS, epilogue_
@@ -60,17 +61,15 @@ class QuantFormat:
     group: Optional[int]       # inputs per scale; None: one scale per output row
 
 
+# The formats this kernel stores; what each means is irgraph/weight_format.py's registry.
 QUANT_FORMATS = ("int8_channel", "int8_g32", "int4_g32", "int4_g64", "int4_g128")
-_FORMATS = {"int8_channel": QuantFormat("int8_channel", False, None),
-            "int8_g32": QuantFormat("int8_g32", False, 32),
-            **{f"int4_g{g}": QuantFormat(f"int4_g{g}", True, g) for g in (32, 64, 128)}}
-assert set(_FORMATS) == set(QUANT_FORMATS)
 
 
 def quant_format(fmt: str) -> QuantFormat:
-    if fmt not in _FORMATS:
+    if fmt not in QUANT_FORMATS:
         raise ValueError(f"unknown quantized weight format {fmt!r}; one of {list(QUANT_FORMATS)}")
-    return _FORMATS[fmt]
+    registered = FORMATS[fmt]
+    return QuantFormat(fmt, registered.bits == 4, registered.group or None)
 
 
 def _check_tensor(fmt: str, what: str, t: object, dtype: torch.dtype, shape: tuple) -> None:
@@ -104,16 +103,9 @@ def validate(fmt: str, codes: torch.Tensor, scales: torch.Tensor,
 
 def dequantize(fmt: str, codes: torch.Tensor, scales: torch.Tensor,
                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The reference: the fp32 [N, K] weight, ``codes.float() * scales.float() (+ offsets)``."""
-    n, k, g = validate(fmt, codes, scales, offsets)
-    if quant_format(fmt).int4:
-        q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(n, k).float()
-    else:
-        q = codes.float()
-    w = q.reshape(n, k // g, g) * scales.float()[:, :, None]
-    if offsets is not None:
-        w = w + offsets.float()[:, :, None]
-    return w.reshape(n, k)
+    """The reference, the fp32 [N, K] weight: the registry's decode (IR orientation [K, N])."""
+    validate(fmt, codes, scales, offsets)
+    return decode(codes.t(), fmt, scales.t(), offsets.t() if offsets is not None else None).t()
 
 
 def pack(fmt: str, codes: torch.Tensor, scales: torch.Tensor,

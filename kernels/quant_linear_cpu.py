@@ -27,13 +27,21 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (residual is not None) != self.has_residual:
             raise ValueError(f"QuantLinear was built with has_residual={self.has_residual}")
-        dtype = torch.promote_types(x.dtype, torch.float32)   # the fake's rule: decoded W is fp32
-        if residual is not None:
-            dtype = torch.promote_types(dtype, residual.dtype)
-            residual = residual if residual.dtype == torch.float32 else residual.float()
+        result = self.out_dtype or self._result_dtype(x, residual)
+        if residual is not None and residual.dtype != torch.float32:
+            residual = residual.float()
         y = self.kernel(x if x.dtype == torch.float32 else x.float(), residual)
-        result = self.out_dtype or dtype
         return y if y.dtype == result else y.to(result)
+
+    @staticmethod
+    def _result_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
+        """The fake's rule (the decoded weight is fp32). The fp32 case is decided without
+        ``torch.promote_types``: under a decode step's recording it is an ATen op the replay
+        cannot hold (it reads dtypes into Python), and it would cost every step its replay."""
+        if x.dtype == torch.float32 and (residual is None or residual.dtype == torch.float32):
+            return torch.float32
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return dtype if residual is None else torch.promote_types(dtype, residual.dtype)
 
     def describe(self) -> str:
         return self.kernel.describe()

@@ -6,7 +6,12 @@ The option, parsed once by :func:`parse_quantize` into rules (first match wins):
 
 * a scheme: ``"int8"`` (per-output-channel symmetric int8), ``"int4"`` (= ``"int4:g32"``),
   ``"int4:g64"``, ``"int4:g128"``; a rounding may follow: ``"int4:g64:rtn"`` (round to nearest) or
-  ``":mse"`` (the default: :mod:`fxforge.passes.quantize_math`);
+  ``":mse"`` (:mod:`fxforge.passes.quantize_math`); the default is :data:`DEFAULT_ROUNDING`; a
+  group size that does not divide a weight's K falls back to the largest of 128/64/32 that does
+  (logged);
+* ``"gguf:PATH"``: a model loaded from that GGUF file runs the file's own Q8_0/Q4_0/Q4_1 blocks
+  (``int8_g32``/``int4_g32``, bit-exact to the file's dequantized weights; a weight the file
+  does not hold exactly stays fp32, logged);
 * or a dict: ``{"default": "int4:g64", "lm_head": "int8", "layers.0.*": "int8", "skip":
   ["layers.1.mlp.*"]}``: keys other than ``default`` and ``skip`` are ``fnmatch`` patterns on the
   model's weight names (``layers.0.mlp.up_proj`` matches the weight ``layers.0.mlp.up_proj.weight``;
@@ -28,17 +33,25 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.capture import WEIGHT_NAME_KEY
+from fxforge.irgraph.gguf import open_blocks
 from fxforge.irgraph.query import is_view_op, tensor_meta
 from fxforge.irgraph.views import Linear
 from fxforge.irgraph.weight_format import DENSE, pack_nibbles
 from fxforge.passes.base import Pass, PassResult
-from fxforge.passes.quantize_math import ROUNDINGS, quantize_int4, quantize_int8_channel
+from fxforge.passes.gptq import calibration_inputs, gptq_quantize, linear_hessians
+from fxforge.passes.quantize_math import (ROUNDINGS, check_quantizable, quantize_int4,
+                                          quantize_int8_channel)
 
 log = logging.getLogger("fxforge.passes.quantize")
 aten = torch.ops.aten
 SKIP = "none"
 _SCHEMES = {"int8": "int8_channel", "int4": "int4_g32", "int4:g32": "int4_g32",
             "int4:g64": "int4_g64", "int4:g128": "int4_g128"}
+# The clip search lowers the weight error but raised SmolLM2's perplexity against round to
+# nearest at int4 g32 and g64, and matched it at int8 for 3x the compile time (bench/RESULTS.md):
+# round to nearest is the default until a rounding measures better on real text
+DEFAULT_ROUNDING = {"int8": "rtn", "int4": "rtn"}
+GGUF = "gguf"   # "gguf:PATH": the file's own blocks (irgraph/gguf.py), bit-exact
 Rules = tuple[tuple[str, str], ...]   # (name pattern, "format:rounding" or SKIP), first match wins
 
 
@@ -51,15 +64,18 @@ def parse_scheme(text: Any) -> str:
     scheme is returned as it is."""
     if not isinstance(text, str):
         raise QuantizeSpecError(f"a quantize scheme is a string, got {text!r}")
+    if text.startswith(GGUF + ":"):   # a path may hold ':' itself
+        if not text[len(GGUF) + 1:]:
+            raise QuantizeSpecError(f"{text!r} names no file: use 'gguf:/path/to/model.gguf'")
+        return text
     parts = text.split(":")
-    rounding = parts.pop() if len(parts) > 1 and parts[-1] in ROUNDINGS else "mse"
+    rounding = parts.pop() if len(parts) > 1 and parts[-1] in ROUNDINGS else None
     base = ":".join(parts)
-    if base in _SCHEMES.values():
-        return f"{base}:{rounding}"
-    if base not in _SCHEMES:
+    fmt = base if base in _SCHEMES.values() else _SCHEMES.get(base)
+    if fmt is None:
         raise QuantizeSpecError(f"unknown quantize scheme {text!r}; the schemes are "
-                                f"{sorted(_SCHEMES)}, optionally followed by ':rtn' or ':mse'")
-    return f"{_SCHEMES[base]}:{rounding}"
+                                f"{sorted(_SCHEMES)}, optionally followed by ':rtn', ':mse' or ':gptq'")
+    return f"{fmt}:{rounding or DEFAULT_ROUNDING[fmt.split('_')[0]]}"
 
 
 def parse_quantize(spec: Any) -> Optional[Rules]:
@@ -128,29 +144,66 @@ def _add_transposed(ir: IRGraph, name: str, value_nk: torch.Tensor, before: fx.N
     return view
 
 
-def _quantize_linear(ir: IRGraph, linear: Linear, scheme: str, name: str) -> None:
+def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
+            hessian: Optional[torch.Tensor] = None) -> Optional[tuple]:
+    """(format, codes, scales, offsets) in ``[N, ...]`` orientation for ``scheme``, or None (the
+    linear stays fp32; the reason is logged). ``hessian``: for ``gptq`` rounding."""
+    if scheme.startswith(GGUF + ":"):
+        found = open_blocks(scheme[len(GGUF) + 1:]).find(weight_nk)
+        if found is None:
+            log.warning("quantize: %s: no Q8_0/Q4_0/Q4_1 tensor of %s holds exactly this "
+                        "weight; it stays fp32", name, scheme[len(GGUF) + 1:])
+            return None
+        fmt, codes, scales, offsets = found   # [K, N] views: back to [N, ...]
+        return fmt, codes.t(), scales.t(), offsets.t() if offsets is not None else None
     fmt, rounding = scheme.split(":")
-    value, _ = _weight_constant(ir, linear.weight)
-    weight_nk = value.t()
-    before = linear.node
+    if rounding == "gptq" and hessian is None:
+        rounding = "rtn"   # no calibration inputs (quantize_weights said so once)
     if fmt == "int8_channel":
-        codes, scales = quantize_int8_channel(weight_nk, rounding, name)
-        extras = {"scales": _add_transposed(ir, "q_scales", scales, before)}
+        if rounding == "gptq":
+            return (fmt, *gptq_quantize(weight_nk, hessian, None), None)
+        return (fmt, *quantize_int8_channel(weight_nk, rounding, name), None)
+    group = int(fmt.split("_g")[1])
+    k = weight_nk.shape[1]
+    if k % group:
+        fits = [g for g in (128, 64, 32) if g < group and k % g == 0]
+        if not fits:
+            log.warning("quantize: %s: %d input features are not a multiple of %d (nor of 32); "
+                        "it stays fp32", name, k, group)
+            return None
+        log.warning("quantize: %s: %d input features are not a multiple of %d: groups of %d",
+                    name, k, group, fits[0])
+        group, fmt = fits[0], f"int4_g{fits[0]}"
+    if rounding == "gptq":
+        check_quantizable(weight_nk, name, group)
+        codes, scales, offsets = gptq_quantize(weight_nk, hessian, group)
     else:
-        group = int(fmt.split("_g")[1])
         codes, scales, offsets = quantize_int4(weight_nk, group, rounding, name)
-        codes = pack_nibbles(codes.t()).t()   # two codes per byte along K
-        extras = {"scales": _add_transposed(ir, "q_scales", scales, before),
-                  "offsets": _add_transposed(ir, "q_offsets", offsets, before)}
+    return fmt, pack_nibbles(codes.t()).t(), scales, offsets   # two codes per byte along K
+
+
+def _quantize_linear(ir: IRGraph, linear: Linear, scheme: str, name: str,
+                     hessian: Optional[torch.Tensor]) -> Optional[str]:
+    """Give ``linear`` its quantized weight; the format used, or None if it stays fp32."""
+    value, _ = _weight_constant(ir, linear.weight)
+    encoded = _encode(value.t(), scheme, name, hessian)
+    if encoded is None:
+        return None
+    fmt, codes, scales, offsets = encoded
+    before = linear.node
+    extras = {"scales": _add_transposed(ir, "q_scales", scales, before)}
+    if offsets is not None:
+        extras["offsets"] = _add_transposed(ir, "q_offsets", offsets, before)
     weight = _add_transposed(ir, "q_codes", codes, before)
     linear.replace(weight=weight, weight_format=fmt, **extras)
     ir.infer(linear.node)
+    return fmt
 
 
-def quantize_weights(ir: IRGraph, rules: Rules) -> PassResult:
-    """Every fp32 constant-weight linear a rule matches gets its quantized format."""
-    counts: Counter = Counter()
-    for node in list(ir.gm.graph.nodes):
+def _plan(ir: IRGraph, rules: Rules, counts: Counter) -> list[tuple[Linear, str, str]]:
+    """(linear, scheme, weight names) for every fp32 constant-weight linear a rule matches."""
+    plan = []
+    for node in ir.gm.graph.nodes:
         linear = Linear.of(node)
         if linear is None or linear.weight_format != DENSE:
             continue
@@ -163,9 +216,32 @@ def quantize_weights(ir: IRGraph, rules: Rules) -> PassResult:
         scheme = rule_for(rules, names)
         if scheme is None:
             counts["skipped"] += 1
-            continue
-        _quantize_linear(ir, linear, scheme, names)
-        counts[scheme.split(":")[0]] += 1
+        else:
+            plan.append((linear, scheme, names))
+    return plan
+
+
+def _hessians(ir: IRGraph, plan: list) -> dict:
+    """The input Hessians of the linears whose rounding is gptq, from the calibration inputs."""
+    wanted = [linear.node for linear, scheme, _ in plan if scheme.endswith(":gptq")]
+    if not wanted:
+        return {}
+    inputs = calibration_inputs()
+    if inputs is None or len(inputs) != len(ir.placeholders()):
+        log.warning("quantize: gptq rounding needs the compile's example inputs to calibrate on "
+                    "(none here); %d linears use round to nearest", len(wanted))
+        return {}
+    return linear_hessians(ir, inputs, wanted)
+
+
+def quantize_weights(ir: IRGraph, rules: Rules) -> PassResult:
+    """Every fp32 constant-weight linear a rule matches gets its quantized format."""
+    counts: Counter = Counter()
+    plan = _plan(ir, rules, counts)
+    hessians = _hessians(ir, plan)   # before any weight changes: calibrated on the fp32 graph
+    for linear, scheme, names in plan:
+        fmt = _quantize_linear(ir, linear, scheme, names, hessians.get(linear.node))
+        counts[fmt or "kept_fp32"] += 1
     ir.gm.graph.eliminate_dead_code()
     used = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
     for name in [name for name, _ in ir.gm.named_buffers() if name not in used]:

@@ -23,7 +23,7 @@ import torch
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 REFITS = 2
-ROUNDINGS = ("mse", "rtn")
+ROUNDINGS = ("rtn", "mse", "gptq")   # gptq: passes/gptq.py (needs calibration inputs)
 _ROW_CHUNK = 4096   # output rows quantized at once (x 7 candidates x K fp32 values)
 _FP16_MAX = torch.finfo(torch.float16).max
 _TINY = torch.finfo(torch.float16).tiny   # smallest normal fp16: the floor of a scale
@@ -93,7 +93,7 @@ def _best(w: torch.Tensor, candidate, rounding: str) -> tuple[torch.Tensor, ...]
     return tuple(best)
 
 
-def _check(weight_nk: torch.Tensor, name: str, group: Optional[int]) -> None:
+def check_quantizable(weight_nk: torch.Tensor, name: str, group: Optional[int]) -> None:
     if weight_nk.dim() != 2 or not weight_nk.dtype.is_floating_point:
         raise QuantizeError(f"{name}: a 2-D float weight is quantized, got {weight_nk.dtype} "
                             f"{list(weight_nk.shape)}")
@@ -109,7 +109,7 @@ def _check(weight_nk: torch.Tensor, name: str, group: Optional[int]) -> None:
 def quantize_int8_channel(weight_nk: torch.Tensor, rounding: str = "mse",
                           name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] -> (int8 codes [N, K], fp16 scales [N, 1])."""
-    _check(weight_nk, name, None)
+    check_quantizable(weight_nk, name, None)
     codes, scales = [], []
     for rows in weight_nk.detach().float().split(_ROW_CHUNK):
         c, s = _best(rows, _int8_candidate, rounding)
@@ -121,7 +121,7 @@ def quantize_int8_channel(weight_nk: torch.Tensor, rounding: str = "mse",
 def quantize_int4(weight_nk: torch.Tensor, group: int, rounding: str = "mse",
                   name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, K] -> (codes in 0..15 as uint8 [N, K], fp16 scales and offsets [N, K/group])."""
-    _check(weight_nk, name, group)
+    check_quantizable(weight_nk, name, group)
     n, k = weight_nk.shape
     codes, scales, offsets = [], [], []
     for rows in weight_nk.detach().float().split(max(1, _ROW_CHUNK * 128 // k)):

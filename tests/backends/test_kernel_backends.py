@@ -133,12 +133,20 @@ def test_one_copy_of_each_weight_after_lowering():
     assert {id(k.impl.panels) for k in kernels} == panels
 
 
-def test_bf16_where_the_cpu_has_it_runs_the_precision_pass(monkeypatch):
-    monkeypatch.setenv("FXFORGE_CPU_ISA", "avx512_bf16")  # dispatch as on such a CPU
+@pytest.mark.parametrize("isa, runs", [("amx", "bf16"), ("avx512_bf16", "bf16_weights")])
+def test_bf16_math_runs_with_amx_and_bf16_weights_without(monkeypatch, isa, runs):
+    """AMX tiles: the precision pass (bf16 math). AVX512-BF16 alone: bf16-stored weights with
+    fp32 math, which decoded faster than bf16 math with casts (backends/cpu.py)."""
+    monkeypatch.setenv("FXFORGE_CPU_ISA", isa)  # dispatch as on such a CPU
     model, inputs = _small_gpt()
     got, want, graphs = _compile(model, inputs, backend="cpu", precision="bf16")
-    assert graphs[0].ir.info["precision"] == "bf16"
-    assert any(t.dtype == torch.bfloat16 for t in graphs[0].ir.constants().values())
+    assert graphs[0].ir.info["precision"] == runs
+    constants = graphs[0].ir.constants().values()
+    if runs == "bf16":
+        assert any(t.dtype == torch.bfloat16 for t in constants)
+    else:   # the weights stay fp32 in the IR; their format says bf16
+        assert {linear.weight_format for n in graphs[0].ir.gm.graph.nodes
+                if (linear := Linear.of(n)) is not None} == {"bf16"}
     error = (got - want).abs().max() / want.abs().max()
     assert 0 < error < 2e-2
 

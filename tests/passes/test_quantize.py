@@ -95,14 +95,16 @@ def test_quantizers_name_what_they_cannot_take():
 
 def test_quantize_option_parses_to_hashable_rules():
     rules = parse_quantize({"default": "int4:g64", "lm_head": "int8", "skip": ["layers.0.*"]})
-    assert rules == (("layers.0.*", "none"), ("lm_head", "int8_channel:mse"), ("*", "int4_g64:mse"))
+    assert rules == (("layers.0.*", "none"), ("lm_head", "int8_channel:rtn"), ("*", "int4_g64:rtn"))
     assert parse_quantize(rules) == rules and parse_quantize([list(r) for r in rules]) == rules
     assert rule_for(rules, "layers.0.mlp.up_proj.weight") is None
-    assert rule_for(rules, "lm_head.weight") == "int8_channel:mse"
-    assert rule_for(rules, "layers.2.q.weight,layers.2.k.weight") == "int4_g64:mse"
+    assert rule_for(rules, "lm_head.weight") == "int8_channel:rtn"
+    assert parse_quantize("int8:mse") == (("*", "int8_channel:mse"),)
+    assert rule_for(rules, "layers.2.q.weight,layers.2.k.weight") == "int4_g64:rtn"
     options = parse_options(quantize={"default": "int4:g32:rtn"})
     assert hash(options) == hash(parse_options(options.to_dict()))
-    for bad in ("int3", "int4:g48", {"skip": ["x"]}, {"default": 4}):
+    assert parse_quantize("gguf:/m/a:b.gguf") == (("*", "gguf:/m/a:b.gguf"),)
+    for bad in ("int3", "int4:g48", {"skip": ["x"]}, {"default": 4}, "gguf:"):
         with pytest.raises(fxforge.OptionsError, match="quantize"):
             parse_options(quantize=bad)
     with pytest.raises(QuantizeSpecError):
@@ -144,7 +146,7 @@ def test_pass_computes_the_decoded_model(backend):
     model = _MLP(gen).eval()
     x = torch.randn(5, 64, generator=gen)
     option = {"default": "int4:g32", "head": "int8:rtn", "skip": ["down"]}
-    want = _dequantized_copy(model, {"up": "int4_g32:mse", "head": "int8_channel:rtn"})
+    want = _dequantized_copy(model, {"up": "int4_g32:rtn", "head": "int8_channel:rtn"})
     compiled = fxforge.compile(model, (x,), quantize=option, backend=backend)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), want(x), rtol=1e-5, atol=1e-5)
@@ -174,3 +176,129 @@ def test_an_artifact_stores_the_codes_and_loads_without_requantizing(tmp_path):
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert sizes[None] >= fp32_bytes
     assert sizes["int8"] < sizes[None] * 0.4 and sizes["int4:g32"] < sizes["int8"]
+
+
+def test_a_group_that_does_not_divide_k_falls_back_to_one_that_does(caplog):
+    gen = _generator()
+    model = torch.nn.Sequential(torch.nn.Linear(96, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(2, 96, generator=gen)
+    with caplog.at_level("WARNING", logger="fxforge.passes.quantize"):
+        compiled = fxforge.compile(model, (x,), quantize="int4:g64", backend="reference")
+    text = caplog.text
+    assert "96 input features are not a multiple of 64: groups of 32" in text
+    assert "32 input features are not a multiple of 64" not in text or "groups of 32" in text
+    want = torch.nn.Sequential(torch.nn.Linear(96, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    want.load_state_dict(model.state_dict())
+    for index, group in ((0, 32), (2, 32)):
+        want[index].weight.data = _decode_nk(f"int4_g{group}",
+                                             *quantize_int4(model[index].weight.data, group, "rtn"))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_scheme_runs_the_files_blocks_bit_exactly(tmp_path, caplog):
+    gguf = pytest.importorskip("gguf")
+    gen = _generator()
+    model = _MLP(gen).eval()
+    q = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for name, qtype in (("up", q.Q4_1), ("head", q.Q8_0)):   # "down" is not in the file
+        values = getattr(model, name).weight.detach().numpy()
+        writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                 writer.write_tensors_to_file, writer.close):
+        step()
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    for tensor in reader.tensors:   # the model now holds the file's dequantized values
+        decoded = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        getattr(model, tensor.name).weight.data = torch.from_numpy(decoded.copy())
+    x = torch.randn(4, 64, generator=gen)
+    with caplog.at_level("WARNING", logger="fxforge.passes.quantize"):
+        compiled = fxforge.compile(model, (x,), quantize=f"gguf:{tmp_path / 'm.gguf'}")
+    assert "stays fp32" in caplog.text   # "down": no tensor of the file holds it
+    with torch.no_grad():   # the file's values exactly: only summation order differs
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    formats = {g.weight_format for g in _linears(compiled, x)}
+    assert formats == {"int4_g32", "int8_g32", "dense"}
+
+
+def _linears(compiled, x):
+    from fxforge.compiler import recording
+    from fxforge.irgraph.views import Linear
+    torch._dynamo.reset()
+    with recording() as graphs:
+        compiled(x)
+    return [lin for g in graphs for n in g.ir.gm.graph.nodes if (lin := Linear.of(n)) is not None]
+
+
+def _correlated_inputs(gen: torch.Generator, rows: int, k: int) -> torch.Tensor:
+    """Activations with few directions, like a model's: where GPTQ's error feedback pays."""
+    return torch.randn(rows, 16, generator=gen) @ torch.randn(16, k, generator=gen) + \
+        0.1 * torch.randn(rows, k, generator=gen)
+
+
+@pytest.mark.parametrize("group", [32, 64, None])
+def test_gptq_moves_the_outputs_less_than_round_to_nearest(group):
+    from fxforge.passes.gptq import gptq_quantize
+    gen = _generator()
+    weight, x = _weights(48, 128, gen), _correlated_inputs(gen, 256, 128)
+    fmt = f"int4_g{group}" if group else "int8_channel"
+    rtn = quantize_int4(weight, group, "rtn") if group else quantize_int8_channel(weight, "rtn")
+    gptq = gptq_quantize(weight, x.t() @ x, group)
+    assert gptq[0].dtype == rtn[0].dtype and all(a.shape == b.shape for a, b in zip(gptq, rtn))
+
+    def output_error(quantized):
+        return float(((x @ _decode_nk(fmt, *quantized).t() - x @ weight.t()) ** 2).mean())
+    assert output_error(gptq) < 0.5 * output_error(rtn)
+
+
+def test_gptq_in_the_pass_calibrates_on_the_compiles_example():
+    from fxforge.passes.gptq import gptq_quantize
+    gen = _generator()
+    model = _MLP(gen).eval()
+    x = _correlated_inputs(gen, 32, 64)
+    compiled = fxforge.compile(model, (x,), quantize="int4:g32:gptq", backend="reference")
+    with torch.no_grad():   # the inputs each linear saw in the fp32 model: its Hessian
+        seen = {"up": x, "down": torch.nn.functional.gelu(model.up(x))}
+        seen["head"] = x + model.down(seen["down"])
+        want = _MLP(torch.Generator().manual_seed(0))
+        want.load_state_dict(model.state_dict())
+        for name, inputs in seen.items():
+            linear = getattr(want, name)
+            codes = gptq_quantize(linear.weight.data, inputs.t() @ inputs, 32)
+            linear.weight.data = _decode_nk("int4_g32", *codes)
+        torch.testing.assert_close(compiled(x), want(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_without_calibration_inputs_says_so_and_rounds_to_nearest(caplog):
+    from fxforge.irgraph.capture import capture_export
+    from fxforge.passes import PassManager
+    from fxforge.passes.quantize import quantize_pass
+    model = _MLP(_generator()).eval()
+    ir = PassManager(["fuse_epilogues"]).run(capture_export(model, (torch.randn(2, 64),)))
+    with caplog.at_level("WARNING", logger="fxforge.passes.quantize"):
+        out = PassManager([quantize_pass(parse_quantize("int4:g32:gptq"))]).run(ir)
+    assert "gptq rounding needs the compile's example inputs" in caplog.text
+    assert out.info["passes"][-1].counts["int4_g32"] == 3
+
+
+@pytest.mark.parametrize("fmt", ["int8_channel", "int4_g32"])
+def test_a_quantized_linear_call_is_replayable(fmt):
+    """A decode step is replayed without Python only if every op in it can be: a quantized
+    linear once read dtypes through an ATen op and cost every quantized model its replay."""
+    from fxforge.kernels.quant_linear_cpu import QuantLinear
+    from fxforge.kernels.replay import Recording
+    gen = _generator()
+    weight = _weights(40, 64, gen)
+    if fmt == "int8_channel":
+        codes, scales = quantize_int8_channel(weight)
+        tensors = (codes.t(), scales.t(), None)
+    else:
+        codes, scales, offsets = quantize_int4(weight, 32)
+        tensors = (pack_nibbles(codes.t()), scales.t(), offsets.t())
+    linear = QuantLinear(fmt, *tensors, torch.randn(40, generator=gen), "silu", True, None)
+    x, residual = torch.randn(1, 64, generator=gen), torch.randn(1, 40, generator=gen)
+    recording = Recording(lambda a, r: linear(a, r), [x, residual])
+    x2, residual2 = torch.randn(1, 64, generator=gen), torch.randn(1, 40, generator=gen)
+    torch.testing.assert_close(recording.replay([x2, residual2]), linear(x2, residual2),
+                               rtol=0, atol=0)

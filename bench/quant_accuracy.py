@@ -1,0 +1,165 @@
+"""The accuracy cost of fxforge's weight-only quantization on the real SmolLM2-135M, per scheme.
+
+    python bench/quant_accuracy.py                                  # 8 windows x 512 tokens
+    python bench/quant_accuracy.py --schemes int8,int4:g64:rtn,int4:g64 --windows 2 --window-len 256
+    python bench/quant_accuracy.py --minilm                         # the encoder: embedding cosine
+
+Perplexity over fixed non-overlapping windows of CPython's ``pydoc_data.topics`` (the first
+``windows x window-len`` tokens), the mean next-token KL divergence against eager fp32, top-1
+agreement, the weight bytes the linears read per token, and each variant's compile seconds.
+Every variant is compiled by fxforge (the cpu backend: the quantized GEMV and its prefill path
+run on the real weights). ``:rtn`` is round to nearest (the default), ``:mse`` the clip search
+(``passes/quantize_math.py``), ``:gptq`` GPTQ (``passes/gptq.py``) calibrated on one more window
+of the same text, after the scored ones (never on scored text).
+
+Caveat: SmolLM2's released weights sit on a 4-bit group-32 grid (the package ships Q4_1), which
+flatters int4 g32; g64 and g128 are the informative rows. Writes ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fxforge
+from fxforge.compiler import recording
+from fxforge.examples.hf_models import LogitsOnly
+from fxforge.examples.smollm2 import load_smollm2, smollm2_status
+from fxforge.irgraph.views import Linear
+from fxforge.irgraph.weight_format import weight_format
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling accuracy.py
+from accuracy import next_token_kl, run_windows, score, token_windows  # noqa: E402
+
+DEFAULT_SCHEMES = ("int8,int8:gptq,int4:g32,int4:g32:mse,int4:g32:gptq,int4:g64,int4:g64:mse,"
+                   "int4:g64:gptq,int4:g128,int4:g128:gptq")
+
+
+def linear_bytes(graphs) -> int:
+    """Bytes of weights (codes, scales, offsets) the linears of the compiled graphs hold."""
+    total = 0
+    for graph in graphs:
+        gm = graph.ir.gm
+        for node in gm.graph.nodes:
+            if (linear := Linear.of(node)) is None:
+                continue
+            fmt = weight_format(linear.weight_format)
+            meta = linear.weight.meta.get("val")
+            k = fmt.in_features(meta) if fmt.code_dtype is not None else meta.shape[0]
+            bits = fmt.bits_per_weight or meta.element_size() * 8
+            total += int(k * meta.shape[1] * bits / 8)
+    return total
+
+
+def run_variant(model, windows, calibration, scheme):
+    """Compiled on ``calibration`` (a window after the scored ones: gptq calibrates on the
+    compile's example and must not see the text it is scored on), then run on ``windows``."""
+    torch._dynamo.reset()
+    options = {"quantize": scheme} if scheme != "fp32" else {}
+    start = time.perf_counter()
+    with recording() as graphs:
+        compiled = fxforge.compile(LogitsOnly(model), (calibration,), **options)
+        logits, first_s = run_windows(compiled, windows)
+    if len(graphs) != 1:
+        raise RuntimeError(f"{scheme}: {len(graphs)} graphs compiled; a recompile on a scored "
+                           "window would calibrate on it")
+    return logits, first_s, linear_bytes(graphs), time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", default=DEFAULT_SCHEMES)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--window-len", type=int, default=512)
+    p.add_argument("--json", default=".bench/quant_accuracy.json")
+    p.add_argument("--minilm", action="store_true", help="the MiniLM encoder's embedding cosine "
+                   "instead of SmolLM2's perplexity")
+    args = p.parse_args(argv)
+    if args.minilm:
+        return minilm_main(args)
+    available, reason = smollm2_status()
+    if not available:
+        print(f"SmolLM2 unavailable: {reason}", file=sys.stderr)
+        return 1
+    model, tokenizer = load_smollm2(progress=False)
+    *scored, calibration = token_windows(tokenizer, args.windows + 1, args.window_len)
+    windows, calibration = torch.stack(scored), calibration.unsqueeze(0)
+    from fxforge.kernels.cpu_isa import cpu_features
+    print(f"SmolLM2-135M-Instruct, {args.windows} x {args.window_len} tokens of pydoc_data.topics; "
+          f"{cpu_features().describe()}; {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    with torch.inference_mode():
+        eager, _ = run_windows(LogitsOnly(model), windows)
+        for scheme in ["fp32", *[s for s in args.schemes.split(",") if s]]:
+            logits, first_s, nbytes, seconds = run_variant(model, windows, calibration, scheme)
+            row = {"scheme": f"fxforge {scheme}", "linear_MB": nbytes / 1e6,
+                   "kl_vs_fp32": next_token_kl(logits, eager), "compile_and_run_s": seconds,
+                   **score(logits, windows, eager)}
+            rows.append(row)
+            print(f"{row['scheme']:<24} ppl {row['perplexity']:8.3f}  KL {row['kl_vs_fp32']:.5f}  "
+                  f"top-1 {row['top1_agreement']:.2%}  linears {row['linear_MB']:7.1f} MB  "
+                  f"{seconds:6.1f} s", flush=True)
+    base = rows[0]["perplexity"]
+    print("\n| scheme | perplexity | Δ vs fp32 | mean next-token KL | top-1 agree | linear weights MB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['scheme']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+              f"{r['kl_vs_fp32']:.5f} | {r['top1_agreement']:.2%} | {r['linear_MB']:.1f} |")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics",
+                               "windows": args.windows, "window_len": args.window_len,
+                               "cpu": cpu_features().describe(), "rows": rows}, indent=2))
+    return 0
+
+
+def minilm_sentences(tokenizer, count: int = 64, length: int = 128):
+    """(calibration batch, scored batch): paragraphs of pydoc_data.topics, ``count`` each,
+    padded to ``length`` tokens; the calibration ones come after the scored ones."""
+    from fxforge.examples.smollm2 import reference_text
+    paragraphs = [p.strip() for p in reference_text().split("\n\n") if len(p.strip()) > 80]
+    batches = []
+    for chunk in (paragraphs[:count], paragraphs[count:2 * count]):
+        encoded = tokenizer(chunk, padding="max_length", truncation=True, max_length=length,
+                            return_tensors="pt")
+        batches.append((encoded["input_ids"], encoded["attention_mask"]))
+    return batches[1], batches[0]
+
+
+def minilm_main(args) -> int:
+    """Cosine between each scored paragraph's fp32 eager embedding and the variant's."""
+    from fxforge.examples.minilm import Embedder, load_minilm
+    from fxforge.kernels.cpu_isa import cpu_features
+    encoder, tokenizer = load_minilm()
+    model = Embedder(encoder)
+    calibration, scored = minilm_sentences(tokenizer)
+    schemes = ["fp32", *[s for s in args.schemes.split(",") if s]]
+    print(f"all-MiniLM-L6-v2, 64 paragraphs x 128 tokens of pydoc_data.topics; "
+          f"{cpu_features().describe()}; {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    with torch.inference_mode():
+        eager = model(*scored)
+        for scheme in schemes:
+            torch._dynamo.reset()
+            options = {"quantize": scheme} if scheme != "fp32" else {}
+            with recording() as graphs:
+                compiled = fxforge.compile(model, calibration, **options)
+                cosine = (compiled(*scored) * eager).sum(-1)
+            rows.append({"scheme": f"fxforge {scheme}", "mean_cosine": float(cosine.mean()),
+                         "min_cosine": float(cosine.min()), "linear_MB": linear_bytes(graphs) / 1e6,
+                         "graphs": len(graphs)})
+            print(f"| {rows[-1]['scheme']} | {rows[-1]['mean_cosine']:.6f} | "
+                  f"{rows[-1]['min_cosine']:.6f} | {rows[-1]['linear_MB']:.1f} |", flush=True)
+    out = Path(args.json).with_name("quant_accuracy_minilm.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": "all-MiniLM-L6-v2", "text": "pydoc_data.topics",
+                               "cpu": cpu_features().describe(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
