@@ -116,12 +116,56 @@ def _scheme(scheme: str, model_name: str):
     return f"gguf:{gguf_path()}"
 
 
+LLAMA_CPP_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "BF16": 32}   # llama_ftype values
+
+
+def llamacpp_runners(prompt, types: list[str], threads: int) -> dict:
+    """llama.cpp (``llama-cpp-python``, the optional ``peers`` extra) on SmolLM2's GGUF file and
+    conversions of it (``llama_model_quantize`` with requantization allowed: from the file's
+    Q4_1 values, as fxforge's runners get them): name -> fn(new_tokens) -> ids. Empty, with the
+    reason printed, when llama_cpp is not installed."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        print(f"  llama.cpp peers skipped: {exc} (pip install llama-cpp-python: builds from source)")
+        return {}
+    from pathlib import Path
+    from fxforge.examples.smollm2 import gguf_path
+    source, folder = gguf_path(), Path(".bench/gguf")
+    folder.mkdir(parents=True, exist_ok=True)
+    runners = {}
+    for name in types:
+        path = source if name == "Q4_1" else folder / f"smollm2-{name}.gguf"
+        if not path.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize, params.nthread = LLAMA_CPP_TYPES[name], True, threads
+            if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), params) != 0:
+                print(f"  llama.cpp {name}: conversion failed")
+                continue
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_batch=64,
+                              verbose=False)
+        ids = prompt[0].tolist()
+
+        def run(n, llm=llm, ids=ids):
+            llm.reset()
+            out = []
+            for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                out.append(token)
+                if len(out) == n:
+                    break
+            return torch.tensor([ids + out])
+        runners[f"llama.cpp {name}"] = run
+    return runners
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,llama,smollm2")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip", default="", help="runners to leave out (comma-separated)")
+    parser.add_argument("--llamacpp", default="", help="llama.cpp peer runners for smollm2 "
+                        "(comma-separated GGUF types: F32,BF16,Q8_0,Q4_0,Q4_1; needs llama-cpp-python)")
     parser.add_argument("--quantize", default="", help="quantize schemes to add as runners "
                         "(comma-separated, e.g. int8,int4:g64; 'gguf': SmolLM2's own file blocks): "
                         "lossy, their tokens may differ")
@@ -141,6 +185,9 @@ def main(argv=None) -> int:
         with torch.no_grad():
             schemes = [_scheme(q, name) for q in args.quantize.split(",") if q]
             runs, compiled = runners(model, prompt, [q for q in schemes if q])
+            if args.llamacpp and name == "smollm2":
+                runs.update(llamacpp_runners(prompt, args.llamacpp.split(","),
+                                             torch.get_num_threads()))
             for label, fn in runs.items():
                 if label in args.skip.split(","):
                     continue
