@@ -149,6 +149,12 @@ def _stored_itemsize(label: str) -> tuple[float, float]:
     from fxforge.passes.quantize import parse_scheme
     if label.endswith(" bf16"):
         return 2, 2
+    if label.startswith("llama.cpp "):   # its quantize puts the tied embedding in Q6_K, which
+        # falls back to Q8_0 at K = 576 (its log says so): counted as Q8_0
+        kind = label.split()[-1]
+        per = {"F32": (4, 4), "BF16": (2, 2), "Q8_0": (8.5 / 8, 8.5 / 8),
+               "Q4_0": (4.5 / 8, 8.5 / 8), "Q4_1": (5 / 8, 8.5 / 8)}
+        return per.get(kind, (0, 0))
     scheme = label.split("kv_cache ", 1)[1] if "kv_cache " in label else ""
     if scheme.startswith("gguf:"):   # SmolLM2's file: Q4_1 linears, a Q8_0 tied head
         return FORMATS["int4_g32"].bits_per_weight / 8, FORMATS["int8_g32"].bits_per_weight / 8
