@@ -31,10 +31,11 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
-from fxforge.examples.smollm2 import DEFAULT_QUESTION, chat_prompt, load_smollm2, smollm2_status
+from fxforge.examples.smollm2 import DEFAULT_QUESTION, chat_prompt, gguf_path, load_smollm2, smollm2_status
 
 
 @dataclasses.dataclass
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-inductor", action="store_true", help="skip the torch.compile default backend")
     p.add_argument("--tol", type=float, default=1e-3, help="max |compiled - eager| / max |eager| on the logits")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--gguf", action="store_true", help="also fxforge+kv running the GGUF file's own "
+                   "Q4_1/Q8_0 blocks (quantize='gguf:PATH': the same weights, a quarter of the bytes)")
     return p.parse_args(argv)
 
 
@@ -191,20 +194,22 @@ def run_backend(name: str, backend, model, tokenizer, ids, args, reference) -> R
     return run
 
 
-def run_fxforge_kv(model, tokenizer, ids, args, reference) -> Run:
-    """The no-cache loop made incremental by fxforge (``kv_cache=True``), timed like the others."""
+def run_fxforge_kv(model, tokenizer, ids, args, reference, label: str = "fxforge+kv",
+                   options: Optional[dict] = None) -> Run:
+    """The no-cache loop made incremental by fxforge (``kv_cache=True``, plus ``options``),
+    timed like the others."""
     import torch._dynamo
 
     import fxforge
     from fxforge.examples.hf_models import LogitsOnly
 
-    run = Run("fxforge+kv")
+    run = Run(label)
     print(f"\n[{run.backend}] compiling and checking ...", flush=True)
     torch._dynamo.reset()
     try:
         with torch.inference_mode():
             compiled = torch.compile(LogitsOnly(model), backend=resolve_backend("fxforge"),
-                                     options={"kv_cache": True, "max_seq_len": 512})
+                                     options={"kv_cache": True, "max_seq_len": 512, **(options or {})})
             t0 = time.perf_counter()
             out = fxforge.generate(compiled, ids, args.new_tokens, stop_tokens=tokenizer.eos_token_id)
             run.compile_s = time.perf_counter() - t0
@@ -273,6 +278,11 @@ def main(argv=None) -> int:
     kv = run_fxforge_kv(model, tokenizer, ids, args, reference) if args.backend == "fxforge" else None
     if kv is not None:
         runs.append(kv)
+    gguf = None
+    if args.gguf and args.backend == "fxforge":
+        gguf = run_fxforge_kv(model, tokenizer, ids, args, reference, "fxforge+kv+gguf",
+                              {"quantize": f"gguf:{gguf_path()}"})
+        runs.append(gguf)
     print_table(runs, ids.shape[1], args.new_tokens)
 
     status = 0
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
     for r in runs[1:]:
         if not r.error and r.answer != eager.answer:
             print(f"\nWARNING: {r.backend} answered differently from eager")
-    for checked in [demo] + ([kv] if kv is not None else []):
+    for checked in [demo] + [r for r in (kv, gguf) if r is not None]:
         if checked.error or checked.rel_diff > args.tol:
             why = checked.error or f"relative logits diff {checked.rel_diff:.2e} > {args.tol:.0e}"
             print(f"\nFAIL: backend {checked.backend}: {why}", file=sys.stderr)

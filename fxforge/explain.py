@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from xml.sax.saxutils import escape
 
 import torch
+import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxforge.api import compile as fxforge_compile
@@ -273,7 +274,36 @@ def _graph_text(g: GraphReport) -> list[str]:
     lines.append(f"eager fallbacks: {len(eager) or 'none'}")
     lines += [f"  {node} ({op}): {reason}" for node, op, reason in eager]
     lines.append(f"kernels per call of this graph: {g.kernels}")
-    return lines + _tuning_text(g.tuning)
+    return lines + _weights_text(g.ir) + _tuning_text(g.tuning)
+
+
+def _weights_text(ir) -> list[str]:
+    """One row per linear with a constant weight: the model's names for it, its weight format
+    (``irgraph/weight_format.py``), K x N and the bytes it holds (codes, scales, offsets)."""
+    from fxforge.irgraph.capture import WEIGHT_NAME_KEY
+    from fxforge.irgraph.query import alias_root
+    from fxforge.irgraph.views import Linear
+    from fxforge.irgraph.weight_format import weight_format
+    rows, total = [], 0
+    for node in ir.gm.graph.nodes:
+        linear = Linear.of(node)
+        if linear is None or not isinstance(linear.weight, fx.Node):
+            continue
+        root = alias_root(linear.weight)
+        if root.op != "get_attr":
+            continue
+        fmt = weight_format(linear.weight_format)
+        tensors = [t for t in (linear.weight, linear.scales, linear.offsets) if t is not None]
+        nbytes = sum(getattr(ir.gm, alias_root(t).target).nbytes for t in tensors)
+        shape = linear.weight.meta["val"].shape
+        k = fmt.in_features(linear.weight.meta["val"]) if fmt.code_dtype is not None else shape[0]
+        name = root.meta.get(WEIGHT_NAME_KEY) or root.target
+        rows.append((node.name, fmt.name, f"{k}x{shape[1]}", nbytes, name[:70]))
+        total += nbytes
+    if not rows:
+        return []
+    return [f"linear weights: {len(rows)}, {total / 1e6:.3f} MB"] + \
+        ["  " + row for row in _table(rows, ("node", "format", "K x N", "bytes", "weights"))]
 
 
 def _tuning_text(picks: list) -> list[str]:

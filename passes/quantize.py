@@ -195,6 +195,7 @@ def _quantize_linear(ir: IRGraph, linear: Linear, scheme: str, name: str,
     if offsets is not None:
         extras["offsets"] = _add_transposed(ir, "q_offsets", offsets, before)
     weight = _add_transposed(ir, "q_codes", codes, before)
+    weight.all_input_nodes[0].meta[WEIGHT_NAME_KEY] = name   # the codes keep the model's name
     linear.replace(weight=weight, weight_format=fmt, **extras)
     ir.infer(linear.node)
     return fmt

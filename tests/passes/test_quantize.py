@@ -302,3 +302,16 @@ def test_a_quantized_linear_call_is_replayable(fmt):
     x2, residual2 = torch.randn(1, 64, generator=gen), torch.randn(1, 40, generator=gen)
     torch.testing.assert_close(recording.replay([x2, residual2]), linear(x2, residual2),
                                rtol=0, atol=0)
+
+
+def test_explain_lists_each_linears_format_bytes_and_names():
+    model = _MLP(_generator()).eval()
+    report = fxforge.explain(model, torch.randn(3, 64), count_eager=False,
+                             quantize={"default": "int4:g32", "head": "int8"})
+    rows = {line.split()[-1]: line.split() for line in report.text.splitlines()
+            if line.startswith("  linear_") and line.split()[-1].endswith(".weight")}
+    assert rows["up.weight"][1] == "int4_g32" and rows["up.weight"][2] == "64x128"
+    # int4 g32: 64*128/2 code bytes + 2 groups x 128 x (fp16 scale + offset)
+    assert int(rows["up.weight"][3]) == 64 * 128 // 2 + 2 * 128 * 4
+    assert rows["head.weight"][1] == "int8_channel" and int(rows["head.weight"][3]) == 64 * 96 + 96 * 2
+    assert "linear weights: 3," in report.text
