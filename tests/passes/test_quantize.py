@@ -315,3 +315,20 @@ def test_explain_lists_each_linears_format_bytes_and_names():
     assert int(rows["up.weight"][3]) == 64 * 128 // 2 + 2 * 128 * 4
     assert rows["head.weight"][1] == "int8_channel" and int(rows["head.weight"][3]) == 64 * 96 + 96 * 2
     assert "linear weights: 3," in report.text
+
+
+def test_weights_changed_after_compile_are_quantized_again(caplog):
+    """Stale codes would be wrong answers: a changed weight is re-frozen and re-quantized."""
+    gen = _generator()
+    model = _MLP(gen).eval()
+    x = torch.randn(3, 64, generator=gen)
+    compiled = fxforge.compile(model, (x,), quantize="int8", backend="reference")
+    with torch.no_grad():
+        compiled(x)
+        model.up.weight.mul_(1.5)   # in place, after compile
+        with caplog.at_level("WARNING", logger="fxforge"):
+            got = compiled(x)
+    assert "weights changed since compilation" in caplog.text
+    want = _dequantized_copy(model, {name: "int8_channel:rtn" for name in ("up", "down", "head")})
+    with torch.no_grad():
+        torch.testing.assert_close(got, want(x), rtol=1e-5, atol=1e-5)
