@@ -9,9 +9,11 @@ The calibration inputs are the compile's own example inputs (``fxforge.compile``
 set by the orchestrator with :func:`calibrating` while the passes run; :func:`linear_hessians`
 runs the graph on them once, eagerly, and sums ``X^T X`` at every ``fxforge::linear``.
 
-Group parameters (int4: an fp16 scale and offset per group of G columns) are fitted on the
-group's min and max as the weight stands when its first column is reached (earlier columns'
-errors included), as the paper's grouped variant does; int8 keeps one scale per output row, fitted before the first column.
+Group parameters (int4: an fp16 scale and offset per group of G columns) are round to nearest's
+(``quantize_math.int4_range``: the group's min and max) as the weight stands when the group's
+first column is reached (earlier columns' errors included), as the paper's grouped variant does;
+int8 keeps one scale per output row (``quantize_math.int8_scale``), fitted before the first
+column.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.views import Linear
+from fxforge.passes.quantize_math import int4_codes, int4_range, int8_codes, int8_scale
 
 DAMPING = 0.01   # of the Hessian's mean diagonal: keeps the Cholesky factorisation stable
 BLOCK = 128      # columns updated lazily as one block (the paper's batching); groups divide it
-_FP16_TINY = torch.finfo(torch.float16).tiny
 _INPUTS: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("fxforge_calibration",
                                                                           default=None)
 
@@ -79,12 +81,6 @@ def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def _int4_params(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    low, high = columns.amin(dim=1), columns.amax(dim=1)
-    scale = ((high - low) / 15).clamp(min=_FP16_TINY).to(torch.float16).float()
-    return scale, low.to(torch.float16).float()
-
-
 def gptq_quantize(weight_nk: torch.Tensor, hessian: torch.Tensor, group: Optional[int]) -> tuple:
     """int4 (``group``) -> (codes uint8 [N, K], scales, offsets fp16 [N, K/group]); int8 per
     channel (``group`` None) -> (codes int8 [N, K], scales fp16 [N, 1])."""
@@ -93,7 +89,7 @@ def gptq_quantize(weight_nk: torch.Tensor, hessian: torch.Tensor, group: Optiona
     hinv = _inverse_factor(hessian, w)
     codes = torch.empty(n, k)
     if group is None:
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=_FP16_TINY).to(torch.float16).float()
+        scale = int8_scale(w).squeeze(1)
         offset = torch.zeros(n)
         scales, offsets = scale.unsqueeze(1), None
     else:
@@ -104,12 +100,10 @@ def gptq_quantize(weight_nk: torch.Tensor, hessian: torch.Tensor, group: Optiona
         for i in range(stop - start):
             column = start + i
             if group is not None and column % group == 0:   # a group lies within one block
-                scale, offset = _int4_params(block[:, i:i + group])
+                scale, offset = (t.squeeze(1) for t in int4_range(block[:, i:i + group]))
                 scales[:, column // group], offsets[:, column // group] = scale, offset
-            if group is None:
-                q = torch.round(block[:, i] / scale).clamp(-127, 127)
-            else:
-                q = torch.round((block[:, i] - offset) / scale).clamp(0, 15)
+            q = int8_codes(block[:, i], scale) if group is None else \
+                int4_codes(block[:, i], scale, offset)
             codes[:, column] = q
             error = (block[:, i] - (q * scale + offset)) / hinv[column, column]
             block[:, i:] -= error.unsqueeze(1) * hinv[column, column:stop].unsqueeze(0)

@@ -37,32 +37,43 @@ def _fp16(value: torch.Tensor) -> torch.Tensor:
     return value.to(torch.float16).to(torch.float32)
 
 
-def _int8_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round to nearest onto the symmetric int8 grid of ``scale``."""
     return torch.round(w / scale).clamp_(-127, 127)
 
 
-def _int4_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Round to nearest onto the 16 levels ``offset + q * scale``."""
     return torch.round((w - offset) / scale).clamp_(0, 15)
+
+
+def int8_scale(rows: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    """The fp16-rounded scale (``[R, 1]``) that maps ``clip * max |row|`` to 127."""
+    return _fp16((rows.abs().amax(dim=1, keepdim=True) * clip / 127).clamp_(min=_TINY))
+
+
+def int4_range(groups: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16-rounded (scale, offset) (``[R, 1]`` each) spanning ``clip * [min, max]``."""
+    low, high = groups.amin(dim=1, keepdim=True) * clip, groups.amax(dim=1, keepdim=True) * clip
+    return _fp16(((high - low) / 15).clamp_(min=_TINY)), _fp16(low)
 
 
 def _int8_candidate(w: torch.Tensor, clip: float, refits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scale) for rows ``w`` [R, K] at one clipping of ``max |w|``."""
-    scale = _fp16((w.abs().amax(dim=1, keepdim=True) * clip / 127).clamp_(min=_TINY))
-    codes = _int8_codes(w, scale)
+    scale = int8_scale(w, clip)
+    codes = int8_codes(w, scale)
     for _ in range(refits):   # least-squares scale for these codes: <q, w> / <q, q>
         qq = (codes * codes).sum(dim=1, keepdim=True)
         fitted = (codes * w).sum(dim=1, keepdim=True) / qq.clamp(min=1)
         scale = torch.where(qq > 0, _fp16(fitted.clamp(min=_TINY)), scale)
-        codes = _int8_codes(w, scale)
+        codes = int8_codes(w, scale)
     return codes, scale
 
 
 def _int4_candidate(w: torch.Tensor, clip: float, refits: int) -> tuple[torch.Tensor, ...]:
     """(codes, scale, offset) for groups ``w`` [R, G] at one clipping of ``[min, max]``."""
-    low, high = w.amin(dim=1, keepdim=True) * clip, w.amax(dim=1, keepdim=True) * clip
-    scale = _fp16(((high - low) / 15).clamp_(min=_TINY))
-    offset = _fp16(low)
-    codes = _int4_codes(w, scale, offset)
+    scale, offset = int4_range(w, clip)
+    codes = int4_codes(w, scale, offset)
     n = w.shape[1]
     for _ in range(refits):   # least squares of w ~ q * scale + offset for these codes
         sq, sw = codes.sum(dim=1, keepdim=True), w.sum(dim=1, keepdim=True)
@@ -72,7 +83,7 @@ def _int4_candidate(w: torch.Tensor, clip: float, refits: int) -> tuple[torch.Te
         fitted = (n * sqw - sq * sw) / torch.where(solvable, det, torch.ones_like(det))
         scale = torch.where(solvable & (fitted > 0), _fp16(fitted.clamp(min=_TINY)), scale)
         offset = torch.where(solvable, _fp16((sw - scale * sq) / n), offset)
-        codes = _int4_codes(w, scale, offset)
+        codes = int4_codes(w, scale, offset)
     return codes, scale, offset
 
 
