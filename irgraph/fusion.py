@@ -78,8 +78,8 @@ def reduced_row_input(node: fx.Node) -> Optional[fx.Node]:
         return None
     if isinstance(op, (LayerNorm, RmsNorm)):
         return op.input if len(op.normalized_shape) == 1 else None
-    dims = op.dim if isinstance(op.dim, (list, tuple)) else [op.dim]   # None/[]: all dims
-    return op.input if len(dims) == 1 and dims[0] in (-1, val.dim() - 1) else None
+    named = op.dim not in (None, [], ())   # reducing every dim is not a row program's job
+    return op.input if named and op.dims(val.dim()) == [val.dim() - 1] else None
 
 
 def group_of(node: fx.Node) -> Optional[str]:

@@ -104,6 +104,7 @@ class GGUFBlocks:
         self._types: Counter = Counter()
         self._unmapped: Counter = Counter()
         self._by_shape: dict[tuple[int, int], list[_Tensor]] = {}
+        self._rows_by_k: dict[int, dict[bytes, tuple[_Tensor, int]]] = {}   # _rows_of_width
         for t in reader.tensors:
             qtype = t.tensor_type.name
             self._types[qtype] += 1
@@ -183,13 +184,21 @@ class GGUFBlocks:
             # a digest collision (rows matched, values not): try the other candidates
         return self._find_across(weight, digests)
 
+    def _rows_of_width(self, k: int) -> dict[bytes, tuple[_Tensor, int]]:
+        """Row digest -> (tensor, row) over every mappable tensor with K = ``k``, built once
+        (a model's fused projections all ask for the same K)."""
+        if k not in self._rows_by_k:
+            where: dict[bytes, tuple[_Tensor, int]] = {}
+            for tensor in [t for (_, width), ts in self._by_shape.items() if width == k for t in ts]:
+                for digest, row in self._index(tensor).items():
+                    where.setdefault(digest, (tensor, row))
+            with self._lock:
+                self._rows_by_k.setdefault(k, where)
+        return self._rows_by_k[k]
+
     def _find_across(self, weight: torch.Tensor, digests: list[bytes]) -> Optional[Mapping]:
         """Rows gathered from any of the file's tensors with the weight's K, one format."""
-        same_k = [t for (n, k), ts in self._by_shape.items() if k == weight.shape[1] for t in ts]
-        where: dict[bytes, tuple[_Tensor, int]] = {}
-        for tensor in same_k:
-            for digest, row in self._index(tensor).items():
-                where.setdefault(digest, (tensor, row))
+        where = self._rows_of_width(weight.shape[1])
         found = [where.get(d) for d in digests]
         if any(f is None for f in found) or \
                 len({_BLOCKS[t.qtype][0] for t, _ in found}) != 1:   # Q8_0 rows beside Q4 rows
