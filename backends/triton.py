@@ -69,8 +69,11 @@ def make_table() -> KernelTable:
         ops = linear_operands(node)
         if ops is None or not _runs_here(node):
             return None
+        from fxforge.kernels.quant_triton import FORMATS as QUANTIZED_FORMATS
+        if ops.weight_format in QUANTIZED_FORMATS:
+            return _quantized_linear(node, ops)
         if ops.weight_format != DENSE:   # the op's reference decodes it (logged as a fallback)
-            raise not_implemented_by("Triton matmul", ops.weight_format, (DENSE,))
+            raise not_implemented_by("Triton matmul", ops.weight_format, (DENSE, *QUANTIZED_FORMATS))
         tuned = _tuned_linear(node, ops)
         call = Bound("triton_linear", _linear_call, activation=ops.activation, out_dtype=ops.out_dtype,
                       has_bias=ops.bias is not None, has_residual=ops.residual is not None, fn=triton_linear,
@@ -109,6 +112,21 @@ def make_table() -> KernelTable:
     return table
 
 
+def _quantized_linear(node: fx.Node, ops) -> tuple:
+    """A linear in a quantized format on the dequant-fused kernels: the split-K GEMV for a
+    call of few rows (decode), the matmul for more (chosen per call, by its rows)."""
+    from fxforge.kernels.quant_triton import triton_quant_linear
+    tuned = _tuned_linear(node, ops)
+    call = Bound("triton_quant_linear", _quant_linear_call, fn=triton_quant_linear,
+                 weight_format=ops.weight_format, has_offsets=ops.offsets is not None,
+                 activation=ops.activation, out_dtype=ops.out_dtype, has_bias=ops.bias is not None,
+                 has_residual=ops.residual is not None, tuned=tuned)
+    args = [a for a in (ops.x, ops.weight, ops.scales, ops.offsets, ops.bias, ops.residual)
+            if a is not None]
+    return call, args, f"Triton quantized matmul / split-K GEMV ({ops.weight_format})", \
+        f"activation={ops.activation}" + _tuned_note(tuned)
+
+
 # --- autotuning: configs are chosen at lowering, inside the compiler's tuning session, and bound
 # into the call as (shape bucket, config). A call whose shape falls in another bucket (a dynamic
 # length) gets None: the launcher's untuned per-shape choice, never a session lookup per call.
@@ -137,6 +155,10 @@ def _tuned_linear(node: fx.Node, ops) -> Optional[tuple]:
         return None
     dtype, device = tensor_meta(node).dtype, tensor_meta(node).device
     x_dtype = ops.x.meta["val"].dtype
+    if ops.weight_format != DENSE:   # the quantized kernels' spaces (rows: GEMV or matmul)
+        from fxforge.kernels.quant_triton_tuning import tuned_quant_config
+        return tuned_quant_config(x[0], x[1], w[1], ops.weight_format, x_dtype, ops.activation,
+                                  ops.bias is not None, ops.residual is not None, device, dtype)
     config = tuned_linear_config(x[0], x[1], w[1], x_dtype, ops.activation, ops.bias is not None,
                                  ops.residual is not None, device, dtype)
     return None if config is None else (bucket(x[0]), config)
@@ -172,6 +194,13 @@ def _linear_call(x, w, *rest, fn, activation, out_dtype, has_bias, has_residual,
     config = tuned[1] if tuned is not None and bucket(x.shape[0]) == tuned[0] else None
     return fn(x, w, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
               config=config)
+
+
+def _quant_linear_call(x, codes, scales, *rest, fn, weight_format, has_offsets, **linear):
+    rest = list(rest)
+    offsets = rest.pop(0) if has_offsets else None
+    quantized = lambda x, codes, **kw: fn(x, codes, scales, offsets, weight_format, **kw)  # noqa: E731
+    return _linear_call(x, codes, *rest, fn=quantized, **linear)
 
 
 def _attention_call(q, k, v, *mask, fn, has_mask, is_causal, scale, enable_gqa, tuned):

@@ -1,13 +1,17 @@
 """fxforge's Triton kernels against the vendor libraries, on one CUDA GPU.
 
-    python bench/gpu_kernels.py                 # both benchmarks
+    python bench/gpu_kernels.py                 # every benchmark
     python bench/gpu_kernels.py --json out.json
+    python bench/gpu_kernels.py --only quant     # one benchmark
 
 - matmul: ``triton_linear`` (every config of its tuning space that survives pruning) against
   ``torch.mm`` (cuBLAS) at 4096^3 bf16, then the fused epilogue (bias, GELU, residual) against
   the same epilogue run eagerly after ``torch.addmm``;
 - attention: ``triton_attention`` (every surviving config) against
-  ``F.scaled_dot_product_attention`` at (1, 16, 4096, 128) bf16, causal.
+  ``F.scaled_dot_product_attention`` at (1, 16, 4096, 128) bf16, causal;
+- quant: the quantized kernels (``kernels/quant_triton.py``, every format) on SmolLM2's linear
+  shapes at M=1 and M=128, as ratios against the dense Triton matmul and ``torch.mm`` on the
+  dequantized fp16 weight (``--dry-run`` prepares these operands on the CPU, no GPU needed).
 
 Times are medians from ``triton.testing.do_bench``. Each config is checked against torch before
 it is timed; a config that fails to compile or gives a wrong answer is listed, not timed.
@@ -151,11 +155,84 @@ def bench_fused_pointwise(rows=16384, cols=8192, dtype=torch.bfloat16) -> dict:
     return out
 
 
+QUANT_SHAPES = ((576, 576), (576, 1536), (1536, 576), (576, 49152))   # SmolLM2-135M's (K, N)
+QUANT_ROWS = (1, 128)                                                  # decode, prefill
+
+
+def quant_weights(k: int, n: int, fmt: str, dtype: torch.dtype, device: str,
+                  generator: torch.Generator) -> dict:
+    """One quantized weight as the quantize pass stores it (codes/scales/offsets, transposed
+    views), made on the CPU (seeded) and moved to ``device``, with its dequantized values in
+    ``dtype`` as nn.Linear's transposed view (what the dense Triton matmul and torch.mm run)."""
+    from fxforge.irgraph.weight_format import decode
+    from fxforge.kernels.quant_triton import checked_format
+    from fxforge.kernels.quant_triton_tuning import random_quantized
+    codes, scales, offsets = random_quantized(k, n, fmt, generator)
+    checked_format(fmt, codes, scales, offsets)
+    dense = decode(codes, fmt, scales, offsets).t().contiguous().t().to(dtype)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731  (keeps the strides)
+    return {"codes": move(codes), "scales": move(scales), "offsets": move(offsets),
+            "dense": move(dense)}
+
+
+def bench_quant(dtype=torch.float16, device="cuda", dry_run=False) -> dict:
+    """The quantized kernels (untuned configs: the GEMV at M=1, the dequant-fused matmul at
+    M=128) on SmolLM2's linear shapes, as speed ratios against the dense Triton matmul and
+    torch.mm on the dequantized weight (>1: the quantized kernel is faster). ``dry_run``: only
+    prepare the operands (on the CPU), checking their layout; nothing runs or is timed."""
+    from fxforge.irgraph.weight_format import weight_format
+    from fxforge.kernels.matmul import triton_linear
+    from fxforge.kernels.quant_triton import FORMATS, triton_quant_linear
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    print(f"quantized linears, x {dtype}, times in ms (ratio = other kernel's time / quantized's)")
+    for k, n in QUANT_SHAPES:
+        for fmt in FORMATS:
+            group = weight_format(fmt).group
+            if group and k % group:   # the quantize pass takes a smaller group there
+                print(f"  {fmt} {k}->{n}: skipped, K={k} is not a multiple of {group}")
+                continue
+            w = quant_weights(k, n, fmt, dtype, device, generator)
+            for m in QUANT_ROWS:
+                x = torch.randn(m, k, generator=generator).to(dtype).to(device)
+                label = f"{fmt} M={m} {k}->{n}"
+                if dry_run:
+                    assert w["dense"].shape == (k, n) and w["codes"].shape[1] == n
+                    out[label] = {"prepared": True}
+                    continue
+                run = lambda: triton_quant_linear(x, w["codes"], w["scales"], w["offsets"], fmt,  # noqa: E731
+                                                  out_dtype=dtype)
+                want = torch.mm(x, w["dense"])
+                error = ((run().float() - want.float()).abs().max() / want.float().abs().max()).item()
+                quant_ms = _median_ms(run)
+                dense_ms = _median_ms(lambda: triton_linear(x, w["dense"]))
+                torch_ms = _median_ms(lambda: torch.mm(x, w["dense"]))
+                read = sum(t.numel() * t.element_size() for t in (w["codes"], w["scales"], x)) + \
+                    (w["offsets"].numel() * 2 if w["offsets"] is not None else 0)
+                gbs = read / (quant_ms * 1e-3) / 1e9
+                print(f"  {label:28s} {quant_ms:.4f}  vs dense triton {dense_ms:.4f} "
+                      f"({dense_ms / quant_ms:.2f}x)  vs torch.mm {torch_ms:.4f} "
+                      f"({torch_ms / quant_ms:.2f}x)  {gbs:.0f} GB/s read  rel.err {error:.1e}")
+                out[label] = {"ms": quant_ms, "dense_triton_ms": dense_ms, "torch_mm_ms": torch_ms,
+                              "vs_dense_triton": dense_ms / quant_ms, "vs_torch_mm": torch_ms / quant_ms,
+                              "read_gbs": gbs, "relative_error": error}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--only", choices=("fused", "matmul", "attention", "quant"),
+                        help="run one benchmark")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="prepare the quantized benchmark's operands on the CPU and exit "
+                             "(no GPU needed; nothing is timed)")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        prepared = bench_quant(device="cpu", dry_run=True)
+        print(f"bench/gpu_kernels.py: {len(prepared)} quantized cases prepared (dry run)")
+        return 0
     if not torch.cuda.is_available():
         print("bench/gpu_kernels.py: no CUDA device (torch.cuda.is_available() is False); "
               "these benchmarks need a GPU.", file=sys.stderr)
@@ -166,8 +243,11 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    results = {"device": torch.cuda.get_device_name(), "fused_pointwise": bench_fused_pointwise(),
-               "matmul": bench_matmul(), "attention": bench_attention()}
+    benches = {"fused_pointwise": bench_fused_pointwise, "matmul": bench_matmul,
+               "attention": bench_attention, "quant": bench_quant}
+    only = {"fused": "fused_pointwise"}.get(args.only, args.only)
+    results = {"device": torch.cuda.get_device_name(),
+               **{name: run() for name, run in benches.items() if only in (None, name)}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

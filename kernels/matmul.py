@@ -109,9 +109,18 @@ def _linear_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # The epilogue, in fp32, on the accumulator: bias, activation, residual, then one cast.
+    _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, stride_bias, res_ptr, stride_rm, stride_rn,
+              out_ptr, stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, stride_bias, res_ptr, stride_rm, stride_rn,
+              out_ptr, stride_om, stride_on, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              ACTIVATION: tl.constexpr):
+    """fxforge::linear's epilogue, in fp32, on an fp32 ``[rows, cols]`` accumulator: bias,
+    activation, residual, then one cast and store (rows/columns past the edge are not stored)."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + (offs_n % N) * stride_bias).to(tl.float32)[None, :]
     acc = _activation(acc, ACTIVATION)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_RESIDUAL:
