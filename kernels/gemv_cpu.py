@@ -16,8 +16,11 @@ of sixteen rows, and widened to fp32 in registers (a shift and a mask per sixtee
 math stays fp32, so the result is the fp32 linear's on the bf16-rounded values. Half the bytes: measured on the same Zen 1 at M=1, 2 threads,
 1.66-1.89x the fp32 kernel's speed on SmolLM2's and a 2048x8192 shape (20-24 GB/s of bf16).
 
-The AVX2 path is compiled where the compiler targets AVX2 (``-march=native``); elsewhere the same
-loops run as portable ``omp simd`` code. The reference is ``torch.ops.fxforge.linear``.
+The kernel (``kernels/gemv_cpp.py``) is built in one library per ISA variant (portable, AVX2+FMA,
+AVX-512) and the variant chosen per kernel object from ``cpu_isa.cpu_features()``, as the quantized
+GEMV's (``FXFORGE_CPU_ISA=avx2`` runs the AVX2 build on an AVX-512 CPU, ``none`` the portable
+one). ``python bench/gemv_bandwidth.py`` prints each build's GB/s against the measured read
+bandwidth. The reference is ``torch.ops.fxforge.linear``.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from typing import Callable, Optional
 import torch
 
 from fxforge.irgraph.weight_format import not_implemented_by
-from fxforge.kernels.activations import ACT_OF_CPP, ACTIVATION_CODES, REGISTRY, cpp_act_switch
-from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
+from fxforge.kernels.activations import ACTIVATION_CODES, REGISTRY
+from fxforge.kernels.gemv_cpp import ISA_LEVEL, source
 from fxforge.kernels.replay import launch
 from fxforge.kernels.shared_packs import shared_pack
 from fxforge.kernels.toolchain import build_failure, load_function
@@ -39,129 +42,26 @@ log = logging.getLogger("fxforge.kernels")
 
 GEMV_MAX_M = 4                  # above this many rows the GEMM libraries win (measured, see below)
 PARALLEL_MIN_WEIGHTS = 1 << 15  # N x K below which one thread is faster than a parallel region
-# The activation switches come from the registry; the parentheses make .replace cover every piece.
-SOURCE = ("#include <omp.h>\n#include <immintrin.h>\n" + PRELUDE + MATH + ACT_OF_CPP + r"""
+SOURCE = source(PARALLEL_MIN_WEIGHTS)   # kernels/gemv_cpp.py
+ISA_VARIANTS = tuple(ISA_LEVEL)
 
-static inline float activate(float v, int act) {
-""" + cpp_act_switch("return act_of<{act}>(v);") + r"""}
 
-/* y = act(y) (+ residual) in place, over M rows of N (row strides sy, sr): the epilogue of a GEMM
-   from a library (ATen/MKL addmm). One templated loop per activation, so each vectorizes
-   (fxf_erf/fxf_exp are branch-free): measured on a 2-core Zen 1 at 2 threads, silu 0.5x and gelu 0.85-0.9x
-   the time of ATen's in-place kernels, with the residual add in the same pass. */
-template <int ACT>
-static void epilogue_rows(float* y, int64_t M, int64_t N, int64_t sy, const float* res, int64_t sr,
-                          int nthreads) {
-  #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M * N >= PARALLEL_MIN_WEIGHTS)
-  for (int64_t m = 0; m < M; ++m) {
-    float* row = y + m * sy;
-    if (res) {
-      const float* r = res + m * sr;
-      #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) row[n] = act_of<ACT>(row[n]) + r[n];
-    } else {
-      #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) row[n] = act_of<ACT>(row[n]);
-    }
-  }
-}
+def choose_isa() -> str:
+    """The build to run (a key of ISA_LEVEL): the best the features (``FXFORGE_CPU_ISA`` applied)
+    and the hardware both allow; the quantized GEMV's rule, so the two always agree."""
+    from fxforge.kernels.quant_gemv_cpu import choose_isa as quant_choose_isa   # imports this
+    return quant_choose_isa()
 
-extern "C" void fxf_epilogue(float* y, int64_t M, int64_t N, int64_t sy, int act, const float* res,
-                             int64_t sr, int nthreads) {
-""" + cpp_act_switch("epilogue_rows<{act}>(y, M, N, sy, res, sr, nthreads);") + r"""}
 
-/* acc[0:8] = x . w_(8b+i) for the eight rows of one packed block ([K][8]: one sequential stream) */
-static inline void block_dots(const float* x, const float* wb, int64_t K, float* acc) {
-  int64_t k = 0;
-#ifdef __AVX2__
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-         a3 = _mm256_setzero_ps();
-  for (; k + 4 <= K; k += 4) {  /* four accumulators: FMA latency, not bandwidth, would bind */
-    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), _mm256_loadu_ps(wb + k * 8), a0);
-    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), _mm256_loadu_ps(wb + k * 8 + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), _mm256_loadu_ps(wb + k * 8 + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), _mm256_loadu_ps(wb + k * 8 + 24), a3);
-  }
-  _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#else
-  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-#endif
-  for (; k < K; ++k) {
-    #pragma omp simd
-    for (int i = 0; i < 8; ++i) acc[i] += x[k] * wb[k * 8 + i];
-  }
-}
-
-/* acc[0:16] = x . w_(16b+i) for the sixteen rows of one bf16 block ([K][16] uint16, each k's
-   rows stored as pairs (r_i, r_(8+i)): one 32-bit lane holds two weights, so a shift gives row i
-   and a mask gives row 8+i as fp32, and one broadcast of x[k] serves sixteen rows) */
-static inline void block_dots_bf16(const float* x, const uint16_t* wb, int64_t K, float* acc) {
-  int64_t k = 0;
-#ifdef __AVX2__
-  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-  __m256 lo[4], hi[4];
-  for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
-  for (; k + 4 <= K; k += 4)
-    for (int j = 0; j < 4; ++j) {   /* unrolled by the compiler: eight independent FMA chains */
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + (k + j) * 16));
-      const __m256 xk = _mm256_broadcast_ss(x + k + j);
-      lo[j] = _mm256_fmadd_ps(xk, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), lo[j]);
-      hi[j] = _mm256_fmadd_ps(xk, _mm256_castsi256_ps(_mm256_and_si256(v, high)), hi[j]);
-    }
-  _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3])));
-  _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3])));
-#else
-  for (int i = 0; i < 16; ++i) acc[i] = 0.0f;
-#endif
-  for (; k < K; ++k)
-    for (int i = 0; i < 8; ++i) {
-      acc[i] += x[k] * bf16_load(wb[k * 16 + 2 * i]);
-      acc[8 + i] += x[k] * bf16_load(wb[k * 16 + 2 * i + 1]);
-    }
-}
-
-/* blocks b0..b1 of the output (R rows each: 8 fp32 or 16 bf16) for every activation row
-   (x, residual rows: strides sx, sr) */
-static void gemv_blocks(const float* x, int64_t sx, int64_t M, int64_t K, const void* w, int bf16,
-                        int64_t N, const float* bias, const float* res, int64_t sr, int act,
-                        float* y, int64_t b0, int64_t b1) {
-  const int64_t R = bf16 ? 16 : 8;
-  float acc[16];
-  for (int64_t b = b0; b < b1; ++b)
-    for (int64_t m = 0; m < M; ++m) {   /* later rows reread the block from L1/L2 */
-      if (bf16) block_dots_bf16(x + m * sx, (const uint16_t*)w + b * K * 16, K, acc);
-      else block_dots(x + m * sx, (const float*)w + b * K * 8, K, acc);
-      for (int64_t i = 0, n = b * R; i < R && n < N; ++i, ++n) {
-        const float v = activate(acc[i] + (bias ? bias[n] : 0.0f), act);
-        y[m * N + n] = res ? v + res[m * sr + n] : v;
-      }
-    }
-}
-
-/* w: the [N, K] weight packed by pack_weight: fp32 [ceil(N/8)][K][8], or bf16 (bf16 != 0)
-   [ceil(N/16)][K][16] (rows past N zero) */
-extern "C" void fxf_gemv(const float* x, int64_t sx, int64_t M, int64_t K, const void* w, int bf16,
-                         int64_t N, const float* bias, const float* res, int64_t sr, int act,
-                         float* y, int nthreads) {
-  const int64_t R = bf16 ? 16 : 8, B = (N + R - 1) / R;
-  if (nthreads <= 1 || N * K < PARALLEL_MIN_WEIGHTS) {
-    gemv_blocks(x, sx, M, K, w, bf16, N, bias, res, sr, act, y, 0, B);
-    return;
-  }
-  #pragma omp parallel num_threads(nthreads)
-  {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), per = (B + T - 1) / T;
-    const int64_t b0 = t * per < B ? t * per : B, b1 = (t + 1) * per < B ? (t + 1) * per : B;
-    gemv_blocks(x, sx, M, K, w, bf16, N, bias, res, sr, act, y, b0, b1);
-  }
-}
-""").replace("PARALLEL_MIN_WEIGHTS", str(PARALLEL_MIN_WEIGHTS))
+def runnable_isas() -> tuple[str, ...]:
+    """The builds this CPU can run (``FXFORGE_CPU_ISA`` applied): up to :func:`choose_isa`'s."""
+    return ISA_VARIANTS[:ISA_VARIANTS.index(choose_isa()) + 1]
 
 
 @functools.lru_cache(maxsize=None)
-def _entry() -> Callable:
-    """The compiled kernel (built once into the kernel cache, ~2 s)."""
-    fn = load_function(SOURCE, "fxf_gemv", "gemv")
+def _entry(isa: str) -> Callable:
+    """The ``isa`` build's kernel (one library per variant, built once into the kernel cache)."""
+    fn = load_function(SOURCE, "fxf_gemv", f"gemv_{isa}", isa=isa)
     fn.restype = None
     fn.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -171,10 +71,12 @@ def _entry() -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _epilogue_entry() -> Optional[Callable]:
-    """The compiled epilogue, or None where it cannot be built (no C++ compiler, a failed
-    build): tried once per process, not at every GEMM."""
+    """The compiled epilogue (of the build :func:`choose_isa` picks first), or None where it
+    cannot be built (no C++ compiler, a failed build): tried once per process, not at every
+    GEMM."""
     try:
-        fn = load_function(SOURCE, "fxf_epilogue", "gemv")
+        isa = choose_isa()
+        fn = load_function(SOURCE, "fxf_epilogue", f"gemv_{isa}", isa=isa)
     except Exception as exc:  # noqa: BLE001  (KernelBuildError, OSError: ATen does the same)
         log.info("fxforge: GEMM epilogues run on ATen: %s: %s", type(exc).__name__, exc)
         return None
@@ -208,7 +110,17 @@ def epilogue_(y: torch.Tensor, activation: str, residual: Optional[torch.Tensor]
 
 def gemv_unavailable() -> Optional[str]:
     """Why the kernel cannot run here (no C++ compiler, a failed build), or None."""
-    return build_failure(_entry, "gemv: C++ kernel")
+    isa = choose_isa()
+    return build_failure(lambda: _entry(isa), f"gemv ({isa}): C++ kernel")
+
+
+@functools.lru_cache(maxsize=None)
+def built_isa(isa: str) -> int:
+    """The GV_ISA level the ``isa`` library was compiled with (ISA_LEVEL's value if it is the
+    build it claims to be)."""
+    fn = load_function(SOURCE, "fxf_gemv_isa", f"gemv_{isa}", isa=isa)
+    fn.restype, fn.argtypes = ctypes.c_int, ()
+    return fn()
 
 
 # Layout names for kernels/shared_packs.py (the tiled GEMM reads the bf16 layout too)
@@ -249,13 +161,18 @@ class GemvLinear:
     GEMV_MAX_M is where it is faster than the GEMM libraries."""
 
     def __init__(self, weight_nk: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                 bf16_pack: Optional[torch.Tensor] = None, weight_format: str = "dense"):
+                 bf16_pack: Optional[torch.Tensor] = None, weight_format: str = "dense",
+                 isa: Optional[str] = None):
         """``bf16_pack``: ``weight_nk`` already packed in bf16 (the tiled GEMM's panels of the
-        same weight, format "bf16"): used as is, not packed again."""
+        same weight, format "bf16"): used as is, not packed again. ``isa``: a build of
+        :func:`runnable_isas` to run (benches compare them), else :func:`choose_isa`'s."""
         if weight_nk.dtype != torch.float32:
             raise ValueError(f"gemv: fp32 weights only, got {weight_nk.dtype}")
         self.storage = storage_of(weight_format, "gemv")
-        self.fn = _entry()
+        if isa is not None and isa not in runnable_isas():
+            raise ValueError(f"gemv: build {isa!r} cannot run here; one of {runnable_isas()}")
+        self.isa = isa or choose_isa()
+        self.fn = _entry(self.isa)
         if bf16_pack is not None:
             if self.storage != torch.bfloat16:
                 raise ValueError(f"gemv: a bf16 pack for a weight of format {weight_format!r}")
@@ -290,4 +207,5 @@ class GemvLinear:
                              "residual add" if has_residual else "") if s]
         epilogue = f", epilogue in registers: {' then '.join(steps)}" if steps else ""
         stored = ", weights stored in bf16 (format bf16)" if self.storage == torch.bfloat16 else ""
-        return f"C++ GEMV ({dtype_name}{stored}, M <= {GEMV_MAX_M}, weight streamed once){epilogue}"
+        return (f"C++ GEMV ({dtype_name}{stored}, {self.isa} build, M <= {GEMV_MAX_M}, weight "
+                f"streamed once){epilogue}")

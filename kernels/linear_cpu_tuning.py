@@ -16,7 +16,7 @@ from fxforge.kernels.linear_cpu import LAYOUTS, PackedLinear, candidate_of, line
 from fxforge.kernels.tuning import Config, Tunable, TuningTask, bucket, choose, register_family
 
 # What a tuned pick depends on: the implementations' code (a changed kernel invalidates picks).
-_SOURCES = ("linear_cpu.py", "gemm_cpu.py", "gemv_cpu.py", "linear_cpu_tuning.py")
+_SOURCES = ("linear_cpu.py", "gemm_cpu.py", "gemv_cpu.py", "gemv_cpp.py", "linear_cpu_tuning.py")
 
 
 @functools.lru_cache(maxsize=1)
