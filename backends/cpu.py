@@ -21,7 +21,7 @@ from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import TensorMeta
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import CachedAttention
-from fxforge.irgraph.weight_format import QUANTIZED
+from fxforge.irgraph.weight_format import QUANTIZED, W8A8
 
 log = logging.getLogger("fxforge.backends")
 aten = torch.ops.aten
@@ -55,6 +55,11 @@ def _quantized_linear(ops, weight: torch.Tensor, bias: Optional[torch.Tensor], c
     from fxforge.kernels.quant_linear_cpu import QuantLinear
     scales = constant(ops.scales)
     offsets = constant(ops.offsets) if ops.offsets is not None else None
+    if ops.weight_format == W8A8:   # offsets: its smoothing vector (irgraph/weight_format.py)
+        from fxforge.kernels.w8a8_cpu import W8A8Linear
+        kernel = W8A8Linear(weight, scales, offsets, bias, ops.activation,
+                            ops.residual is not None, ops.out_dtype)
+        return kernel, kernel.describe(), f"weight format {W8A8}"
     kernel = QuantLinear(ops.weight_format, weight, scales, offsets, bias, ops.activation,
                          ops.residual is not None, ops.out_dtype)
     return kernel, kernel.describe(), f"weight format {ops.weight_format}"
@@ -144,6 +149,9 @@ class CPUBackend(ReferenceBackend):
         formats = {"dense", "bf16"} if gemv_unavailable() is None else {"dense"}
         if quant_gemv_unavailable() is None:
             formats |= set(QUANT_FORMATS) & set(QUANTIZED)
+        from fxforge.kernels.w8a8_cpu import w8a8_unavailable
+        if w8a8_unavailable() is None:
+            formats.add(W8A8)
         return frozenset(formats)
 
     def weight_only_precision(self, precision: str) -> Optional[str]:

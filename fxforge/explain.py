@@ -279,12 +279,15 @@ def _graph_text(g: GraphReport) -> list[str]:
 
 def _weights_text(ir) -> list[str]:
     """One row per linear with a constant weight: the model's names for it, its weight format
-    (``irgraph/weight_format.py``), K x N and the bytes it holds (codes, scales, offsets)."""
+    (``irgraph/weight_format.py``), K x N and the bytes it holds (codes, scales, offsets); under
+    ``quantize="auto"`` also its measured accuracy change and time per token."""
     from fxforge.irgraph.capture import WEIGHT_NAME_KEY
     from fxforge.irgraph.query import alias_root
     from fxforge.irgraph.views import Linear
     from fxforge.irgraph.weight_format import weight_format
-    rows, total = [], 0
+    from fxforge.passes.quantize_auto import INFO_KEY
+    from fxforge.quant_report import explain_cells, explain_header, explain_summary
+    rows, total, auto = [], 0, ir.info.get(INFO_KEY)
     for node in ir.gm.graph.nodes:
         linear = Linear.of(node)
         if linear is None or not isinstance(linear.weight, fx.Node):
@@ -298,12 +301,14 @@ def _weights_text(ir) -> list[str]:
         shape = linear.weight.meta["val"].shape
         k = fmt.in_features(linear.weight.meta["val"]) if fmt.code_dtype is not None else shape[0]
         name = root.meta.get(WEIGHT_NAME_KEY) or root.target
-        rows.append((node.name, fmt.name, f"{k}x{shape[1]}", nbytes, name[:70]))
+        rows.append((node.name, fmt.name, f"{k}x{shape[1]}", nbytes, *explain_cells(auto, name),
+                     name[:70]))
         total += nbytes
     if not rows:
         return []
-    return [f"linear weights: {len(rows)}, {total / 1e6:.3f} MB"] + \
-        ["  " + row for row in _table(rows, ("node", "format", "K x N", "bytes", "weights"))]
+    header = ("node", "format", "K x N", "bytes", *explain_header(auto), "weights")
+    return [f"linear weights: {len(rows)}, {total / 1e6:.3f} MB"] + explain_summary(auto) + \
+        ["  " + row for row in _table(rows, header)]
 
 
 def _tuning_text(picks: list) -> list[str]:

@@ -17,6 +17,7 @@ class CompileOptions:
     decode_replay: bool = True    # CPU decode steps replayed from a validated recording
     max_sessions: int = 8         # KV-cache states kept per graph (sequences; LRU beyond)
     quantize: Optional[tuple] = None  # weight-only quantization rules (passes/quantize.py)
+    accuracy_budget: Optional[tuple] = None  # quantize="auto"'s bound: ("kl", 0.01) (quantize_plan.py)
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
     autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"
@@ -59,6 +60,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
             merged["quantize"] = parse_quantize(merged["quantize"])
         except QuantizeSpecError as exc:
             raise OptionsError(f"option quantize: {exc}") from None
+    _check_budget(merged)
     if "autotune" in merged:
         mode = merged["autotune"]
         if not isinstance(mode, (bool, str)) or mode not in AUTOTUNE_MODES:
@@ -81,6 +83,23 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
         if key in merged and not isinstance(merged[key], bool):
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
     return CompileOptions(**merged)
+
+
+def _check_budget(merged: dict) -> None:
+    """``accuracy_budget`` parsed, and present exactly when a quantize rule is "auto"."""
+    from fxforge.passes.quantize import AUTO
+    from fxforge.passes.quantize_plan import BudgetError, parse_budget
+    try:
+        budget = merged["accuracy_budget"] = parse_budget(merged.get("accuracy_budget"))
+    except BudgetError as exc:
+        raise OptionsError(f"option {exc}") from None
+    auto = any(scheme == AUTO for _, scheme in merged.get("quantize") or ())
+    if auto and budget is None:
+        raise OptionsError("option quantize='auto' needs accuracy_budget, e.g. {'kl': 0.01} (mean "
+                           "next-token KL vs fp32), {'ppl': 0.02} (+2% perplexity) or {'mse': 1e-3}")
+    if budget is not None and not auto:
+        raise OptionsError(f"option accuracy_budget={dict([budget])} applies to quantize='auto' "
+                           f"only; quantize is {merged.get('quantize')!r}")
 
 
 def _check_passes(names: Any) -> list[str]:

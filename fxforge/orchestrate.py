@@ -64,7 +64,7 @@ def compile_graph(ir: IRGraph, options: CompileOptions, *, stages: Sequence[str]
     backend = resolve_backend(options.backend, ir)
     if "passes" in stages:
         from fxforge.passes.gptq import calibrating
-        with calibrating(calibration):
+        with calibrating(calibration), _format_speeds(backend):
             ir = optimize(ir, options, backend)
     if "kv_step" in stages and options.kv_cache:
         plan = kv_step(ir)
@@ -72,6 +72,17 @@ def compile_graph(ir: IRGraph, options: CompileOptions, *, stages: Sequence[str]
     if "lower" in stages:
         _lower(result, options, tuning_overlay, measure)
     return result
+
+
+def _format_speeds(backend: Backend):
+    """``quantize="auto"`` weighs formats by their kernels' measured speed on the CPU backend
+    (``fxforge/quant_speed.py``); elsewhere, or under a measurement a caller installed, the
+    pass's own rule applies."""
+    from fxforge.passes.quantize_plan import installed_measure, measuring_speed
+    if backend.name != "cpu" or installed_measure() is not None:
+        return contextlib.nullcontext()
+    from fxforge.quant_speed import cpu_layer_seconds
+    return measuring_speed(cpu_layer_seconds)
 
 
 def _lower(result: Compilation, options: CompileOptions, overlay: Optional[Path],

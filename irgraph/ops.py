@@ -59,9 +59,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     """Reference: the same ATen ops, in the same order, as the unfused graph (bit-exact), on
     the weight decoded from its format."""
     _check(x, weight, bias, activation, residual, weight_format, scales, offsets)
-    if weight_format != DENSE:
-        weight = decode(weight, weight_format, scales, offsets)
-    y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
+    quantized_math = format_named(weight_format).matmul   # w8a8: the activations quantized too
+    if quantized_math is not None:
+        y = quantized_math(x, weight, scales, offsets)
+        y = y + bias if bias is not None else y
+    else:
+        if weight_format != DENSE:
+            weight = decode(weight, weight_format, scales, offsets)
+        y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
     y = ACTIVATIONS[activation](y)
     if residual is not None:
         y = y + residual

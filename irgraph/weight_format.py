@@ -18,7 +18,13 @@ The formats:
 * ``int4_g32``/``g64``/``g128``: 4-bit codes ``q`` in 0..15, two per byte along K (the low
   nibble holds the even k), an fp16 ``scale`` and ``offset`` per group of G values along K
   (``w = q * scale + offset``: GGUF Q4_1's form; a symmetric int4 has ``offset = -8 * scale``);
-* ``int8_g32``: int8 codes with an fp16 scale per group of 32 along K (``w = q * scale``).
+* ``int8_g32``: int8 codes with an fp16 scale per group of 32 along K (``w = q * scale``);
+* ``w8a8``: ``int8_channel``'s codes and scales of the *smoothed* weight ``W * s`` (SmoothQuant:
+  ``s`` per input channel) and, in the ``offsets`` slot, ``smooth = 1 / s`` (fp32 ``[K, 1]``);
+  the activations are quantized too, per row at run time: ``x * smooth`` to symmetric int8 codes
+  with one fp32 scale per row (:func:`w8a8_quantize_rows`), an exact int32 dot product with the
+  codes, then ``acc * scale_w[n] * scale_x[m]`` (:func:`w8a8_matmul`, the reference; the one
+  format whose math is not ``x @ decode(weight)``).
 
 GGUF's Q8_0 blocks are ``int8_g32`` and its Q4_0/Q4_1 blocks ``int4_g32`` value for value (the
 same codes, scales and minimums, laid out per format here; ``irgraph/gguf.py`` maps a file's
@@ -43,6 +49,7 @@ from typing import Callable, Optional
 import torch
 
 DENSE = "dense"
+W8A8 = "w8a8"
 
 
 class WeightFormatError(ValueError):
@@ -61,6 +68,9 @@ class WeightFormat:
     # (weight, *extras) -> the dense values; None: a declared slot
     decode: Optional[Callable[..., torch.Tensor]] = None
     code_dtype: Optional[torch.dtype] = None   # the stored weight's dtype (None: a float)
+    # (x, weight, *extras) -> x @ W in fp32, for a format that quantizes the activations too
+    # (w8a8); None: the op computes x @ decode(weight)
+    matmul: Optional[Callable[..., torch.Tensor]] = None
 
     @property
     def implemented(self) -> bool:
@@ -89,11 +99,13 @@ class WeightFormat:
                                     f"{self.code_dtype}, got {weight.dtype} {list(weight.shape)}")
         rows = 1 if self.group == 0 else self.in_features(weight) // self.group
         for name, extra in zip(("scales", "offsets"), extras):
-            if extra is not None and (extra.dtype != torch.float16 or
-                                      list(extra.shape) != [rows, weight.shape[1]]):
-                raise WeightFormatError(f"weight format {self.name!r}: {name} must be float16 "
-                                        f"[{rows}, {weight.shape[1]}], got {extra.dtype} "
-                                        f"{list(extra.shape)}")
+            dtype, shape = torch.float16, [rows, weight.shape[1]]
+            if name == "offsets" and self.name == W8A8:   # the smoothing: one per input channel
+                dtype, shape = torch.float32, [weight.shape[0], 1]
+            if extra is not None and (extra.dtype != dtype or list(extra.shape) != shape):
+                raise WeightFormatError(f"weight format {self.name!r}: {name} must be "
+                                        f"{str(dtype).replace('torch.', '')} {shape}, got "
+                                        f"{extra.dtype} {list(extra.shape)}")
 
 
 def _round_to_bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -134,6 +146,39 @@ def _decode_int4(group: int) -> Callable[..., torch.Tensor]:
     return decode
 
 
+def w8a8_quantize_rows(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float) -> (codes int8 [M, K], scales fp32 [M]) of ``x * smooth``: per row,
+    ``scale = max|row| / 127`` and ``codes = round(row * (127 / max|row|))`` (half to even),
+    fp32 math in this order (the CPU kernel's, bit for bit). A row that holds a NaN or an inf
+    (or overflows fp32 once smoothed) has no int8 scale: codes 0, scale NaN, so its outputs are
+    NaN (never finite garbage); an all-zero row has scale 0."""
+    rows = x.float() * smooth.reshape(-1).float()
+    amax = rows.abs().amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
+    finite = torch.isfinite(rows).all(dim=1)
+    amax = torch.where(finite, amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    codes = torch.round(rows * inv.unsqueeze(1)).clamp_(-127, 127)
+    codes = torch.where(finite.unsqueeze(1), codes, torch.zeros_like(codes)).to(torch.int8)
+    scales = torch.where(finite, amax / 127, torch.full_like(amax, float("nan")))
+    return codes, scales
+
+
+def w8a8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                smooth: torch.Tensor) -> torch.Tensor:
+    """The reference of ``w8a8``: x [M, K] times the codes [K, N] -> fp32 [M, N] as
+    ``(acc * scale_w[n]) * scale_x[m]``, ``acc`` the int32 dot product of the codes (computed in
+    fp64 here, exact: |acc| <= K * 127^2 < 2^53; a kernel's int32 holds it for K < 2^17)."""
+    x_codes, x_scales = w8a8_quantize_rows(x, smooth)
+    acc = x_codes.double() @ codes.double()
+    return acc.float() * scales.float() * x_scales.unsqueeze(1)
+
+
+def _decode_w8a8(codes: torch.Tensor, scales: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """The dense weight the codes stand for (W = q * scale_w / s): what a weight-only fallback
+    or a report reads; the op's reference is :func:`w8a8_matmul`."""
+    return codes.float() * scales.float() * smooth.float()
+
+
 _INT4 = tuple(WeightFormat(f"int4_g{g}", 4, 4 + 2 * 16 / g, g, ("scales", "offsets"),
                            f"4-bit codes in groups of {g} along K, an fp16 scale and offset per group",
                            _decode_int4(g), torch.uint8)
@@ -150,6 +195,10 @@ FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
                  "int8 codes in groups of 32 along K, an fp16 scale per group (GGUF Q8_0)",
                  _decode_int8_g32, torch.int8),
     *_INT4,
+    WeightFormat(W8A8, 8, 8.0, 0, ("scales", "offsets"),
+                 "int8 codes and an fp16 scale per output channel of the smoothed weight, "
+                 "activations quantized to int8 per row at run time (offsets: fp32 smoothing)",
+                 _decode_w8a8, torch.int8, w8a8_matmul),
     _slot("q4_k", 4, 4.5, 256, ("blocks",), "GGUF Q4_K: super-blocks of 256, 6-bit sub-scales (144 B)"),
     _slot("q6_k", 6, 6.5625, 256, ("blocks",), "GGUF Q6_K: super-blocks of 256, 8-bit sub-scales (210 B)"),
 )}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -48,27 +48,36 @@ def calibration_inputs() -> Optional[tuple]:
     return _INPUTS.get()
 
 
-class _HessianRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set):
+class _InputObserver(fx.Interpreter):
+    """Runs the graph, folding each wanted linear's input rows ``[rows, K]`` (fp32) into a
+    per-linear value: ``fold(node, value so far or None, rows)``."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set, fold: Callable):
         super().__init__(gm)
-        self.wanted, self.hessians = wanted, {}
+        self.wanted, self.fold, self.values = wanted, fold, {}
 
     def run_node(self, node: fx.Node):
         if node in self.wanted:
             x = self.env[Linear.of(node).x].detach().float()
-            x = x.reshape(-1, x.shape[-1])
-            h = self.hessians.get(node)
-            self.hessians[node] = x.t() @ x + (h if h is not None else 0)
+            self.values[node] = self.fold(node, self.values.get(node), x.reshape(-1, x.shape[-1]))
         return super().run_node(node)
+
+
+def observe_linear_inputs(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node],
+                          fold: Callable) -> dict:
+    """node -> ``fold`` over the activations each of ``nodes`` multiplies in one eager run of
+    ``ir`` on ``inputs`` (walks the graph: no generated code needed)."""
+    observer = _InputObserver(ir.gm, set(nodes), fold)
+    with torch.no_grad():
+        observer.run(*inputs)
+    return observer.values
 
 
 def linear_hessians(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node]) -> dict:
     """``X^T X`` (fp32 ``[K, K]``) of the activations each of ``nodes`` multiplies, summed over
     the rows of one eager run of ``ir`` on ``inputs``."""
-    recorder = _HessianRecorder(ir.gm, set(nodes))   # walks the graph: no generated code needed
-    with torch.no_grad():
-        recorder.run(*inputs)
-    return recorder.hessians
+    return observe_linear_inputs(ir, inputs, nodes, lambda node, h, x: x.t() @ x + (
+        h if h is not None else 0))
 
 
 def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ def default_pipeline(options: Mapping[str, Any],
     formats: list[Union[str, Pass]] = []
     if options.get("quantize"):
         from fxforge.passes.quantize import parse_quantize, quantize_pass
-        formats.append(quantize_pass(parse_quantize(options["quantize"])))
+        from fxforge.passes.quantize_plan import parse_budget
+        formats.append(quantize_pass(parse_quantize(options["quantize"]),
+                                     parse_budget(options.get("accuracy_budget"))))
     if "bf16" in weight_formats:
         formats.append("exact_bf16_weights")
     return FRONT + low + BACK[:1] + formats + BACK[1:]

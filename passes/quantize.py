@@ -9,6 +9,13 @@ The option, parsed once by :func:`parse_quantize` into rules (first match wins):
   ``":mse"`` (:mod:`fxforge.passes.quantize_math`); the default is :data:`DEFAULT_ROUNDING`; a
   group size that does not divide a weight's K falls back to the largest of 128/64/32 that does
   (logged);
+* ``"auto"``: a format per linear (fp32, int8, int4 g128/g64/g32) chosen for decode speed within
+  the ``accuracy_budget`` option, measured on the compile's example inputs
+  (:mod:`fxforge.passes.quantize_auto`);
+* ``"w8a8"`` (``":nosmooth"``, ``":noguard"``): int8 weights *and* activations (quantized per
+  row at run time), SmoothQuant smoothing and an outlier guard that keeps a linear weight-only
+  int8 where int8 activations measure too costly, both calibrated on the compile's example inputs
+  (:mod:`fxforge.passes.smoothquant`);
 * ``"gguf:PATH"``: a model loaded from that GGUF file runs the file's own Q8_0/Q4_0/Q4_1 blocks
   (``int8_g32``/``int4_g32``, bit-exact to the file's dequantized weights; a weight the file
   does not hold exactly stays fp32, logged);
@@ -36,11 +43,12 @@ from fxforge.irgraph.capture import WEIGHT_NAME_KEY
 from fxforge.irgraph.gguf import open_blocks
 from fxforge.irgraph.query import is_view_op, tensor_meta
 from fxforge.irgraph.views import Linear
-from fxforge.irgraph.weight_format import DENSE, pack_nibbles
+from fxforge.irgraph.weight_format import DENSE, W8A8, pack_nibbles
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.gptq import calibration_inputs, gptq_quantize, linear_hessians
 from fxforge.passes.quantize_math import (ROUNDINGS, check_quantizable, quantize_int4,
                                           quantize_int8_channel)
+from fxforge.passes.smoothquant import W8A8SpecError, encode_w8a8, parse_w8a8, w8a8_choices
 
 log = logging.getLogger("fxforge.passes.quantize")
 aten = torch.ops.aten
@@ -52,6 +60,7 @@ _SCHEMES = {"int8": "int8_channel", "int4": "int4_g32", "int4:g32": "int4_g32",
 # round to nearest is the default until a rounding measures better on real text
 DEFAULT_ROUNDING = {"int8": "rtn", "int4": "rtn"}
 GGUF = "gguf"   # "gguf:PATH": the file's own blocks (irgraph/gguf.py), bit-exact
+AUTO = "auto"   # a format per linear within ``accuracy_budget`` (passes/quantize_auto.py)
 Rules = tuple[tuple[str, str], ...]   # (name pattern, "format:rounding" or SKIP), first match wins
 
 
@@ -68,13 +77,21 @@ def parse_scheme(text: Any) -> str:
         if not text[len(GGUF) + 1:]:
             raise QuantizeSpecError(f"{text!r} names no file: use 'gguf:/path/to/model.gguf'")
         return text
+    if text == AUTO:
+        return AUTO
+    if text.split(":")[0] == W8A8:   # its own modifiers (passes/smoothquant.py)
+        try:
+            return parse_w8a8(text)
+        except W8A8SpecError as exc:
+            raise QuantizeSpecError(str(exc)) from None
     parts = text.split(":")
     rounding = parts.pop() if len(parts) > 1 and parts[-1] in ROUNDINGS else None
     base = ":".join(parts)
     fmt = base if base in _SCHEMES.values() else _SCHEMES.get(base)
     if fmt is None:
         raise QuantizeSpecError(f"unknown quantize scheme {text!r}; the schemes are "
-                                f"{sorted(_SCHEMES)}, optionally followed by ':rtn', ':mse' or ':gptq'")
+                                f"{sorted(_SCHEMES)}, optionally followed by ':rtn', ':mse' or ':gptq', and "
+                                f"{W8A8!r} (W8A8 dynamic)")
     return f"{fmt}:{rounding or DEFAULT_ROUNDING[fmt.split('_')[0]]}"
 
 
@@ -156,6 +173,8 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
             return None
         fmt, codes, scales, offsets = found   # [K, N] views: back to [N, ...]
         return fmt, codes.t(), scales.t(), offsets.t() if offsets is not None else None
+    if scheme.startswith(W8A8 + ":"):   # ``hessian``: its W8A8Choice (smoothing, guard)
+        return encode_w8a8(weight_nk, hessian, name)
     fmt, rounding = scheme.split(":")
     if rounding == "gptq" and hessian is None:
         rounding = "rtn"   # no calibration inputs (quantize_weights said so once)
@@ -235,11 +254,33 @@ def _hessians(ir: IRGraph, plan: list) -> dict:
     return linear_hessians(ir, inputs, wanted)
 
 
-def quantize_weights(ir: IRGraph, rules: Rules) -> PassResult:
-    """Every fp32 constant-weight linear a rule matches gets its quantized format."""
+def _resolve_auto(ir: IRGraph, plan: list, budget: Optional[tuple], counts: Counter) -> list:
+    """``plan`` with each "auto" linear given the scheme ``quantize_auto`` chose (or dropped: fp32)."""
+    auto = [i for i, (_, scheme, _) in enumerate(plan) if scheme == AUTO]
+    if not auto:
+        return plan
+    if budget is None:
+        raise QuantizeSpecError("quantize 'auto' needs accuracy_budget, e.g. {'kl': 0.01}")
+    from fxforge.passes.quantize_auto import auto_formats, candidate
+    candidates = [candidate(plan[i][0], plan[i][2], _weight_constant(ir, plan[i][0].weight)[0])
+                  for i in auto]
+    resolved = list(plan)
+    for i, scheme in zip(auto, auto_formats(ir, candidates, budget)):
+        resolved[i] = (plan[i][0], scheme, plan[i][2])
+        counts["auto_kept_fp32"] += scheme is None
+    return [entry for entry in resolved if entry[1] is not None]
+
+
+def quantize_weights(ir: IRGraph, rules: Rules, budget: Optional[tuple] = None) -> PassResult:
+    """Every fp32 constant-weight linear a rule matches gets its quantized format; ``budget``:
+    the parsed ``accuracy_budget`` the "auto" rules choose within."""
     counts: Counter = Counter()
-    plan = _plan(ir, rules, counts)
+    plan = _resolve_auto(ir, _plan(ir, rules, counts), budget, counts)
     hessians = _hessians(ir, plan)   # before any weight changes: calibrated on the fp32 graph
+    w8a8 = w8a8_choices(ir, plan, lambda node: _weight_constant(ir, Linear.of(node).weight)[0].t())
+    hessians.update(w8a8)
+    if w8a8:
+        counts["w8a8_guarded"] = sum(choice.guarded for choice in w8a8.values())
     for linear, scheme, names in plan:
         fmt = _quantize_linear(ir, linear, scheme, names, hessians.get(linear.node))
         counts[fmt or "kept_fp32"] += 1
@@ -251,7 +292,7 @@ def quantize_weights(ir: IRGraph, rules: Rules) -> PassResult:
     return PassResult(ir, dict(counts))
 
 
-def quantize_pass(rules: Rules) -> Pass:
+def quantize_pass(rules: Rules, budget: Optional[tuple] = None) -> Pass:
     """The pass for one parsed option (its rules are part of it, so it is not registered by name)."""
-    return Pass("quantize", lambda ir: quantize_weights(ir, rules),
+    return Pass("quantize", lambda ir: quantize_weights(ir, rules, budget),
                 "weight-only quantization of constant-weight linears")

@@ -11,7 +11,7 @@ from fxforge.irgraph.weight_format import (DENSE, FORMATS, WeightFormatError, de
 from fxforge.passes import PassManager
 from fxforge.testing import assert_close_to_eager
 
-QUANTIZED = ["int8_channel", "int8_g32", "int4_g32", "int4_g64", "int4_g128"]
+QUANTIZED = ["int8_channel", "int8_g32", "int4_g32", "int4_g64", "int4_g128", "w8a8"]
 SLOTS = ["q4_k", "q6_k"]
 
 
