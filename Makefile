@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.fxforge-installed
 
-.PHONY: run test bench gpu-check gpu-install gpu-tests gpu-bench clean venv
+.PHONY: run test bench gpu-check gpu-install gpu-tests gpu-bench clean venv peers
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The side-by-side peers (pyproject's `peers` extra); torch stays the pinned one.
+peers: $(STAMP)
+	$(PIP) install -q --disable-pip-version-check "$(TORCH_PIN)" -e ".[peers]"
 
 run: $(STAMP)
 	$(PY) -m fxforge.examples.chat_demo

@@ -11,7 +11,9 @@ Per model, the same prompt (32 tokens) and greedy decoding of ``--new-tokens`` t
     incremental by the KV-cache pass;
   * ``fxforge kv_cache bf16``: the same with ``precision="bf16"`` (on a CPU without bf16 units:
     weights rounded to bf16 and stored so for the C++ GEMM/GEMV, math in fp32).
-Each model runs in a fresh process (``--one-process``: all in this one).
+With ``--torchao`` (SmolLM2): ``torchao <scheme>``, a torchao-quantized copy decoding as
+``hf + inductor static`` does (``bench/peers.py``). Each model runs in a fresh process
+(``--one-process``: all in this one).
 Tokens per second of the decode (total time minus a 1-token generate, over new tokens - 1),
 medians over rounds; every runner must produce the eager tokens. Then the bandwidth limit
 (bytes a token reads / measured read bandwidth), each runner's fraction of it, and where
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quantize", default="", help="quantize schemes to add as runners "
                         "(comma-separated, e.g. int8,int4:g64; 'gguf': SmolLM2's own file blocks): "
                         "lossy, their tokens may differ")
+    parser.add_argument("--torchao", default="", help="torchao peer runners for smollm2 "
+                        "(comma-separated: int8wo,int4wo:g64,int4wo:g32,w8a8; bench/peers.py; "
+                        "needs torchao): lossy, their tokens may differ")
     parser.add_argument("--one-process", action="store_true",
                         help="all models in this process (default: a fresh process per model)")
     args = parser.parse_args(argv)
@@ -188,6 +193,10 @@ def main(argv=None) -> int:
             if args.llamacpp and name == "smollm2":
                 runs.update(llamacpp_runners(prompt, args.llamacpp.split(","),
                                              torch.get_num_threads()))
+            if args.torchao and name == "smollm2":
+                from peers import torchao_decode_runners
+                runs.update(torchao_decode_runners(model, prompt, args.torchao.split(","),
+                                                   hf_runners))
             for label, fn in runs.items():
                 if label in args.skip.split(","):
                     continue

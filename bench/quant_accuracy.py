@@ -10,7 +10,11 @@ agreement, the weight bytes the linears read per token, and each variant's compi
 Every variant is compiled by fxforge (the cpu backend: the quantized GEMV and its prefill path
 run on the real weights). ``:rtn`` is round to nearest (the default), ``:mse`` the clip search
 (``passes/quantize_math.py``), ``:gptq`` GPTQ (``passes/gptq.py``) calibrated on one more window
-of the same text, after the scored ones (never on scored text).
+of the same text, after the scored ones (never on scored text); ``w8a8`` (activations in int8
+too, ``passes/smoothquant.py``) calibrates its smoothing and outlier guard on that window as well.
+
+Peers: ``--torchao`` adds torchao's int8 weight-only, int4 weight-only (group 64) and W8A8
+rows on the same windows (``bench/peers.py`` says which torchao configs run on a CPU).
 
 Caveat: SmolLM2's released weights sit on a 4-bit group-32 grid (the package ships Q4_1), which
 flatters int4 g32; g64 and g128 are the informative rows. Writes ``--json``.
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling accuracy
 from accuracy import next_token_kl, run_windows, score, token_windows  # noqa: E402
 
 DEFAULT_SCHEMES = ("int8,int8:gptq,int4:g32,int4:g32:mse,int4:g32:gptq,int4:g64,int4:g64:mse,"
-                   "int4:g64:gptq,int4:g128,int4:g128:gptq")
+                   "int4:g64:gptq,int4:g128,int4:g128:gptq,w8a8,w8a8:noguard,w8a8:nosmooth:noguard")
 
 
 def linear_bytes(graphs) -> int:
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--schemes", default=DEFAULT_SCHEMES)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--window-len", type=int, default=512)
+    p.add_argument("--torchao", default="int8wo,int4wo:g64,w8a8", help="torchao peer rows "
+                   "(bench/peers.py; eager, on the same windows; '' for none)")
     p.add_argument("--json", default=".bench/quant_accuracy.json")
     p.add_argument("--minilm", action="store_true", help="the MiniLM encoder's embedding cosine "
                    "instead of SmolLM2's perplexity")
@@ -103,18 +109,46 @@ def main(argv=None) -> int:
             print(f"{row['scheme']:<24} ppl {row['perplexity']:8.3f}  KL {row['kl_vs_fp32']:.5f}  "
                   f"top-1 {row['top1_agreement']:.2%}  linears {row['linear_MB']:7.1f} MB  "
                   f"{seconds:6.1f} s", flush=True)
+        rows += torchao_rows(model, windows, eager, [s for s in args.torchao.split(",") if s])
     base = rows[0]["perplexity"]
     print("\n| scheme | perplexity | Δ vs fp32 | mean next-token KL | top-1 agree | linear weights MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scheme']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
-              f"{r['kl_vs_fp32']:.5f} | {r['top1_agreement']:.2%} | {r['linear_MB']:.1f} |")
+              f"{r['kl_vs_fp32']:.5f} | {r['top1_agreement']:.2%} | "
+              f"{'-' if r['linear_MB'] is None else format(r['linear_MB'], '.1f')} |")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics",
                                "windows": args.windows, "window_len": args.window_len,
                                "cpu": cpu_features().describe(), "rows": rows}, indent=2))
     return 0
+
+
+def torchao_rows(model, windows, eager, schemes) -> list[dict]:
+    """The torchao peers on the same windows (``bench/peers.py``; run eagerly: the same
+    numbers as compiled, without the compile); a scheme that cannot run here is printed with
+    its error. Bytes: not counted (torchao's tensor subclasses hold them), shown as -."""
+    from peers import torchao_model
+    rows = []
+    for scheme in schemes:
+        start = time.perf_counter()
+        quantized, why = torchao_model(LogitsOnly(model), scheme, compile=False)
+        if quantized is None:
+            print(f"torchao {scheme}: cannot run here: {why}", flush=True)
+            continue
+        try:
+            logits, _ = run_windows(quantized, windows)
+        except Exception as exc:   # a config this CPU/build cannot run: reported, not a crash
+            print(f"torchao {scheme}: cannot run here: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        rows.append({"scheme": f"torchao {scheme}", "linear_MB": None,
+                     "kl_vs_fp32": next_token_kl(logits, eager),
+                     "compile_and_run_s": time.perf_counter() - start,
+                     **score(logits, windows, eager)})
+        print(f"{rows[-1]['scheme']:<24} ppl {rows[-1]['perplexity']:8.3f}  "
+              f"KL {rows[-1]['kl_vs_fp32']:.5f}  top-1 {rows[-1]['top1_agreement']:.2%}", flush=True)
+    return rows
 
 
 def minilm_sentences(tokenizer, count: int = 64, length: int = 128):

@@ -1,8 +1,8 @@
 """Quantized weight-only GEMV (kernels/quant_gemv_cpu.py) against the fp32 and bf16 GEMV on
 SmolLM2-135M's linear shapes, every ISA variant this CPU has; and M = 128 (prefill): the
-quantized kernel's panel path, its GEMV path forced, and fp32 ``torch.addmm``.
+quantized kernel's panel path, its GEMV path forced, fp32 ``torch.mm`` and the fp32 tiled GEMM.
 
-    python bench/quant_gemv.py [--threads 2] [--rounds 15]
+    python bench/quant_gemv.py [--threads 2] [--rounds 15] [--m 1,128] [--formats int8_channel,...]
 
 Time per call is the median over interleaved rounds (each round runs every kernel of a shape
 for a short block of calls, so a noisy moment of a shared machine slows all alike). GB/s is the
@@ -18,6 +18,7 @@ import time
 import torch
 
 from fxforge.kernels import cpu_isa, quant_gemv_cpu
+from fxforge.kernels.gemm_cpu import TiledLinear
 from fxforge.kernels.gemv_cpu import GemvLinear
 from fxforge.kernels.quant_gemv_cpu import QUANT_FORMATS, QuantGemv, quant_format
 
@@ -56,7 +57,7 @@ def _kernel(fmt, isa, weights):
 
 
 def _forced(kernel, threads, panel_min_m):
-    """The kernel with its large-M path forced (None: GEMV tiles, 1: panels + addmm): the
+    """The kernel with its large-M path forced (None: GEMV tiles, 1: panels + tiled GEMM): the
     comparison behind quant_gemv_cpu.PANEL_MIN_M."""
     def run(x):
         kernel.panel_min_m = panel_min_m
@@ -78,7 +79,7 @@ def time_interleaved(runners: dict, x: torch.Tensor, rounds: int) -> dict[str, f
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_shape(label, k, n, m, threads, rounds, variants, gen):
+def bench_shape(label, k, n, m, threads, rounds, variants, gen, formats=QUANT_FORMATS):
     w = torch.randn(n, k, generator=gen) * 0.02
     runners, nbytes = {}, {}
     if m == 1:
@@ -89,8 +90,10 @@ def bench_shape(label, k, n, m, threads, rounds, variants, gen):
     else:
         w_kn = w.t().contiguous()
         runners["fp32 torch.mm"] = lambda x: torch.mm(x, w_kn)
-        nbytes["fp32 torch.mm"] = 4 * n * k
-    for fmt in QUANT_FORMATS:
+        # the fp32 GEMM fxforge runs a dense prefill on (the quantized panels' GEMM too)
+        runners["fp32 tiled"] = lambda x, t=TiledLinear(w, None, "none"): t(x, None, threads)
+        nbytes["fp32 torch.mm"] = nbytes["fp32 tiled"] = 4 * n * k
+    for fmt in formats:
         if k % (quant_format(fmt).group or k):
             continue   # e.g. int4_g128 on K=576: the group must divide K (said under the table)
         weights = _quantized(fmt, n, k, gen)
@@ -108,7 +111,7 @@ def bench_shape(label, k, n, m, threads, rounds, variants, gen):
                 nbytes[name + " panels"] = nbytes[name + " GEMV"] = nbytes.pop(name)
     x = torch.randn(m, k, generator=gen)
     medians = time_interleaved(runners, x, rounds)
-    base = medians["fp32 GemvLinear" if m == 1 else "fp32 torch.mm"]
+    base = medians["fp32 GemvLinear" if m == 1 else "fp32 tiled"]
     return [(label, k, n, m, name, t * 1e6, nbytes[name] / t / 1e9, base / t)
             for name, t in medians.items()]
 
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--m", default="1,128", help="rows per call (1: decode; more: prefill)")
+    ap.add_argument("--formats", default=",".join(QUANT_FORMATS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -125,11 +130,12 @@ def main(argv=None) -> int:
           f"{torch.__version__}; median of {args.rounds} interleaved rounds of {BLOCK} calls\n")
     print("| shape (K x N) | M | kernel | us/call | weight GB/s | speed vs fp32 |")
     print("|---|---|---|---|---|---|")
-    for m in (1, 128):
+    for m in (int(v) for v in args.m.split(",")):
         for label, k, n in SHAPES:
             if m == 128 and label == "lm head":
                 continue   # prefill computes logits of the last position only
-            for row in bench_shape(label, k, n, m, args.threads, args.rounds, variants, gen):
+            for row in bench_shape(label, k, n, m, args.threads, args.rounds, variants, gen,
+                                   args.formats.split(",")):
                 print(f"| {row[0]} {row[1]}x{row[2]} | {row[3]} | {row[4]} | {row[5]:.1f} | "
                       f"{row[6]:.1f} | {row[7]:.2f}x |", flush=True)
     print("\nFormats whose group does not divide K are left out (int4_g128 needs K % 128 == 0).")

@@ -273,17 +273,18 @@ extern "C" int fxf_qgemv(const float* x, int64_t sx, int64_t M, int64_t K, const
   return 0;
 }
 
-/* out [K][P], P = 16 (b1 - b0): rows 16 b0 .. 16 b1 of the weight, transposed (each k's 16 rows
-   of a block are one vector store), values equal to the reference's (see the module doc) */
+/* out [b1 - b0][K][16]: rows 16 b0 .. 16 b1 of the weight as the tiled GEMM's fp32 panels
+   (kernels/gemm_cpu.py: 16 output columns, k-major; each k's 16 rows one vector store), values
+   equal to the reference's (see the module doc) */
 extern "C" void fxf_qdequant(const uint8_t* w, int fmt, int64_t K, int64_t G, int64_t b0,
                              int64_t b1, float* out, int nthreads) {
-  const int64_t ng = K / G, gb = group_bytes(fmt, G), hb = header_bytes(fmt), P = 16 * (b1 - b0);
-  #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && P * K >= PARALLEL_MIN_WEIGHTS)
+  const int64_t ng = K / G, gb = group_bytes(fmt, G), hb = header_bytes(fmt), P = 16;
+  #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && (b1 - b0) * 16 * K >= PARALLEL_MIN_WEIGHTS)
   for (int64_t b = b0; b < b1; ++b)
     for (int64_t g = 0; g < ng; ++g) {
       const uint8_t* p = w + (b * ng + g) * gb;
       const uint8_t* c = p + hb;
-      float* o = out + g * G * P + 16 * (b - b0);
+      float* o = out + (b - b0) * 16 * K + g * G * P;
       const V16 s = v_h16(p);
       if (fmt == FMT_INT4) {
         const V16 off = v_h16(p + 32);

@@ -6,8 +6,9 @@ A decode step's time is the bytes of its weights over the memory bandwidth, so a
 M <= GEMV_MAX_M the C++ GEMV (``kernels/quant_gemv_cpp.py``) streams the packed blocks once and
 dequantizes in registers. For more rows there are two ways, chosen per ISA variant by
 PANEL_MIN_M: the same GEMV in tiles of rows (each weight converted once per tile), or the weight
-dequantized a panel of output rows at a time into an fp32 scratch that stays in L2, multiplied by
-``torch.addmm``. ``python bench/quant_gemv.py`` times both at M = 128.
+dequantized a panel of output rows at a time into an fp32 scratch that stays in L2, in the layout
+of the tiled fp32 GEMM (``kernels/gemm_cpu.py``), which multiplies it with the epilogue fused.
+``python bench/quant_gemv.py`` times both against the fp32 GEMM.
 
 Formats (the IR's, ``[N, K]`` orientation; :func:`dequantize` is the reference and test oracle):
 - ``int8_channel``: codes int8 [N, K], scales fp16 [N, 1]: w = q * s;
@@ -33,7 +34,9 @@ import torch
 from fxforge.irgraph.weight_format import FORMATS, decode
 from fxforge.kernels import cpu_isa
 from fxforge.kernels.activations import ACTIVATION_CODES, REGISTRY
-from fxforge.kernels.gemv_cpu import GEMV_MAX_M, PARALLEL_MIN_WEIGHTS, epilogue_
+from fxforge.kernels.gemm_cpu import BLOCKS, PARALLEL_MIN_MACS
+from fxforge.kernels.gemm_cpu import _entry as gemm_entry
+from fxforge.kernels.gemv_cpu import GEMV_MAX_M, PARALLEL_MIN_WEIGHTS
 from fxforge.kernels.quant_gemv_cpp import FMT_INT4, FMT_INT8, source
 from fxforge.kernels.replay import launch
 from fxforge.kernels.shared_packs import shared_pack
@@ -41,17 +44,21 @@ from fxforge.kernels.toolchain import build_failure, load_function
 
 ROWS = 16                 # output rows per packed block: one 16-float vector per k
 # Bytes of fp32 panel the prefill path dequantizes at once: half of a 1 MiB L2 (Zen 4), so
-# the panel is still cached when addmm reads it.
+# the panel is still cached when the GEMM reads it.
 PANEL_BYTES = 1 << 19
 ISA_VARIANTS = ("portable", "avx2", "avx512")
-# Rows from which a call takes the dequantized-panel path (None: the GEMV at every M). Measured
-# by bench/quant_gemv.py at M = 128, 2 threads, on a 2-core AMD EPYC Zen 4 (AVX-512), SmolLM2's
-# four layer shapes, every format: the avx512 GEMV (tiles of 4 rows) took 0.33-0.78x the time of
-# panels + addmm (0.5-1.0x fp32 torch.mm) over two runs; the portable build's GEMV 6-15x. The avx2
-# build (tiles of 2, run on that Zen 4; the machine was shared) is undecided: one run had panels
-# faster on 17 of 20 cases (GEMV 0.9-1.5x their time), another the GEMV on all 20 (0.55-0.93x).
-# Panels stay its choice until a quiet run on a real AVX2 CPU decides.
-PANEL_MIN_M = {"portable": GEMV_MAX_M + 1, "avx2": GEMV_MAX_M + 1, "avx512": None}
+# Rows from which a call takes the dequantized-panel path (None: the GEMV at every M). Method:
+# GEMV tiles against panels + the tiled GEMM against the fp32 tiled GEMM, interleaved in one
+# process (bench/quant_gemv.py's kernels and rounds), SmolLM2's four layer shapes
+# summed as a layer uses them, int8_channel and int4_g32, medians and minima of 5-7 rounds, on a
+# 2-core AMD EPYC Zen 4 (AVX-512) shared with other jobs (load 7-12): at 2 threads the OpenMP
+# barriers made every timing meaningless, so 1 thread. avx512 build (tiles of 4 rows): the GEMV
+# ahead at M = 16-64 (1.2-2.3x fp32 by minima), even at 128-256 (+-5%), panels 4-12% ahead at
+# 512: panels from 256. avx2 build (tiles of 2; run on that Zen 4, not a real AVX2 CPU): the
+# GEMV 12-20% ahead at M = 16, even at 32, panels ahead from 64 (at 128: 0.84-0.90x fp32 vs the
+# GEMV's 0.51-0.74x): panels from 32. The portable build's GEMV takes 6-15x the panels' time.
+# A quiet run (and a real AVX2 CPU) may move these; bench/quant_gemv.py --m 16,32,64,128,512.
+PANEL_MIN_M = {"portable": GEMV_MAX_M + 1, "avx2": 32, "avx512": 256}
 
 
 @dataclass(frozen=True)
@@ -213,11 +220,16 @@ class QuantGemv:
         # prefill panel: a multiple of 16 rows, as many as PANEL_BYTES of fp32 hold
         self.panel_blocks = max(1, PANEL_BYTES // (4 * self.k * ROWS))
         self.panel_min_m: Optional[int] = PANEL_MIN_M[self.isa]
+        self.gemm_fn = gemm_entry()
+        self.panel_bias = None
+        if self.bias is not None:   # the GEMM's epilogue adds 16 columns at a time
+            self.panel_bias = torch.zeros((self.n + ROWS - 1) // ROWS * ROWS, dtype=torch.float32)
+            self.panel_bias[:self.n] = self.bias
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                  threads: int = 0) -> torch.Tensor:
-        """``threads``: this call's thread count for the GEMV and the dequantization (0: torch's;
-        the prefill's addmm runs on torch's threads)."""
+        """``threads``: this call's thread count for the GEMV, the dequantization and the
+        prefill's GEMM (0: torch's)."""
         if x.dim() != 2 or x.shape[1] != self.k or x.dtype != torch.float32:
             raise ValueError(f"{self.fmt}: x must be fp32 [M, K={self.k}], "
                              f"got {x.dtype} {list(x.shape)}")
@@ -245,23 +257,28 @@ class QuantGemv:
 
     def _panels(self, x: torch.Tensor, residual: Optional[torch.Tensor],
                 threads: int) -> torch.Tensor:
-        """Dequantize panels of rows (exactly the reference's values) into a scratch; addmm."""
-        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        """Dequantize a panel of blocks at a time (exactly the reference's values) into an
+        L2-sized scratch in the tiled GEMM's layout and multiply it there, bias, activation and
+        residual fused (``kernels/gemm_cpu.py``): the fp32 GEMM's speed for the cost of one
+        dequantization per weight per call."""
+        rows = x.shape[0]
+        y = torch.empty(rows, self.n, dtype=torch.float32)
         blocks = (self.n + ROWS - 1) // ROWS
         scratch = torch.empty(self.k * ROWS * min(self.panel_blocks, blocks), dtype=torch.float32)
+        gemm_threads = 1 if rows * self.n * self.k < PARALLEL_MIN_MACS else threads
+        kc, mc = BLOCKS[0]
+        res_stride = residual.stride(0) if residual is not None else 0
         for b0 in range(0, blocks, self.panel_blocks):
             b1 = min(blocks, b0 + self.panel_blocks)
             n0, n1 = b0 * ROWS, min(self.n, b1 * ROWS)
-            panel = scratch[:self.k * ROWS * (b1 - b0)].view(self.k, ROWS * (b1 - b0))
             launch(self.dequant_fn, (self.weight.data_ptr(), self.fmt_code, self.k, self.group,
-                                     b0, b1, panel.data_ptr(), threads))
-            w_kn = panel[:, :n1 - n0]
-            y[:, n0:n1] = (torch.addmm(self.bias[n0:n1], x, w_kn) if self.bias is not None
-                           else torch.mm(x, w_kn))
-        if (self.act or residual is not None) and not epilogue_(y, self.activation, residual):
-            REGISTRY[self.act].aten_(y)
-            if residual is not None:
-                y += residual
+                                     b0, b1, scratch.data_ptr(), threads))
+            launch(self.gemm_fn, (
+                x.data_ptr(), x.stride(0), scratch.data_ptr(), 0,
+                self.panel_bias[n0:].data_ptr() if self.panel_bias is not None else None,
+                y[:, n0:].data_ptr(), self.n,
+                residual[:, n0:].data_ptr() if residual is not None else None, res_stride,
+                rows, self.k, n1 - n0, self.act, kc, mc, gemm_threads))
         return y
 
     def describe(self) -> str:
@@ -269,6 +286,7 @@ class QuantGemv:
                              REGISTRY[self.act].name if self.act else "") if s]
         epilogue = f", epilogue: {' then '.join(steps)} (then any residual add)" if steps else ""
         large = ("any M: the same, in tiles of rows" if self.panel_min_m is None else
-                 f"M >= {self.panel_min_m}: {self.panel_blocks * ROWS}-row fp32 panels into addmm")
+                 f"M >= {self.panel_min_m}: {self.panel_blocks * ROWS}-row fp32 panels into the "
+                 "tiled GEMM")
         return (f"C++ quantized GEMV ({self.fmt}, {self.isa} build; weight streamed once, "
                 f"dequantized in registers; {large}){epilogue}")

@@ -131,6 +131,28 @@ def test_parallel_size_and_strided_inputs(fmt, threads, variant):
 
 
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
+@pytest.mark.parametrize("panel_blocks", [1, 2, 3])
+def test_prefill_panels_in_several_chunks(fmt, panel_blocks, variant):
+    """The prefill path with the weight split into chunks of ``panel_blocks`` 16-row blocks
+    (a model's linears are several L2-sized chunks; these shapes are not): each chunk's bias,
+    output and residual columns, a last chunk and a last block that are partial, M off the
+    GEMM's 6-row tiles and 24-row strips, one and two threads."""
+    n, k = 16 * 5 + 9, 2 * _group(fmt) + (5 if fmt == "int8_channel" else 0)
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    codes, scales, offsets = _weight(fmt, n, k, gen)
+    mag_w = dequantize(fmt, codes, scales.abs(), offsets.abs() if offsets is not None else None).abs()
+    kernel = QuantGemv(fmt, codes, scales, offsets, torch.randn(n, generator=gen), "silu")
+    kernel.panel_blocks, kernel.panel_min_m = panel_blocks, GEMV_MAX_M + 1
+    for m, threads in ((GEMV_MAX_M + 1, 1), (31, 2), (53, 1)):
+        x = torch.randn(m, k, generator=gen)
+        res = torch.randn(m, n, generator=gen)
+        ref = _reference(fmt, codes, scales, offsets, x, kernel.bias, "silu", res)
+        _assert_close(kernel(x, res, threads=threads), ref, x.abs() @ mag_w.T, res,
+                      f"{fmt} {variant} panels of {panel_blocks} blocks seed={seed} M={m} T={threads}")
+
+
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
 @pytest.mark.parametrize("activation", ["none", "relu"])
 def test_nan_and_inf_inputs_propagate_like_the_reference(fmt, activation, variant):
     """x rows with a NaN, a +inf, a -inf, +inf and -inf together, and a finite row. An inf
