@@ -5,8 +5,9 @@ Used by ``bench/generate.py``: a decode step must read every weight a token pass
 token can take. :func:`bytes_per_token` counts those bytes, :func:`read_bandwidth` measures the
 bandwidth the way a decode step reads (a sum over a buffer far larger than the caches), and
 :func:`step_breakdown` times, during one real ``fxforge.generate`` call, the kernels of the
-compiled step by kind (the linears, the attention, the fused pointwise/norm groups); the rest of
-a token is per-op overhead (Python glue, views, allocation, dynamo's guards) and sampling.
+compiled step by kind (the linears, the attention, the fused pointwise/norm groups) and splits the
+rest of a token, its per-token overhead, by layer: the generate loop's sampling, dynamo's guards
+and wrappers, fxforge's entry (the frozen weights' check), the KV runtime and the replay loop.
 """
 from __future__ import annotations
 
@@ -92,24 +93,51 @@ def _kind(label: str) -> str:
 
 
 def _timed_replay(spent: collections.Counter):
-    """A ``Recording.replay`` that adds each step's time to ``spent`` under its kind."""
+    """A ``Recording.replay`` that adds each step's time to ``spent`` under its kind, and the
+    whole replay (input copies and the Python loop included) under ``replay``."""
     from fxforge.kernels.replay import Recording
 
     def replay(self, args):
-        self.load_inputs(args)
         clock = time.perf_counter
+        begin = clock()
+        self.load_inputs(args)
         for step, label in zip(self.steps, self.labels):
             start = clock()
             step()
             spent[_kind(label)] += clock() - start
+        spent["replay"] += clock() - begin
         return self.outputs
     return (Recording, "replay", replay)
+
+
+class _TimedModel:
+    """``module(ids)`` with its time added to ``spent["model call"]``: what ``fxforge.generate``
+    waits for, dynamo's guards and wrappers included (the cache keys on the ids, not on this)."""
+
+    def __init__(self, module, spent: collections.Counter):
+        self.module, self.spent = module, spent
+
+    def __call__(self, ids):
+        start = time.perf_counter()
+        try:
+            return self.module(ids)
+        finally:
+            self.spent["model call"] += time.perf_counter() - start
+
+
+KERNEL_KINDS = ("linears", "attention", "fused groups", "ATen ops")
+OVERHEAD = "per-token overhead"   # a token's time outside the kernels
 
 
 def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
     """Milliseconds per decode token by kind, from one ``fxforge.generate`` on the CPU backend
     (the prefill, timed separately, is subtracted). Op-by-op steps are timed at the kernels'
-    Python entry points (their call overhead included); replayed steps per replayed kernel."""
+    Python entry points (their call overhead included); replayed steps per replayed kernel.
+    Outside the kernels, from the outside in: the generate loop (sampling, appending the token),
+    dynamo (guard evaluation, its and AOT autograd's wrappers), fxforge's entry (the frozen
+    weights' check, argument lists), the KV runtime (session/state lookup, the extension check,
+    the state's bookkeeping, copying the new logits out) and the replay's own loop."""
+    from fxforge.compiler import CompiledGraph
     from fxforge.kernels.decode_attention_cpu import CpuDecodeAttention
     from fxforge.kernels.fused_cpp import CpuFusedKernel
     from fxforge.kernels.linear_cpu import PackedLinear
@@ -117,7 +145,8 @@ def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str,
     from fxforge.kv_runtime import IncrementalDecoder
     targets = {"linears": (PackedLinear, "__call__"), "quantized linears": (QuantLinear, "__call__"),
                "attention": (CpuDecodeAttention, "__call__"),
-               "fused groups": (CpuFusedKernel, "__call__"), "step": (IncrementalDecoder, "__call__")}
+               "fused groups": (CpuFusedKernel, "__call__"), "step": (IncrementalDecoder, "__call__"),
+               "entry": (CompiledGraph, "__call__")}
     runs = {}
     for tokens in (1, new_tokens):
         with _timing(targets) as spent:
@@ -126,7 +155,7 @@ def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str,
             setattr(cls, name, replay)
             try:
                 start = time.perf_counter()
-                fxforge.generate(compiled, prompt, tokens)
+                fxforge.generate(_TimedModel(compiled, spent), prompt, tokens)
                 spent["token"] = time.perf_counter() - start
             finally:
                 setattr(cls, name, original)
@@ -134,11 +163,20 @@ def step_breakdown(compiled, prompt: torch.Tensor, new_tokens: int) -> dict[str,
     keys = set(runs[1]) | set(runs[new_tokens])
     per = {k: (runs[new_tokens][k] - runs[1][k]) / (new_tokens - 1) * 1e3 for k in keys}
     per["linears"] = per.get("linears", 0.0) + per.pop("quantized linears", 0.0)   # one kind
-    kinds = ["linears", "attention", "fused groups", "ATen ops"]
-    inside = sum(per.get(k, 0.0) for k in kinds)
-    out = {"token": per["token"], **{k: per.get(k, 0.0) for k in kinds}}
-    out["other (glue, replay loop)"] = per["step"] - inside
-    out["dynamo guards, cache check, sampling"] = per["token"] - per["step"]
+    return _outside_the_kernels(per)
+
+
+def _outside_the_kernels(per: dict[str, float]) -> dict[str, float]:
+    """The breakdown's rows from the nested timings (each part = its timer minus the one inside)."""
+    inside = sum(per.get(k, 0.0) for k in KERNEL_KINDS)
+    step, replayed = per.get("step", 0.0), per.get("replay", 0.0)
+    out = {"token": per["token"], **{k: per.get(k, 0.0) for k in KERNEL_KINDS}}
+    out["replay loop, op-by-op glue"] = (replayed if replayed > 0 else step) - inside
+    out["KV runtime (state, extension check, logits copy)"] = step - replayed if replayed > 0 else 0.0
+    out["fxforge entry (weights check, arguments)"] = per.get("entry", 0.0) - step
+    out["dynamo (guards, wrappers)"] = per.get("model call", 0.0) - per.get("entry", 0.0)
+    out["generate loop (sampling, ids append)"] = per["token"] - per.get("model call", 0.0)
+    out[OVERHEAD] = per["token"] - inside
     return out
 
 
@@ -182,7 +220,9 @@ def report(model: torch.nn.Module, compiled: dict, prompt: torch.Tensor, new_tok
     for label, module in compiled.items():
         parts = step_breakdown(module, prompt, new_tokens)
         token = parts.pop("token")
-        lines.append(f"  {label[:40]}, per decode token {token:.2f} ms (instrumented run): " +
+        overhead = parts.pop(OVERHEAD)
+        lines.append(f"  {label[:40]}, per decode token {token:.2f} ms (instrumented run), of "
+                     f"which {overhead:.2f} ms ({overhead / token:.0%}) outside the kernels: " +
                      ", ".join(f"{k} {v:.2f} ms ({v / token:.0%})" for k, v in parts.items()))
         weights_read = bytes_per_token(model, 0, *_stored_itemsize(label))
         if parts["linears"] > 0:
