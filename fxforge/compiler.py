@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -94,7 +94,8 @@ class CompiledGraph:
         self._weight_sets = WeightSetCache()
         self._build_lock = threading.Lock()
         # the example's runtime inputs, kept only for a quantizer that calibrates on them
-        self._calibration = [weights[i] for i in self.runtime_positions] if options.quantize else None
+        self._calibration = (_concrete([weights[i] for i in self.runtime_positions])
+                             if options.quantize else None)
         frozen = [weights[i] for i in self.weight_positions]
         self._activate(self._build(frozen), frozen)
         if _RECORDERS:
@@ -153,6 +154,21 @@ class CompiledGraph:
             expected = build.ir.gm(*runtime_args) if self.options.quantize else self.captured.gm(*args)
             check_against_eager(outputs, expected, build.ir.info.get("precision", "fp32"))
         return outputs
+
+
+def _concrete(inputs: list) -> Optional[list]:
+    """The example inputs with each symbolic size (dynamo passes a ``SymInt`` for a dynamic
+    dim) replaced by the value it holds, or None when one has none. A calibrating pass runs the
+    graph on them: on the SymInt itself every op would add a guard on its value, specializing
+    the dynamic size, so a decode loop would recompile at every new length."""
+    concrete = []
+    for value in inputs:
+        if isinstance(value, torch.SymInt):
+            value = value.node.hint
+            if value is None:
+                return None
+        concrete.append(value)
+    return concrete
 
 
 @dataclasses.dataclass

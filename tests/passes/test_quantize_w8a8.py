@@ -210,3 +210,22 @@ def test_the_reference_quantizes_rows_symmetrically_per_row():
     torch.testing.assert_close(scales, rows.abs().amax(1) / 127, rtol=0, atol=0)
     assert (codes.abs().amax(1) == 127).all()
     assert ((codes.float() * scales[:, None] - rows).abs() <= scales[:, None] / 2 * 1.0001).all()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "int8:gptq"])
+def test_calibrating_schemes_keep_the_decode_loop_dynamic(scheme):
+    """Dynamo hands a dynamic dim's example as a SymInt; a calibration run on it would guard
+    its value and specialize the graph, so each new length would recompile (a decode loop hit
+    dynamo's recompile limit and ran eagerly). Two graphs (the static first, then the dynamic
+    one) must serve every length."""
+    from fxforge.compiler import recording
+    from fxforge.examples.small_gpt import make_model
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+    model = make_model().eval()
+    ids = torch.randint(0, 500, (1, 12), generator=gen)
+    compiled = torch.compile(model, backend="fxforge",
+                             options={"kv_cache": True, "quantize": scheme})
+    with recording() as graphs, torch.no_grad():
+        fxforge.generate(compiled, ids, max_new_tokens=12)
+    assert len(graphs) <= 2, f"{len(graphs)} compiles for 12 new tokens: the length was specialized"
