@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.fxforge-installed
 
-.PHONY: run test bench gpu-check gpu-install gpu-tests gpu-bench clean venv peers
+.PHONY: run test bench bench-quant gpu-check gpu-install gpu-tests gpu-bench clean venv peers
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ bench: $(STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/memory.py
 	$(PY) bench/run.py --models small_gpt,gpt2,llama --compilers eager,fxforge,fxforge_tuned
+
+# Issue 17's side-by-side: quantized SmolLM2 against llama.cpp, ONNX Runtime and torchao in the
+# same runs (installs the peers: llama-cpp-python builds from source, minutes).
+bench-quant: peers
+	$(PY) bench/quant_accuracy.py --schemes int8,int4:g64,int4:g64:gptq,w8a8
+	OMP_NUM_THREADS=2 $(PY) bench/generate.py --models smollm2 --quantize int8,int4:g32,gguf,w8a8 --llamacpp F32,BF16,Q8_0,Q4_0,Q4_1 --torchao int8wo,w8a8
+	OMP_NUM_THREADS=2 $(PY) bench/prefill.py --lengths 128,512 --schemes int8,gguf,w8a8 --isa avx2
+	$(PY) bench/quant_auto.py --out .bench/quant_auto
 
 # On a lent GPU machine (torch and triton preinstalled, no network): install fxforge
 # into the system Python without touching its packages, run the GPU tests and benchmarks.
