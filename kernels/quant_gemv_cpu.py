@@ -61,6 +61,24 @@ ISA_VARIANTS = ("portable", "avx2", "avx512")
 PANEL_MIN_M = {"portable": GEMV_MAX_M + 1, "avx2": 32, "avx512": 256}
 
 
+def row_major_operands(name: str, x: torch.Tensor, residual: Optional[torch.Tensor], k: int,
+                       n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``x`` fp32 ``[M, k]`` and ``residual`` fp32 ``[M, n]`` (or None) with unit column stride, as
+    the C++ kernels read them; a ValueError naming ``name`` otherwise."""
+    if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32:
+        raise ValueError(f"{name}: x must be fp32 [M, K={k}], got {x.dtype} {list(x.shape)}")
+    rows = x.shape[0]
+    if residual is not None and (tuple(residual.shape) != (rows, n)
+                                 or residual.dtype != torch.float32):
+        raise ValueError(f"{name}: residual must be fp32 [{rows}, {n}], "
+                         f"got {residual.dtype} {list(residual.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    return x, residual
+
+
 @dataclass(frozen=True)
 class QuantFormat:
     name: str
@@ -230,18 +248,8 @@ class QuantGemv:
                  threads: int = 0) -> torch.Tensor:
         """``threads``: this call's thread count for the GEMV, the dequantization and the
         prefill's GEMM (0: torch's)."""
-        if x.dim() != 2 or x.shape[1] != self.k or x.dtype != torch.float32:
-            raise ValueError(f"{self.fmt}: x must be fp32 [M, K={self.k}], "
-                             f"got {x.dtype} {list(x.shape)}")
+        x, residual = row_major_operands(self.fmt, x, residual, self.k, self.n)
         rows = x.shape[0]
-        if residual is not None and (residual.shape != (rows, self.n)
-                                     or residual.dtype != torch.float32):
-            raise ValueError(f"{self.fmt}: residual must be fp32 [{rows}, {self.n}], "
-                             f"got {residual.dtype} {list(residual.shape)}")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        if residual is not None and residual.stride(1) != 1:
-            residual = residual.contiguous()
         threads = threads or torch.get_num_threads()
         if self.panel_min_m is not None and rows >= self.panel_min_m:
             return self._panels(x, residual, threads)

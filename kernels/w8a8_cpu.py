@@ -22,7 +22,7 @@ from fxforge.irgraph.weight_format import W8A8
 from fxforge.kernels import cpu_isa
 from fxforge.kernels.activations import ACTIVATION_CODES, REGISTRY
 from fxforge.kernels.gemv_cpu import PARALLEL_MIN_WEIGHTS
-from fxforge.kernels.quant_gemv_cpu import choose_isa as quant_isa
+from fxforge.kernels.quant_gemv_cpu import choose_isa as quant_isa, row_major_operands
 from fxforge.kernels.quant_linear_cpu import QuantLinear
 from fxforge.kernels.replay import launch
 from fxforge.kernels.shared_packs import shared_pack
@@ -118,17 +118,8 @@ class W8A8Gemm:
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                  threads: int = 0) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.k or x.dtype != torch.float32:
-            raise ValueError(f"{W8A8}: x must be fp32 [M, K={self.k}], got {x.dtype} {list(x.shape)}")
+        x, residual = row_major_operands(W8A8, x, residual, self.k, self.n)
         rows = x.shape[0]
-        if residual is not None and (tuple(residual.shape) != (rows, self.n)
-                                     or residual.dtype != torch.float32):
-            raise ValueError(f"{W8A8}: residual must be fp32 [{rows}, {self.n}], "
-                             f"got {residual.dtype} {list(residual.shape)}")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        if residual is not None and residual.stride(1) != 1:
-            residual = residual.contiguous()
         y = torch.empty(rows, self.n, dtype=torch.float32)
         ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
         if rows and launch(self.fn, (
