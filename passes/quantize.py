@@ -162,9 +162,10 @@ def _add_transposed(ir: IRGraph, name: str, value_nk: torch.Tensor, before: fx.N
 
 
 def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
-            hessian: Optional[torch.Tensor] = None) -> Optional[tuple]:
+            calibrated: Any = None) -> Optional[tuple]:
     """(format, codes, scales, offsets) in ``[N, ...]`` orientation for ``scheme``, or None (the
-    linear stays fp32; the reason is logged). ``hessian``: for ``gptq`` rounding."""
+    linear stays fp32; the reason is logged). ``calibrated``: what the scheme measured on the
+    calibration inputs: the input Hessian for ``gptq`` rounding, a ``W8A8Choice`` for ``w8a8``."""
     if scheme.startswith(GGUF + ":"):
         found = open_blocks(scheme[len(GGUF) + 1:]).find(weight_nk)
         if found is None:
@@ -173,14 +174,14 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
             return None
         fmt, codes, scales, offsets = found   # [K, N] views: back to [N, ...]
         return fmt, codes.t(), scales.t(), offsets.t() if offsets is not None else None
-    if scheme.startswith(W8A8 + ":"):   # ``hessian``: its W8A8Choice (smoothing, guard)
-        return encode_w8a8(weight_nk, hessian, name)
+    if scheme.startswith(W8A8 + ":"):
+        return encode_w8a8(weight_nk, calibrated, name)
     fmt, rounding = scheme.split(":")
-    if rounding == "gptq" and hessian is None:
+    if rounding == "gptq" and calibrated is None:
         rounding = "rtn"   # no calibration inputs (quantize_weights said so once)
     if fmt == "int8_channel":
         if rounding == "gptq":
-            return (fmt, *gptq_quantize(weight_nk, hessian, None), None)
+            return (fmt, *gptq_quantize(weight_nk, calibrated, None), None)
         return (fmt, *quantize_int8_channel(weight_nk, rounding, name), None)
     group = int(fmt.split("_g")[1])
     k = weight_nk.shape[1]
@@ -195,17 +196,17 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
         group, fmt = fits[0], f"int4_g{fits[0]}"
     if rounding == "gptq":
         check_quantizable(weight_nk, name, group)
-        codes, scales, offsets = gptq_quantize(weight_nk, hessian, group)
+        codes, scales, offsets = gptq_quantize(weight_nk, calibrated, group)
     else:
         codes, scales, offsets = quantize_int4(weight_nk, group, rounding, name)
     return fmt, pack_nibbles(codes.t()).t(), scales, offsets   # two codes per byte along K
 
 
 def _quantize_linear(ir: IRGraph, linear: Linear, scheme: str, name: str,
-                     hessian: Optional[torch.Tensor]) -> Optional[str]:
+                     calibrated: Any) -> Optional[str]:
     """Give ``linear`` its quantized weight; the format used, or None if it stays fp32."""
     value, _ = _weight_constant(ir, linear.weight)
-    encoded = _encode(value.t(), scheme, name, hessian)
+    encoded = _encode(value.t(), scheme, name, calibrated)
     if encoded is None:
         return None
     fmt, codes, scales, offsets = encoded
@@ -276,13 +277,14 @@ def quantize_weights(ir: IRGraph, rules: Rules, budget: Optional[tuple] = None) 
     the parsed ``accuracy_budget`` the "auto" rules choose within."""
     counts: Counter = Counter()
     plan = _resolve_auto(ir, _plan(ir, rules, counts), budget, counts)
-    hessians = _hessians(ir, plan)   # before any weight changes: calibrated on the fp32 graph
+    # before any weight changes: both calibrate on the fp32 graph
+    calibrated = _hessians(ir, plan)
     w8a8 = w8a8_choices(ir, plan, lambda node: _weight_constant(ir, Linear.of(node).weight)[0].t())
-    hessians.update(w8a8)
+    calibrated.update(w8a8)
     if w8a8:
         counts["w8a8_guarded"] = sum(choice.guarded for choice in w8a8.values())
     for linear, scheme, names in plan:
-        fmt = _quantize_linear(ir, linear, scheme, names, hessians.get(linear.node))
+        fmt = _quantize_linear(ir, linear, scheme, names, calibrated.get(linear.node))
         counts[fmt or "kept_fp32"] += 1
     ir.gm.graph.eliminate_dead_code()
     used = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
