@@ -4,20 +4,37 @@ reference, top-1 agreement and the largest logit difference."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from fxforge.examples.smollm2 import reference_text
+from fxforge.calibration import calibration_text
+from fxforge.irgraph.views import Linear
+from fxforge.irgraph.weight_format import weight_format
+from fxforge.examples.smollm2 import load_smollm2, smollm2_status
 
 
 def token_windows(tokenizer, n_windows: int, length: int):
-    """``[n_windows, length]`` token ids: consecutive, non-overlapping slices of the text."""
-    ids = tokenizer(reference_text(), return_tensors="pt")["input_ids"][0]
+    """``[n_windows, length]`` token ids: consecutive, non-overlapping slices of the text
+    (fxforge's own real-text calibration windows, ``fxforge.calibration``)."""
+    ids = calibration_text(tokenizer, n_windows * length, n_windows)
     if ids.numel() < n_windows * length:
         raise SystemExit(f"the text has {ids.numel()} tokens, fewer than {n_windows} x {length}")
-    return ids[: n_windows * length].view(n_windows, length)
+    return ids
+
+
+def smollm2_windows(n_windows: int, length: int):
+    """(SmolLM2, scored windows ``[n_windows, length]``, a calibration window ``[1, length]``
+    that follows them and is never scored), or None when SmolLM2 cannot load (reason printed)."""
+    available, reason = smollm2_status()
+    if not available:
+        print(f"SmolLM2 unavailable: {reason}", file=sys.stderr)
+        return None
+    model, tokenizer = load_smollm2(progress=False)
+    *scored, calibration = token_windows(tokenizer, n_windows + 1, length)
+    return model, torch.stack(scored), calibration.unsqueeze(0)
 
 
 def run_windows(forward, windows) -> tuple:
@@ -45,3 +62,17 @@ def next_token_kl(logits, reference_logits) -> float:
     ref = F.log_softmax(reference_logits.float(), dim=-1)
     got = F.log_softmax(logits.float(), dim=-1)
     return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
+def linear_shapes(graphs) -> list[tuple[str, int, int, float]]:
+    """(weight format, K, N, stored bits per weight with scales and offsets) of every linear of
+    the compiled ``graphs`` (``fxforge.compiler.recording``)."""
+    found = []
+    for graph in graphs:
+        for node in graph.ir.gm.graph.nodes:
+            if (linear := Linear.of(node)) is None:
+                continue
+            fmt, meta = weight_format(linear.weight_format), linear.weight.meta["val"]
+            k = fmt.in_features(meta) if fmt.code_dtype is not None else meta.shape[0]
+            found.append((fmt.name, k, meta.shape[1], fmt.bits_per_weight or meta.element_size() * 8))
+    return found

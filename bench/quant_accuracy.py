@@ -32,12 +32,10 @@ import torch
 import fxforge
 from fxforge.compiler import recording
 from fxforge.examples.hf_models import LogitsOnly
-from fxforge.examples.smollm2 import load_smollm2, smollm2_status
-from fxforge.irgraph.views import Linear
-from fxforge.irgraph.weight_format import weight_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling accuracy.py
-from accuracy import next_token_kl, run_windows, score, token_windows  # noqa: E402
+from accuracy import (linear_shapes, next_token_kl, run_windows, score,  # noqa: E402
+                      smollm2_windows)
 
 DEFAULT_SCHEMES = ("int8,int8:gptq,int4:g32,int4:g32:mse,int4:g32:gptq,int4:g64,int4:g64:mse,"
                    "int4:g64:gptq,int4:g128,int4:g128:gptq,w8a8,w8a8:noguard,w8a8:nosmooth:noguard")
@@ -45,18 +43,7 @@ DEFAULT_SCHEMES = ("int8,int8:gptq,int4:g32,int4:g32:mse,int4:g32:gptq,int4:g64,
 
 def linear_bytes(graphs) -> int:
     """Bytes of weights (codes, scales, offsets) the linears of the compiled graphs hold."""
-    total = 0
-    for graph in graphs:
-        gm = graph.ir.gm
-        for node in gm.graph.nodes:
-            if (linear := Linear.of(node)) is None:
-                continue
-            fmt = weight_format(linear.weight_format)
-            meta = linear.weight.meta.get("val")
-            k = fmt.in_features(meta) if fmt.code_dtype is not None else meta.shape[0]
-            bits = fmt.bits_per_weight or meta.element_size() * 8
-            total += int(k * meta.shape[1] * bits / 8)
-    return total
+    return sum(int(k * n * bits / 8) for _, k, n, bits in linear_shapes(graphs))
 
 
 def run_variant(model, windows, calibration, scheme):
@@ -87,13 +74,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.minilm:
         return minilm_main(args)
-    available, reason = smollm2_status()
-    if not available:
-        print(f"SmolLM2 unavailable: {reason}", file=sys.stderr)
+    loaded = smollm2_windows(args.windows, args.window_len)
+    if loaded is None:
         return 1
-    model, tokenizer = load_smollm2(progress=False)
-    *scored, calibration = token_windows(tokenizer, args.windows + 1, args.window_len)
-    windows, calibration = torch.stack(scored), calibration.unsqueeze(0)
+    model, windows, calibration = loaded
     from fxforge.kernels.cpu_isa import cpu_features
     print(f"SmolLM2-135M-Instruct, {args.windows} x {args.window_len} tokens of pydoc_data.topics; "
           f"{cpu_features().describe()}; {torch.get_num_threads()} threads", flush=True)

@@ -28,37 +28,23 @@ import torch
 import fxforge
 from fxforge.compiler import recording
 from fxforge.examples.hf_models import LogitsOnly
-from fxforge.examples.smollm2 import load_smollm2, smollm2_status
-from fxforge.irgraph.views import Linear
-from fxforge.irgraph.weight_format import weight_format
 from fxforge.passes.quantize_auto import INFO_KEY
-from fxforge.passes.quantize_plan import DENSE, formats_for, layer_seconds
+from fxforge.passes.quantize_plan import DENSE, formats_for
+from fxforge.quant_speed import cpu_layer_seconds
 from fxforge.quant_report import (on_frontier, plot_frontier, write_frontier_csv,
                                             write_layers_csv)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benches
-from accuracy import next_token_kl, run_windows, score, token_windows  # noqa: E402
+from accuracy import (linear_shapes, next_token_kl, run_windows, score,  # noqa: E402
+                      smollm2_windows)
 
 FIXED = ("int8", "int4:g128", "int4:g64", "int4:g32")
 
 
-def linears(graphs) -> list[tuple[str, int, int]]:
-    """(format, K, N) of every linear of the compiled graphs."""
-    found = []
-    for graph in graphs:
-        for node in graph.ir.gm.graph.nodes:
-            if (linear := Linear.of(node)) is None:
-                continue
-            fmt, meta = weight_format(linear.weight_format), linear.weight.meta["val"]
-            k = fmt.in_features(meta) if fmt.code_dtype is not None else meta.shape[0]
-            found.append((fmt.name, k, meta.shape[1]))
-    return found
-
-
 def us_per_token(layers) -> float:
-    """The summed M = 1 times of the linears (the speed table auto uses; cached)."""
-    return sum(layer_seconds(k, n, formats_for(k))[fmt if fmt in formats_for(k) else DENSE]
-               for fmt, k, n in layers) * 1e6
+    """The summed M = 1 times of the linears (the CPU speed table auto uses; cached)."""
+    return sum(cpu_layer_seconds(k, n, formats_for(k))[fmt if fmt in formats_for(k) else DENSE]
+               for fmt, k, n, _ in layers) * 1e6
 
 
 def compile_scored(model, windows, calibration, options):
@@ -71,7 +57,7 @@ def compile_scored(model, windows, calibration, options):
         seconds = time.perf_counter() - start
         logits, _ = run_windows(compiled, windows)
     plan = next((g.ir.info[INFO_KEY] for g in graphs if INFO_KEY in g.ir.info), None)
-    return logits, linears(graphs), plan, seconds
+    return logits, linear_shapes(graphs), plan, seconds
 
 
 def explicit_rules(plan: dict) -> dict:
@@ -113,13 +99,10 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    available, reason = smollm2_status()
-    if not available:
-        print(f"SmolLM2 unavailable: {reason}", file=sys.stderr)
+    loaded = smollm2_windows(args.windows, args.window_len)
+    if loaded is None:
         return 1
-    model, tokenizer = load_smollm2(progress=False)
-    *scored, calibration = token_windows(tokenizer, args.windows + 1, args.window_len)
-    windows, calibration = torch.stack(scored), calibration.unsqueeze(0)
+    model, windows, calibration = loaded
     budgets = [float(b) for b in args.budgets.split(",") if b]
     from fxforge.kernels.cpu_isa import cpu_features
     print(f"SmolLM2-135M-Instruct, {args.windows} x {args.window_len} tokens scored, "
@@ -137,7 +120,7 @@ def main(argv=None) -> int:
             decode_rules[label] = explicit_rules(plan) if plan else options.get("quantize")
             if plan:
                 write_layers_csv(plan, out / f"layers_{budget:g}.csv")
-            nbytes = sum(k * n * (weight_format(f).bits_per_weight or 32) / 8 for f, k, n in layers)
+            nbytes = sum(k * n * bits / 8 for _, k, n, bits in layers)
             points.append({"scheme": label, "budget": budget, "linear_MB": nbytes / 1e6,
                            "us_per_token": us_per_token(layers),
                            "kl_vs_fp32": next_token_kl(logits, eager),
