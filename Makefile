@@ -6,6 +6,10 @@ PIP    := $(PY) -m pip
 # torch is pinned: a looser spec can pull a multi-GB CUDA build; 2.13.0 (CPU) lies on local disk.
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.fxforge-installed
+# `python -m` puts the working directory on sys.path, where this checkout's top-level kernels/
+# would shadow the `kernels` package transformers >= 5.25 imports (it then fails to build any
+# model). Safe-path mode leaves the working directory off; fxforge imports from its install.
+export PYTHONSAFEPATH := 1
 
 .PHONY: run test bench bench-quant gpu-check gpu-install gpu-tests gpu-bench clean venv peers
 

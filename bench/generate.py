@@ -103,7 +103,9 @@ def runners(model, prompt, schemes=()):
     for label, options in variants:
         compiled[label] = torch.compile(LogitsOnly(model), backend="fxforge",
                                         options={"kv_cache": True, "max_seq_len": 512, **options})
-    fx_runners = {label: (lambda n, fx=fx: fxforge.generate(fx, prompt, n))
+    # direct_steps: HF models' wrappers only set and reset context state per call (vouched for;
+    # fxforge/direct_steps.py): decode steps skip dynamo's guards and wrappers
+    fx_runners = {label: (lambda n, fx=fx: fxforge.generate(fx, prompt, n, direct_steps=True))
                   for label, fx in compiled.items()}
     return {**hf_runners(model, prompt), **fx_runners}, compiled
 

@@ -211,14 +211,18 @@ def run_fxforge_kv(model, tokenizer, ids, args, reference, label: str = "fxforge
             compiled = torch.compile(LogitsOnly(model), backend=resolve_backend("fxforge"),
                                      options={"kv_cache": True, "max_seq_len": 512, **(options or {})})
             t0 = time.perf_counter()
-            out = fxforge.generate(compiled, ids, args.new_tokens, stop_tokens=tokenizer.eos_token_id)
+            # transformers' wrappers only set and reset context state per call: decode steps may
+            # skip dynamo (fxforge/direct_steps.py)
+            out = fxforge.generate(compiled, ids, args.new_tokens, stop_tokens=tokenizer.eos_token_id,
+                                   direct_steps=True)
             run.compile_s = time.perf_counter() - t0
             run.answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
             run.prompt_diff = (compiled(ids)[0, -1] - reference.logits[0][0]).abs().max().item()
             run.rel_diff = run.prompt_diff / reference.logits[0].abs().max().item()
             run.prefill_ms = 1e3 * median_seconds(lambda: fxforge.generate(compiled, ids, 1),
                                                   args.prefill_runs)
-            decode = median_seconds(lambda: fxforge.generate(compiled, ids, args.new_tokens),
+            decode = median_seconds(lambda: fxforge.generate(compiled, ids, args.new_tokens,
+                                                             direct_steps=True),
                                     args.decode_runs)
             run.decode_tok_s = args.new_tokens / decode
     except Exception as exc:

@@ -29,6 +29,8 @@ log = logging.getLogger("fxforge")
 
 # Compiled graphs made while a ``recording()`` block is open (fxforge.explain reads them).
 _RECORDERS: list[list] = []
+# Per thread: the list an ``observing_calls()`` block collects calls into, if one is open.
+_OBSERVED = threading.local()
 
 
 @contextlib.contextmanager
@@ -40,6 +42,18 @@ def recording():
         yield graphs
     finally:
         _RECORDERS.remove(graphs)
+
+@contextlib.contextmanager
+def observing_calls():
+    """Collect ``(graph, args, outputs)`` of every :class:`CompiledGraph` call this thread makes
+    inside the block (``fxforge/direct_steps.py`` reads them)."""
+    calls: list = []
+    prior = getattr(_OBSERVED, "calls", None)
+    _OBSERVED.calls = calls
+    try:
+        yield calls
+    finally:
+        _OBSERVED.calls = prior
 
 # Tolerances for comparing against eager, by dtype (verify=True and the tests use these).
 # fp32 allows for reassociation (a different reduction order), nothing more.
@@ -153,7 +167,22 @@ class CompiledGraph:
         if self.options.verify:   # lossy passes (quantize): against the optimized graph's own meaning
             expected = build.ir.gm(*runtime_args) if self.options.quantize else self.captured.gm(*args)
             check_against_eager(outputs, expected, build.ir.info.get("precision", "fp32"))
+        calls = getattr(_OBSERVED, "calls", None)
+        if calls is not None:
+            calls.append((self, args, outputs))
         return outputs
+
+    def step_positions(self) -> Optional[tuple[int, list[int]]]:
+        """(position of the token ids, positions of the sequence length) among this graph's
+        arguments, for a caller that calls it directly with longer ids
+        (``fxforge/direct_steps.py``); None where that is not sound: no KV cache, a length that
+        is not an input (a graph specialized to one length), or an aot_autograd wrapper that
+        does more than pass the outputs through."""
+        kv = self._active.build.kv
+        if kv is None or not kv.size_inputs or not self.captured.info.get("plain_outputs"):
+            return None
+        runtime = self.runtime_positions
+        return runtime[kv.plan.tokens], [runtime[i] for i in kv.size_inputs]
 
 
 def _concrete(inputs: list) -> Optional[list]:

@@ -41,6 +41,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from fxforge.direct_steps import DirectSteps
 from fxforge.sessions import Session, active_session
 
 StreamCallback = Callable[[int, torch.Tensor, Sequence[int]], None]
@@ -65,6 +66,7 @@ class _GroupResult:
     ids: torch.Tensor  # [G, T + steps]
     generated: list[int]  # per row: new tokens up to and including its stop token
     steps: int  # model calls made
+    direct_steps: int  # of which straight to the fxforge graph (fxforge/direct_steps.py)
 
 
 def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int, *,
@@ -72,7 +74,8 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
              stop_tokens: Union[int, Iterable[int], None] = None, pad_token_id: Optional[int] = None,
              stream: Optional[StreamCallback] = None, max_seq_len: Optional[int] = None,
-             return_stats: bool = False, session: Optional[Session] = None) -> Any:
+             return_stats: bool = False, session: Optional[Session] = None,
+             direct_steps: Optional[bool] = None) -> Any:
     """Generate up to ``max_new_tokens`` tokens after each prompt, under ``torch.no_grad()``.
 
     ``input_ids``: a ``[B, T]`` integer tensor (all prompts the same length), a 1-D
@@ -106,18 +109,28 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     a next turn that extends these sequences continues from the cache); by default the one
     active in the caller's context, else a new one closed when the call returns.
 
+    ``direct_steps``: decode steps of a ``torch.compile``'d model may go straight to its fxforge
+    KV-cache graph, past dynamo's guards and wrappers (``fxforge/direct_steps.py`` says when):
+    ``None`` (default) where its compiled forward is proven free of Python side effects,
+    ``True`` where the caller vouches for that (e.g. Hugging Face models, whose wrappers set
+    and reset context state at every call), ``False`` never.
+
     Returns the sequences (prompt + generated tokens): for a ``[B, T]`` tensor a
     ``[B, T + n]`` tensor, ``n`` the number of steps run (fewer than
     ``max_new_tokens`` when every row stopped; stopped rows padded with
     ``pad_token_id``); for a 1-D tensor a 1-D tensor; for a list, a list of 1-D
     tensors in input order, each ending at its stop token (no padding). With
     ``return_stats=True``, returns ``(sequences, stats)`` where ``stats`` is a
-    dict: ``steps`` (model calls), ``new_tokens`` (tokens generated, up to and
+    dict: ``steps`` (model calls), ``direct_steps`` (of which went straight to a compiled
+    model's fxforge graph, past dynamo: ``fxforge/direct_steps.py``), ``new_tokens`` (tokens
+    generated, up to and
     including stop tokens, summed over rows), ``seconds`` (wall time of the
     whole call, prompt processing included) and ``tokens_per_second``.
     """
     sampling = _check_sampling(do_sample, temperature, top_k, top_p)
     _check_count("max_new_tokens", max_new_tokens, minimum=0)
+    if direct_steps not in (None, True, False):
+        raise TypeError(f"direct_steps must be None, True or False, got {direct_steps!r}")
     stops = _stop_list(stop_tokens)
     pad = _pad_token(pad_token_id, stops)
     prompts, kind = _prompt_rows(input_ids, model)
@@ -131,14 +144,17 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     picker = _TokenPicker(sampling, seed)
     start = time.perf_counter()
     with torch.no_grad(), _decoding_session(session):
-        groups = [_run_group(model, ids, rows, max_new_tokens, picker, stops, pad, stream)
+        groups = [_run_group(model, ids, rows, max_new_tokens, picker, stops, pad, stream,
+                             direct_steps)
                   for rows, ids in _groups(prompts, kind)]
     seconds = time.perf_counter() - start
     sequences = _assemble(groups, kind)
     if not return_stats:
         return sequences
     new_tokens = sum(sum(g.generated) for g in groups)
-    stats = {"steps": sum(g.steps for g in groups), "new_tokens": new_tokens, "seconds": seconds,
+    stats = {"steps": sum(g.steps for g in groups),
+             "direct_steps": sum(g.direct_steps for g in groups), "new_tokens": new_tokens,
+             "seconds": seconds,
              "tokens_per_second": new_tokens / seconds if seconds > 0 else float("inf")}
     return sequences, stats
 
@@ -294,15 +310,16 @@ def _assemble(groups: list[_GroupResult], kind: str) -> Any:
 
 def _run_group(model: Callable[..., Any], ids: torch.Tensor, rows: list[int], max_new_tokens: int,
                picker: "_TokenPicker", stops: list[int], pad: int,
-               stream: Optional[StreamCallback]) -> _GroupResult:
+               stream: Optional[StreamCallback], direct_steps: Optional[bool]) -> _GroupResult:
     """The classic loop on one batch: full sequence in, last logits -> next token, append."""
     batch = ids.shape[0]
     stop_ids = torch.tensor(stops, dtype=ids.dtype, device=ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     generated = torch.zeros(batch, dtype=torch.long, device=ids.device)
     steps = 0
+    call = DirectSteps(model, _found_logits, direct_steps)   # past dynamo where that is sound
     for step in range(max_new_tokens):
-        logits = _last_logits(model(ids), batch)
+        logits = _last_logits(call(ids), batch)
         steps += 1
         tokens = picker(logits).to(ids.dtype)
         if stops:   # without stop tokens no row ever finishes: no masking, no per-row count
@@ -315,11 +332,11 @@ def _run_group(model: Callable[..., Any], ids: torch.Tensor, rows: list[int], ma
         if stops and bool(finished.all()):
             break
     counts = generated.tolist() if stops else [steps] * batch
-    return _GroupResult(rows, ids, counts, steps)
+    return _GroupResult(rows, ids, counts, steps, call.direct_calls)
 
 
-def _last_logits(out: Any, batch: int) -> torch.Tensor:
-    """The last position's logits [B, V] from whatever the model returned."""
+def _found_logits(out: Any) -> Optional[torch.Tensor]:
+    """The logits tensor in whatever the model returned, or None."""
     logits = out
     if not isinstance(logits, torch.Tensor):
         found = getattr(logits, "logits", None)
@@ -328,7 +345,13 @@ def _last_logits(out: Any, batch: int) -> torch.Tensor:
         if found is None and isinstance(logits, (tuple, list)) and logits:
             found = logits[0]
         logits = found
-    if not isinstance(logits, torch.Tensor):
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def _last_logits(out: Any, batch: int) -> torch.Tensor:
+    """The last position's logits [B, V] from whatever the model returned."""
+    logits = _found_logits(out)
+    if logits is None:
         raise TypeError("the model must return logits: a tensor [B, T, V], a tuple/list whose "
                         "first element is one, or an object with .logits; got "
                         f"{type(out).__name__}")

@@ -212,6 +212,25 @@ def _fake_mode_of(gm: fx.GraphModule) -> Any:
     return mode
 
 
+def _plain_outputs() -> bool:
+    """Whether aot_autograd's runtime wrapper around the graph being compiled only passes its
+    outputs through: no input it copies mutations back into, no output it regenerates as a view
+    of an input or intermediate, no effect tokens. Only then may a caller run the compiled graph
+    without that wrapper (``fxforge/direct_steps.py``); False when the metadata is not there."""
+    try:
+        from torch._functorch._aot_autograd.schemas import OutputType
+        from torch._guards import TracingContext
+        context = TracingContext.try_get()
+        meta = getattr(context, "fw_metadata", None)
+        if meta is None:
+            return False
+        return (meta.num_mutated_inp_runtime_indices == 0 and not meta.tokens
+                and getattr(meta, "num_intermediate_bases", 0) == 0
+                and all(out.output_type == OutputType.non_alias for out in meta.output_info))
+    except (ImportError, AttributeError):
+        return False
+
+
 def capture_aot_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
                           weight_indices: Iterable[int],
                           compile_ir: Callable[[IRGraph, list[int]], Callable]) -> Callable:
@@ -232,7 +251,8 @@ def capture_aot_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
     def _compile(aot_gm: fx.GraphModule) -> Callable:
         fake_mode = _fake_mode_of(aot_gm)
-        ir = build_ir(aot_gm, fake_mode, {}, {"capture": "dynamo"})
+        ir = build_ir(aot_gm, fake_mode, {}, {"capture": "dynamo",
+                                              "plain_outputs": _plain_outputs()})
         n_inputs = len(ir.placeholders())
         positions = weight_indices if n_inputs == len(example_inputs) else []
         placeholders = ir.placeholders()

@@ -129,7 +129,8 @@ def test_stop_token_stops_rows_and_pads(gpt):
         assert torch.equal(out[row, :end], reference[row, :end])
         assert bool((out[row, end:] == 511).all())
     assert stats["new_tokens"] == sum(steps if at is None else at + 1 for at in stop_steps)
-    assert set(stats) == {"steps", "new_tokens", "seconds", "tokens_per_second"}
+    assert set(stats) == {"steps", "direct_steps", "new_tokens", "seconds", "tokens_per_second"}
+    assert stats["direct_steps"] == 0    # an eager model: every step is a model call
     assert stats["tokens_per_second"] == pytest.approx(stats["new_tokens"] / stats["seconds"])
 
 
