@@ -8,8 +8,9 @@ TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.fxforge-installed
 # `python -m` puts the working directory on sys.path, where this checkout's top-level kernels/
 # would shadow the `kernels` package transformers >= 5.25 imports (it then fails to build any
-# model). Safe-path mode leaves the working directory off; fxforge imports from its install.
-export PYTHONSAFEPATH := 1
+# model). Safe-path mode leaves the working directory off; fxforge imports from its install. (Only
+# for `-m`: it would also keep a script's own folder off, which bench/ scripts import from.)
+SAFE   := PYTHONSAFEPATH=1
 
 .PHONY: run test bench bench-quant gpu-check gpu-install gpu-tests gpu-bench clean venv peers
 
@@ -28,15 +29,15 @@ peers: $(STAMP)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH_PIN)" -e ".[peers]"
 
 run: $(STAMP)
-	$(PY) -m fxforge.examples.chat_demo
+	$(SAFE) $(PY) -m fxforge.examples.chat_demo
 
 test: $(STAMP)
 	# One torch thread per xdist worker: two workers with two threads each on two cores thrash.
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 FXFORGE_VERIFY=1 $(PY) -m pytest -n 2 -q -m "not slow and not gpu"
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 FXFORGE_VERIFY=1 $(SAFE) $(PY) -m pytest -n 2 -q -m "not slow and not gpu"
 
 # pytest exits 5 when no test carries the marker: that is not a failure here.
 bench: $(STAMP)
-	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
+	$(SAFE) $(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 	$(PY) bench/run.py
 	$(PY) bench/fused_cpu.py --threads 1
 	$(PY) bench/attention_cpu.py --threads 2
@@ -66,7 +67,7 @@ gpu-install:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 
 gpu-tests: gpu-install
-	$(PYTHON) -m pytest -q --durations=15 -m gpu tests || [ $$? -eq 5 ]
+	$(SAFE) $(PYTHON) -m pytest -q --durations=15 -m gpu tests || [ $$? -eq 5 ]
 
 gpu-bench: gpu-install
 	$(PYTHON) bench/run.py --device cuda

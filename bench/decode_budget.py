@@ -221,7 +221,8 @@ def report(model: torch.nn.Module, compiled: dict, prompt: torch.Tensor, new_tok
         parts = step_breakdown(module, prompt, new_tokens)
         token = parts.pop("token")
         overhead = parts.pop(OVERHEAD)
-        lines.append(f"  {label[:40]}, per decode token {token:.2f} ms (instrumented run), of "
+        lines.append(f"  {label[:40]}, per decode token {token:.2f} ms (instrumented run, every "
+                     f"step through dynamo: no direct steps), of "
                      f"which {overhead:.2f} ms ({overhead / token:.0%}) outside the kernels: " +
                      ", ".join(f"{k} {v:.2f} ms ({v / token:.0%})" for k, v in parts.items()))
         weights_read = bytes_per_token(model, 0, *_stored_itemsize(label))
