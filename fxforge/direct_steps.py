@@ -1,9 +1,9 @@
 """Decode steps past dynamo: ``fxforge.generate`` calls a compiled model's fxforge graph directly.
 
 A ``torch.compile``'d model pays, at every call, dynamo's guards over the whole module tree and
-aot_autograd's runtime wrapper over every parameter it passes: for SmolLM2 batch-1 decode about
-2 ms a token (bench/RESULTS.md), a tenth of an int8 token. Within one group of one ``generate``
-call the loop knows what changes between calls: only the ids, one token longer. So after
+aot_autograd's runtime wrapper over every parameter it passes: for SmolLM2 batch-1 decode a
+sizeable share of a quantized token (bench/RESULTS.md has the figures). Within one group of one
+``generate`` call the loop knows what changes between calls: only the ids, one token longer. After
 watching decode calls go through dynamo, the next calls go straight to the graph those calls
 ran, with the same arguments but the new ids and their length, when all of this holds
 (anything else: every call goes through dynamo, as before):
@@ -64,7 +64,8 @@ class DirectSteps:
         self.code = _compiled_code(model) if vouched is not False else None
         self.calls = 0
         self.seen: list = []   # the single graph each observed decode call ran
-        self.direct: Optional[tuple] = None   # (graph, arguments, token position, length positions, output)
+        # (graph, arguments, token position, length positions, output index) once taken
+        self.direct: Optional[tuple] = None
         self.direct_calls = 0
 
     def __call__(self, ids: torch.Tensor) -> Any:
@@ -122,10 +123,10 @@ def _impure(code: Any) -> Optional[str]:
         names = {str(i.argval) for i in instructions if i.opname == "LOAD_GLOBAL"}
         graphs = {n for n in names if n.startswith("__compiled_fn")}
         attributes = {str(i.argval) for i in instructions if i.opname == "LOAD_ATTR"}
-        if other or len(graphs) != 1 or names - graphs - {_DYNAMO_UTILS} \
-                or attributes - _PURE_ATTRIBUTES:
-            unexplained = other or sorted(names - graphs - {_DYNAMO_UTILS}) \
-                or sorted(attributes - _PURE_ATTRIBUTES) or [f"{len(graphs)} graphs"]
+        unexplained = (other or sorted(names - graphs - {_DYNAMO_UTILS})
+                       or sorted(attributes - _PURE_ATTRIBUTES)
+                       or ([f"{len(graphs)} graphs"] if len(graphs) != 1 else []))
+        if unexplained:
             return (f"its compiled code does more than call one graph ({', '.join(unexplained[:4])}"
                     "): pass direct_steps=True if its Python side effects need not run each step")
     return None
