@@ -66,16 +66,19 @@ def _generator() -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+_CALLS = 16   # inputs per model: enough for the error statistic below to be seed-stable
+
+
 @pytest.mark.parametrize("option,fmt", [("int4:g32", "int4_g32"), ("int8", "int8_channel")])
 @pytest.mark.parametrize("rows,kernel", [(1, "_quant_gemv_kernel"), (6, "_quant_matmul_kernel")])
 def test_triton_backend_runs_quantized_linears_on_the_kernels(option, fmt, rows, kernel, launches):
     gen = _generator()
-    model, x = _Block(gen).eval(), torch.randn(rows, 64, generator=gen)
+    model, xs = _Block(gen).eval(), torch.randn(_CALLS, rows, 64, generator=gen)
     with recording() as graphs, torch.no_grad():
-        compiled = fxforge.compile(model, (x,), backend="triton", quantize=option)
-        got = compiled(x)
-        decoded = fxforge.compile(model, (x,), backend="reference", quantize=option)(x)
-        eager = model(x)
+        compiled = fxforge.compile(model, (xs[0],), backend="triton", quantize=option)
+        got = torch.stack([compiled(x) for x in xs])
+        decoded = fxforge.compile(model, (xs[0],), backend="reference", quantize=option)(xs[0])
+        eager = torch.stack([model(x) for x in xs])
     linears = [c for c in graphs[0].lowered.choices if "linear" in c.op]
     assert len(linears) == 3 and all(c.path == f"Triton quantized matmul / split-K GEMV ({fmt})"
                                      for c in linears), linears
@@ -83,11 +86,14 @@ def test_triton_backend_runs_quantized_linears_on_the_kernels(option, fmt, rows,
     assert {name for name, _ in launches} <= allowed
     assert sum(name == kernel for name, _ in launches) >= 3   # every linear, at least once
     # against the reference's decoded weights: only summation order differs
-    torch.testing.assert_close(got, decoded, rtol=1e-4, atol=1e-4)
-    # against fp32 eager: the quantization error (~5% of the output's range at int4 g32 on these
-    # random weights, ~0.5% at int8), not more
-    error = float((got - eager).abs().max() / eager.abs().max())
-    assert 0 < error < (0.15 if fmt.startswith("int4") else 0.02)
+    torch.testing.assert_close(got[0], decoded, rtol=1e-4, atol=1e-4)
+    # against fp32 eager: the quantization error, neither absent nor gross. Relative RMS over
+    # _CALLS inputs, because one row's max error swings with the seed (it ranged 0.05-0.17 at
+    # int4 g32). Over 101 seeds this statistic measured 0.100 +- 0.005 (int4 g32) and
+    # 0.0076 +- 0.0004 (int8): both bounds sit about ten deviations away.
+    error = float((got - eager).norm() / eager.norm())
+    low, high = (0.05, 0.15) if fmt.startswith("int4") else (0.003, 0.012)
+    assert low < error < high, error
 
 
 def _check_all_ran(result, tunable) -> None:
