@@ -117,12 +117,21 @@ static inline void block_dots_bf16(const float* x, const uint16_t* wb, int64_t K
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define GV_ISA 1
+/* Bytes ahead to prefetch in the bf16 loop. Widening costs two ops per 8 weights, so the
+   out-of-order window spans fewer bytes of the stream than fp32's load-FMA loop does, and the
+   hardware prefetcher alone left it latency-bound once the weights came from DRAM. On a
+   2-core Zen 3 (AVX2), one decode token's SmolLM2 linears went from 17.8 to 15.7 ms with it. The
+   same prefetch in the fp32 loop measured 0.93-1.0x, so that loop has none */
+#define BF16_PREFETCH 1024
 static inline void block_dots_bf16(const float* x, const uint16_t* wb, int64_t K, float* acc) {
   __m256 lo[4], hi[4];
   for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 4 <= K; k += 4)
+  for (; k + 4 <= K; k += 4) {   /* prefetch: see BF16_PREFETCH */
+    _mm_prefetch((const char*)(wb + k * 16) + BF16_PREFETCH, _MM_HINT_T0);
+    _mm_prefetch((const char*)(wb + k * 16) + BF16_PREFETCH + 64, _MM_HINT_T0);
     for (int j = 0; j < 4; ++j) bf16_step(x[k + j], wb + (k + j) * 16, &lo[j], &hi[j]);
+  }
   for (; k < K; ++k) bf16_step(x[k], wb + k * 16, &lo[0], &hi[0]);
   _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3])));
   _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3])));

@@ -35,14 +35,21 @@ static inline float activate(float v, int act) {
         .replace("FMT_INT4", str(FMT_INT4))
 
 
+# QG_PF: bytes ahead of the codes to prefetch, one cache line per 64 bytes read (0: none).
+# Converting codes to floats costs several ops per byte, so the out-of-order window spans only a
+# few cache lines of the stream, and the hardware prefetcher alone left the GEMV latency-bound
+# once the weights came from DRAM rather than L3 (Zen 3, AVX2: bench/RESULTS.md, 2026-12-03
+# evening). Not yet measured on AVX-512, so 0 there.
 # QG_MT: activation rows per tile (the converted weights are reused across them; AVX2's sixteen
-# ymm registers hold two rows' partial sums, AVX-512's 32 zmm four). QG_UNROLL: codes loads per
-# step, so that at M = 1 four FMA chains hide the FMA latency.
+# ymm registers hold two rows' partial sums, AVX-512's 32 zmm four). QG_UNROLL_OF: codes loads per
+# step, so that at M = 1 four FMA chains hide the FMA latency (AVX2 keeps one at M >= 2,
+# where two would spill its sixteen ymm).
 _VECTORS = r"""
 #if defined(__AVX512F__)
 #define QG_ISA 2
 #define QG_MT 4
-#define QG_UNROLL 2
+#define QG_UNROLL_OF(MT) 2
+#define QG_PF 0
 struct V16 { __m512 a; };
 static inline V16 v_zero() { return {_mm512_setzero_ps()}; }
 static inline V16 v_set(float f) { return {_mm512_set1_ps(f)}; }
@@ -72,7 +79,8 @@ static inline void v_store(float* p, V16 v) { _mm512_storeu_ps(p, v.a); }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define QG_ISA 1
 #define QG_MT 2
-#define QG_UNROLL 1
+#define QG_UNROLL_OF(MT) ((MT) == 1 ? 2 : 1)
+#define QG_PF 4096
 struct V16 { __m256 a, b; };
 static inline V16 v_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 static inline V16 v_set(float f) { const __m256 v = _mm256_set1_ps(f); return {v, v}; }
@@ -104,7 +112,8 @@ static inline void v_store(float* p, V16 v) { _mm256_storeu_ps(p, v.a); _mm256_s
 #else
 #define QG_ISA 0
 #define QG_MT 2
-#define QG_UNROLL 1
+#define QG_UNROLL_OF(MT) 1
+#define QG_PF 0
 struct V16 { float v[16]; };
 #define QG_EACH(expr) V16 r; _Pragma("omp simd") for (int i = 0; i < 16; ++i) r.v[i] = (expr); return r;
 static inline V16 v_zero() { QG_EACH(0.0f) }
@@ -159,12 +168,19 @@ static void block_tile(const uint8_t* blk, int64_t G, int64_t ng, const float* x
       }
       continue;
     }
-    V16 t[MT][2 * QG_UNROLL];
+    constexpr int unroll = QG_UNROLL_OF(MT);
+    V16 t[MT][2 * unroll];
     for (int m = 0; m < MT; ++m)
-      for (int u = 0; u < 2 * QG_UNROLL; ++u) t[m][u] = v_zero();
+      for (int u = 0; u < 2 * unroll; ++u) t[m][u] = v_zero();
     if (FMT == FMT_INT4) {
-      for (int64_t j = 0; j < G / 2; j += QG_UNROLL)   /* G >= 32: G/2 is a multiple of it */
-        for (int u = 0; u < QG_UNROLL; ++u) {
+#if QG_PF > 0
+      _mm_prefetch((const char*)p + QG_PF, _MM_HINT_T0);
+#endif
+      for (int64_t j = 0; j < G / 2; j += unroll) {  /* G >= 32: G/2 is a multiple of it */
+#if QG_PF > 0
+        if ((j & 3) == 0) _mm_prefetch((const char*)(c + j * 16) + QG_PF, _MM_HINT_T0);
+#endif
+        for (int u = 0; u < unroll; ++u) {
           V16 lo, hi;
           v_u4(c + (j + u) * 16, &lo, &hi);
           const int64_t k = 2 * (j + u);
@@ -173,13 +189,18 @@ static void block_tile(const uint8_t* blk, int64_t G, int64_t ng, const float* x
             t[m][2 * u + 1] = v_fma(v_set(xg[m * sx + k + 1]), hi, t[m][2 * u + 1]);
           }
         }
+      }
     } else {
       int64_t k = 0;
-      for (; k + 2 * QG_UNROLL <= G; k += 2 * QG_UNROLL)
-        for (int u = 0; u < 2 * QG_UNROLL; ++u) {
+      for (; k + 2 * unroll <= G; k += 2 * unroll) {
+#if QG_PF > 0
+        if ((k & 3) == 0) _mm_prefetch((const char*)(c + k * 16) + QG_PF, _MM_HINT_T0);
+#endif
+        for (int u = 0; u < 2 * unroll; ++u) {
           const V16 w = v_i8(c + (k + u) * 16);
           for (int m = 0; m < MT; ++m) t[m][u] = v_fma(v_set(xg[m * sx + k + u]), w, t[m][u]);
         }
+      }
       for (; k < G; ++k) {   /* int8_channel: G = K, any K */
         const V16 w = v_i8(c + k * 16);
         for (int m = 0; m < MT; ++m) t[m][0] = v_fma(v_set(xg[m * sx + k]), w, t[m][0]);
@@ -187,7 +208,7 @@ static void block_tile(const uint8_t* blk, int64_t G, int64_t ng, const float* x
     }
     for (int m = 0; m < MT; ++m) {
       V16 sum = t[m][0];
-      for (int u = 1; u < 2 * QG_UNROLL; ++u) sum = v_add(sum, t[m][u]);
+      for (int u = 1; u < 2 * unroll; ++u) sum = v_add(sum, t[m][u]);
       acc[m] = v_fma(s, sum, acc[m]);
       if (FMT == FMT_INT4) acc[m] = v_fma(v_h16(p + 32), v_set(xs[m * ng + g]), acc[m]);
     }
