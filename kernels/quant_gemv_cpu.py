@@ -6,7 +6,7 @@ A decode step's time is the bytes of its weights over the memory bandwidth, so a
 M <= GEMV_MAX_M the C++ GEMV (``kernels/quant_gemv_cpp.py``) streams the packed blocks once and
 dequantizes in registers. For more rows there are two ways, chosen per ISA variant by
 PANEL_MIN_M: the same GEMV in tiles of rows (each weight converted once per tile), or the weight
-dequantized a panel of output rows at a time into an fp32 scratch that stays in L2, in the layout
+dequantized a panel of output rows at a time into an fp32 scratch that stays cached, in the layout
 of the tiled fp32 GEMM (``kernels/gemm_cpu.py``), which multiplies it with the epilogue fused.
 ``python bench/quant_gemv.py`` times both against the fp32 GEMM.
 
@@ -43,9 +43,12 @@ from fxforge.kernels.shared_packs import shared_pack
 from fxforge.kernels.toolchain import build_failure, load_function
 
 ROWS = 16                 # output rows per packed block: one 16-float vector per k
-# Bytes of fp32 panel the prefill path dequantizes at once: half of a 1 MiB L2 (Zen 4), so
-# the panel is still cached when the GEMM reads it.
-PANEL_BYTES = 1 << 19
+# Bytes of fp32 panel the prefill path dequantizes at once, per ISA variant. Half of a 1 MiB L2
+# (Zen 4) keeps the panel in L2 for the GEMM, but each panel costs a pass over x and two parallel
+# regions. On a Zen 3 (AVX2, 512 KiB L2, 32 MiB L3) panels of 4 MiB, read back from L3, beat
+# 512 KiB on every SmolLM2 shape at M = 128 (0.93-1.03x the fp32 tiled GEMM, from 0.86-0.94x:
+# bench/RESULTS.md, 2026-12-03 night). The AVX-512 build keeps the L2 size until it is measured.
+PANEL_BYTES = {"portable": 1 << 19, "avx2": 1 << 22, "avx512": 1 << 19}
 ISA_VARIANTS = ("portable", "avx2", "avx512")
 # Rows from which a call takes the dequantized-panel path (None: the GEMV at every M). Method:
 # GEMV tiles against panels + the tiled GEMM against the fp32 tiled GEMM, interleaved in one
@@ -236,7 +239,7 @@ class QuantGemv:
         self.bias = bias.to(torch.float32).contiguous() if bias is not None else None
         self.bias_ptr = self.bias.data_ptr() if self.bias is not None else None
         # prefill panel: a multiple of 16 rows, as many as PANEL_BYTES of fp32 hold
-        self.panel_blocks = max(1, PANEL_BYTES // (4 * self.k * ROWS))
+        self.panel_blocks = max(1, PANEL_BYTES[self.isa] // (4 * self.k * ROWS))
         self.panel_min_m: Optional[int] = PANEL_MIN_M[self.isa]
         self.gemm_fn = gemm_entry()
         self.panel_bias = None
