@@ -53,6 +53,7 @@ bench: $(STAMP)
 # same runs (installs the peers: llama-cpp-python builds from source, minutes).
 bench-quant: peers
 	$(PY) bench/quant_accuracy.py --schemes int8,int4:g64,int4:g64:gptq,w8a8
+	OMP_NUM_THREADS=2 $(PY) bench/gemv_stream.py
 	OMP_NUM_THREADS=2 $(PY) bench/generate.py --models smollm2 --quantize int8,int4:g32,gguf,w8a8 --llamacpp F32,BF16,Q8_0,Q4_0,Q4_1 --torchao int8wo,w8a8
 	OMP_NUM_THREADS=2 $(PY) bench/prefill.py --lengths 128,512 --schemes int8,gguf,w8a8 --isa avx2
 	$(PY) bench/quant_auto.py --out .bench/quant_auto

@@ -119,9 +119,9 @@ static inline void block_dots_bf16(const float* x, const uint16_t* wb, int64_t K
 #define GV_ISA 1
 /* Bytes ahead to prefetch in the bf16 loop. Widening costs two ops per 8 weights, so the
    out-of-order window spans fewer bytes of the stream than fp32's load-FMA loop does, and the
-   hardware prefetcher alone left it latency-bound once the weights came from DRAM. On a
-   2-core Zen 3 (AVX2), one decode token's SmolLM2 linears went from 17.8 to 15.7 ms with it. The
-   same prefetch in the fp32 loop measured 0.93-1.0x, so that loop has none */
+   hardware prefetcher alone left it latency-bound once the weights came from DRAM (Zen 3:
+   bench/gemv_stream.py; bench/RESULTS.md, 2026-12-03 night). The same prefetch in the fp32
+   loop measured no gain there, so that loop has none */
 #define BF16_PREFETCH 1024
 static inline void block_dots_bf16(const float* x, const uint16_t* wb, int64_t K, float* acc) {
   __m256 lo[4], hi[4];

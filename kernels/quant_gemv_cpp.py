@@ -38,8 +38,8 @@ static inline float activate(float v, int act) {
 # QG_PF: bytes ahead of the codes to prefetch, one cache line per 64 bytes read (0: none).
 # Converting codes to floats costs several ops per byte, so the out-of-order window spans only a
 # few cache lines of the stream, and the hardware prefetcher alone left the GEMV latency-bound
-# once the weights came from DRAM rather than L3 (Zen 3, AVX2: bench/RESULTS.md, 2026-12-03
-# evening). Not yet measured on AVX-512, so 0 there.
+# once the weights came from DRAM rather than L3 (Zen 3, AVX2: bench/gemv_stream.py; bench/RESULTS.md,
+# 2026-12-03 night). Not yet measured on AVX-512, so 0 there.
 # QG_MT: activation rows per tile (the converted weights are reused across them; AVX2's sixteen
 # ymm registers hold two rows' partial sums, AVX-512's 32 zmm four). QG_UNROLL_OF: codes loads per
 # step, so that at M = 1 four FMA chains hide the FMA latency (AVX2 keeps one at M >= 2,
