@@ -7,14 +7,13 @@ L3; this bench is what a token pays for them.
 
     python bench/gemv_stream.py [--threads 2] [--rounds 15] [--formats fp32,bf16,int8_channel,int4_g32]
 
-Each round times one token per format, in turn, and a torch ``sum`` over as many bytes as the
-int8 weights (the read bandwidth a decode step can hope for); medians over rounds.
+Each round times a few tokens per format, in turn (``quant_gemv.time_interleaved``), and a
+torch ``sum`` over as many bytes as the int8 weights (the read bandwidth a decode step can hope
+for); medians over rounds.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -22,7 +21,7 @@ from fxforge.kernels import cpu_isa
 from fxforge.kernels.gemv_cpu import GemvLinear
 from fxforge.kernels.quant_gemv_cpu import QuantGemv
 
-from quant_gemv import _quantized  # bench/ is on sys.path when run as a script
+from quant_gemv import _quantized, time_interleaved  # bench/ is on sys.path as a script
 
 LAYER = ((576, 960), (576, 576), (576, 3072), (1536, 576))   # (K, N): qkv, o, gate/up, down
 SHAPES = LAYER * 30 + ((576, 49152),)
@@ -66,25 +65,17 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     tokens = [Token(fmt, args.threads, gen) for fmt in args.formats.split(",")]
     buffer = torch.rand(sum(k * n for k, n in SHAPES) // 4)   # the int8 weights' bytes
-    times: dict[str, list[float]] = {t.fmt: [] for t in tokens} | {"torch sum": []}
-    for token in tokens:
-        token.run()
-    for _ in range(args.rounds):
-        for token in tokens:
-            start = time.perf_counter()
-            token.run()
-            times[token.fmt].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        buffer.sum()
-        times["torch sum"].append(time.perf_counter() - start)
-    read = buffer.numel() * 4 / statistics.median(times["torch sum"])
+    runners = {token.fmt: (lambda _x, t=token: t.run()) for token in tokens}
+    runners["torch sum"] = lambda _x: buffer.sum()
+    medians = time_interleaved(runners, None, args.rounds)
+    read = buffer.numel() * 4 / medians["torch sum"]
     print(f"CPU: {cpu_isa.hardware().describe()}; {args.threads} threads, torch {torch.__version__}; "
-          f"{len(SHAPES)} linears a token; medians of {args.rounds} interleaved rounds; torch sum "
+          f"{len(SHAPES)} linears a token; medians of {args.rounds} interleaved rounds of 5; torch sum "
           f"reads {read / 1e9:.1f} GB/s\n")
     print("| weights | MB a token | ms a token | GB/s | of the sum's GB/s |")
     print("|---|---|---|---|---|")
     for token in tokens:
-        seconds = statistics.median(times[token.fmt])
+        seconds = medians[token.fmt]
         rate = token.nbytes / seconds
         print(f"| {token.fmt} | {token.nbytes / 1e6:.0f} | {seconds * 1e3:.2f} | {rate / 1e9:.1f} "
               f"| {rate / read:.0%} |")
