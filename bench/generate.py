@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="gpt2,llama,smollm2")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip", default="", help="runners to leave out (comma-separated)")
+    parser.add_argument("--skip", default="", help="runners to leave out (comma-separated labels, 'hf + inductor static'...)")
     parser.add_argument("--llamacpp", default="", help="llama.cpp peer runners for smollm2 "
                         "(comma-separated GGUF types: F32,BF16,Q8_0,Q4_0,Q4_1; needs llama-cpp-python)")
     parser.add_argument("--quantize", default="", help="quantize schemes to add as runners "
@@ -199,8 +199,12 @@ def main(argv=None) -> int:
                 from peers import torchao_decode_runners
                 runs.update(torchao_decode_runners(model, prompt, args.torchao.split(","),
                                                    hf_runners))
+            skip = {label for label in args.skip.split(",") if label}
+            if skip - set(runs):
+                print(f"  {name}: --skip names no runner here: {sorted(skip - set(runs))} "
+                      f"(runners: {', '.join(runs)})", flush=True)
             for label, fn in runs.items():
-                if label in args.skip.split(","):
+                if label in skip:
                     continue
                 rate, out = decode_rate(fn, args.new_tokens, args.rounds)
                 same = same_tokens(out, reference, prompt.shape[1], f"{name:<8} {label}")
