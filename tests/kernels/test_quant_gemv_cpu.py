@@ -9,13 +9,13 @@ from fxforge.kernels import cpu_isa, quant_gemv_cpu, toolchain
 from fxforge.kernels.activations import ACTIVATION_CODES, REGISTRY
 from fxforge.kernels.gemv_cpu import GEMV_MAX_M, PARALLEL_MIN_WEIGHTS
 from fxforge.kernels.quant_gemv_cpu import QUANT_FORMATS, QuantGemv, dequantize, quant_format
+from fxforge.testing import assert_close_to_sum as _assert_close
 
 pytestmark = pytest.mark.skipif(quant_gemv_cpu.quant_gemv_unavailable() is not None,
                                 reason="no C++ compiler for the quantized GEMV")
 
 ISA_ENV_OF = {"portable": "none", "avx2": "avx2", "avx512": "avx512"}
 MACRO_LEVEL = {"portable": 0, "avx2": 1, "avx512": 2}   # what fxf_qgemv_isa reports
-EPS = torch.finfo(torch.float32).eps
 
 
 def _hardware_has(variant: str) -> bool:
@@ -55,21 +55,6 @@ def _reference(fmt, codes, scales, offsets, x, bias, activation, residual):
         y = y + bias
     y = REGISTRY[ACTIVATION_CODES[activation]].aten_(y.clone())
     return y + residual if residual is not None else y
-
-
-def _assert_close(got, ref, magnitude, residual, what):
-    """Tolerance: the kernels sum in another order than the reference (blocked, four chains,
-    per group s * sum(q x) + o * sum(x)), and an fp32 sum's rounding error is bounded by a
-    multiple of eps * sum|terms| (Higham's gamma_K; random-sign rounding keeps it near sqrt(K)
-    eps). ``magnitude`` is that sum with the kernel's terms (|x| @ (|q s| + |o|)^T); measured on
-    Zen 4 the error stays under 2.7 eps * magnitude for every format and variant, so 32x is
-    margin, while any wrong code, scale or row is off by the magnitude itself. The activation
-    (kernel formulas vs ATen's, a few ulps) and the residual add add relative terms."""
-    tol = 32 * EPS * magnitude + 1e-5 * ref.abs() + 2 * EPS * (residual.abs() if residual is not
-                                                                 None else 0) + 1e-6
-    bad = (got - ref).abs() > tol
-    assert not bad.any(), f"{what}: {int(bad.sum())} outputs off, max error " \
-                          f"{(got - ref).abs().max().item():.3g}"
 
 
 def _paths(kernel: QuantGemv, m: int):
