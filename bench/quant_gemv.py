@@ -1,6 +1,6 @@
 """Quantized weight-only GEMV (kernels/quant_gemv_cpu.py) against the fp32 and bf16 GEMV on
 SmolLM2-135M's linear shapes, every ISA variant this CPU has; and M = 128 (prefill): the
-quantized kernel's panel path, its GEMV path forced, fp32 ``torch.mm`` and the fp32 tiled GEMM.
+quantized kernel's GEMM path (the tiled GEMM dequantizing as it goes), its GEMV path forced, fp32 ``torch.mm`` and the fp32 tiled GEMM.
 
     python bench/quant_gemv.py [--threads 2] [--rounds 15] [--m 1,128] [--formats int8_channel,...]
 
@@ -56,11 +56,11 @@ def _kernel(fmt, isa, weights):
     return kernel
 
 
-def _forced(kernel, threads, panel_min_m):
-    """The kernel with its large-M path forced (None: GEMV tiles, 1: panels + tiled GEMM): the
-    comparison behind quant_gemv_cpu.PANEL_MIN_M."""
+def _forced(kernel, threads, gemm_min_m):
+    """The kernel with its large-M path forced (None: GEMV tiles, 1: the dequantizing GEMM): the
+    comparison behind quant_gemv_cpu.GEMM_MIN_M."""
     def run(x):
-        kernel.panel_min_m = panel_min_m
+        kernel.gemm_min_m = gemm_min_m
         return kernel(x, None, threads)
     return run
 
@@ -90,7 +90,7 @@ def bench_shape(label, k, n, m, threads, rounds, variants, gen, formats=QUANT_FO
     else:
         w_kn = w.t().contiguous()
         runners["fp32 torch.mm"] = lambda x: torch.mm(x, w_kn)
-        # the fp32 GEMM fxforge runs a dense prefill on (the quantized panels' GEMM too)
+        # the fp32 GEMM fxforge runs a dense prefill on (the quantized GEMM is the same kernel)
         runners["fp32 tiled"] = lambda x, t=TiledLinear(w, None, "none"): t(x, None, threads)
         nbytes["fp32 torch.mm"] = nbytes["fp32 tiled"] = 4 * n * k
     for fmt in formats:
@@ -100,15 +100,15 @@ def bench_shape(label, k, n, m, threads, rounds, variants, gen, formats=QUANT_FO
         for isa in variants:
             kernel = _kernel(fmt, isa, weights)
             if m > 1 and isa == "portable":
-                continue   # its GEMV tiles take 6-15x the panels' time: not worth the minutes
+                continue   # its GEMV tiles take 6-15x the GEMM's time: not worth the minutes
             name = f"{fmt} {isa}"
             nbytes[name] = kernel.weight.numel()
             if m == 1:
                 runners[name] = lambda x, q=kernel: q(x, None, threads)
             else:
-                runners[name + " panels"] = _forced(kernel, threads, 1)
+                runners[name + " GEMM"] = _forced(kernel, threads, 1)
                 runners[name + " GEMV"] = _forced(kernel, threads, None)
-                nbytes[name + " panels"] = nbytes[name + " GEMV"] = nbytes.pop(name)
+                nbytes[name + " GEMM"] = nbytes[name + " GEMV"] = nbytes.pop(name)
     x = torch.randn(m, k, generator=gen)
     medians = time_interleaved(runners, x, rounds)
     base = medians["fp32 GemvLinear" if m == 1 else "fp32 tiled"]
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for m in (int(v) for v in args.m.split(",")):
         for label, k, n in SHAPES:
-            if m == 128 and label == "lm head":
+            if m > 1 and label == "lm head":
                 continue   # prefill computes logits of the last position only
             for row in bench_shape(label, k, n, m, args.threads, args.rounds, variants, gen,
                                    args.formats.split(",")):

@@ -22,13 +22,14 @@ reference's bit for bit (the prefill dequantization relies on this too).
 """
 from fxforge.kernels.activations import ACT_OF_CPP, cpp_act_switch
 from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
+from fxforge.kernels.gemm_cpp import CORE
 
 FMT_INT8, FMT_INT4 = 0, 1
 
 
 def source(parallel_min_weights: int) -> str:
     return ("#include <omp.h>\n#include <immintrin.h>\n#include <stdlib.h>\n" + PRELUDE + MATH
-            + ACT_OF_CPP + _VECTORS + r"""
+            + ACT_OF_CPP + _VECTORS + CORE + r"""
 static inline float activate(float v, int act) {
 """ + cpp_act_switch("return act_of<{act}>(v);") + "}\n" + _KERNELS) \
         .replace("PARALLEL_MIN_WEIGHTS", str(parallel_min_weights)) \
@@ -294,30 +295,54 @@ extern "C" int fxf_qgemv(const float* x, int64_t sx, int64_t M, int64_t K, const
   return 0;
 }
 
-/* out [b1 - b0][K][16]: rows 16 b0 .. 16 b1 of the weight as the tiled GEMM's fp32 panels
-   (kernels/gemm_cpu.py: 16 output columns, k-major; each k's 16 rows one vector store), values
-   equal to the reference's (see the module doc) */
-extern "C" void fxf_qdequant(const uint8_t* w, int fmt, int64_t K, int64_t G, int64_t b0,
-                             int64_t b1, float* out, int nthreads) {
+/* out [kc][16]: k = k0 .. k0 + kc of block b's 16 rows as fp32, in the tiled GEMM's panel layout
+   (16 output columns, k-major; each k one vector store); values equal to the reference's (see the
+   module doc). For int4, k0 and kc are even (a byte holds k = 2j and 2j + 1). */
+static void qdequant_chunk(const uint8_t* w, int fmt, int64_t K, int64_t G, int64_t b, int64_t k0,
+                           int64_t kc, float* __restrict out) {
   const int64_t ng = K / G, gb = group_bytes(fmt, G), hb = header_bytes(fmt), P = 16;
-  #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && (b1 - b0) * 16 * K >= PARALLEL_MIN_WEIGHTS)
-  for (int64_t b = b0; b < b1; ++b)
-    for (int64_t g = 0; g < ng; ++g) {
-      const uint8_t* p = w + (b * ng + g) * gb;
-      const uint8_t* c = p + hb;
-      float* o = out + (b - b0) * 16 * K + g * G * P;
-      const V16 s = v_h16(p);
-      if (fmt == FMT_INT4) {
-        const V16 off = v_h16(p + 32);
-        for (int64_t j = 0; j < G / 2; ++j) {
-          V16 lo, hi;
-          v_u4(c + j * 16, &lo, &hi);
-          v_store(o + 2 * j * P, v_fma(lo, s, off));
-          v_store(o + (2 * j + 1) * P, v_fma(hi, s, off));
-        }
-      } else {
-        for (int64_t k = 0; k < G; ++k) v_store(o + k * P, v_mul(v_i8(c + k * 16), s));
+  for (int64_t k = k0, end; k < k0 + kc; k = end) {
+    const int64_t g = k / G, g0 = g * G;
+    end = g0 + G < k0 + kc ? g0 + G : k0 + kc;
+    const uint8_t* p = w + (b * ng + g) * gb;
+    const uint8_t* c = p + hb;
+    float* o = out + (g0 - k0) * P;
+    const V16 s = v_h16(p);
+    if (fmt == FMT_INT4) {
+      const V16 off = v_h16(p + 32);
+      for (int64_t j = (k - g0) / 2; j < (end - g0) / 2; ++j) {
+        V16 lo, hi;
+        v_u4(c + j * 16, &lo, &hi);
+        v_store(o + 2 * j * P, v_fma(lo, s, off));
+        v_store(o + (2 * j + 1) * P, v_fma(hi, s, off));
       }
+    } else {
+      for (int64_t i = k - g0; i < end - g0; ++i) v_store(o + i * P, v_mul(v_i8(c + i * 16), s));
     }
+  }
 }
+
+/* The quantized weight as the tiled GEMM's source (kernels/gemm_cpp.py): each thread dequantizes
+   a panel chunk into its own buffer right before it multiplies it, so the fp32 weight never
+   exists beyond one chunk per thread, and prefill reads a quarter (int8) or an eighth (int4) of
+   the fp32 weight's bytes in one parallel region. */
+struct QuantPanels {
+  typedef float Elem;
+  static constexpr bool in_place = false, widens = true;
+  const uint8_t* w;
+  int fmt;
+  int64_t K, G;
+  void widen(int64_t p, int64_t k0, int64_t kc, float* buf) const {
+    qdequant_chunk(w, fmt, K, G, p, k0, kc, buf);
+  }
+};
+
+/* y [M, N] (row stride ldy) = act(x @ W^T + bias) + res, x [M, K] (row stride lda); bias padded
+   to whole blocks of 16 (or null); KC even */
+extern "C" void fxf_qgemm(const float* x, int64_t lda, const uint8_t* w, int fmt, int64_t G,
+                          const float* bias, float* y, int64_t ldy, const float* res, int64_t ldr,
+                          int64_t M, int64_t K, int64_t N, int act, int64_t KC, int64_t MC,
+                          int nthreads) {
+  const QuantPanels src{w, fmt, K, G};
+""" + cpp_act_switch("gemm<QuantPanels, {act}>(x, lda, src, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);") + r"""}
 """

@@ -5,9 +5,11 @@ A decode step's time is the bytes of its weights over the memory bandwidth, so a
 4 bits is read 4x or ~6.4x (with its fp16 scale and offset a group) faster than fp32. For
 M <= GEMV_MAX_M the C++ GEMV (``kernels/quant_gemv_cpp.py``) streams the packed blocks once and
 dequantizes in registers. For more rows there are two ways, chosen per ISA variant by
-PANEL_MIN_M: the same GEMV in tiles of rows (each weight converted once per tile), or the weight
-dequantized a panel of output rows at a time into an fp32 scratch that stays cached, in the layout
-of the tiled fp32 GEMM (``kernels/gemm_cpu.py``), which multiplies it with the epilogue fused.
+GEMM_MIN_M: the same GEMV in tiles of rows (each weight converted once per tile), or the tiled
+fp32 GEMM (``kernels/gemm_cpp.py``, epilogue fused) with the weight as its source: each thread
+dequantizes the panel chunk it is about to multiply into a buffer of its own, so prefill reads the
+quantized bytes once per block of rows, in one parallel region, and the fp32 weight never exists
+beyond one chunk per thread.
 ``python bench/quant_gemv.py`` times both against the fp32 GEMM.
 
 Formats (the IR's, ``[N, K]`` orientation; :func:`dequantize` is the reference and test oracle):
@@ -35,7 +37,6 @@ from fxforge.irgraph.weight_format import FORMATS, decode
 from fxforge.kernels import cpu_isa
 from fxforge.kernels.activations import ACTIVATION_CODES, REGISTRY
 from fxforge.kernels.gemm_cpu import BLOCKS, PARALLEL_MIN_MACS
-from fxforge.kernels.gemm_cpu import _entry as gemm_entry
 from fxforge.kernels.gemv_cpu import GEMV_MAX_M, PARALLEL_MIN_WEIGHTS
 from fxforge.kernels.quant_gemv_cpp import FMT_INT4, FMT_INT8, source
 from fxforge.kernels.replay import launch
@@ -43,25 +44,18 @@ from fxforge.kernels.shared_packs import shared_pack
 from fxforge.kernels.toolchain import build_failure, load_function
 
 ROWS = 16                 # output rows per packed block: one 16-float vector per k
-# Bytes of fp32 panel the prefill path dequantizes at once, per ISA variant. Half of a 1 MiB L2
-# (Zen 4) keeps the panel in L2 for the GEMM, but each panel costs a pass over x and two parallel
-# regions. On a Zen 3 (AVX2, 512 KiB L2, 32 MiB L3) panels of 4 MiB, read back from L3, beat
-# 512 KiB on every SmolLM2 shape at M = 128 (0.93-1.03x the fp32 tiled GEMM, from 0.86-0.94x:
-# bench/RESULTS.md, 2026-12-03 night). The AVX-512 build keeps the L2 size until it is measured.
-PANEL_BYTES = {"portable": 1 << 19, "avx2": 1 << 22, "avx512": 1 << 19}
 ISA_VARIANTS = ("portable", "avx2", "avx512")
-# Rows from which a call takes the dequantized-panel path (None: the GEMV at every M). Method:
-# GEMV tiles against panels + the tiled GEMM against the fp32 tiled GEMM, interleaved in one
-# process (bench/quant_gemv.py's kernels and rounds), SmolLM2's four layer shapes
-# summed as a layer uses them, int8_channel and int4_g32, medians and minima of 5-7 rounds, on a
-# 2-core AMD EPYC Zen 4 (AVX-512) shared with other jobs (load 7-12): at 2 threads the OpenMP
-# barriers made every timing meaningless, so 1 thread. avx512 build (tiles of 4 rows): the GEMV
-# ahead at M = 16-64 (1.2-2.3x fp32 by minima), even at 128-256 (+-5%), panels 4-12% ahead at
-# 512: panels from 256. avx2 build (tiles of 2; run on that Zen 4, not a real AVX2 CPU): the
-# GEMV 12-20% ahead at M = 16, even at 32, panels ahead from 64 (at 128: 0.84-0.90x fp32 vs the
-# GEMV's 0.51-0.74x): panels from 32. The portable build's GEMV takes 6-15x the panels' time.
-# A quiet run (and a real AVX2 CPU) may move these; bench/quant_gemv.py --m 16,32,64,128,512.
-PANEL_MIN_M = {"portable": GEMV_MAX_M + 1, "avx2": 32, "avx512": 256}
+# Rows from which a call takes the dequantizing GEMM (None: the GEMV at every M). Method: GEMV
+# tiles against the GEMM against the fp32 tiled GEMM, interleaved in one process
+# (bench/quant_gemv.py --m 8,16,32,64,128), SmolLM2's four layer shapes, int8_channel and int4_g32.
+# avx2 build, on a real AVX2 CPU (Zen 3, 2 threads; bench/RESULTS.md, 2026-12-03 (late night)):
+# at M = 8 the GEMV ahead on int8 (8% over the four shapes), the GEMM on int4 (13%); from 16 the
+# GEMM ahead on every shape and format (0.90-1.13x fp32 against the GEMV's 0.60-0.93x). avx512
+# build: measured on a Zen 4 against the older GEMM path that dequantized whole panels first (the
+# GEMV ahead at M = 16-64, even at 128-256, the panels ahead at 512); the dequantizing GEMM costs
+# less than those panels, so 256 is the most it needs: re-measure on an AVX-512 CPU. The portable
+# build's GEMV takes 6-15x the GEMM's time.
+GEMM_MIN_M = {"portable": GEMV_MAX_M + 1, "avx2": 16, "avx512": 256}
 
 
 def row_major_operands(name: str, x: torch.Tensor, residual: Optional[torch.Tensor], k: int,
@@ -191,7 +185,7 @@ SOURCE = source(PARALLEL_MIN_WEIGHTS)
 
 @functools.lru_cache(maxsize=None)
 def entries(isa: str) -> tuple[Callable, Callable, Callable]:
-    """(fxf_qgemv, fxf_qdequant, fxf_qgemv_isa) of the ``isa`` build (one library per variant,
+    """(fxf_qgemv, fxf_qgemm, fxf_qgemv_isa) of the ``isa`` build (one library per variant,
     built once into the kernel cache)."""
     gemv = load_function(SOURCE, "fxf_qgemv", f"quant_gemv_{isa}", isa=isa)
     gemv.restype = ctypes.c_int
@@ -199,14 +193,16 @@ def entries(isa: str) -> tuple[Callable, Callable, Callable]:
                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                      ctypes.c_void_p, ctypes.c_int)
-    deq = load_function(SOURCE, "fxf_qdequant", f"quant_gemv_{isa}", isa=isa)
-    deq.restype = None
-    deq.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int)
+    gemm = load_function(SOURCE, "fxf_qgemm", f"quant_gemv_{isa}", isa=isa)
+    gemm.restype = None
+    gemm.argtypes = ((ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_void_p) + (ctypes.c_int64,) * 4
+                     + (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int))
     built = load_function(SOURCE, "fxf_qgemv_isa", f"quant_gemv_{isa}", isa=isa)
     built.restype = ctypes.c_int
     built.argtypes = ()
-    return gemv, deq, built
+    return gemv, gemm, built
 
 
 def quant_gemv_unavailable() -> Optional[str]:
@@ -231,17 +227,15 @@ class QuantGemv:
         self.fmt, self.activation, self.act = fmt, activation, ACTIVATION_CODES[activation]
         self.fmt_code = FMT_INT4 if quant_format(fmt).int4 else FMT_INT8
         self.isa = choose_isa()
-        self.fn, self.dequant_fn, _ = entries(self.isa)
+        self.fn, self.gemm_fn, _ = entries(self.isa)
         parts = [t.contiguous().reshape(-1).view(torch.uint8)
                  for t in (codes, scales, offsets) if t is not None]
         self.weight = shared_pack(f"quant {fmt} [N/16][K/G][header, codes] N={self.n} K={self.k}",
                                   torch.cat(parts), lambda _: pack(fmt, codes, scales, offsets))
         self.bias = bias.to(torch.float32).contiguous() if bias is not None else None
         self.bias_ptr = self.bias.data_ptr() if self.bias is not None else None
-        # prefill panel: a multiple of 16 rows, as many as PANEL_BYTES of fp32 hold
-        self.panel_blocks = max(1, PANEL_BYTES[self.isa] // (4 * self.k * ROWS))
-        self.panel_min_m: Optional[int] = PANEL_MIN_M[self.isa]
-        self.gemm_fn = gemm_entry()
+        self.gemm_min_m: Optional[int] = GEMM_MIN_M[self.isa]
+        self.kc, self.mc = BLOCKS[0]    # the GEMM's K chunk (even: int4 bytes hold two k) and rows
         self.panel_bias = None
         if self.bias is not None:   # the GEMM's epilogue adds 16 columns at a time
             self.panel_bias = torch.zeros((self.n + ROWS - 1) // ROWS * ROWS, dtype=torch.float32)
@@ -254,8 +248,8 @@ class QuantGemv:
         x, residual = row_major_operands(self.fmt, x, residual, self.k, self.n)
         rows = x.shape[0]
         threads = threads or torch.get_num_threads()
-        if self.panel_min_m is not None and rows >= self.panel_min_m:
-            return self._panels(x, residual, threads)
+        if self.gemm_min_m is not None and rows >= self.gemm_min_m:
+            return self._gemm(x, residual, threads)
         y = torch.empty(rows, self.n, dtype=torch.float32)
         if rows and launch(self.fn, (
                 x.data_ptr(), x.stride(0), rows, self.k, self.weight.data_ptr(), self.fmt_code,
@@ -266,38 +260,27 @@ class QuantGemv:
             raise MemoryError(f"{self.fmt}: the GEMV could not allocate its x sums")
         return y
 
-    def _panels(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                threads: int) -> torch.Tensor:
-        """Dequantize a panel of blocks at a time (exactly the reference's values) into an
-        L2-sized scratch in the tiled GEMM's layout and multiply it there, bias, activation and
-        residual fused (``kernels/gemm_cpu.py``): the fp32 GEMM's speed for the cost of one
-        dequantization per weight per call."""
+    def _gemm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+              threads: int) -> torch.Tensor:
+        """The tiled GEMM with the weight dequantized inside it (``fxf_qgemm``): each thread
+        dequantizes the panel chunk it is about to multiply (exactly the reference's values)
+        into its own buffer; bias, activation and residual fused as in the fp32 GEMM."""
         rows = x.shape[0]
         y = torch.empty(rows, self.n, dtype=torch.float32)
-        blocks = (self.n + ROWS - 1) // ROWS
-        scratch = torch.empty(self.k * ROWS * min(self.panel_blocks, blocks), dtype=torch.float32)
-        gemm_threads = 1 if rows * self.n * self.k < PARALLEL_MIN_MACS else threads
-        kc, mc = BLOCKS[0]
-        res_stride = residual.stride(0) if residual is not None else 0
-        for b0 in range(0, blocks, self.panel_blocks):
-            b1 = min(blocks, b0 + self.panel_blocks)
-            n0, n1 = b0 * ROWS, min(self.n, b1 * ROWS)
-            launch(self.dequant_fn, (self.weight.data_ptr(), self.fmt_code, self.k, self.group,
-                                     b0, b1, scratch.data_ptr(), threads))
-            launch(self.gemm_fn, (
-                x.data_ptr(), x.stride(0), scratch.data_ptr(), 0,
-                self.panel_bias[n0:].data_ptr() if self.panel_bias is not None else None,
-                y[:, n0:].data_ptr(), self.n,
-                residual[:, n0:].data_ptr() if residual is not None else None, res_stride,
-                rows, self.k, n1 - n0, self.act, kc, mc, gemm_threads))
+        launch(self.gemm_fn, (
+            x.data_ptr(), x.stride(0), self.weight.data_ptr(), self.fmt_code, self.group,
+            self.panel_bias.data_ptr() if self.panel_bias is not None else None,
+            y.data_ptr(), self.n, residual.data_ptr() if residual is not None else None,
+            residual.stride(0) if residual is not None else 0, rows, self.k, self.n, self.act,
+            self.kc, self.mc, 1 if rows * self.n * self.k < PARALLEL_MIN_MACS else threads))
         return y
 
     def describe(self) -> str:
         steps = [s for s in ("bias" if self.bias is not None else "",
                              REGISTRY[self.act].name if self.act else "") if s]
         epilogue = f", epilogue: {' then '.join(steps)} (then any residual add)" if steps else ""
-        large = ("any M: the same, in tiles of rows" if self.panel_min_m is None else
-                 f"M >= {self.panel_min_m}: {self.panel_blocks * ROWS}-row fp32 panels into the "
-                 "tiled GEMM")
+        large = ("any M: the same, in tiles of rows" if self.gemm_min_m is None else
+                 f"M >= {self.gemm_min_m}: the tiled GEMM, each thread dequantizing the "
+                 f"{self.kc}-deep panel chunks it multiplies")
         return (f"C++ quantized GEMV ({self.fmt}, {self.isa} build; weight streamed once, "
                 f"dequantized in registers; {large}){epilogue}")

@@ -59,13 +59,13 @@ def _reference(fmt, codes, scales, offsets, x, bias, activation, residual):
 
 def _paths(kernel: QuantGemv, m: int):
     """Run the caller's check on every path a call of M rows may take: above GEMV_MAX_M both
-    the GEMV tiles and the dequantized panels, whichever PANEL_MIN_M picks for the variant."""
-    chosen = kernel.panel_min_m
-    for panel_min_m, path in ((None, "gemv"), (GEMV_MAX_M + 1, "panels")):
-        if m > GEMV_MAX_M or panel_min_m is None:
-            kernel.panel_min_m = panel_min_m
+    the GEMV tiles and the dequantizing GEMM, whichever GEMM_MIN_M picks for the variant."""
+    chosen = kernel.gemm_min_m
+    for gemm_min_m, path in ((None, "gemv"), (GEMV_MAX_M + 1, "gemm")):
+        if m > GEMV_MAX_M or gemm_min_m is None:
+            kernel.gemm_min_m = gemm_min_m
             yield path
-    kernel.panel_min_m = chosen
+    kernel.gemm_min_m = chosen
 
 
 def _group(fmt: str) -> int:
@@ -116,25 +116,24 @@ def test_parallel_size_and_strided_inputs(fmt, threads, variant):
 
 
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
-@pytest.mark.parametrize("panel_blocks", [1, 2, 3])
-def test_prefill_panels_in_several_chunks(fmt, panel_blocks, variant):
-    """The prefill path with the weight split into chunks of ``panel_blocks`` 16-row blocks
-    (a model's linears are several L2-sized chunks; these shapes are not): each chunk's bias,
-    output and residual columns, a last chunk and a last block that are partial, M off the
-    GEMM's 6-row tiles and 24-row strips, one and two threads."""
+@pytest.mark.parametrize("kc,mc", [(1024, 240), (48, 30), (2, 7)])
+def test_the_dequantizing_gemm_in_k_chunks_and_row_blocks(fmt, kc, mc, variant):
+    """The GEMM path with K chunks that end inside a group and row blocks off the 6-row tiles
+    and 24-row strips (each thread dequantizes the chunk it multiplies): a last panel that is
+    partial, the bias, output and residual columns of each panel, one and two threads."""
     n, k = 16 * 5 + 9, 2 * _group(fmt) + (5 if fmt == "int8_channel" else 0)
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     codes, scales, offsets = _weight(fmt, n, k, gen)
     mag_w = dequantize(fmt, codes, scales.abs(), offsets.abs() if offsets is not None else None).abs()
     kernel = QuantGemv(fmt, codes, scales, offsets, torch.randn(n, generator=gen), "silu")
-    kernel.panel_blocks, kernel.panel_min_m = panel_blocks, GEMV_MAX_M + 1
-    for m, threads in ((GEMV_MAX_M + 1, 1), (31, 2), (53, 1)):
+    kernel.kc, kernel.mc, kernel.gemm_min_m = kc, mc, GEMV_MAX_M + 1
+    for m, threads in ((GEMV_MAX_M + 1, 1), (31, 2), (53, 2)):
         x = torch.randn(m, k, generator=gen)
         res = torch.randn(m, n, generator=gen)
         ref = _reference(fmt, codes, scales, offsets, x, kernel.bias, "silu", res)
         _assert_close(kernel(x, res, threads=threads), ref, x.abs() @ mag_w.T, res,
-                      f"{fmt} {variant} panels of {panel_blocks} blocks seed={seed} M={m} T={threads}")
+                      f"{fmt} {variant} kc={kc} mc={mc} seed={seed} M={m} T={threads}")
 
 
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
