@@ -21,7 +21,7 @@ import types
 __version__ = "0.1.0"
 
 from fxforge.errors import (ArtifactError, FxforgeError, InputSpecError, OptionsError,
-                            SessionInUseError, VerificationError)
+                            SessionInUseError, VerificationError, WeightsChangedError)
 from fxforge.options import CompileOptions, parse_options
 from fxforge.backend_entry import fxforge_backend, register as _register_backend
 
@@ -34,7 +34,7 @@ _LAZY = {"compile": "fxforge.api", "Artifact": "fxforge.aot", "aot_compile": "fx
 
 __all__ = ["Artifact", "ArtifactError", "CompileOptions", "ExplainReport", "FxforgeError",
            "InputSpecError", "OptionsError", "Session", "SessionInUseError", "VerificationError",
-           "__version__", "aot_compile", "compile", "explain", "fxforge_backend", "generate",
+           "WeightsChangedError", "__version__", "aot_compile", "compile", "explain", "fxforge_backend", "generate",
            "load", "parse_options"]
 
 

@@ -4,7 +4,8 @@ step, lowering through a backend, tuning), one build per weight set.
 Weights arrive from dynamo as graph inputs. Freezing turns them into constants so passes can
 fold and prepack them. The runtime guards that assumption before each call
 (:mod:`fxforge.weight_sets` says exactly what it sees): weights changed since their build are
-re-frozen, and a graph called with another set of weights (another instance of the model)
+re-frozen (a quantized build raises WeightsChangedError instead, unless compiled with
+``requantize_on_change``), and a graph called with another set of weights (another instance of the model)
 keeps one build per set.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from fxforge.backends import LoweredGraph
-from fxforge.errors import VerificationError
+from fxforge.errors import VerificationError, WeightsChangedError
 from fxforge.irgraph import IRGraph, build_ir
 from fxforge.options import CompileOptions
 from fxforge.orchestrate import compile_graph
@@ -145,11 +146,25 @@ class CompiledGraph:
                          "(another model instance or new parameters): freezing it")
                 build = self._build(weights)
             elif change is not None:
+                self._refuse_stale_codes(change)
                 log.warning("fxforge: model weights changed since compilation (%s); re-freezing "
-                            "them", change)
+                            "them%s", change, " and quantizing them again" if self.options.quantize
+                            else "")
                 build = self._build(weights)
             self._activate(build, weights)
             return build
+
+    def _refuse_stale_codes(self, change: str) -> None:
+        """A quantized build's codes hold the weights it froze; re-quantizing on the fly would
+        silently redo a lossy (and, with calibration or ``quantize="auto"``, slow) step in the
+        middle of a call, so it happens only when the compile asked for it."""
+        if self.options.quantize and not self.options.requantize_on_change:
+            raise WeightsChangedError(
+                f"fxforge: {change} after it was quantized at compile time, so its quantized "
+                "codes are stale. Change weights before compiling; or compile with "
+                "requantize_on_change=True (options={'requantize_on_change': True}) to "
+                "re-quantize a changed weight at its next call (compiling again with the same "
+                "options reuses this graph, unless torch._dynamo.reset() came first)")
 
     def _activate(self, build: "Build", weights: list[torch.Tensor]) -> None:
         """Make ``build`` the one reports describe and the lock-free check tries first. Only

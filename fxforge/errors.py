@@ -23,3 +23,8 @@ class InputSpecError(FxforgeError, ValueError):
 
 class SessionInUseError(FxforgeError, RuntimeError):
     """A ``fxforge.Session`` was called (or closed) while another call was running in it."""
+
+
+class WeightsChangedError(FxforgeError, RuntimeError):
+    """A weight changed after a quantized compile (its codes would be stale), and the compile
+    did not ask to re-quantize on change (``requantize_on_change``)."""

@@ -18,6 +18,7 @@ class CompileOptions:
     max_sessions: int = 8         # KV-cache states kept per graph (sequences; LRU beyond)
     quantize: Optional[tuple] = None  # weight-only quantization rules (passes/quantize.py)
     accuracy_budget: Optional[tuple] = None  # quantize="auto"'s bound: ("kl", 0.01) (quantize_plan.py)
+    requantize_on_change: bool = False  # weights changed after a quantized compile: re-quantize, not raise
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
     autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"
@@ -79,7 +80,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
     for key in ("max_seq_len", "max_sessions"):
         if key in merged and (type(merged[key]) is not int or merged[key] < 1):
             raise OptionsError(f"option {key} must be a positive integer, got {merged[key]!r}")
-    for key in ("verify", "freeze_weights", "kv_cache", "decode_replay"):
+    for key in ("verify", "freeze_weights", "kv_cache", "decode_replay", "requantize_on_change"):
         if key in merged and not isinstance(merged[key], bool):
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
     return CompileOptions(**merged)

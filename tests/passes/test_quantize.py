@@ -317,18 +317,44 @@ def test_explain_lists_each_linears_format_bytes_and_names():
     assert "linear weights: 3," in report.text
 
 
-def test_weights_changed_after_compile_are_quantized_again(caplog):
-    """Stale codes would be wrong answers: a changed weight is re-frozen and re-quantized."""
+def test_weights_changed_after_a_quantized_compile_are_a_clear_error():
+    """Its codes hold the weights it froze: a changed weight would give stale answers, so the
+    call raises, naming the weight and the way out; the model answers again once compiled with
+    requantize_on_change (a new compile: dynamo keeps the old graph for the old options)."""
     gen = _generator()
     model = _MLP(gen).eval()
     x = torch.randn(3, 64, generator=gen)
     compiled = fxforge.compile(model, (x,), quantize="int8", backend="reference")
     with torch.no_grad():
-        compiled(x)
         model.up.weight.mul_(1.5)   # in place, after compile
+        for _ in range(2):          # stays an error: nothing was re-quantized behind the user
+            with pytest.raises(fxforge.WeightsChangedError, match=r"weight \d+ \(float32\[128, 64\]\) "
+                               r"was modified in place.*requantize_on_change=True"):
+                compiled(x)
+        again = fxforge.compile(model, (x,), quantize="int8", backend="reference",
+                                requantize_on_change=True)
+        want = _dequantized_copy(model, {name: "int8_channel:rtn" for name in ("up", "down", "head")})
+        torch.testing.assert_close(again(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+def test_requantize_on_change_quantizes_a_changed_weight_again(caplog):
+    """Opted in: a changed weight is re-frozen and re-quantized at its next call, with a warning."""
+    gen = _generator()
+    model = _MLP(gen).eval()
+    x = torch.randn(3, 64, generator=gen)
+    compiled = fxforge.compile(model, (x,), quantize="int8", backend="reference",
+                               requantize_on_change=True)
+    with torch.no_grad():
+        compiled(x)
+        model.up.weight.mul_(1.5)
         with caplog.at_level("WARNING", logger="fxforge"):
             got = compiled(x)
-    assert "weights changed since compilation" in caplog.text
+    assert "weights changed since compilation" in caplog.text and "quantizing them again" in caplog.text
     want = _dequantized_copy(model, {name: "int8_channel:rtn" for name in ("up", "down", "head")})
     with torch.no_grad():
         torch.testing.assert_close(got, want(x), rtol=1e-5, atol=1e-5)
+
+
+def test_requantize_on_change_is_a_boolean():
+    with pytest.raises(fxforge.OptionsError, match="requantize_on_change must be True or False"):
+        fxforge.compile(_MLP(_generator()), quantize="int8", requantize_on_change="yes")
