@@ -72,11 +72,17 @@ def explicit_rules(plan: dict) -> dict:
 
 def decode_rates(model, prompt, quantize: dict, new_tokens: int, rounds: int) -> dict:
     """Tokens/s of each variant's decode: (time(n) - time(1)) / (n - 1), rounds interleaved."""
+    # Every variant compiles the same forward (a prefill and a decode graph each) and all must
+    # stay compiled to interleave their rounds: past dynamo's recompile_limit (8) the later
+    # variants would run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               4 * len(quantize))
     runners = {}
     for label, rule in quantize.items():
         options = {"kv_cache": True, "max_seq_len": 512, **({"quantize": rule} if rule else {})}
         compiled = torch.compile(LogitsOnly(model), backend="fxforge", options=options)
-        runners[label] = lambda n, c=compiled: fxforge.generate(c, prompt, n)
+        # direct steps, as bench/generate.py runs them (HF wrappers are vouched for there)
+        runners[label] = lambda n, c=compiled: fxforge.generate(c, prompt, n, direct_steps=True)
         runners[label](2)   # compiles
     rates: dict[str, list] = {label: [] for label in runners}
     for _ in range(rounds):

@@ -3,13 +3,15 @@
 The pass (``passes/quantize_plan.py``) asks for seconds per M = 1 call through its
 ``measuring_speed`` hook and knows nothing of kernels; the compile driver installs
 :func:`cpu_layer_seconds` there when the graph goes to the CPU backend. It times the kernels that
-backend runs (the C++ fp32 GEMV and the quantized GEMV) and keeps the result in the tuning cache
+backend runs (the C++ fp32 GEMV and the quantized GEMV), with the weights arriving from memory as
+in a decode step (:func:`_copies`), and keeps the result in the tuning cache
 (``autotune/cache.py``; the key holds the CPU, ISA, thread count and the kernels' sources), so the
 second compile measures nothing. Tests inject their own measurement and never time anything.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,21 +28,39 @@ def _random_weight(k: int, n: int) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(k * 131 + n)) * 0.05
 
 
-def _kernels(k: int, n: int, formats: Sequence[str]) -> dict[str, Callable[[], Any]]:
-    """One M = 1 call of each format's CPU kernel on a ``K x N`` weight (fmt -> runnable)."""
+def _copies(fmt: str, weight: torch.Tensor) -> list:
+    """Kernels of ``fmt`` on distinct weights of ``weight``'s shape (packs are shared by content,
+    so each copy's rows are rolled), together at least WORKING_SET_BYTES of weight data: a call
+    cycling through them reads its weight from memory, as a decode step does. Timed on one
+    weight, the weight stays in the caches and the speed is the kernel's arithmetic: there the
+    AVX2 int4 GEMV measured slower than int8 (Zen 3), though streamed it reads fewer bytes and
+    decodes faster, so auto's plans chose int8 where int4 met the budget faster."""
     from fxforge.kernels.gemv_cpu import GemvLinear
+    from fxforge.kernels.linear_cpu_tuning import WORKING_SET_BYTES
     from fxforge.kernels.quant_gemv_cpu import QuantGemv
     from fxforge.passes.quantize import _encode
+    n, k = weight.shape
+    if fmt == DENSE:
+        count = -(-WORKING_SET_BYTES // (4 * n * k))
+        return [GemvLinear(weight.roll(i, 0), None, "none") for i in range(min(count, n))]
+    fmt_, codes, scales, offsets = _encode(weight, f"{fmt}:rtn", f"speed {k}x{n}")
+    count = -(-WORKING_SET_BYTES // (codes.numel() + 2 * scales.numel() * (2 if offsets is not None else 1)))
+    return [QuantGemv(fmt_, codes.roll(i, 0), scales.roll(i, 0),
+                      offsets.roll(i, 0) if offsets is not None else None, None, "none")
+            for i in range(min(count, n))]
+
+
+def _kernels(k: int, n: int, formats: Sequence[str]) -> dict[str, Callable[[], Any]]:
+    """One M = 1 call of each format's CPU kernel on a ``K x N`` weight streamed from memory
+    (fmt -> runnable; each call takes the next of :func:`_copies`)."""
     weight, x = _random_weight(k, n), torch.randn(1, k)
     runs = {}
     for fmt in formats:
         if fmt not in formats_for(k):
             raise ValueError(f"quantize auto: format {fmt!r} does not fit K={k}")
-        if fmt == DENSE:
-            kernel = GemvLinear(weight, None, "none")
-        else:
-            kernel = QuantGemv(*_encode(weight, f"{fmt}:rtn", f"speed {k}x{n}"), None, "none")
-        runs[fmt] = (lambda kernel=kernel: kernel(x, None))
+        kernels, turn = _copies(fmt, weight), itertools.count()
+        runs[fmt] = (lambda kernels=kernels, turn=turn:
+                     kernels[next(turn) % len(kernels)](x, None))
     return runs
 
 
@@ -82,7 +102,7 @@ def cpu_layer_seconds(k: int, n: int, formats: Sequence[str], cache: Any = None)
     from fxforge.kernels.tuning import Config
     cache = cache if cache is not None else TuningCache()
     key = CacheKey.make(SPEED_KERNEL, _speed_source(),
-                        {"K": k, "N": n, "M": 1, "formats": sorted(formats)})
+                        {"K": k, "N": n, "M": 1, "formats": sorted(formats), "weights": "streamed"})
     record = cache.get(key)
     stored = record.get("seconds") if isinstance(record, dict) else None
     if isinstance(stored, dict) and set(stored) == set(formats) and all(

@@ -22,6 +22,7 @@ from fxforge.passes.quantize_plan import (BUDGET_STEPS, DENSE, bytes_per_call, c
 from fxforge.calibration import calibration_text
 from fxforge.quant_report import (LAYER_COLUMNS, on_frontier, read_csv, write_frontier_csv,
                                   write_layers_csv)
+from fxforge import quant_speed
 from fxforge.quant_speed import cpu_layer_seconds
 
 FORMATS = ("int8_channel", "int4_g128", "int4_g64", "int4_g32")
@@ -190,6 +191,23 @@ def test_layer_seconds_are_cached_and_injectable(tmp_path, monkeypatch):
     assert layer_seconds(64, 32, ("int8_channel",)) == by_bytes(64, 32, ["int8_channel"])
     assert formats_for(576) == (DENSE, "int8_channel", "int4_g64", "int4_g32")
     assert formats_for(100) == (DENSE, "int8_channel")
+
+
+@pytest.mark.skipif(quant_speed.kernels_unavailable() is not None, reason="no C++ kernels")
+@pytest.mark.parametrize("fmt", [DENSE, "int8_channel", "int4_g32"])
+def test_speed_is_timed_on_weights_streamed_from_memory(fmt, monkeypatch):
+    """Each timed call takes the next of enough distinct weights to pass the working set (a
+    decode step's weights come from memory; one weight timed alone stays in the caches)."""
+    monkeypatch.setattr("fxforge.kernels.linear_cpu_tuning.WORKING_SET_BYTES", 1 << 17)
+    weight = torch.randn(48, 64) * 0.05
+    kernels = quant_speed._copies(fmt, weight)
+    nbytes = {DENSE: 4 * 64, "int8_channel": 64 + 2, "int4_g32": 32 + 2 * 2 * 2}[fmt] * 48
+    assert len(kernels) == min(48, -(-(1 << 17) // nbytes)) and len(kernels) * nbytes >= min(
+        1 << 17, 48 * nbytes)
+    assert len({k.weight.data_ptr() for k in kernels}) == len(kernels)   # distinct packs
+    x = torch.randn(1, 64)
+    outputs = [k(x, None) for k in kernels[:2]]
+    assert not torch.equal(outputs[0], outputs[1])   # distinct weights, not one pack twice
 
 
 def test_the_cpu_backend_installs_its_kernel_timings(monkeypatch):
