@@ -122,15 +122,22 @@ static inline void strip(const float* A, int64_t lda, const W* bp, int64_t kc, i
    block). Widened once per 24-row strip instead, bf16 panels ran 4-12% behind fp32 ones (37-512
    rows); once per chunk per thread they are even. At <= 6 rows (decode) the micro-kernel widens
    bf16 inline: there the weight's bytes are the cost. */
+/* False when a source that cannot be read in place got no buffer (out of memory: y is then
+   incomplete); a bf16 source without one reads its panels in place. */
 template <typename S, int ACT>
-static void gemm(const float* A, int64_t lda, const S& src, const float* bias, float* y,
+static bool gemm(const float* A, int64_t lda, const S& src, const float* bias, float* y,
                  int64_t ldy, const float* res, int64_t ldr, int64_t M, int64_t K, int64_t N,
                  int64_t KC, int64_t MC, int nthreads) {
   const int64_t panels = (N + 15) / 16, STRIP = 24;
   const bool widened = S::widens && (M > 6 || !S::in_place);
+  bool failed = false;
   #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     float* buf = widened ? (float*)aligned_alloc(32, sizeof(float) * 16 * KC) : nullptr;
+    if (widened && !buf && !S::in_place) {
+      #pragma omp atomic write
+      failed = true;
+    }
     int64_t buf_panel = -1, buf_k0 = -1;   // the chunk buf holds
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = K - k0 < KC ? K - k0 : KC;
@@ -161,5 +168,6 @@ static void gemm(const float* A, int64_t lda, const S& src, const float* bias, f
     }
     free(buf);
   }
+  return !failed;
 }
 """

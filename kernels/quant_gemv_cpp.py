@@ -338,11 +338,13 @@ struct QuantPanels {
 };
 
 /* y [M, N] (row stride ldy) = act(x @ W^T + bias) + res, x [M, K] (row stride lda); bias padded
-   to whole blocks of 16 (or null); KC even */
-extern "C" void fxf_qgemm(const float* x, int64_t lda, const uint8_t* w, int fmt, int64_t G,
+   to whole blocks of 16 (or null); KC even. 0, or 1 when a thread's buffer could not be allocated */
+extern "C" int fxf_qgemm(const float* x, int64_t lda, const uint8_t* w, int fmt, int64_t G,
                           const float* bias, float* y, int64_t ldy, const float* res, int64_t ldr,
                           int64_t M, int64_t K, int64_t N, int act, int64_t KC, int64_t MC,
                           int nthreads) {
   const QuantPanels src{w, fmt, K, G};
-""" + cpp_act_switch("gemm<QuantPanels, {act}>(x, lda, src, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);") + r"""}
+  bool done = false;
+""" + cpp_act_switch("done = gemm<QuantPanels, {act}>(x, lda, src, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);") + r"""  return done ? 0 : 1;
+}
 """

@@ -243,6 +243,10 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="unknown activation"):
         QuantGemv("int8_channel", i8, s8, None, None, "swish2")
     kernel = QuantGemv("int4_g32", codes, scales, offsets, None, "none")
+    kernel.kc, kernel.gemm_min_m = 1 << 40, GEMV_MAX_M + 1   # a 64 TiB buffer: no allocation
+    with pytest.raises(MemoryError, match="GEMM could not allocate"):
+        kernel(torch.zeros(GEMV_MAX_M + 1, 64), None)
+    kernel = QuantGemv("int4_g32", codes, scales, offsets, None, "none")
     with pytest.raises(ValueError, match="K=64"):
         kernel(torch.zeros(1, 63), None)
     with pytest.raises(ValueError, match="x must be fp32"):
