@@ -41,13 +41,18 @@ def _copies(fmt: str, weight: torch.Tensor) -> list:
     from fxforge.passes.quantize import _encode
     n, k = weight.shape
     if fmt == DENSE:
-        count = -(-WORKING_SET_BYTES // (4 * n * k))
-        return [GemvLinear(weight.roll(i, 0), None, "none") for i in range(min(count, n))]
-    fmt_, codes, scales, offsets = _encode(weight, f"{fmt}:rtn", f"speed {k}x{n}")
-    count = -(-WORKING_SET_BYTES // (codes.numel() + 2 * scales.numel() * (2 if offsets is not None else 1)))
-    return [QuantGemv(fmt_, codes.roll(i, 0), scales.roll(i, 0),
-                      offsets.roll(i, 0) if offsets is not None else None, None, "none")
-            for i in range(min(count, n))]
+        def make(i):
+            return GemvLinear(weight.roll(i, 0), None, "none")
+    else:
+        encoded, codes, scales, offsets = _encode(weight, f"{fmt}:rtn", f"speed {k}x{n}")
+
+        def make(i):
+            return QuantGemv(encoded, codes.roll(i, 0), scales.roll(i, 0),
+                             offsets.roll(i, 0) if offsets is not None else None, None, "none")
+    first = make(0)
+    pack_bytes = first.weight.numel() * first.weight.element_size()
+    count = min(n, -(-WORKING_SET_BYTES // pack_bytes))   # rolled past n rows: a repeat
+    return [first] + [make(i) for i in range(1, count)]
 
 
 def _kernels(k: int, n: int, formats: Sequence[str]) -> dict[str, Callable[[], Any]]:
