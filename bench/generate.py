@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="gpt2,llama,smollm2")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip", default="", help="runners to leave out (comma-separated labels, 'hf + inductor static'...)")
+    parser.add_argument("--skip", default="", help="runners to leave out (comma-separated "
+                        "labels, e.g. 'hf + inductor static')")
     parser.add_argument("--llamacpp", default="", help="llama.cpp peer runners for smollm2 "
                         "(comma-separated GGUF types: F32,BF16,Q8_0,Q4_0,Q4_1; needs llama-cpp-python)")
     parser.add_argument("--quantize", default="", help="quantize schemes to add as runners "

@@ -1,6 +1,7 @@
 """Quantized weight-only GEMV (kernels/quant_gemv_cpu.py) against the fp32 and bf16 GEMV on
 SmolLM2-135M's linear shapes, every ISA variant this CPU has; and M = 128 (prefill): the
-quantized kernel's GEMM path (the tiled GEMM dequantizing as it goes), its GEMV path forced, fp32 ``torch.mm`` and the fp32 tiled GEMM.
+quantized kernel's GEMM path (the tiled GEMM dequantizing as it goes), its GEMV path forced,
+fp32 ``torch.mm`` and the fp32 tiled GEMM.
 
     python bench/quant_gemv.py [--threads 2] [--rounds 15] [--m 1,128] [--formats int8_channel,...]
 

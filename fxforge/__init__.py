@@ -34,8 +34,8 @@ _LAZY = {"compile": "fxforge.api", "Artifact": "fxforge.aot", "aot_compile": "fx
 
 __all__ = ["Artifact", "ArtifactError", "CompileOptions", "ExplainReport", "FxforgeError",
            "InputSpecError", "OptionsError", "Session", "SessionInUseError", "VerificationError",
-           "WeightsChangedError", "__version__", "aot_compile", "compile", "explain", "fxforge_backend", "generate",
-           "load", "parse_options"]
+           "WeightsChangedError", "__version__", "aot_compile", "compile", "explain",
+           "fxforge_backend", "generate", "load", "parse_options"]
 
 
 def __getattr__(name: str):

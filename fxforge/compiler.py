@@ -5,8 +5,8 @@ Weights arrive from dynamo as graph inputs. Freezing turns them into constants s
 fold and prepack them. The runtime guards that assumption before each call
 (:mod:`fxforge.weight_sets` says exactly what it sees): weights changed since their build are
 re-frozen (a quantized build raises WeightsChangedError instead, unless compiled with
-``requantize_on_change``), and a graph called with another set of weights (another instance of the model)
-keeps one build per set.
+``requantize_on_change``), and a graph called with another set of weights (another instance of
+the model) keeps one build per set.
 """
 from __future__ import annotations
 

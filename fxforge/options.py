@@ -18,7 +18,7 @@ class CompileOptions:
     max_sessions: int = 8         # KV-cache states kept per graph (sequences; LRU beyond)
     quantize: Optional[tuple] = None  # weight-only quantization rules (passes/quantize.py)
     accuracy_budget: Optional[tuple] = None  # quantize="auto"'s bound: ("kl", 0.01) (quantize_plan.py)
-    requantize_on_change: bool = False  # weights changed after a quantized compile: re-quantize, not raise
+    requantize_on_change: bool = False  # a weight changed after a quantized compile: requantize
     prune: Optional[str] = None
     attention: Optional[str] = None  # sparse/linear attention rewrites
     autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"

@@ -327,7 +327,6 @@ static void qdequant_chunk(const uint8_t* w, int fmt, int64_t K, int64_t G, int6
    exists beyond one chunk per thread, and prefill reads a quarter (int8) or an eighth (int4) of
    the fp32 weight's bytes in one parallel region. */
 struct QuantPanels {
-  typedef float Elem;
   static constexpr bool in_place = false, widens = true;
   const uint8_t* w;
   int fmt;

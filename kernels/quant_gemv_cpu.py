@@ -267,12 +267,13 @@ class QuantGemv:
         into its own buffer; bias, activation and residual fused as in the fp32 GEMM."""
         rows = x.shape[0]
         y = torch.empty(rows, self.n, dtype=torch.float32)
+        threads = 1 if rows * self.n * self.k < PARALLEL_MIN_MACS else threads
         if launch(self.gemm_fn, (
                 x.data_ptr(), x.stride(0), self.weight.data_ptr(), self.fmt_code, self.group,
                 self.panel_bias.data_ptr() if self.panel_bias is not None else None,
                 y.data_ptr(), self.n, residual.data_ptr() if residual is not None else None,
                 residual.stride(0) if residual is not None else 0, rows, self.k, self.n, self.act,
-                self.kc, self.mc, 1 if rows * self.n * self.k < PARALLEL_MIN_MACS else threads)) != 0:
+                self.kc, self.mc, threads)) != 0:
             raise MemoryError(f"{self.fmt}: the GEMM could not allocate its dequantization buffers")
         return y
 

@@ -61,7 +61,8 @@ def test_a_parallel_size_splits_the_blocks(variant, fmt, threads):
     weight, x = torch.randn(n, k, generator=gen), torch.randn(3, k, generator=gen)
     got = GemvLinear(weight, None, "none", weight_format=fmt)(x, None, threads=threads)
     assert_close_to_sum(got, _reference(x, weight, None, "none", None, fmt),
-                        x.abs() @ weight.abs().T, None, f"{variant} {fmt} threads={threads} seed={seed}")
+                        x.abs() @ weight.abs().T, None,
+                        f"{variant} {fmt} threads={threads} seed={seed}")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

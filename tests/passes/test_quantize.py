@@ -328,12 +328,14 @@ def test_weights_changed_after_a_quantized_compile_are_a_clear_error():
     with torch.no_grad():
         model.up.weight.mul_(1.5)   # in place, after compile
         for _ in range(2):          # stays an error: nothing was re-quantized behind the user
-            with pytest.raises(fxforge.WeightsChangedError, match=r"weight \d+ \(float32\[128, 64\]\) "
-                               r"was modified in place.*requantize_on_change=True"):
+            with pytest.raises(fxforge.WeightsChangedError,
+                               match=r"weight \d+ \(float32\[128, 64\]\) "
+                                     r"was modified in place.*requantize_on_change=True"):
                 compiled(x)
         again = fxforge.compile(model, (x,), quantize="int8", backend="reference",
                                 requantize_on_change=True)
-        want = _dequantized_copy(model, {name: "int8_channel:rtn" for name in ("up", "down", "head")})
+        want = _dequantized_copy(model, {name: "int8_channel:rtn"
+                                         for name in ("up", "down", "head")})
         torch.testing.assert_close(again(x), want(x), rtol=1e-5, atol=1e-5)
 
 
@@ -349,7 +351,8 @@ def test_requantize_on_change_quantizes_a_changed_weight_again(caplog):
         model.up.weight.mul_(1.5)
         with caplog.at_level("WARNING", logger="fxforge"):
             got = compiled(x)
-    assert "weights changed since compilation" in caplog.text and "quantizing them again" in caplog.text
+    assert "weights changed since compilation" in caplog.text
+    assert "quantizing them again" in caplog.text
     want = _dequantized_copy(model, {name: "int8_channel:rtn" for name in ("up", "down", "head")})
     with torch.no_grad():
         torch.testing.assert_close(got, want(x), rtol=1e-5, atol=1e-5)
