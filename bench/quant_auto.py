@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--window-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
     loaded = smollm2_windows(args.windows, args.window_len)
     if loaded is None:
@@ -131,10 +131,13 @@ def main(argv=None) -> int:
                            "us_per_token": us_per_token(layers),
                            "kl_vs_fp32": next_token_kl(logits, eager),
                            "perplexity": score(logits, windows, eager)["perplexity"],
-                           "compile_s": seconds, "calibration_kl": plan["measured"] if plan else ""})
+                           "compile_s": seconds, "calibration_kl": plan["measured"] if plan else "",
+                           "calibration_upper": plan["upper"] if plan else ""})
             print(f"{label:<16} ppl {points[-1]['perplexity']:8.3f}  KL {points[-1]['kl_vs_fp32']:.5f}  "
                   f"{points[-1]['linear_MB']:6.1f} MB  {points[-1]['us_per_token']:8.0f} us/token "
-                  f"(linears)  compile {seconds:5.1f} s", flush=True)
+                  f"(linears)  compile {seconds:5.1f} s"
+                  + (f"  calibration KL {plan['measured']:.5f}, upper bound {plan['upper']:.5f}"
+                     if plan else ""), flush=True)
     prompt = windows[0, :32].unsqueeze(0)
     rates = decode_rates(model, prompt, decode_rules, args.new_tokens, args.rounds)
     for point in points:

@@ -89,8 +89,9 @@ def explain_summary(auto) -> list[str]:
         return []
     grouped = "per block" if auto["units"] < len(auto["layers"]) else "per linear"
     return [f"quantize auto: {auto['metric']} budget {auto['budget']:g}, measured "
-            f"{auto['measured']:.4g} (sum of the {grouped} changes: {auto['predicted']:.4g}) after "
-            f"{auto['rounds']} round{'s' * (auto['rounds'] != 1)}; us/token measured at M=1 here"]
+            f"{auto['measured']:.4g}, 90% upper bound {auto['upper']:.4g} (sum of the {grouped} changes: "
+            f"{auto['predicted']:.4g}) after {auto['rounds']} round{'s' * (auto['rounds'] != 1)}; "
+            "us/token measured at M=1 here"]
 
 
 def _write_csv(path: PathLike, columns: Sequence[str], rows: Sequence[Mapping]) -> Path:

@@ -17,9 +17,9 @@ within a measured accuracy budget.
 4. **Speed** per layer and format measured on this machine (``quantize_plan.layer_seconds``).
 5. **Choice**: the fastest plan whose summed per-layer changes fit the budget
    (``quantize_plan.choose``), assuming the changes add up across layers. The assumption is
-   checked: the plan runs whole on the calibration inputs, and while its measured total exceeds
-   the budget the choice is made again against a budget shrunk by the overshoot
-   (``quantize_plan.plan_within``).
+   checked: the plan runs whole on the calibration inputs, and while its measured total (an
+   upper confidence bound on it: ``quantize_plan.upper_bound``) exceeds the budget the choice is
+   made again against a budget shrunk by the overshoot (``quantize_plan.plan_within``).
 
 The plan (per layer: format, bytes, measured change, seconds) is kept in ``ir.info`` under
 :data:`INFO_KEY` for ``fxforge.explain``; the quantized graph stores the formats themselves, so
@@ -44,7 +44,7 @@ from fxforge.irgraph.weight_format import decode
 from fxforge.passes.gptq import calibration_inputs
 from fxforge.passes.quantize_plan import (BUDGET_METRICS, CANDIDATES, DENSE, BudgetError,
                                           bytes_per_call, formats_for, layer_seconds,
-                                          plan_within)
+                                          plan_within, upper_bound)
 
 log = logging.getLogger("fxforge.passes.quantize")
 INFO_KEY = "quantize_auto"
@@ -105,27 +105,37 @@ class Scorer:
         self.index = _first_float(outputs)
         self.reference = _flat(outputs)[self.index].detach().float()
         self.ids = _check_metric(metric, self.reference, inputs)
-        self.reference_loss = self._loss(self.reference)
+        self.reference_terms = self._terms(self.reference)
 
-    def _loss(self, out: torch.Tensor) -> float:
+    def _terms(self, out: torch.Tensor) -> torch.Tensor:
+        """The metric at each position, in text order, whose mean is the metric: per token
+        (kl: its KL; ppl: its NLL, nats), per output row (mse: its squared error over the mean
+        row's squared norm)."""
         ref = self.reference
         if self.metric == "kl":
             log_ref = F.log_softmax(ref, dim=-1)
-            return float((log_ref.exp() * (log_ref - F.log_softmax(out, dim=-1))).sum(-1).mean())
-        if self.metric == "ppl":   # mean next-token NLL (nats): ppl = exp(NLL)
-            return float(F.cross_entropy(out[:, :-1].flatten(0, 1), self.ids[:, 1:].flatten()))
-        return float(((out - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
+            return (log_ref.exp() * (log_ref - F.log_softmax(out, dim=-1))).sum(-1).flatten()
+        if self.metric == "ppl":   # ppl = exp(mean NLL)
+            return F.cross_entropy(out[:, :-1].flatten(0, 1), self.ids[:, 1:].flatten(),
+                                   reduction="none")
+        rows = max(ref.numel() // max(ref.shape[-1], 1), 1) if ref.dim() else 1
+        error = ((out - ref) ** 2).reshape(rows, -1).sum(-1)
+        return error * rows / (ref ** 2).sum().clamp_min(1e-30)
 
-    def cost(self, weights: dict[fx.Node, torch.Tensor]) -> float:
-        """The metric with ``weights`` in place of those linears' weights (kl, mse: >= 0; ppl:
-        the change of the mean NLL, so that changes add and exp(sum) - 1 is the ppl change)."""
+    def change(self, weights: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+        """Per position, the metric with ``weights`` in place of those linears' weights (ppl:
+        the NLL's change, so that means add and exp(sum) - 1 is the ppl change)."""
         dirty = _downstream(self.gm, weights)
         if self.output not in dirty:   # dead linears
-            return 0.0
+            return torch.zeros_like(self.reference_terms)
         with torch.no_grad():
             out = _flat(_Run(self.gm, self.base, dirty, weights).run())[self.index].float()
-        loss = self._loss(out)
-        return loss - self.reference_loss if self.metric == "ppl" else loss
+        terms = self._terms(out)
+        return terms - self.reference_terms if self.metric == "ppl" else terms
+
+    def cost(self, weights: dict[fx.Node, torch.Tensor]) -> float:
+        """The metric's mean change with ``weights`` in place (kl, mse: >= 0)."""
+        return float(self.change(weights).mean())
 
     def bound(self, budget: float) -> float:
         """The budget in :meth:`cost`'s units."""
@@ -267,22 +277,31 @@ def auto_formats(ir: IRGraph, candidates: list[Candidate], budget: tuple[str, fl
     log.info("quantize auto: %d units, %d runs of the graph after them, in %.1f s",
              len(units), sum(len(u.formats) for u in units), time.perf_counter() - started)
 
-    def measured(plan: list[str]) -> float:
+    means: dict[tuple, float] = {}
+
+    def upper(plan: list[str]) -> float:
+        """The plan's whole change on the calibration inputs: its upper confidence bound
+        (what the budget holds), its mean kept for the report."""
         weights: dict = {}
         for unit, fmt in zip(units, plan):
             weights.update(unit.weights(fmt) if fmt != DENSE else {})
-        return scorer.cost(weights)
+        change = scorer.change(weights)
+        means[tuple(plan)] = float(change.mean())
+        return upper_bound(change)
 
-    formats, total, rounds = plan_within(costs, seconds, scorer.bound(bound), measured)
+    formats, total, rounds = plan_within(costs, seconds, scorer.bound(bound), upper)
     chosen = {id(c): fmt for unit, fmt in zip(units, formats) for c in unit.members}
-    _report(ir, units, formats, costs, speed, budget, scorer, total, rounds)
+    _report(ir, units, formats, costs, speed, budget, scorer, (means.get(tuple(formats), 0.0), total),
+            rounds)
     return [None if chosen[id(c)] == DENSE else c.schemes[chosen[id(c)]] for c in candidates]
 
 
 def _report(ir: IRGraph, units: list[Unit], formats: list[str], costs: list, speed: dict,
-            budget: tuple[str, float], scorer: Scorer, measured: float, rounds: int) -> None:
+            budget: tuple[str, float], scorer: Scorer, measured: tuple[float, float],
+            rounds: int) -> None:
     """``ir.info[INFO_KEY]`` (plain data): per layer its format, bytes, the measured change of
-    its unit (in the budget's units) and microseconds per token; the plan's totals."""
+    its unit (in the budget's units) and microseconds per token; the plan's totals (its mean
+    change and the upper confidence bound the budget held)."""
     layers = {}
     for unit, fmt, cost in zip(units, formats, costs):
         for cand in unit.members:
@@ -294,11 +313,13 @@ def _report(ir: IRGraph, units: list[Unit], formats: list[str], costs: list, spe
                                   "us": times[fmt] * 1e6, "dense_us": times[DENSE] * 1e6}
     predicted = sum(max(c[f], 0.0) for c, f in zip(costs, formats))
     ir.info[INFO_KEY] = {"metric": scorer.metric, "budget": budget[1],
-                         "measured": scorer.in_budget_units(measured),
+                         "measured": scorer.in_budget_units(measured[0]),
+                         "upper": scorer.in_budget_units(measured[1]),
                          "predicted": scorer.in_budget_units(predicted), "rounds": rounds,
                          "units": len(units), "layers": layers}
-    log.info("quantize auto: %s %.4g measured (budget %g) in %d round(s); %s", scorer.metric,
-             ir.info[INFO_KEY]["measured"], budget[1], rounds,
+    log.info("quantize auto: %s %.4g measured, %.4g upper bound (budget %g) in %d round(s); %s",
+             scorer.metric, ir.info[INFO_KEY]["measured"], ir.info[INFO_KEY]["upper"], budget[1],
+             rounds,
              {f: formats.count(f) for f in sorted(set(formats))})
 
 
