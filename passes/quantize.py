@@ -161,11 +161,13 @@ def _add_transposed(ir: IRGraph, name: str, value_nk: torch.Tensor, before: fx.N
     return view
 
 
-def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
-            calibrated: Any = None) -> Optional[tuple]:
+def _encode(weight_nk: torch.Tensor, scheme: str, name: str, calibrated: Any = None,
+            regrouped: Optional[list] = None) -> Optional[tuple]:
     """(format, codes, scales, offsets) in ``[N, ...]`` orientation for ``scheme``, or None (the
     linear stays fp32; the reason is logged). ``calibrated``: what the scheme measured on the
-    calibration inputs: the input Hessian for ``gptq`` rounding, a ``W8A8Choice`` for ``w8a8``."""
+    calibration inputs: the input Hessian for ``gptq`` rounding, a ``W8A8Choice`` for ``w8a8``.
+    A group that does not divide K falls back to one that does: noted in ``regrouped`` as
+    (name, K, group, used) for one summary line, else logged here."""
     if scheme.startswith(GGUF + ":"):
         found = open_blocks(scheme[len(GGUF) + 1:]).find(weight_nk)
         if found is None:
@@ -191,8 +193,11 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
             log.warning("quantize: %s: %d input features are not a multiple of %d (nor of 32); "
                         "it stays fp32", name, k, group)
             return None
-        log.warning("quantize: %s: %d input features are not a multiple of %d: groups of %d",
-                    name, k, group, fits[0])
+        if regrouped is None:
+            log.warning("quantize: %s: %d input features are not a multiple of %d: groups of %d",
+                        name, k, group, fits[0])
+        else:
+            regrouped.append((name, k, group, fits[0]))
         group, fmt = fits[0], f"int4_g{fits[0]}"
     if rounding == "gptq":
         check_quantizable(weight_nk, name, group)
@@ -203,10 +208,10 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str,
 
 
 def _quantize_linear(ir: IRGraph, linear: Linear, scheme: str, name: str,
-                     calibrated: Any) -> Optional[str]:
+                     calibrated: Any, regrouped: list) -> Optional[str]:
     """Give ``linear`` its quantized weight; the format used, or None if it stays fp32."""
     value, _ = _weight_constant(ir, linear.weight)
-    encoded = _encode(value.t(), scheme, name, calibrated)
+    encoded = _encode(value.t(), scheme, name, calibrated, regrouped)
     if encoded is None:
         return None
     fmt, codes, scales, offsets = encoded
@@ -283,15 +288,29 @@ def quantize_weights(ir: IRGraph, rules: Rules, budget: Optional[tuple] = None) 
     calibrated.update(w8a8)
     if w8a8:
         counts["w8a8_guarded"] = sum(choice.guarded for choice in w8a8.values())
+    regrouped: list = []
     for linear, scheme, names in plan:
-        fmt = _quantize_linear(ir, linear, scheme, names, calibrated.get(linear.node))
+        fmt = _quantize_linear(ir, linear, scheme, names, calibrated.get(linear.node), regrouped)
         counts[fmt or "kept_fp32"] += 1
+    _log_regrouped(regrouped)
     ir.gm.graph.eliminate_dead_code()
     used = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
     for name in [name for name, _ in ir.gm.named_buffers() if name not in used]:
         delattr(ir.gm, name)   # the fp32 copies the quantized linears replaced
     log.info("quantize: %s", dict(counts))
     return PassResult(ir, dict(counts))
+
+
+def _log_regrouped(regrouped: list, shown: int = 4) -> None:
+    """One line per (asked group, used group) for the linears whose K the asked group does not
+    divide (a model can have a hundred: SmolLM2's K = 576 under int4:g128)."""
+    by_groups: dict[tuple, list] = {}
+    for name, k, group, used in regrouped:
+        by_groups.setdefault((group, used), []).append(f"{name} ({k})")
+    for (group, used), names in by_groups.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        log.warning("quantize: %d linear(s) have input features that are not a multiple of %d: "
+                    "groups of %d for %s%s", len(names), group, used, ", ".join(names[:shown]), more)
 
 
 def quantize_pass(rules: Rules, budget: Optional[tuple] = None) -> Pass:
