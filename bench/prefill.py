@@ -11,9 +11,10 @@ batch-1 prompt of 128 and 512 tokens (no KV cache), by
 
     python bench/prefill.py [--lengths 128,512] [--threads 2] [--rounds 5] [--quick]
 
-Every runner is timed once per round, in turn (interleaved: a noisy neighbour slows all of
-them alike); medians of ``--rounds``. Prints each runner's ms and its speed against ONNX Runtime
-and against fxforge fp32 (the issue's acceptance: fxforge fp32 >= 1.0x ONNX Runtime; quantized
+Every runner is timed once per round, in turn, the order rotated each round (interleaved: a
+noisy neighbour slows all of them alike); medians of ``--rounds``. Prints each runner's ms and
+its speed against ONNX Runtime and against fxforge fp32, each the median of the per-round ratios
+with their range (the issue's acceptance: fxforge fp32 >= 1.0x ONNX Runtime; quantized
 not slower than fp32). ``--quick``: 32 tokens, 2 rounds, fp32 and int8 only (a smoke run).
 """
 from __future__ import annotations
@@ -115,14 +116,23 @@ def runners(model, ids, args, onnx) -> dict:
 
 
 def interleaved(runs: dict, ids, rounds: int) -> dict:
-    """label -> median ms over ``rounds``, each round timing every runner once in turn."""
+    """label -> its ms in each of ``rounds`` rounds; each round times every runner once, the
+    order rotated by one each round (no runner always follows the same one)."""
     times = {label: [] for label in runs}
-    for _ in range(rounds):
-        for label, fn in runs.items():
+    labels = list(runs)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             start = time.perf_counter()
-            fn(ids)
+            runs[label](ids)
             times[label].append(1e3 * (time.perf_counter() - start))
-    return {label: statistics.median(t) for label, t in times.items()}
+    return times
+
+
+def paired(times: dict, label: str, base: str) -> str:
+    """``base``'s time over ``label``'s, round by round (the host's speed drifts between rounds,
+    not within one): the median ratio and its range."""
+    ratios = sorted(b / t for b, t in zip(times[base], times[label]))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def check_logits(runs: dict, ids) -> None:
@@ -174,21 +184,22 @@ def main(argv=None) -> int:
             ids = torch.randint(3, 30000, (1, length), generator=torch.Generator().manual_seed(0))
             runs = runners(model, ids, args, onnx)
             check_logits(runs, ids)
-            medians = interleaved(runs, ids, args.rounds)
-            report(length, medians)
+            report(length, interleaved(runs, ids, args.rounds))
     return 0
 
 
-def report(length: int, medians: dict) -> None:
-    ort, fp32 = medians.get("onnxruntime fp32"), medians.get("fxforge fp32")
-    print(f"\n| {length} tokens | ms | vs onnxruntime | vs fxforge fp32 (same ISA) |")
+def report(length: int, times: dict) -> None:
+    """Each runner's median ms, and its speed against ONNX Runtime and against fxforge fp32 of
+    the same ISA, as medians of per-round ratios with their range."""
+    ort, fp32 = "onnxruntime fp32", "fxforge fp32"
+    print(f"\n| {length} tokens | ms (median) | vs onnxruntime | vs fxforge fp32 (same ISA) |")
     print("|---|---|---|---|")
-    for label, ms in medians.items():
+    for label, ms in times.items():
         isa = label[label.index(" ["):] if " [" in label else ""
-        same_isa_fp32 = medians.get(f"fxforge fp32{isa}", fp32)
-        vs_ort = f"{ort / ms:.2f}x" if ort else "-"
-        vs_fp32 = f"{same_isa_fp32 / ms:.2f}x" if same_isa_fp32 and label.startswith("fxforge") else "-"
-        print(f"| {label} | {ms:.1f} | {vs_ort} | {vs_fp32} |", flush=True)
+        base = f"{fp32}{isa}" if f"{fp32}{isa}" in times else fp32
+        vs_ort = paired(times, label, ort) if ort in times else "-"
+        vs_fp32 = paired(times, label, base) if base in times and label.startswith("fxforge") else "-"
+        print(f"| {label} | {statistics.median(ms):.1f} | {vs_ort} | {vs_fp32} |", flush=True)
 
 
 if __name__ == "__main__":
