@@ -20,7 +20,7 @@ from fxforge.backends.kernel_lowering import (LINEAR_OPS, Bound, KernelTable, at
 from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import TensorMeta
 from fxforge.irgraph.query import tensor_meta
-from fxforge.irgraph.views import CachedAttention
+from fxforge.irgraph.views import CachedAttention, CachedWindowAttention, WindowAttention
 from fxforge.irgraph.weight_format import QUANTIZED, W8A8
 
 log = logging.getLogger("fxforge.backends")
@@ -113,6 +113,24 @@ def make_table() -> KernelTable:
             all(isinstance(m, TensorMeta) and m.is_static for m in map(tensor_meta, tensors))
         reason = cpu_decode_path(*vals) if static else "C++ decode kernel where the layout allows"
         return call, tensors, "CPU cached attention (decode)", reason
+
+    @table.rule(torch.ops.fxforge.window_attention.default)
+    def window_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.window_attention_cpu import cpu_window_attention
+        op = WindowAttention.of(node)
+        call = Bound("cpu_window_attention", cpu_window_attention, window=op.window,
+                     sinks=op.sinks, scale=op.scale)
+        return (call, (op.q, op.k, op.v), f"CPU sliding-window attention (window {op.window}, "
+                f"sinks {op.sinks})", "query blocks attend to the keys they can see")
+
+    @table.rule(torch.ops.fxforge.cached_window_attention.default)
+    def cached_window_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.window_attention_cpu import cpu_cached_window_attention
+        op = CachedWindowAttention.of(node)
+        call = Bound("cpu_cached_window_attention", cpu_cached_window_attention,
+                     window=op.window, sinks=op.sinks, scale=op.scale)
+        return (call, list(op.tensors), f"CPU sliding-window cached attention ({op.window} + "
+                f"{op.sinks} slots)", "C++ decode kernel on the ring for one new position")
 
     return table
 

@@ -108,6 +108,11 @@ def _check_kv_plan(plan: Any) -> None:
     _expect(isinstance(plan["caches"], list), "kv_cache: caches is not a list")
     for name in plan["caches"]:
         check_name(name, "kv_cache input")
+    capacities = plan.get("capacities")   # absent in artifacts written before sliding windows
+    _expect(capacities is None or (isinstance(capacities, list)
+                                   and len(capacities) == len(plan["caches"])
+                                   and all(c is None or (_is_int(c) and c >= 1) for c in capacities)),
+            "kv_cache: capacities must be one positive integer or null per cache")
 
 
 def _is_int(value: Any) -> bool:

@@ -6,7 +6,8 @@ per-layer K/V buffers the KV-cache pass added and the outputs so far. When a cal
 *extend* the state's (same batch, the old tokens unchanged: checked, not assumed), only the new
 positions run through the cached step graph; anything else (a new prompt, an edited prefix,
 another batch size) starts the state over with a fresh prefill. Past ``max_seq_len`` the plain
-graph runs, uncached and correct.
+graph runs, uncached and correct; a plan whose caches are all bounded (sliding windows:
+``plan.bounded``) keeps caching at any length.
 
 Who owns a state (``fxforge/sessions.py``): the :class:`~fxforge.sessions.Session` active in the
 caller's context, or else the decoder's pool, which hands each call the state whose tokens the
@@ -15,8 +16,9 @@ their own cache), a fresh one, or the least recently used one, up to ``max_sessi
 A state serves one call at a time; what every state shares (the lowered graphs, their packed
 weights and kernels) is read-only.
 
-Sequence outputs (logits) are written into a buffer of ``max_seq_len`` positions and returned
-as a view of the first ``L + t``: a step costs the new positions only. A fresh buffer is made
+Sequence outputs (logits) are written into a buffer of ``max_seq_len`` positions (doubled when a
+bounded plan runs past it) and returned as a view of the first ``L + t``: a step costs the new
+positions only. A fresh buffer is made
 for every new prompt, so a view returned earlier is never overwritten.
 """
 from __future__ import annotations
@@ -82,7 +84,7 @@ class IncrementalDecoder:
     def __call__(self, args: Sequence[Any]) -> list:
         ids = args[self.plan.tokens]
         session = active_session()
-        if ids.shape[1] <= self.max_seq_len:
+        if ids.shape[1] <= self.max_seq_len or self.plan.bounded:
             if session is not None:
                 with session.state_for(self, ids) as (state, cached):
                     return state(args, cached)
@@ -161,8 +163,8 @@ class DecodeState:
         if not self.caches or self.caches[0].shape[0] != batch or self.caches[0].device != ids.device:
             if self.replay is not None:
                 self.replay.forget()   # it points into the old caches
-            self.caches = [torch.empty(batch, spec.heads, self.decoder.max_seq_len, spec.head_dim,
-                                       dtype=spec.dtype, device=ids.device)
+            self.caches = [torch.empty(batch, spec.heads, spec.capacity or self.decoder.max_seq_len,
+                                       spec.head_dim, dtype=spec.dtype, device=ids.device)
                            for spec in self.decoder.plan.caches]
         self.buffers = {}
 
@@ -170,9 +172,12 @@ class DecodeState:
         if index not in self.decoder.plan.seq_outputs or not isinstance(out, torch.Tensor):
             return out
         buffer = self.buffers.get(index)
-        if buffer is None:
-            buffer = out.new_empty((out.shape[0], self.decoder.max_seq_len, *out.shape[2:]))
-            self.buffers[index] = buffer
+        if buffer is None or buffer.shape[1] < end:   # past max_seq_len (bounded caches): grow
+            size = max(self.decoder.max_seq_len, 2 * buffer.shape[1] if buffer is not None else 0, end)
+            grown = out.new_empty((out.shape[0], size, *out.shape[2:]))
+            if buffer is not None:
+                grown[:, :start].copy_(buffer[:, :start])
+            buffer = self.buffers[index] = grown
         buffer[:, start:end].copy_(out)
         return buffer[:, :end]
 

@@ -20,7 +20,7 @@ class CompileOptions:
     accuracy_budget: Optional[tuple] = None  # quantize="auto"'s bound: ("kl", 0.01) (quantize_plan.py)
     requantize_on_change: bool = False  # a weight changed after a quantized compile: requantize
     prune: Optional[str] = None
-    attention: Optional[str] = None  # sparse/linear attention rewrites
+    attention: Optional[str] = None  # attention rewrites: "sliding_window:W,sinks:S" (attention_window.py)
     autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"
     verify: bool = False          # run eager alongside and raise VerificationError on mismatch
     passes: Optional[tuple] = None  # explicit pass pipeline (names), replacing the default
@@ -34,8 +34,7 @@ class CompileOptions:
 
 
 # Options whose feature has not landed yet: a clear error beats silently ignoring them.
-_NOT_YET = {"prune": "pruning",
-            "attention": "sparse/linear attention rewrites"}
+_NOT_YET = {"prune": "pruning"}
 AUTOTUNE_MODES = {False: "off", True: "tune", "off": "off", "tune": "tune", "cache": "cache"}
 
 
@@ -62,6 +61,12 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
         except QuantizeSpecError as exc:
             raise OptionsError(f"option quantize: {exc}") from None
     _check_budget(merged)
+    if merged.get("attention") is not None:
+        from fxforge.passes.attention_window import AttentionSpecError, parse_attention
+        try:
+            merged["attention"] = str(parse_attention(merged["attention"]))
+        except AttentionSpecError as exc:
+            raise OptionsError(str(exc)) from None
     if "autotune" in merged:
         mode = merged["autotune"]
         if not isinstance(mode, (bool, str)) or mode not in AUTOTUNE_MODES:

@@ -3,7 +3,7 @@ from fxforge.irgraph.capture import (KEPT_OPS, CaptureError, build_ir, capture_a
                                      capture_export, decomposition_table, dynamo_weight_indices)
 from fxforge.irgraph.graph import IRGraph, node_arguments, op_name, schema_arguments
 from fxforge.irgraph.meta import META_KEY, SymMeta, TensorMeta, infer_node, meta_of, set_meta, tensor_meta
-from fxforge.irgraph import ops  # noqa: F401  (registers torch.ops.fxforge.*)
+from fxforge.irgraph import ops, window_ops  # noqa: F401  (register torch.ops.fxforge.*)
 from fxforge.irgraph.fusion import FUSIBLE, GROUP_KEY, POINTWISE, ROW_REDUCTIONS, group_of, groups
 from fxforge.irgraph.nxview import to_networkx, would_create_cycle
 from fxforge.irgraph.printer import format_ir

@@ -17,18 +17,20 @@ from typing import Any, Optional
 
 import torch
 
-from fxforge.irgraph import ops as _ops  # noqa: F401  (registers torch.ops.fxforge.*)
+from fxforge.irgraph import ops as _ops, window_ops as _window_ops  # noqa: F401  (register torch.ops.fxforge.*)
 from fxforge.irgraph.opview import OpView
 from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Arange, Cat, Clone, ConvertElementType, Expand, Full, Gelu, LayerNorm, MaskedFill, Neg, Permute,
     Reduction, RepeatInterleave, RmsNorm, Select, Slice, Softmax, Split, SymSize, T, ToCopy,
     Transpose, Unsqueeze, View, Where)
 
-__all__ = ["LINEAR_TARGETS", "Addmm", "Arange", "Baddbmm", "Bmm", "CachedAttention", "Cat", "Clone",
+__all__ = ["LINEAR_TARGETS", "Addmm", "Arange", "Baddbmm", "Bmm", "CachedAttention",
+           "CachedWindowAttention", "Cat", "Clone",
            "Contraction", "ConvertElementType", "Expand", "Full", "Gelu", "LayerNorm", "Linear",
            "LinearOperands", "MaskedFill", "Matmul", "Mm", "Neg", "OpView", "Permute", "Reduction",
            "RepeatInterleave", "RmsNorm", "Sdpa", "SdpaFlashCpu", "Select", "Slice", "Softmax",
-           "Split", "SymSize", "T", "ToCopy", "Transpose", "Unsqueeze", "View", "Where"]
+           "Split", "SymSize", "T", "ToCopy", "Transpose", "Unsqueeze", "View", "Where",
+           "WindowAttention"]
 aten = torch.ops.aten
 frozen = dataclasses.dataclass(frozen=True)
 
@@ -68,6 +70,41 @@ class CachedAttention(OpView):
     @property
     def tensors(self) -> tuple:
         """The tensor operands in the op's order (what a kernel call passes)."""
+        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.cache_pos)
+
+
+@frozen
+class WindowAttention(OpView):
+    """``fxforge::window_attention``: causal attention to the first ``sinks`` and the last
+    ``window`` keys (:mod:`fxforge.irgraph.window_ops`)."""
+
+    q: Any
+    k: Any
+    v: Any
+    window: int
+    sinks: int
+    scale: Optional[float] = None
+    TARGETS = (torch.ops.fxforge.window_attention.default,)
+
+
+@frozen
+class CachedWindowAttention(OpView):
+    """``fxforge::cached_window_attention``: :class:`WindowAttention` over a cache of
+    ``sinks + window`` slots (a ring past the sinks)."""
+
+    q: Any
+    k: Any
+    v: Any
+    k_cache: Any
+    v_cache: Any
+    cache_pos: Any
+    window: int
+    sinks: int
+    scale: Optional[float] = None
+    TARGETS = (torch.ops.fxforge.cached_window_attention.default,)
+
+    @property
+    def tensors(self) -> tuple:
         return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.cache_pos)
 
 

@@ -116,7 +116,7 @@ static inline void weighted_sum(const float* p, const T* vb, int64_t stride, int
   for (int w = 0; w < W; ++w) acc[w] = a[w];
 }
 
-/* One (batch, head, new position) row: softmax(q k^T * scale) v over keys 0..L+i. */
+/* One (batch, head, new position) row: softmax(q k^T * scale) v over cache slots 0..L+i. */
 template <typename T>
 static void attend_row(const int64_t* m, int64_t r, int64_t L, const T* q, const T* kc,
                        const T* vc, T* out, float scale) {
@@ -146,28 +146,35 @@ static void attend_row(const int64_t* m, int64_t r, int64_t L, const T* q, const
 }
 
 /* meta: B, H, Hkv, T, D, Dv, Lmax, then the (batch, head, position) strides of q, k, v,
-   k_cache, v_cache and out (last dims have stride 1). Returns 0, or -1 if L < 0 or L + T > Lmax. */
+   k_cache, v_cache and out (last dims have stride 1), then W, S: a sliding window of W slots
+   past S sinks (irgraph/window_ops.py; W = 0: the plain cache). Plain: position L + i goes to
+   slot L + i and row i sees slots 0..L+i. Window (one new position, T = 1): position L goes to
+   its slot (L below S, else the ring slot S + (L - S) % W), then the row sees every filled slot:
+   min(L + 1, S + W) of them, all within its window (softmax does not care in which order).
+   Returns 0, or -1 if L < 0, L + T > Lmax (plain) or T != 1 (window). */
 template <typename T>
 static int decode_attention(const int64_t* m, const T* q, const T* k, const T* v, T* kc, T* vc,
                             const int64_t* pos, T* out, float scale, int nthreads) {
   const int64_t B = m[0], H = m[1], Hkv = m[2], NT = m[3], D = m[4], Dv = m[5], Lmax = m[6];
-  const int64_t *sk = m + 10, *sv = m + 13, *skc = m + 16, *svc = m + 19;
+  const int64_t *sk = m + 10, *sv = m + 13, *skc = m + 16, *svc = m + 19, W = m[25], S = m[26];
   const int64_t L = pos[0];
-  if (L < 0 || L + NT > Lmax) return -1;
+  if (L < 0 || (W == 0 && L + NT > Lmax) || (W > 0 && NT != 1)) return -1;
+  const int64_t first = W == 0 || L < S ? L : S + (L - S) % W;   /* the first new slot */
+  const int64_t seen = W == 0 ? L : (L + 1 < S + W ? L + 1 : S + W) - 1;   /* rows see seen+i+1 */
   for (int64_t b = 0; b < B; ++b)            /* the new positions first: every row reads them */
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t i = 0; i < NT; ++i) {
-        memcpy(kc + b * skc[0] + h * skc[1] + (L + i) * skc[2],
+        memcpy(kc + b * skc[0] + h * skc[1] + (first + i) * skc[2],
                k + b * sk[0] + h * sk[1] + i * sk[2], D * sizeof(T));
-        memcpy(vc + b * svc[0] + h * svc[1] + (L + i) * svc[2],
+        memcpy(vc + b * svc[0] + h * svc[1] + (first + i) * svc[2],
                v + b * sv[0] + h * sv[1] + i * sv[2], Dv * sizeof(T));
       }
   const int64_t rows = B * H * NT;
-  if (nthreads > 1 && rows > 1 && rows * (L + NT) * (D + Dv) >= PARALLEL_MIN_WORK) {
+  if (nthreads > 1 && rows > 1 && rows * (seen + NT) * (D + Dv) >= PARALLEL_MIN_WORK) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) attend_row(m, r, L, q, kc, vc, out, scale);
+    for (int64_t r = 0; r < rows; ++r) attend_row(m, r, seen, q, kc, vc, out, scale);
   } else {
-    for (int64_t r = 0; r < rows; ++r) attend_row(m, r, L, q, kc, vc, out, scale);
+    for (int64_t r = 0; r < rows; ++r) attend_row(m, r, seen, q, kc, vc, out, scale);
   }
   return 0;
 }
@@ -252,18 +259,24 @@ class CpuDecodeAttention:
     def __init__(self) -> None:
         self.plans = PlanCache(MAX_PLANS)   # shared by every thread (kernels/plan_cache.py)
 
-    def __call__(self, q, k, v, k_cache, v_cache, cache_pos, scale=None) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, cache_pos, scale=None, window: int = 0,
+                 sinks: int = 0) -> torch.Tensor:
+        """``window`` > 0: ``fxforge::cached_window_attention`` of one new position (its
+        caller, kernels/window_attention_cpu.py, takes longer spans)."""
         key = (q.shape, q.stride(), q.dtype, q.is_cpu, k.shape, k.stride(), k.dtype, k.is_cpu,
                v.shape, v.stride(), v.dtype, v.is_cpu, k_cache.shape, k_cache.stride(),
                k_cache.dtype, k_cache.is_cpu, v_cache.shape, v_cache.stride(), v_cache.dtype,
-               v_cache.is_cpu, cache_pos.dtype, cache_pos.is_cpu, scale)
+               v_cache.is_cpu, cache_pos.dtype, cache_pos.is_cpu, scale, window, sinks)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self._plan(key, q, k, v, k_cache, v_cache, cache_pos, scale)
+            plan = self._plan(key, q, k, v, k_cache, v_cache, cache_pos, scale, window, sinks)
         fn, meta_address, scale_value, out_shape, _ = plan
+        if fn is None and window:
+            from fxforge.irgraph.window_ops import cached_window_attention
+            return cached_window_attention(q, k, v, k_cache, v_cache, cache_pos, window, sinks, scale)
         if fn is None:
             return sdpa_cached_attention(q, k, v, k_cache, v_cache, cache_pos, scale)
-        if _prefill_sized(q):
+        if not window and _prefill_sized(q):
             out = _tiled_prefill(q, k, v, k_cache, v_cache, cache_pos, scale)
             if out is not None:
                 return out
@@ -271,13 +284,18 @@ class CpuDecodeAttention:
         status = launch(fn, (meta_address, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                              k_cache.data_ptr(), v_cache.data_ptr(), cache_pos.data_ptr(),
                              out.data_ptr(), scale_value, torch.get_num_threads()), plan)
+        if status != 0 and window:
+            raise ValueError(f"cached_window_attention: cache length {int(cache_pos.reshape(-1)[0])} "
+                             f"with {k.shape[2]} new positions (the kernel takes one at a time)")
         if status != 0:
             raise cache_overflow(int(cache_pos.reshape(-1)[0]), k.shape[2], k_cache.shape[2])
         return out
 
-    def _plan(self, key, q, k, v, k_cache, v_cache, cache_pos, scale) -> tuple:
+    def _plan(self, key, q, k, v, k_cache, v_cache, cache_pos, scale, window, sinks) -> tuple:
         _check_shapes(q, k, v, k_cache, v_cache, cache_pos)
         reason = kernel_declines(q, k, v, k_cache, v_cache, cache_pos)
+        if reason is None and window and (q.shape[2] != 1 or k_cache.shape[2] != window + sinks):
+            reason = "a sliding window takes one new position over window + sinks slots"
         fn = None
         if reason is None:
             try:
@@ -287,11 +305,11 @@ class CpuDecodeAttention:
         if fn is None:
             plan = (None, 0, 0.0, None, None)
         else:
-            plan = self._kernel_plan(fn, q, k, v, k_cache, v_cache, scale)
+            plan = self._kernel_plan(fn, q, k, v, k_cache, v_cache, scale, window, sinks)
         return self.plans.add(key, plan)
 
     @staticmethod
-    def _kernel_plan(fn, q, k, v, k_cache, v_cache, scale) -> tuple:
+    def _kernel_plan(fn, q, k, v, k_cache, v_cache, scale, window=0, sinks=0) -> tuple:
         batch, heads, new, head_dim = q.shape
         value_dim = v.shape[3]
         # The output takes q's layout when it can (empty_like is the cheapest allocation, and
@@ -302,10 +320,10 @@ class CpuDecodeAttention:
             like = torch.empty_like(q)
             if like.stride(3) == 1:
                 out_shape, out_strides = None, like.stride()[:3]
-        meta = (ctypes.c_int64 * 25)(
+        meta = (ctypes.c_int64 * 27)(
             batch, heads, k.shape[1], new, head_dim, value_dim, k_cache.shape[2],
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3],
-            *v_cache.stride()[:3], *out_strides)
+            *v_cache.stride()[:3], *out_strides, window, sinks)
         scale_value = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         return fn, ctypes.addressof(meta), scale_value, out_shape, meta  # meta: kept alive
 

@@ -9,7 +9,9 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
 * every **attention site** is a ``scaled_dot_product_attention`` (``fuse_attention`` has turned
   explicit attention into one) with ``is_causal`` and no other mask, over the sequence dim;
   each becomes ``fxforge::cached_attention`` reading and writing per-layer K/V buffers that
-  become new graph inputs (GQA keeps its ``Hkv`` heads in the cache);
+  become new graph inputs (GQA keeps its ``Hkv`` heads in the cache). A sliding-window site
+  (``fxforge::window_attention``, ``passes/attention_window.py``) becomes
+  ``fxforge::cached_window_attention`` over ``window + sinks`` slots;
 * **positions**: ``arange(0, seq)`` (learned position embeddings, rotary ``position_ids``,
   ``cache_position``) becomes ``arange(0, t) + cache_pos``;
 * any other op that **mixes positions** — a matmul contracting over the sequence, a reduction,
@@ -28,18 +30,21 @@ import torch.fx as fx
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.meta import META_KEY, SymMeta, set_meta
 from fxforge.irgraph.query import tensor_meta
-from fxforge.irgraph.views import Arange, CachedAttention, Contraction, Reduction, Sdpa, SymSize
+from fxforge.irgraph.views import (Arange, CachedAttention, CachedWindowAttention, Contraction,
+                                   Reduction, Sdpa, SymSize, WindowAttention)
 
 aten = torch.ops.aten
 
 
 @dataclass
 class CacheSpec:
-    """One layer's K (or V) buffer: [batch, kv_heads, max_seq_len, head_dim] of ``dtype``."""
+    """One layer's K (or V) buffer: [batch, kv_heads, capacity, head_dim] of ``dtype``; the
+    capacity is ``max_seq_len`` (None), or the slots of a sliding window with sinks."""
     placeholder: str
     heads: int
     head_dim: int
     dtype: torch.dtype
+    capacity: Optional[int] = None
 
 
 @dataclass
@@ -53,11 +58,17 @@ class KVCachePlan:
     sites: int = 0
     positions: int = 0
 
+    @property
+    def bounded(self) -> bool:
+        """Every cache has a fixed number of slots (sliding windows): any length fits."""
+        return bool(self.caches) and all(c.capacity is not None for c in self.caches)
+
     def to_json(self) -> dict:
         """What an AOT artifact stores next to the step graph (the graph itself goes separately)."""
         return {"tokens": self.tokens, "cache_pos": self.cache_pos, "sites": self.sites,
                 "positions": self.positions, "seq_outputs": list(self.seq_outputs),
-                "caches": [c.placeholder for c in self.caches]}
+                "caches": [c.placeholder for c in self.caches],
+                "capacities": [c.capacity for c in self.caches]}
 
     @classmethod
     def from_json(cls, ir: IRGraph, data: dict) -> "KVCachePlan":
@@ -69,8 +80,10 @@ class KVCachePlan:
         metas = {p.name: tensor_meta(p) for p in ir.placeholders()}
         if any(metas.get(name) is None for name in data["caches"]):
             raise ValueError(f"the step graph lacks the cache inputs {data['caches']}")
+        capacities = data.get("capacities") or [None] * len(data["caches"])
         caches = [CacheSpec(name, int(metas[name].shape[1]), int(metas[name].shape[3]),
-                            metas[name].dtype) for name in data["caches"]]
+                            metas[name].dtype, capacity)
+                  for name, capacity in zip(data["caches"], capacities)]
         return cls(ir, data["tokens"], token_meta.shape[1], data["cache_pos"], caches,
                    list(data["seq_outputs"]), data["sites"], data["positions"])
 
@@ -107,6 +120,15 @@ def _sdpa_site(node: fx.Node, seq) -> Union[bool, str]:
     if mask is not None and (causal or not mask_is_causal(node.graph.owning_module, mask, seq)):
         return f"{node.name}: attention with a mask that is not the causal mask"
     return True
+
+
+def _window_site(node: fx.Node, seq) -> Union[bool, str]:
+    """True for a sliding-window attention over the sequence (causal by construction)."""
+    q = tensor_meta(WindowAttention.of(node).q)
+    if q is None or q.rank != 4:
+        return f"{node.name}: window attention without 4-D tensor metadata"
+    return True if _is_seq(q.shape[2], seq) else \
+        f"{node.name}: window attention whose length is not the sequence"
 
 
 CHECK_LENGTHS = (1, 2, 3, 5, 8, 13, 40)
@@ -207,8 +229,8 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
     seq_nodes = _sequence_size_nodes(step, tokens, seq)
     sites, aranges = [], []
     for node in step.call_nodes():
-        if Sdpa.matches(node):
-            verdict = _sdpa_site(node, seq)
+        if Sdpa.matches(node) or WindowAttention.matches(node):
+            verdict = _sdpa_site(node, seq) if Sdpa.matches(node) else _window_site(node, seq)
             if isinstance(verdict, str):
                 return verdict
             if verdict:
@@ -248,7 +270,7 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
 
 
 def _mask_of(site: fx.Node) -> Optional[fx.Node]:
-    return Sdpa.of(site).attn_mask
+    return Sdpa.of(site).attn_mask if Sdpa.matches(site) else None
 
 
 def _only_feeding(roots: set, sinks: set) -> set:
@@ -274,21 +296,32 @@ def _add_input(ir: IRGraph, name: str, example: torch.Tensor) -> fx.Node:
 
 
 def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node, i: int) -> None:
-    sdpa = Sdpa.of(site)
+    """The site reads and writes its layer's K/V buffers: ``cached_attention`` over
+    ``max_seq_len`` positions, or for a sliding window ``cached_window_attention`` over its
+    ``window + sinks`` slots."""
+    window = WindowAttention.of(site)
+    q, k, v, scale = (window.q, window.k, window.v, window.scale) if window is not None else \
+        (Sdpa.of(site).query, Sdpa.of(site).key, Sdpa.of(site).value, Sdpa.of(site).scale)
+    capacity = window.window + window.sinks if window is not None else None
     buffers = []
-    for kind, value in (("k", sdpa.key), ("v", sdpa.value)):
+    for kind, value in (("k", k), ("v", v)):
         meta = tensor_meta(value)
         name = f"kv_cache_{kind}{i}"
         batch = value.meta["val"].shape[0]
         with ir.fake_mode:
-            example = torch.empty(batch, meta.shape[1], 1, meta.shape[3], dtype=meta.dtype,
-                                  device=value.meta["val"].device)
+            example = torch.empty(batch, meta.shape[1], capacity or 1, meta.shape[3],
+                                  dtype=meta.dtype, device=value.meta["val"].device)
         buffers.append(_add_input(ir, name, example))
-        plan.caches.append(CacheSpec(name, int(meta.shape[1]), int(meta.shape[3]), meta.dtype))
+        plan.caches.append(CacheSpec(name, int(meta.shape[1]), int(meta.shape[3]), meta.dtype,
+                                     capacity))
     with ir.gm.graph.inserting_before(site):
-        cached = CachedAttention.create(ir.gm.graph, q=sdpa.query, k=sdpa.key, v=sdpa.value,
-                                        k_cache=buffers[0], v_cache=buffers[1],
-                                        cache_pos=cache_pos, scale=sdpa.scale)
+        if window is not None:
+            cached = CachedWindowAttention.create(
+                ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0], v_cache=buffers[1],
+                cache_pos=cache_pos, window=window.window, sinks=window.sinks, scale=scale)
+        else:
+            cached = CachedAttention.create(ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0],
+                                            v_cache=buffers[1], cache_pos=cache_pos, scale=scale)
     site.replace_all_uses_with(cached)
     ir.gm.graph.erase_node(site)
     ir.infer(cached)

@@ -35,4 +35,8 @@ def default_pipeline(options: Mapping[str, Any],
                                      parse_budget(options.get("accuracy_budget"))))
     if "bf16" in weight_formats:
         formats.append("exact_bf16_weights")
-    return FRONT + low + BACK[:1] + formats + BACK[1:]
+    front: list[Union[str, Pass]] = list(FRONT)
+    if options.get("attention"):   # on the fused attention, before anything reads its sites
+        from fxforge.passes.attention_window import attention_pass
+        front.insert(front.index("fuse_attention") + 1, attention_pass(options["attention"]))
+    return front + low + BACK[:1] + formats + BACK[1:]

@@ -1,0 +1,71 @@
+"""Sliding-window attention with sinks on the CPU (the ops of :mod:`fxforge.irgraph.window_ops`).
+
+Prefill (``fxforge::window_attention``, and a cached prompt): the queries go in blocks of
+``QUERY_BLOCK``; a block attends only to the keys some query of it can see, the sinks and the
+``window + block - 1`` positions ending at the block's last query, through ``cpu_attention``
+(the tiled C++ kernel, or PyTorch's flash kernel past its key limit) with the pattern's mask
+over those keys. The work per query is ``sinks + window + block`` keys instead of its whole
+prefix: at 8k positions and a window of 256, an eighth of the causal work.
+
+Decode (``fxforge::cached_window_attention`` of one new position): the C++ decode kernel of
+``kernels/decode_attention_cpu.py`` writes the key to its ring slot and attends to every filled
+slot, reading the cache length itself (a replayed step sees the new length). Other spans of new
+positions over a non-empty cache (a prompt continued in chunks) take the reference op.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fxforge.irgraph.window_ops import (cached_window_attention, check_window, visible,
+                                        write_window)
+from fxforge.kernels.attention_cpu import cpu_attention
+from fxforge.kernels.decode_attention_cpu import _KERNEL as DECODE
+
+QUERY_BLOCK = 128
+
+
+def key_span(start: int, end: int, window: int, sinks: int) -> tuple[range, range]:
+    """The key positions queries ``start .. end - 1`` can see, as two ranges (sinks, recent);
+    the first is empty when the recent range reaches back to the sinks."""
+    recent = max(0, start - window + 1)
+    if recent <= sinks:
+        return range(0), range(0, end)
+    return range(0, sinks), range(recent, end)
+
+
+def _gather(t: torch.Tensor, sink: range, recent: range) -> torch.Tensor:
+    part = t[:, :, recent.start:recent.stop]
+    return torch.cat([t[:, :, :sink.stop], part], dim=2) if len(sink) else part
+
+
+def cpu_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                         sinks: int, scale: Optional[float] = None) -> torch.Tensor:
+    """``fxforge::window_attention`` block by block (module docstring)."""
+    check_window(window, sinks)
+    length, gqa = q.shape[2], q.shape[1] != k.shape[1]
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    for start in range(0, length, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, length)
+        sink, recent = key_span(start, end, window, sinks)
+        key_pos = torch.tensor([*sink, *recent])
+        mask = visible(torch.arange(start, end), key_pos, window, sinks)
+        out[:, :, start:end] = cpu_attention(q[:, :, start:end], _gather(k, sink, recent),
+                                             _gather(v, sink, recent), mask, scale=scale,
+                                             enable_gqa=gqa)
+    return out
+
+
+def cpu_cached_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                cache_pos: torch.Tensor, window: int, sinks: int,
+                                scale: Optional[float] = None) -> torch.Tensor:
+    """``fxforge::cached_window_attention`` (module docstring)."""
+    if q.shape[2] == 1:
+        return DECODE(q, k, v, k_cache, v_cache, cache_pos, scale, window, sinks)
+    if int(cache_pos.reshape(-1)[0]) == 0 and k_cache.shape[2] == window + sinks:
+        out = cpu_window_attention(q, k, v, window, sinks, scale)
+        write_window(k, v, k_cache, v_cache, 0, window, sinks)
+        return out
+    return cached_window_attention(q, k, v, k_cache, v_cache, cache_pos, window, sinks, scale)
