@@ -48,11 +48,12 @@ bench: $(STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/memory.py
 	$(PY) bench/run.py --models small_gpt,gpt2,llama --compilers eager,fxforge,fxforge_tuned
+	OMP_NUM_THREADS=2 $(PY) bench/attention_window.py --out .bench/attention_window
 
 # Issue 17's side-by-side: quantized SmolLM2 against llama.cpp, ONNX Runtime and torchao in the
 # same runs (installs the peers: llama-cpp-python builds from source, minutes).
 bench-quant: peers
-	$(PY) bench/quant_accuracy.py --schemes int8,int4:g64,int4:g64:gptq,w8a8
+	$(PY) bench/quant_accuracy.py --schemes int8,int4:g64,int4:g64:gptq,w8a8 --torchao int8wo,int4wo:g64,w8a8
 	OMP_NUM_THREADS=2 $(PY) bench/gemv_stream.py
 	OMP_NUM_THREADS=2 $(PY) bench/generate.py --models smollm2 --quantize int8,int4:g32,gguf,w8a8 --llamacpp F32,BF16,Q8_0,Q4_0,Q4_1 --torchao int8wo,w8a8
 	OMP_NUM_THREADS=2 $(PY) bench/prefill.py --lengths 128,512 --schemes int8,gguf,w8a8 --isa avx2

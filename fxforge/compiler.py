@@ -179,8 +179,8 @@ class CompiledGraph:
         build = self._build_for(args) if self.weight_positions else self._active.build
         runtime_args = [args[i] for i in self.runtime_positions]
         outputs = build.kv(runtime_args) if build.kv is not None else build.lowered(*runtime_args)
-        if self.options.verify:   # lossy passes (quantize): against the optimized graph's own meaning
-            expected = build.ir.gm(*runtime_args) if self.options.quantize else self.captured.gm(*args)
+        if self.options.verify:   # lossy passes: against the optimized graph's own meaning
+            expected = build.ir.gm(*runtime_args) if self.options.lossy else self.captured.gm(*args)
             check_against_eager(outputs, expected, build.ir.info.get("precision", "fp32"))
         calls = getattr(_OBSERVED, "calls", None)
         if calls is not None:

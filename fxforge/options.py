@@ -27,6 +27,12 @@ class CompileOptions:
     backend: str = "auto"         # "auto" (Triton on GPUs, cpu otherwise), "cpu", "triton", "reference"
     freeze_weights: bool = True   # weights become compile-time constants (re-frozen if they change)
 
+    @property
+    def lossy(self) -> bool:
+        """A pass that changes the model's meaning on purpose (quantization, sparse attention)
+        runs: checks compare against the optimized graph's own meaning, not eager's."""
+        return bool(self.quantize or self.attention)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["passes"] = list(self.passes) if self.passes is not None else None

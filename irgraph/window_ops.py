@@ -65,14 +65,25 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     check_window(window, sinks)
     _check_qkv("window_attention", q, k, v)
     positions = torch.arange(q.shape[2], device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(positions, positions, window, sinks),
-                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible(positions, positions, window, sinks),
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return like_query(q, v).copy_(out)
+
+
+def like_query(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An empty output in q's layout when it can (as SDPA and the kernels give it: the graph's
+    permute + view after the attention may only be valid on that layout), else contiguous."""
+    if v.shape[-1] == q.shape[-1]:
+        like = torch.empty_like(q)
+        if like.stride(-1) == 1:
+            return like
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @window_attention.register_fake
 def _window_attention_fake(q, k, v, window, sinks, scale=None):
     _check_qkv("window_attention", q, k, v)
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return like_query(q, v)
 
 
 def _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks) -> None:
@@ -121,14 +132,10 @@ def cached_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible(new, key_pos, window, sinks),
                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     write_window(k, v, k_cache, v_cache, length, window, sinks)
-    return out
+    return like_query(q, v).copy_(out)
 
 
 @cached_window_attention.register_fake
 def _cached_window_attention_fake(q, k, v, k_cache, v_cache, cache_pos, window, sinks, scale=None):
     _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks)
-    if v.shape[-1] == q.shape[-1]:   # q's layout, as for cached_attention (irgraph/ops.py)
-        like = torch.empty_like(q)
-        if like.stride(-1) == 1:
-            return like
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return like_query(q, v)

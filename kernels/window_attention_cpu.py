@@ -18,12 +18,14 @@ from typing import Optional
 
 import torch
 
-from fxforge.irgraph.window_ops import (cached_window_attention, check_window, visible,
-                                        write_window)
+from fxforge.irgraph.window_ops import (cached_window_attention, check_window, like_query,
+                                        visible, write_window)
+from fxforge.kernels.attention_cpp import kernel_declines as tiled_declines
+from fxforge.kernels.attention_cpp import tiled_attention
 from fxforge.kernels.attention_cpu import cpu_attention
 from fxforge.kernels.decode_attention_cpu import _KERNEL as DECODE
 
-QUERY_BLOCK = 128
+QUERY_BLOCK = 64
 
 
 def key_span(start: int, end: int, window: int, sinks: int) -> tuple[range, range]:
@@ -42,18 +44,27 @@ def _gather(t: torch.Tensor, sink: range, recent: range) -> torch.Tensor:
 
 def cpu_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          sinks: int, scale: Optional[float] = None) -> torch.Tensor:
-    """``fxforge::window_attention`` block by block (module docstring)."""
+    """``fxforge::window_attention`` block by block (module docstring). Up to ``window +
+    sinks`` positions every query sees its whole prefix: plain causal attention."""
     check_window(window, sinks)
     length, gqa = q.shape[2], q.shape[1] != k.shape[1]
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if length <= window + sinks:
+        return cpu_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    out = like_query(q, v)
     for start in range(0, length, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, length)
         sink, recent = key_span(start, end, window, sinks)
-        key_pos = torch.tensor([*sink, *recent])
-        mask = visible(torch.arange(start, end), key_pos, window, sinks)
-        out[:, :, start:end] = cpu_attention(q[:, :, start:end], _gather(k, sink, recent),
-                                             _gather(v, sink, recent), mask, scale=scale,
-                                             enable_gqa=gqa)
+        keys, values = _gather(k, sink, recent), _gather(v, sink, recent)
+        mask = visible(torch.arange(start, end), torch.tensor([*sink, *recent]), window, sinks)
+        block = q[:, :, start:end]
+        if tiled_declines(block, keys, values, mask) is None:
+            # the causal diagonal ends the visible keys (the kernel skips what lies past it);
+            # the mask adds the window's far edge
+            out[:, :, start:end] = tiled_attention(block, keys, values, mask, True, scale,
+                                                   causal_offset=len(sink) + start - recent.start)
+        else:
+            out[:, :, start:end] = cpu_attention(block, keys, values, mask, scale=scale,
+                                                 enable_gqa=gqa)
     return out
 
 

@@ -95,9 +95,10 @@ def test_the_cpu_kernel_skips_what_no_query_of_a_block_sees(monkeypatch):
     gen = _generator()
     q, k, v = _qkv(gen, 1, 2, 1, 200)
     seen = []
-    real = window_attention_cpu.cpu_attention
-    monkeypatch.setattr(window_attention_cpu, "cpu_attention",
-                        lambda q, k, *a, **kw: seen.append(k.shape[2]) or real(q, k, *a, **kw))
+    for name in ("cpu_attention", "tiled_attention"):   # the block's call, either path
+        real = getattr(window_attention_cpu, name)
+        monkeypatch.setattr(window_attention_cpu, name, lambda q, k, *a, real=real, **kw:
+                            seen.append(k.shape[2]) or real(q, k, *a, **kw))
     out = cpu_window_attention(q, k, v, 16, 2, scale=0.3)
     torch.testing.assert_close(out.double(), oracle(q, k, v, 16, 2, scale=0.3), rtol=1e-5, atol=1e-5)
     block = window_attention_cpu.QUERY_BLOCK
@@ -216,3 +217,21 @@ def test_attention_it_cannot_rewrite_stays_dense_with_a_reason(caplog):
         torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-4, atol=1e-4)
     assert "bidirectional attention (not causal)" in caplog.text
     assert "nothing rewritten" in caplog.text
+
+
+def test_an_artifact_keeps_the_bounded_cache_and_runs_past_max_seq_len(tmp_path):
+    gen = _generator()
+    model = make_model(n_layer=1).eval()
+    ids = torch.randint(0, 512, (1, 8), generator=gen)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    fxforge.aot_compile(model, (ids,), tmp_path / "win", dynamic_shapes=({1: seq},),
+                        kv_cache=True, max_seq_len=16, attention="sliding_window:4,sinks:1")
+    loaded = fxforge.load(tmp_path / "win")
+    assert loaded.kv.plan.bounded and {c.capacity for c in loaded.kv.plan.caches} == {5}
+    expected = ids
+    ref = _windowed_eager(model, 4, 1)
+    with torch.no_grad():
+        for _ in range(20):   # 28 > max_seq_len positions
+            expected = torch.cat([expected, ref(expected)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fxforge.generate(loaded, ids, 20), expected)
+    assert loaded.kv.stats["uncached"] == 0
