@@ -132,7 +132,9 @@ class DecodeState:
         position = torch.tensor([start], dtype=torch.int64, device=ids.device)
         step_args += [position, *self.caches]
         try:
-            if self.replay is not None and start > 0:
+            if self.replay is not None and start > 0 and new.shape[1] == 1:
+                # decode steps only: a span of new positions (a prompt continued in chunks) runs
+                # as it is, and may take paths that read the cache length into Python
                 outputs = self.replay(decoder.step, step_args, decoder.plan.seq_outputs, counts)
             else:
                 outputs = list(decoder.step(*step_args))

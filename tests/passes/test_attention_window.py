@@ -235,3 +235,23 @@ def test_an_artifact_keeps_the_bounded_cache_and_runs_past_max_seq_len(tmp_path)
             expected = torch.cat([expected, ref(expected)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(fxforge.generate(loaded, ids, 20), expected)
     assert loaded.kv.stats["uncached"] == 0
+
+
+def test_a_prompt_continued_in_a_chunk_leaves_the_decode_steps_replayed():
+    """A call adding several positions to a cached sequence reads the cache length into Python
+    (the chunk path of cached_window_attention): it runs as it is, and the one-position steps
+    after it are still recorded and replayed."""
+    gen = _generator()
+    model = make_model(n_layer=1).eval()
+    ids = torch.randint(0, 512, (1, 40), generator=gen)
+    ref = _windowed_eager(model, 6, 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fxforge", options={
+        "kv_cache": True, "attention": "sliding_window:6,sinks:2", "backend": "cpu"})
+    with torch.no_grad(), recording() as graphs:
+        for end in (8, 9, 30, *range(31, 41)):   # 21 new positions over the cached 9, then steps
+            torch.testing.assert_close(compiled(ids[:, :end]), ref(ids[:, :end]),
+                                       rtol=1e-4, atol=1e-4)
+    (decoder,) = [g.kv for g in graphs if g.kv is not None]
+    (state,) = decoder.states()
+    assert state.replay.off is None and decoder.stats["replayed"] >= 10 - 2
