@@ -26,6 +26,7 @@ from fxforge.kernels.attention_cpu import cpu_attention
 from fxforge.kernels.decode_attention_cpu import _KERNEL as DECODE
 
 QUERY_BLOCK = 64
+BLOCK_OVERHEAD = QUERY_BLOCK * 64   # key pairs: the gather, the mask and the call of a block
 
 
 def key_span(start: int, end: int, window: int, sinks: int) -> tuple[range, range]:
@@ -42,6 +43,18 @@ def _gather(t: torch.Tensor, sink: range, recent: range) -> torch.Tensor:
     return torch.cat([t[:, :, :sink.stop], part], dim=2) if len(sink) else part
 
 
+def _one_call(length: int, window: int, sinks: int) -> bool:
+    """Whether the whole causal triangle with the pattern as a mask costs less than the blocks:
+    a block's call costs about BLOCK_OVERHEAD key pairs beyond its work, and its keys reach back
+    a block further than its first query needs."""
+    blocked = 0
+    for start in range(0, length, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, length)
+        sink, recent = key_span(start, end, window, sinks)
+        blocked += (end - start) * (len(sink) + len(recent)) + BLOCK_OVERHEAD
+    return length * (length + 1) // 2 <= blocked
+
+
 def cpu_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          sinks: int, scale: Optional[float] = None) -> torch.Tensor:
     """``fxforge::window_attention`` block by block (module docstring). Up to ``window +
@@ -50,6 +63,10 @@ def cpu_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     length, gqa = q.shape[2], q.shape[1] != k.shape[1]
     if length <= window + sinks:
         return cpu_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if _one_call(length, window, sinks):
+        mask = visible(torch.arange(length), torch.arange(length), window, sinks)
+        if tiled_declines(q, k, v, mask) is None:
+            return tiled_attention(q, k, v, mask, True, scale)
     out = like_query(q, v)
     for start in range(0, length, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, length)

@@ -93,7 +93,7 @@ def test_the_ops_follow_the_pattern(batch, heads, kv_heads, length, window, sink
 
 def test_the_cpu_kernel_skips_what_no_query_of_a_block_sees(monkeypatch):
     gen = _generator()
-    q, k, v = _qkv(gen, 1, 2, 1, 200)
+    q, k, v = _qkv(gen, 1, 2, 1, 600)
     seen = []
     for name in ("cpu_attention", "tiled_attention"):   # the block's call, either path
         real = getattr(window_attention_cpu, name)
@@ -102,7 +102,17 @@ def test_the_cpu_kernel_skips_what_no_query_of_a_block_sees(monkeypatch):
     out = cpu_window_attention(q, k, v, 16, 2, scale=0.3)
     torch.testing.assert_close(out.double(), oracle(q, k, v, 16, 2, scale=0.3), rtol=1e-5, atol=1e-5)
     block = window_attention_cpu.QUERY_BLOCK
-    assert max(seen) <= 2 + 16 + block - 1 and len(seen) == -(-200 // block)
+    assert max(seen) <= 2 + 16 + block - 1 and len(seen) == -(-600 // block)
+
+
+def test_short_sequences_take_one_masked_call():
+    """Where the blocks would cost more than the causal triangle (a few windows long), one call
+    with the pattern as its mask: still the pattern, not dense."""
+    gen = _generator()
+    q, k, v = _qkv(gen, 2, 4, 2, 90)
+    assert window_attention_cpu._one_call(90, 20, 3)
+    torch.testing.assert_close(cpu_window_attention(q, k, v, 20, 3).double(),
+                               oracle(q, k, v, 20, 3), rtol=1e-5, atol=1e-5)
 
 
 def test_the_ring_holds_the_sinks_and_the_last_window():
