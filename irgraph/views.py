@@ -88,24 +88,14 @@ class WindowAttention(OpView):
 
 
 @frozen
-class CachedWindowAttention(OpView):
+class CachedWindowAttention(CachedAttention):
     """``fxforge::cached_window_attention``: :class:`WindowAttention` over a cache of
-    ``sinks + window`` slots (a ring past the sinks)."""
+    ``sinks + window`` slots (a ring past the sinks); the cached operands as
+    :class:`CachedAttention`'s."""
 
-    q: Any
-    k: Any
-    v: Any
-    k_cache: Any
-    v_cache: Any
-    cache_pos: Any
-    window: int
-    sinks: int
-    scale: Optional[float] = None
+    window: int = dataclasses.field(kw_only=True)
+    sinks: int = dataclasses.field(kw_only=True)
     TARGETS = (torch.ops.fxforge.cached_window_attention.default,)
-
-    @property
-    def tensors(self) -> tuple:
-        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.cache_pos)
 
 
 # ---- attention ------------------------------------------------------------------------------

@@ -284,9 +284,9 @@ class CpuDecodeAttention:
         status = launch(fn, (meta_address, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                              k_cache.data_ptr(), v_cache.data_ptr(), cache_pos.data_ptr(),
                              out.data_ptr(), scale_value, torch.get_num_threads()), plan)
-        if status != 0 and window:
-            raise ValueError(f"cached_window_attention: cache length {int(cache_pos.reshape(-1)[0])} "
-                             f"with {k.shape[2]} new positions (the kernel takes one at a time)")
+        if status != 0 and window:   # its plan took one new position: the length was < 0
+            raise ValueError(f"cached_window_attention: negative cache length "
+                             f"{int(cache_pos.reshape(-1)[0])}")
         if status != 0:
             raise cache_overflow(int(cache_pos.reshape(-1)[0]), k.shape[2], k_cache.shape[2])
         return out

@@ -1,11 +1,15 @@
 """Sliding-window attention with sinks on the CPU (the ops of :mod:`fxforge.irgraph.window_ops`).
 
-Prefill (``fxforge::window_attention``, and a cached prompt): the queries go in blocks of
-``QUERY_BLOCK``; a block attends only to the keys some query of it can see, the sinks and the
-``window + block - 1`` positions ending at the block's last query, through ``cpu_attention``
-(the tiled C++ kernel, or PyTorch's flash kernel past its key limit) with the pattern's mask
-over those keys. The work per query is ``sinks + window + block`` keys instead of its whole
-prefix: at 8k positions and a window of 256, an eighth of the causal work.
+Prefill (``fxforge::window_attention``, and a cached prompt), by length:
+
+* up to ``window + sinks`` positions every query sees its whole prefix: plain causal attention;
+* a few windows long, where blocks would cost more: one causal call with the pattern as its
+  mask (:func:`_one_call` weighs the two);
+* longer: the queries go in blocks of ``QUERY_BLOCK``; a block attends only to the keys some
+  query of it can see (the sinks and the ``window + block - 1`` positions ending at the block's
+  last query), on the tiled C++ kernel with the causal diagonal skipped and the window's far
+  edge masked (``cpu_attention`` past the tiled kernel's limits). The work per query is
+  ``sinks + window + block`` keys instead of its whole prefix.
 
 Decode (``fxforge::cached_window_attention`` of one new position): the C++ decode kernel of
 ``kernels/decode_attention_cpu.py`` writes the key to its ring slot and attends to every filled
@@ -43,34 +47,36 @@ def _gather(t: torch.Tensor, sink: range, recent: range) -> torch.Tensor:
     return torch.cat([t[:, :, :sink.stop], part], dim=2) if len(sink) else part
 
 
-def _one_call(length: int, window: int, sinks: int) -> bool:
+def _blocks(length: int, window: int, sinks: int) -> list[tuple[int, int, range, range]]:
+    """(start, end, sink keys, recent keys) of each block of queries."""
+    return [(start, min(start + QUERY_BLOCK, length),
+             *key_span(start, min(start + QUERY_BLOCK, length), window, sinks))
+            for start in range(0, length, QUERY_BLOCK)]
+
+
+def _one_call(length: int, blocks: list) -> bool:
     """Whether the whole causal triangle with the pattern as a mask costs less than the blocks:
     a block's call costs about BLOCK_OVERHEAD key pairs beyond its work, and its keys reach back
     a block further than its first query needs."""
-    blocked = 0
-    for start in range(0, length, QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, length)
-        sink, recent = key_span(start, end, window, sinks)
-        blocked += (end - start) * (len(sink) + len(recent)) + BLOCK_OVERHEAD
+    blocked = sum((end - start) * (len(sink) + len(recent)) + BLOCK_OVERHEAD
+                  for start, end, sink, recent in blocks)
     return length * (length + 1) // 2 <= blocked
 
 
 def cpu_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          sinks: int, scale: Optional[float] = None) -> torch.Tensor:
-    """``fxforge::window_attention`` block by block (module docstring). Up to ``window +
-    sinks`` positions every query sees its whole prefix: plain causal attention."""
+    """``fxforge::window_attention`` (module docstring)."""
     check_window(window, sinks)
     length, gqa = q.shape[2], q.shape[1] != k.shape[1]
     if length <= window + sinks:
         return cpu_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if _one_call(length, window, sinks):
+    blocks = _blocks(length, window, sinks)
+    if _one_call(length, blocks):
         mask = visible(torch.arange(length), torch.arange(length), window, sinks)
         if tiled_declines(q, k, v, mask) is None:
             return tiled_attention(q, k, v, mask, True, scale)
     out = like_query(q, v)
-    for start in range(0, length, QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, length)
-        sink, recent = key_span(start, end, window, sinks)
+    for start, end, sink, recent in blocks:
         keys, values = _gather(k, sink, recent), _gather(v, sink, recent)
         mask = visible(torch.arange(start, end), torch.tensor([*sink, *recent]), window, sinks)
         block = q[:, :, start:end]

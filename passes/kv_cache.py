@@ -299,9 +299,9 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
     """The site reads and writes its layer's K/V buffers: ``cached_attention`` over
     ``max_seq_len`` positions, or for a sliding window ``cached_window_attention`` over its
     ``window + sinks`` slots."""
-    window = WindowAttention.of(site)
+    window, sdpa = WindowAttention.of(site), Sdpa.of(site)
     q, k, v, scale = (window.q, window.k, window.v, window.scale) if window is not None else \
-        (Sdpa.of(site).query, Sdpa.of(site).key, Sdpa.of(site).value, Sdpa.of(site).scale)
+        (sdpa.query, sdpa.key, sdpa.value, sdpa.scale)
     capacity = window.window + window.sinks if window is not None else None
     buffers = []
     for kind, value in (("k", k), ("v", v)):

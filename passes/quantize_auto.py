@@ -105,6 +105,9 @@ class Scorer:
         self.index = _first_float(outputs)
         self.reference = _flat(outputs)[self.index].detach().float()
         self.ids = _check_metric(metric, self.reference, inputs)
+        # kl: the reference's (log-)probabilities, once (every measured plan compares with them)
+        self.log_ref = F.log_softmax(self.reference, dim=-1) if metric == "kl" else None
+        self.p_ref = self.log_ref.exp() if metric == "kl" else None
         self.reference_terms = self._terms(self.reference)
 
     def _terms(self, out: torch.Tensor) -> torch.Tensor:
@@ -113,8 +116,7 @@ class Scorer:
         row's squared norm)."""
         ref = self.reference
         if self.metric == "kl":
-            log_ref = F.log_softmax(ref, dim=-1)
-            return (log_ref.exp() * (log_ref - F.log_softmax(out, dim=-1))).sum(-1).flatten()
+            return (self.p_ref * (self.log_ref - F.log_softmax(out, dim=-1))).sum(-1).flatten()
         if self.metric == "ppl":   # ppl = exp(mean NLL)
             return F.cross_entropy(out[:, :-1].flatten(0, 1), self.ids[:, 1:].flatten(),
                                    reduction="none")

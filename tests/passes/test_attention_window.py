@@ -110,7 +110,7 @@ def test_short_sequences_take_one_masked_call():
     with the pattern as its mask: still the pattern, not dense."""
     gen = _generator()
     q, k, v = _qkv(gen, 2, 4, 2, 90)
-    assert window_attention_cpu._one_call(90, 20, 3)
+    assert window_attention_cpu._one_call(90, window_attention_cpu._blocks(90, 20, 3))
     torch.testing.assert_close(cpu_window_attention(q, k, v, 20, 3).double(),
                                oracle(q, k, v, 20, 3), rtol=1e-5, atol=1e-5)
 
