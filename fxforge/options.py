@@ -68,7 +68,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
             raise OptionsError(f"option quantize: {exc}") from None
     _check_budget(merged)
     if merged.get("attention") is not None:
-        from fxforge.passes.attention_window import AttentionSpecError, parse_attention
+        from fxforge.passes.attention_modes import AttentionSpecError, parse_attention
         try:
             merged["attention"] = str(parse_attention(merged["attention"]))
         except AttentionSpecError as exc:

@@ -37,6 +37,6 @@ def default_pipeline(options: Mapping[str, Any],
         formats.append("exact_bf16_weights")
     front: list[Union[str, Pass]] = list(FRONT)
     if options.get("attention"):   # on the fused attention, before anything reads its sites
-        from fxforge.passes.attention_window import attention_pass
+        from fxforge.passes.attention_modes import attention_pass
         front.insert(front.index("fuse_attention") + 1, attention_pass(options["attention"]))
     return front + low + BACK[:1] + formats + BACK[1:]

@@ -16,7 +16,8 @@ from fxforge.irgraph.window_ops import cached_positions, slot_of
 from fxforge.kernels import window_attention_cpu
 from fxforge.kernels.window_attention_cpu import (cpu_cached_window_attention,
                                                   cpu_window_attention)
-from fxforge.passes.attention_window import AttentionSpecError, WindowSpec, parse_attention
+from fxforge.passes.attention_modes import AttentionSpecError, parse_attention
+from fxforge.passes.attention_window import WindowSpec
 from tests.passes.helpers import greedy_loop
 
 window_attention = torch.ops.fxforge.window_attention
@@ -53,7 +54,7 @@ def _qkv(gen, batch, heads, kv_heads, length, dim=16):
 
 @pytest.mark.parametrize("spec, want", [("sliding_window:256", WindowSpec(256, 4)),
                                         ("sliding_window:64,sinks:0", WindowSpec(64, 0)),
-                                        (" sinks : 2 , sliding_window : 8 ", WindowSpec(8, 2))])
+                                        (" sliding_window : 8 , sinks : 2 ", WindowSpec(8, 2))])
 def test_the_option_parses(spec, want):
     assert parse_attention(spec) == want
     assert parse_attention(str(want)) == want
@@ -61,10 +62,12 @@ def test_the_option_parses(spec, want):
 
 @pytest.mark.parametrize("spec, message", [
     ("sliding_window", "cannot read 'sliding_window'"),
-    ("sliding_window:0", "at least 1 position"),
-    ("sliding_window:8,sinks:-1", "cannot read 'sinks:-1'"),
-    ("sinks:4", "the modes are sliding_window"),
-    ("sliding_window:8,window:8", "the modes are"),
+    ("sliding_window:0", "sliding_window must be an integer >= 1"),
+    ("sliding_window:8,sinks:-1", "sinks must be an integer >= 0"),
+    ("sliding_window:8,sinks:two", "sinks must be an integer >= 0, got 'two'"),
+    ("sinks:4", "unknown mode 'sinks'; the modes are sliding_window"),
+    ("sliding_window:8,window:8", "unknown field 'window' \\(this mode's fields: sinks\\)"),
+    ("sliding_window:8;sinks:4", "cannot read"),
     ("sliding_window:8,sliding_window:9", "given twice"),
     ("linear:elu", "linear attention is not available"),
     ("", "must be a string")])
