@@ -20,7 +20,8 @@ from fxforge.backends.kernel_lowering import (LINEAR_OPS, Bound, KernelTable, at
 from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import TensorMeta
 from fxforge.irgraph.query import tensor_meta
-from fxforge.irgraph.views import CachedAttention, CachedWindowAttention, WindowAttention
+from fxforge.irgraph.views import (BlockSparseAttention, CachedAttention, CachedBlockSparseAttention,
+                                   CachedWindowAttention, WindowAttention)
 from fxforge.irgraph.weight_format import QUANTIZED, W8A8
 
 log = logging.getLogger("fxforge.backends")
@@ -131,6 +132,24 @@ def make_table() -> KernelTable:
                      window=op.window, sinks=op.sinks, scale=op.scale)
         return (call, list(op.tensors), f"CPU sliding-window cached attention ({op.window} + "
                 f"{op.sinks} slots)", "C++ decode kernel on the ring for one new position")
+
+    @table.rule(torch.ops.fxforge.block_sparse_attention.default)
+    def block_sparse_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.sparse_attention_cpu import cpu_block_sparse_attention
+        op = BlockSparseAttention.of(node)
+        call = Bound("cpu_block_sparse_attention", cpu_block_sparse_attention,
+                     patterns=op.patterns, block=op.block, scale=op.scale)
+        return (call, (op.q, op.k, op.v), f"CPU block-sparse attention (blocks of {op.block})",
+                "C++ kernel reads only the key blocks of each query block's pattern")
+
+    @table.rule(torch.ops.fxforge.cached_block_sparse_attention.default)
+    def cached_block_sparse_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.sparse_attention_cpu import cpu_cached_block_sparse_attention
+        op = CachedBlockSparseAttention.of(node)
+        call = Bound("cpu_cached_block_sparse_attention", cpu_cached_block_sparse_attention,
+                     patterns=op.patterns, block=op.block, scale=op.scale)
+        return (call, list(op.tensors), "CPU cached attention, block-sparse prefill",
+                "block-sparse kernel over an empty cache, C++ decode kernel after")
 
     return table
 

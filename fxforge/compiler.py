@@ -108,9 +108,10 @@ class CompiledGraph:
         self.runtime_positions = [i for i in range(len(captured.placeholders())) if i not in skip]
         self._weight_sets = WeightSetCache()
         self._build_lock = threading.Lock()
-        # the example's runtime inputs, kept only for a quantizer that calibrates on them
+        # the example's runtime inputs, kept only for passes that calibrate on them (the
+        # quantizers, the attention modes that measure the heads)
         self._calibration = (_concrete([weights[i] for i in self.runtime_positions])
-                             if options.quantize else None)
+                             if options.lossy else None)
         frozen = [weights[i] for i in self.weight_positions]
         self._activate(self._build(frozen), frozen)
         if _RECORDERS:

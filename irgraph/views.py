@@ -17,15 +17,15 @@ from typing import Any, Optional
 
 import torch
 
-from fxforge.irgraph import ops as _ops, window_ops as _window_ops  # noqa: F401  (register torch.ops.fxforge.*)
+from fxforge.irgraph import ops as _ops, sparse_ops as _sparse_ops, window_ops as _window_ops  # noqa: F401,E501  (register torch.ops.fxforge.*)
 from fxforge.irgraph.opview import OpView
 from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Arange, Cat, Clone, ConvertElementType, Expand, Full, Gelu, LayerNorm, MaskedFill, Neg, Permute,
     Reduction, RepeatInterleave, RmsNorm, Select, Slice, Softmax, Split, SymSize, T, ToCopy,
     Transpose, Unsqueeze, View, Where)
 
-__all__ = ["LINEAR_TARGETS", "Addmm", "Arange", "Baddbmm", "Bmm", "CachedAttention",
-           "CachedWindowAttention", "Cat", "Clone",
+__all__ = ["LINEAR_TARGETS", "Addmm", "Arange", "Baddbmm", "BlockSparseAttention", "Bmm",
+           "CachedAttention", "CachedBlockSparseAttention", "CachedWindowAttention", "Cat", "Clone",
            "Contraction", "ConvertElementType", "Expand", "Full", "Gelu", "LayerNorm", "Linear",
            "LinearOperands", "MaskedFill", "Matmul", "Mm", "Neg", "OpView", "Permute", "Reduction",
            "RepeatInterleave", "RmsNorm", "Sdpa", "SdpaFlashCpu", "Select", "Slice", "Softmax",
@@ -96,6 +96,31 @@ class CachedWindowAttention(CachedAttention):
     window: int = dataclasses.field(kw_only=True)
     sinks: int = dataclasses.field(kw_only=True)
     TARGETS = (torch.ops.fxforge.cached_window_attention.default,)
+
+
+@frozen
+class BlockSparseAttention(OpView):
+    """``fxforge::block_sparse_attention``: causal attention in which each query block reads
+    the key blocks of its pattern (:mod:`fxforge.irgraph.sparse_ops`); ``patterns``: five
+    integers per pattern, one pattern or one per query head."""
+
+    q: Any
+    k: Any
+    v: Any
+    patterns: list
+    block: int
+    scale: Optional[float] = None
+    TARGETS = (torch.ops.fxforge.block_sparse_attention.default,)
+
+
+@frozen
+class CachedBlockSparseAttention(CachedAttention):
+    """``fxforge::cached_block_sparse_attention``: :class:`CachedAttention` whose prefill over
+    an empty cache keeps a block-sparse pattern."""
+
+    patterns: list = dataclasses.field(kw_only=True)
+    block: int = dataclasses.field(kw_only=True)
+    TARGETS = (torch.ops.fxforge.cached_block_sparse_attention.default,)
 
 
 # ---- attention ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from fxforge.passes.attention_sparse import parse_block_sparse
 from fxforge.passes.attention_spec import AttentionSpecError, split_spec
 from fxforge.passes.attention_window import parse_window
 from fxforge.passes.base import Pass
@@ -12,8 +13,10 @@ from fxforge.passes.base import Pass
 MODES: dict[str, tuple[str, Callable[[str, str, dict], Any]]] = {
     "sliding_window": ("StreamingLLM: the first S positions plus a window of the last W",
                        parse_window),
+    "block_sparse": ("block-sparse prefill: local, global and strided key blocks, or a pattern "
+                     "per head measured on calibration text (auto)", parse_block_sparse),
 }
-LATER = ("block_sparse", "linear", "per_head")
+LATER = ("linear", "per_head")
 
 
 def parse_attention(spec: str) -> Any:

@@ -11,7 +11,9 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
   each becomes ``fxforge::cached_attention`` reading and writing per-layer K/V buffers that
   become new graph inputs (GQA keeps its ``Hkv`` heads in the cache). A sliding-window site
   (``fxforge::window_attention``, ``passes/attention_window.py``) becomes
-  ``fxforge::cached_window_attention`` over ``window + sinks`` slots;
+  ``fxforge::cached_window_attention`` over ``window + sinks`` slots; a block-sparse site
+  (``passes/attention_sparse.py``) ``fxforge::cached_block_sparse_attention`` (sparse prefill,
+  dense decode);
 * **positions**: ``arange(0, seq)`` (learned position embeddings, rotary ``position_ids``,
   ``cache_position``) becomes ``arange(0, t) + cache_pos``;
 * any other op that **mixes positions** — a matmul contracting over the sequence, a reduction,
@@ -30,8 +32,11 @@ import torch.fx as fx
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.meta import META_KEY, SymMeta, set_meta
 from fxforge.irgraph.query import tensor_meta
-from fxforge.irgraph.views import (Arange, CachedAttention, CachedWindowAttention, Contraction,
+from fxforge.irgraph.views import (Arange, BlockSparseAttention, CachedAttention,
+                                   CachedBlockSparseAttention, CachedWindowAttention, Contraction,
                                    Reduction, Sdpa, SymSize, WindowAttention)
+
+REWRITTEN = (WindowAttention, BlockSparseAttention)   # the attention modes' causal ops
 
 aten = torch.ops.aten
 
@@ -122,13 +127,15 @@ def _sdpa_site(node: fx.Node, seq) -> Union[bool, str]:
     return True
 
 
-def _window_site(node: fx.Node, seq) -> Union[bool, str]:
-    """True for a sliding-window attention over the sequence (causal by construction)."""
-    q = tensor_meta(WindowAttention.of(node).q)
+def _rewritten_site(node: fx.Node, seq) -> Union[bool, str]:
+    """True for an attention mode's op (window, block-sparse) over the sequence (causal by
+    construction)."""
+    view = next(v.of(node) for v in REWRITTEN if v.matches(node))
+    q = tensor_meta(view.q)
     if q is None or q.rank != 4:
-        return f"{node.name}: window attention without 4-D tensor metadata"
+        return f"{node.name}: {node.target} without 4-D tensor metadata"
     return True if _is_seq(q.shape[2], seq) else \
-        f"{node.name}: window attention whose length is not the sequence"
+        f"{node.name}: {node.target} whose length is not the sequence"
 
 
 CHECK_LENGTHS = (1, 2, 3, 5, 8, 13, 40)
@@ -229,8 +236,8 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
     seq_nodes = _sequence_size_nodes(step, tokens, seq)
     sites, aranges = [], []
     for node in step.call_nodes():
-        if Sdpa.matches(node) or WindowAttention.matches(node):
-            verdict = _sdpa_site(node, seq) if Sdpa.matches(node) else _window_site(node, seq)
+        if Sdpa.matches(node) or any(v.matches(node) for v in REWRITTEN):
+            verdict = _sdpa_site(node, seq) if Sdpa.matches(node) else _rewritten_site(node, seq)
             if isinstance(verdict, str):
                 return verdict
             if verdict:
@@ -299,8 +306,9 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
     """The site reads and writes its layer's K/V buffers: ``cached_attention`` over
     ``max_seq_len`` positions, or for a sliding window ``cached_window_attention`` over its
     ``window + sinks`` slots."""
-    window, sdpa = WindowAttention.of(site), Sdpa.of(site)
-    q, k, v, scale = (window.q, window.k, window.v, window.scale) if window is not None else \
+    window, sparse, sdpa = WindowAttention.of(site), BlockSparseAttention.of(site), Sdpa.of(site)
+    mode = window or sparse
+    q, k, v, scale = (mode.q, mode.k, mode.v, mode.scale) if mode is not None else \
         (sdpa.query, sdpa.key, sdpa.value, sdpa.scale)
     capacity = window.window + window.sinks if window is not None else None
     buffers = []
@@ -319,6 +327,10 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
             cached = CachedWindowAttention.create(
                 ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0], v_cache=buffers[1],
                 cache_pos=cache_pos, window=window.window, sinks=window.sinks, scale=scale)
+        elif sparse is not None:
+            cached = CachedBlockSparseAttention.create(
+                ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0], v_cache=buffers[1],
+                cache_pos=cache_pos, patterns=sparse.patterns, block=sparse.block, scale=scale)
         else:
             cached = CachedAttention.create(ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0],
                                             v_cache=buffers[1], cache_pos=cache_pos, scale=scale)

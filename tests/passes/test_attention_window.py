@@ -12,7 +12,9 @@ import fxforge
 from fxforge.compiler import recording
 from fxforge.errors import OptionsError
 from fxforge.examples.small_gpt import make_model
+from fxforge.irgraph.sparse_ops import block_layout
 from fxforge.irgraph.window_ops import cached_positions, slot_of
+from fxforge.irgraph.window_ops import visible as window_visible
 from fxforge.kernels import window_attention_cpu
 from fxforge.kernels.window_attention_cpu import (cpu_cached_window_attention,
                                                   cpu_window_attention)
@@ -89,33 +91,30 @@ def test_the_ops_follow_the_pattern(batch, heads, kv_heads, length, window, sink
     want = oracle(q, k, v, window, sinks)
     torch.testing.assert_close(window_attention(q, k, v, window, sinks).double(), want,
                                rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(window_attention_cpu, "QUERY_BLOCK", 7)   # many blocks, ragged last
     torch.testing.assert_close(cpu_window_attention(q, k, v, window, sinks).double(), want,
                                rtol=1e-5, atol=1e-5)
 
 
-def test_the_cpu_kernel_skips_what_no_query_of_a_block_sees(monkeypatch):
+@pytest.mark.parametrize("length, window, sinks", [(150, 16, 2), (200, 64, 4), (130, 1, 0),
+                                                   (300, 100, 70)])
+def test_the_cpu_kernel_reads_only_the_blocks_of_the_pattern(length, window, sinks, monkeypatch):
+    """The sliding window runs on the block-sparse kernel; its pattern names every block a
+    query can see and no block past the window's reach."""
     gen = _generator()
-    q, k, v = _qkv(gen, 1, 2, 1, 600)
-    seen = []
-    for name in ("cpu_attention", "tiled_attention"):   # the block's call, either path
-        real = getattr(window_attention_cpu, name)
-        monkeypatch.setattr(window_attention_cpu, name, lambda q, k, *a, real=real, **kw:
-                            seen.append(k.shape[2]) or real(q, k, *a, **kw))
-    out = cpu_window_attention(q, k, v, 16, 2, scale=0.3)
-    torch.testing.assert_close(out.double(), oracle(q, k, v, 16, 2, scale=0.3), rtol=1e-5, atol=1e-5)
-    block = window_attention_cpu.QUERY_BLOCK
-    assert max(seen) <= 2 + 16 + block - 1 and len(seen) == -(-600 // block)
-
-
-def test_short_sequences_take_one_masked_call():
-    """Where the blocks would cost more than the causal triangle (a few windows long), one call
-    with the pattern as its mask: still the pattern, not dense."""
-    gen = _generator()
-    q, k, v = _qkv(gen, 2, 4, 2, 90)
-    assert window_attention_cpu._one_call(90, window_attention_cpu._blocks(90, 20, 3))
-    torch.testing.assert_close(cpu_window_attention(q, k, v, 20, 3).double(),
-                               oracle(q, k, v, 20, 3), rtol=1e-5, atol=1e-5)
+    q, k, v = _qkv(gen, 2, 4, 2, length)
+    monkeypatch.setattr(window_attention_cpu, "BLOCK", 16)
+    pattern = window_attention_cpu.window_pattern(window, sinks, 16)
+    blocks = -(-length // 16)
+    layout = block_layout(pattern, blocks)
+    seen = torch.zeros(blocks, blocks, dtype=torch.bool)
+    pos = torch.arange(length)
+    mask = window_visible(pos, pos, window, sinks)
+    seen[pos[:, None] // 16, pos[None, :] // 16] |= mask     # blocks holding a visible key
+    assert bool((layout | ~seen).all())                       # all of them read
+    far = -(-(window - 1) // 16) + 1                          # no block beyond the reach
+    assert int(layout.sum(1).max()) <= far + -(-sinks // 16)
+    torch.testing.assert_close(cpu_window_attention(q, k, v, window, sinks, scale=0.3).double(),
+                               oracle(q, k, v, window, sinks, scale=0.3), rtol=1e-5, atol=1e-5)
 
 
 def test_the_ring_holds_the_sinks_and_the_last_window():

@@ -1,0 +1,87 @@
+"""Where the attention of a model trained with full attention actually goes, measured on the
+calibration inputs (the compile's example inputs, ``passes/gptq.calibration_inputs``): the modes
+that choose a pattern per head (``block_sparse:auto``, ``per_head``) read it from here.
+
+:func:`observe_queries_keys` runs the graph once, eagerly (an ``fx.Interpreter``: no generated
+code), and keeps the query and key of every wanted attention site; :func:`block_mass` folds a
+site's softmax probabilities into the mean mass each query block puts on each key block, one
+head at a time (one ``[L, L]`` probability matrix in memory, not ``[H, L, L]``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxforge.irgraph import IRGraph
+from fxforge.irgraph.views import Sdpa
+from fxforge.passes.gptq import calibration_inputs
+
+MAX_POSITIONS = 4096   # of a calibration sequence measured (the probabilities are quadratic)
+
+
+class _QueryKeyObserver(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set):
+        super().__init__(gm)
+        self.wanted, self.seen = wanted, {}
+
+    def run_node(self, node: fx.Node):
+        if node in self.wanted:
+            sdpa = Sdpa.of(node)
+            q, k = self.env[sdpa.query], self.env[sdpa.key]
+            self.seen[node] = (q[:, :, :MAX_POSITIONS].detach().float(),
+                               k[:, :, :MAX_POSITIONS].detach().float())
+        return super().run_node(node)
+
+
+def observe_queries_keys(ir: IRGraph, nodes: Sequence[fx.Node]) -> Optional[dict]:
+    """node -> (q ``[B, H, L, D]``, k ``[B, Hkv, L, D]``) at each SDPA of ``nodes`` in one eager
+    run on the calibration inputs; None when the compile has no calibration inputs."""
+    inputs = calibration_inputs()
+    if inputs is None:
+        return None
+    observer = _QueryKeyObserver(ir.gm, set(nodes))
+    with torch.no_grad():
+        observer.run(*inputs)
+    return observer.seen
+
+
+def head_probabilities(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], head: int):
+    """The causal softmax probabilities ``[B, L, L]`` of query head ``head`` (GQA: its k/v head)."""
+    kv_head = head // (q.shape[1] // k.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q[:, head] @ k[:, kv_head].transpose(-1, -2)) * scale
+    length = q.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], block: int) -> torch.Tensor:
+    """``[H, blocks, blocks]``: per query head, the mean over a query block's queries (and the
+    batch) of the probability mass each key block receives; rows sum to 1."""
+    length = q.shape[2]
+    blocks = -(-length // block)
+    pad = blocks * block - length
+    out = []
+    for head in range(q.shape[1]):
+        probs = head_probabilities(q, k, scale, head).mean(0)              # [L, L]
+        probs = torch.nn.functional.pad(probs, (0, pad))                    # keys to whole blocks
+        per_key_block = probs.view(length, blocks, block).sum(-1)           # [L, blocks]
+        rows = torch.nn.functional.pad(per_key_block, (0, 0, 0, pad))
+        counts = torch.full((blocks,), float(block))
+        counts[-1] = block - pad
+        out.append(rows.view(blocks, block, blocks).sum(1) / counts[:, None])
+    return torch.stack(out)
+
+
+def window_mass(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], window: int,
+                sinks: int) -> torch.Tensor:
+    """``[H]``: per query head, the mean over queries (and the batch) of the probability mass
+    on the sinks and the last ``window`` keys (the rest is what a streaming head would lose)."""
+    from fxforge.irgraph.window_ops import visible
+    pos = torch.arange(q.shape[2])
+    kept = visible(pos, pos, window, sinks)
+    return torch.stack([(head_probabilities(q, k, scale, h) * kept).sum(-1).mean()
+                        for h in range(q.shape[1])])
