@@ -21,7 +21,8 @@ from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import TensorMeta
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import (BlockSparseAttention, CachedAttention, CachedBlockSparseAttention,
-                                   CachedWindowAttention, WindowAttention)
+                                   CachedPerHeadAttention, CachedWindowAttention, PerHeadAttention,
+                                   WindowAttention)
 from fxforge.irgraph.weight_format import QUANTIZED, W8A8
 
 log = logging.getLogger("fxforge.backends")
@@ -150,6 +151,25 @@ def make_table() -> KernelTable:
                      patterns=op.patterns, block=op.block, scale=op.scale)
         return (call, list(op.tensors), "CPU cached attention, block-sparse prefill",
                 "block-sparse kernel over an empty cache, C++ decode kernel after")
+
+    @table.rule(torch.ops.fxforge.per_head_attention.default)
+    def per_head_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.sparse_attention_cpu import cpu_per_head_attention
+        op = PerHeadAttention.of(node)
+        call = Bound("cpu_per_head_attention", cpu_per_head_attention, streaming=op.streaming,
+                     window=op.window, sinks=op.sinks, scale=op.scale)
+        return (call, (op.q, op.k, op.v), f"CPU per-head attention ({sum(op.streaming)} of "
+                f"{len(op.streaming)} k/v heads streaming)", "full heads causal, streaming "
+                "heads on the sliding-window kernel")
+
+    @table.rule(torch.ops.fxforge.cached_per_head_attention.default)
+    def cached_per_head_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.sparse_attention_cpu import cpu_cached_per_head_attention
+        op = CachedPerHeadAttention.of(node)
+        call = Bound("cpu_cached_per_head_attention", cpu_cached_per_head_attention,
+                     streaming=op.streaming, window=op.window, sinks=op.sinks, scale=op.scale)
+        return (call, list(op.tensors), "CPU per-head cached attention",
+                "full heads on the cache, streaming heads on the ring")
 
     return table
 

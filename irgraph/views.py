@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from fxforge.irgraph import ops as _ops, sparse_ops as _sparse_ops, window_ops as _window_ops  # noqa: F401,E501  (register torch.ops.fxforge.*)
+from fxforge.irgraph import ops as _ops, per_head_ops as _per_head_ops  # noqa: F401  (register ops)
+from fxforge.irgraph import sparse_ops as _sparse_ops, window_ops as _window_ops  # noqa: F401
 from fxforge.irgraph.opview import OpView
 from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Arange, Cat, Clone, ConvertElementType, Expand, Full, Gelu, LayerNorm, MaskedFill, Neg, Permute,
@@ -25,9 +26,10 @@ from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Transpose, Unsqueeze, View, Where)
 
 __all__ = ["LINEAR_TARGETS", "Addmm", "Arange", "Baddbmm", "BlockSparseAttention", "Bmm",
-           "CachedAttention", "CachedBlockSparseAttention", "CachedWindowAttention", "Cat", "Clone",
+           "CachedAttention", "CachedBlockSparseAttention", "CachedPerHeadAttention",
+           "CachedWindowAttention", "Cat", "Clone",
            "Contraction", "ConvertElementType", "Expand", "Full", "Gelu", "LayerNorm", "Linear",
-           "LinearOperands", "MaskedFill", "Matmul", "Mm", "Neg", "OpView", "Permute", "Reduction",
+           "LinearOperands", "MaskedFill", "Matmul", "Mm", "Neg", "OpView", "PerHeadAttention", "Permute", "Reduction",
            "RepeatInterleave", "RmsNorm", "Sdpa", "SdpaFlashCpu", "Select", "Slice", "Softmax",
            "Split", "SymSize", "T", "ToCopy", "Transpose", "Unsqueeze", "View", "Where",
            "WindowAttention"]
@@ -121,6 +123,47 @@ class CachedBlockSparseAttention(CachedAttention):
     patterns: list = dataclasses.field(kw_only=True)
     block: int = dataclasses.field(kw_only=True)
     TARGETS = (torch.ops.fxforge.cached_block_sparse_attention.default,)
+
+
+@frozen
+class PerHeadAttention(OpView):
+    """``fxforge::per_head_attention``: causal attention, the k/v heads flagged in
+    ``streaming`` (and their query heads) restricted to ``sinks`` plus a ``window``
+    (:mod:`fxforge.irgraph.per_head_ops`)."""
+
+    q: Any
+    k: Any
+    v: Any
+    streaming: list
+    window: int
+    sinks: int
+    scale: Optional[float] = None
+    TARGETS = (torch.ops.fxforge.per_head_attention.default,)
+
+
+@frozen
+class CachedPerHeadAttention(OpView):
+    """``fxforge::cached_per_head_attention``: :class:`PerHeadAttention` over a full cache for
+    the full heads and a bounded ``sinks + window`` ring for the streaming ones."""
+
+    q: Any
+    k: Any
+    v: Any
+    k_full: Any
+    v_full: Any
+    k_stream: Any
+    v_stream: Any
+    cache_pos: Any
+    streaming: list
+    window: int
+    sinks: int
+    scale: Optional[float] = None
+    TARGETS = (torch.ops.fxforge.cached_per_head_attention.default,)
+
+    @property
+    def tensors(self) -> tuple:
+        return (self.q, self.k, self.v, self.k_full, self.v_full, self.k_stream, self.v_stream,
+                self.cache_pos)
 
 
 # ---- attention ------------------------------------------------------------------------------

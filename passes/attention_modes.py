@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from fxforge.passes.attention_per_head import parse_per_head
 from fxforge.passes.attention_sparse import parse_block_sparse
 from fxforge.passes.attention_spec import AttentionSpecError, split_spec
 from fxforge.passes.attention_window import parse_window
@@ -15,8 +16,11 @@ MODES: dict[str, tuple[str, Callable[[str, str, dict], Any]]] = {
                        parse_window),
     "block_sparse": ("block-sparse prefill: local, global and strided key blocks, or a pattern "
                      "per head measured on calibration text (auto)", parse_block_sparse),
+    "per_head": ("DuoAttention-style: k/v heads that keep their attention in sinks plus a "
+                 "window (measured on calibration text) stream, the rest stay full",
+                 parse_per_head),
 }
-LATER = ("linear", "per_head")
+LATER = ("linear",)
 
 
 def parse_attention(spec: str) -> Any:

@@ -13,7 +13,9 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
   (``fxforge::window_attention``, ``passes/attention_window.py``) becomes
   ``fxforge::cached_window_attention`` over ``window + sinks`` slots; a block-sparse site
   (``passes/attention_sparse.py``) ``fxforge::cached_block_sparse_attention`` (sparse prefill,
-  dense decode);
+  dense decode); a per-head streaming site (``passes/attention_per_head.py``)
+  ``fxforge::cached_per_head_attention`` over a full cache for its full heads and a ring for
+  its streaming ones;
 * **positions**: ``arange(0, seq)`` (learned position embeddings, rotary ``position_ids``,
   ``cache_position``) becomes ``arange(0, t) + cache_pos``;
 * any other op that **mixes positions** — a matmul contracting over the sequence, a reduction,
@@ -31,12 +33,14 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.meta import META_KEY, SymMeta, set_meta
+from fxforge.irgraph.per_head_ops import head_groups
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import (Arange, BlockSparseAttention, CachedAttention,
-                                   CachedBlockSparseAttention, CachedWindowAttention, Contraction,
-                                   Reduction, Sdpa, SymSize, WindowAttention)
+                                   CachedBlockSparseAttention, CachedPerHeadAttention,
+                                   CachedWindowAttention, Contraction, PerHeadAttention, Reduction,
+                                   Sdpa, SymSize, WindowAttention)
 
-REWRITTEN = (WindowAttention, BlockSparseAttention)   # the attention modes' causal ops
+REWRITTEN = (WindowAttention, BlockSparseAttention, PerHeadAttention)   # the modes' causal ops
 
 aten = torch.ops.aten
 
@@ -304,36 +308,50 @@ def _add_input(ir: IRGraph, name: str, example: torch.Tensor) -> fx.Node:
 
 def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node, i: int) -> None:
     """The site reads and writes its layer's K/V buffers: ``cached_attention`` over
-    ``max_seq_len`` positions, or for a sliding window ``cached_window_attention`` over its
-    ``window + sinks`` slots."""
-    window, sparse, sdpa = WindowAttention.of(site), BlockSparseAttention.of(site), Sdpa.of(site)
-    mode = window or sparse
+    ``max_seq_len`` positions; for a sliding window ``cached_window_attention`` over its
+    ``window + sinks`` slots; block-sparse ``cached_block_sparse_attention``; per-head
+    streaming ``cached_per_head_attention`` over a full cache and a ring."""
+    window, sparse = WindowAttention.of(site), BlockSparseAttention.of(site)
+    per_head, sdpa = PerHeadAttention.of(site), Sdpa.of(site)
+    mode = window or sparse or per_head
     q, k, v, scale = (mode.q, mode.k, mode.v, mode.scale) if mode is not None else \
         (sdpa.query, sdpa.key, sdpa.value, sdpa.scale)
-    capacity = window.window + window.sinks if window is not None else None
-    buffers = []
-    for kind, value in (("k", k), ("v", v)):
-        meta = tensor_meta(value)
-        name = f"kv_cache_{kind}{i}"
-        batch = value.meta["val"].shape[0]
-        with ir.fake_mode:
-            example = torch.empty(batch, meta.shape[1], capacity or 1, meta.shape[3],
-                                  dtype=meta.dtype, device=value.meta["val"].device)
-        buffers.append(_add_input(ir, name, example))
-        plan.caches.append(CacheSpec(name, int(meta.shape[1]), int(meta.shape[3]), meta.dtype,
-                                     capacity))
-    with ir.gm.graph.inserting_before(site):
-        if window is not None:
-            cached = CachedWindowAttention.create(
-                ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0], v_cache=buffers[1],
-                cache_pos=cache_pos, window=window.window, sinks=window.sinks, scale=scale)
+    kv_heads = int(tensor_meta(k).shape[1])
+    groups = [("", kv_heads, window.window + window.sinks if window is not None else None)]
+    if per_head is not None:
+        full, stream = head_groups(per_head.streaming, kv_heads)
+        groups = [("", len(full), None), ("s", len(stream), per_head.window + per_head.sinks)]
+    buffers = [_cache_buffer(ir, plan, f"kv_cache_{kind}{suffix}{i}", value, heads, capacity)
+               for suffix, heads, capacity in groups for kind, value in (("k", k), ("v", v))]
+    graph, common = ir.gm.graph, dict(q=q, k=k, v=v, cache_pos=cache_pos, scale=scale)
+    with graph.inserting_before(site):
+        if per_head is not None:
+            cached = CachedPerHeadAttention.create(
+                graph, **common, k_full=buffers[0], v_full=buffers[1], k_stream=buffers[2],
+                v_stream=buffers[3], streaming=per_head.streaming, window=per_head.window,
+                sinks=per_head.sinks)
+        elif window is not None:
+            cached = CachedWindowAttention.create(graph, **common, k_cache=buffers[0],
+                                                  v_cache=buffers[1], window=window.window,
+                                                  sinks=window.sinks)
         elif sparse is not None:
-            cached = CachedBlockSparseAttention.create(
-                ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0], v_cache=buffers[1],
-                cache_pos=cache_pos, patterns=sparse.patterns, block=sparse.block, scale=scale)
+            cached = CachedBlockSparseAttention.create(graph, **common, k_cache=buffers[0],
+                                                       v_cache=buffers[1],
+                                                       patterns=sparse.patterns, block=sparse.block)
         else:
-            cached = CachedAttention.create(ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0],
-                                            v_cache=buffers[1], cache_pos=cache_pos, scale=scale)
+            cached = CachedAttention.create(graph, **common, k_cache=buffers[0], v_cache=buffers[1])
     site.replace_all_uses_with(cached)
-    ir.gm.graph.erase_node(site)
+    graph.erase_node(site)
     ir.infer(cached)
+
+
+def _cache_buffer(ir: IRGraph, plan: KVCachePlan, name: str, value: fx.Node, heads: int,
+                  capacity: Optional[int]) -> fx.Node:
+    """A new cache input ``[batch, heads, capacity or max_seq_len, head_dim]`` for ``value``'s
+    keys or values, and its CacheSpec in the plan."""
+    meta = tensor_meta(value)
+    with ir.fake_mode:
+        example = torch.empty(value.meta["val"].shape[0], heads, capacity or 1, meta.shape[3],
+                              dtype=meta.dtype, device=value.meta["val"].device)
+    plan.caches.append(CacheSpec(name, heads, int(meta.shape[3]), meta.dtype, capacity))
+    return _add_input(ir, name, example)
