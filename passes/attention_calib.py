@@ -9,8 +9,10 @@ head at a time (one ``[L, L]`` probability matrix in memory, not ``[H, L, L]``).
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Optional, Sequence
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -20,6 +22,8 @@ from fxforge.irgraph.views import Sdpa
 from fxforge.passes.gptq import calibration_inputs
 
 MAX_POSITIONS = 4096   # of a calibration sequence measured (the probabilities are quadratic)
+MAX_REMEMBERED = 16
+_REMEMBERED: "OrderedDict[tuple, list]" = OrderedDict()
 
 
 class _QueryKeyObserver(fx.Interpreter):
@@ -46,6 +50,34 @@ def observe_queries_keys(ir: IRGraph, nodes: Sequence[fx.Node]) -> Optional[dict
     with torch.no_grad():
         observer.run(*inputs)
     return observer.seen
+
+
+def weights_fingerprint(ir: IRGraph) -> str:
+    """The graph's constants (shapes and a sample of their values), order-free: the same model
+    gives the same fingerprint in every graph dynamo makes of it (other batch sizes, lengths)."""
+    parts = []
+    for name, value in list(ir.gm.named_parameters()) + list(ir.gm.named_buffers()) + \
+            [(n, v) for n, v in vars(ir.gm).items() if isinstance(v, torch.Tensor)]:
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 16)][:16].float().tolist() if flat.numel() else []
+        parts.append(f"{tuple(value.shape)}:{sample}")
+    return hashlib.sha256("|".join(sorted(parts)).encode()).hexdigest()
+
+
+def measured_once(ir: IRGraph, spec: object, measure: Callable[[], Optional[list]]) -> Optional[list]:
+    """What ``measure()`` chose for this spec the first time it could measure this model (same
+    weights), else a new measurement: every graph dynamo compiles of one model (a new batch
+    size, the KV step graph, a short prompt too short to measure) uses the same heads."""
+    key = (str(spec), weights_fingerprint(ir))
+    if key in _REMEMBERED:
+        _REMEMBERED.move_to_end(key)
+        return _REMEMBERED[key]
+    chosen = measure()
+    if chosen is not None:
+        _REMEMBERED[key] = chosen
+        while len(_REMEMBERED) > MAX_REMEMBERED:
+            _REMEMBERED.popitem(last=False)
+    return chosen
 
 
 def head_probabilities(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], head: int):

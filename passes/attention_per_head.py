@@ -8,7 +8,9 @@ inputs, real text: ``fxforge.calibration``) each head's softmax attention is com
 share of its mass on the first ``S`` positions plus the last ``W``
 (:func:`fxforge.passes.attention_calib.window_mass`) is taken. A k/v head whose every query head
 keeps at least ``M`` there (default 0.95) becomes streaming; the rest stay full. GQA groups are
-never split: a query head follows its k/v head.
+never split: a query head follows its k/v head. The first measurement of a model (by its
+weights) is kept for every later graph of it (``attention_calib.measured_once``); a compile whose
+example is too short to measure, with none kept, leaves attention dense, logged.
 
 Each causal self-attention becomes ``fxforge::per_head_attention``; with ``kv_cache`` the full
 heads' keys go to a cache of ``max_seq_len`` positions and the streaming heads' to a ring of
@@ -23,9 +25,9 @@ from typing import Optional
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.views import PerHeadAttention, Sdpa
-from fxforge.passes.attention_calib import observe_queries_keys, window_mass
-from fxforge.passes.attention_spec import (AttentionSpecError, causal_self_attention, check_fields,
-                                           float_field, int_field, rewrite_causal_attention)
+from fxforge.passes.attention_calib import measured_once, observe_queries_keys, window_mass
+from fxforge.passes.attention_spec import (causal_self_attention, check_fields, float_field,
+                                           int_field, rewrite_causal_attention)
 from fxforge.passes.attention_window import DEFAULT_SINKS
 from fxforge.passes.base import Pass, PassResult
 
@@ -57,7 +59,7 @@ def parse_per_head(spec: str, value: str, fields: dict) -> PerHeadSpec:
 def per_head_rewrite(ir: IRGraph, spec: PerHeadSpec) -> PassResult:
     """Every causal self-attention becomes ``fxforge::per_head_attention`` with the streaming
     k/v heads measured on the calibration inputs."""
-    flags = _measured_streaming(ir, spec)
+    flags = measured_once(ir, spec, lambda: _measured_streaming(ir, spec))
     if flags is None:
         return PassResult(ir, {"per_head_sites": 0, "dense_sites": 0})
 
@@ -73,8 +75,8 @@ def per_head_rewrite(ir: IRGraph, spec: PerHeadSpec) -> PassResult:
 
 
 def _measured_streaming(ir: IRGraph, spec: PerHeadSpec) -> Optional[list[list[int]]]:
-    """Per causal site (graph order), one streaming flag per k/v head; None without
-    calibration inputs."""
+    """Per causal site (graph order), one streaming flag per k/v head; None (attention stays
+    dense, logged) without calibration inputs or with a sequence too short to tell."""
     sites = [n for n in ir.call_nodes()
              if Sdpa.matches(n) and causal_self_attention(ir.gm, n) is True]
     seen = observe_queries_keys(ir, sites)
@@ -86,9 +88,11 @@ def _measured_streaming(ir: IRGraph, spec: PerHeadSpec) -> Optional[list[list[in
     for layer, node in enumerate(sites):
         q, k = seen[node]
         if q.shape[2] <= 2 * (spec.window + spec.sinks):
-            raise AttentionSpecError(f"attention {spec}: the calibration sequence has "
-                                     f"{q.shape[2]} positions; measuring the heads needs more "
-                                     f"than twice window + sinks ({2 * (spec.window + spec.sinks)})")
+            log.warning("attention %s: the calibration sequence (the compile's example input) "
+                        "has %d positions; measuring the heads needs more than twice window + "
+                        "sinks (%d): attention stays dense in this graph", spec, q.shape[2],
+                        2 * (spec.window + spec.sinks))
+            return None
         kept = window_mass(q, k, Sdpa.of(node).scale, spec.window, spec.sinks)
         groups = q.shape[1] // k.shape[1]
         per_kv = kept.view(k.shape[1], groups).min(1).values

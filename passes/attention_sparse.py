@@ -14,7 +14,9 @@ block reading only the key blocks of its pattern.
   head's softmax attention are folded per block (:mod:`fxforge.passes.attention_calib`) and the
   head gets the cheapest pattern of :data:`MENU` that keeps at least ``M`` of its attention
   mass (default 0.95), or stays dense when none does. The pass reports how many heads went
-  sparse and their mean cost; the patterns are logged per layer.
+  sparse and their mean cost; the patterns are logged per layer. The first measurement of a
+  model (by its weights) is kept for every later graph of it; a compile whose example is too
+  short to measure, with none kept, leaves attention dense, logged.
 
 With ``kv_cache`` the prefill over an empty cache keeps the pattern and decode steps attend
 densely (``fxforge::cached_block_sparse_attention``). Other attention stays dense, with the
@@ -32,7 +34,7 @@ import torch
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.sparse_ops import block_layout
 from fxforge.irgraph.views import BlockSparseAttention, Sdpa
-from fxforge.passes.attention_calib import block_mass, observe_queries_keys
+from fxforge.passes.attention_calib import block_mass, measured_once, observe_queries_keys
 from fxforge.passes.attention_spec import (AttentionSpecError, causal_self_attention, check_fields,
                                            float_field, int_field, rewrite_causal_attention)
 from fxforge.passes.base import Pass, PassResult
@@ -121,7 +123,7 @@ def choose_pattern(mass: torch.Tensor, block: int, keep: float) -> tuple[tuple[i
 def sparse_rewrite(ir: IRGraph, spec: BlockSparseSpec) -> PassResult:
     """Every causal self-attention becomes ``fxforge::block_sparse_attention``: with the
     spec's pattern, or (auto) a pattern per head measured on the calibration inputs."""
-    patterns = _measured_patterns(ir, spec) if spec.auto else None
+    patterns = measured_once(ir, spec, lambda: _measured_patterns(ir, spec)) if spec.auto else None
     if spec.auto and patterns is None:
         return PassResult(ir, {"sparse_sites": 0, "dense_sites": 0})
 
@@ -140,7 +142,8 @@ def sparse_rewrite(ir: IRGraph, spec: BlockSparseSpec) -> PassResult:
 
 
 def _measured_patterns(ir: IRGraph, spec: BlockSparseSpec) -> Optional[list]:
-    """Per causal site (in graph order), a pattern per query head; None without calibration."""
+    """Per causal site (in graph order), a pattern per query head; None (attention stays
+    dense, logged) without calibration inputs or with a sequence too short to tell."""
     sites = [n for n in ir.call_nodes()
              if Sdpa.matches(n) and causal_self_attention(ir.gm, n) is True]
     seen = observe_queries_keys(ir, sites)
@@ -152,9 +155,10 @@ def _measured_patterns(ir: IRGraph, spec: BlockSparseSpec) -> Optional[list]:
     for layer, node in enumerate(sites):
         q, k = seen[node]
         if q.shape[2] < 4 * spec.block:
-            raise AttentionSpecError(f"attention {spec}: the calibration sequence has "
-                                     f"{q.shape[2]} positions; choosing patterns needs at least "
-                                     f"4 blocks ({4 * spec.block})")
+            log.warning("attention %s: the calibration sequence (the compile's example input) "
+                        "has %d positions; choosing patterns needs at least 4 blocks (%d): "
+                        "attention stays dense in this graph", spec, q.shape[2], 4 * spec.block)
+            return None
         masses = block_mass(q, k, Sdpa.of(node).scale, spec.block)
         chosen = [choose_pattern(m, spec.block, spec.mass) for m in masses]
         patterns.append([p for p, _ in chosen])
