@@ -1,5 +1,5 @@
 """The C++ source of the CPU decode-attention kernel (``kernels/decode_attention_cpu.py`` has what
-it does, how it was measured and when it runs) and its compiled entry points.
+it does, how it was measured and when it runs, and loads and launches its entry points).
 
 One template over the element type ``T`` of q/k/v/out and the element type ``C`` of the caches:
 ``C = T`` (the cache as the model computed it) or ``C = int8_t`` (``kv_cache_dtype="int8"``,
@@ -16,14 +16,9 @@ which was compiled. The fp32/bf16/fp16 entries stay ``-march=native`` builds as 
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-from typing import Callable
-
 import torch
 
 from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
-from fxforge.kernels.toolchain import load_function
 
 MAX_HEAD_DIM = 256
 PARALLEL_MIN_WORK = 1 << 16   # rows x visible keys x (D + Dv) below which one thread is faster
@@ -276,32 +271,3 @@ ENTRY(fxf_decode_attention_f32_q8, float, int8_t)
 ENTRY(fxf_decode_attention_bf16_q8, uint16_t, int8_t)
 ENTRY(fxf_decode_attention_f16_q8, _Float16, int8_t)
 """
-
-
-def _typed(fn) -> Callable:
-    fn.restype = ctypes.c_int
-    fn.argtypes = (ctypes.c_void_p,) * 8 + (ctypes.c_float, ctypes.c_int) + (ctypes.c_void_p,) * 2
-    return fn
-
-
-@functools.lru_cache(maxsize=None)
-def entry(dtype: torch.dtype, int8_cache: bool = False) -> Callable:
-    """The compiled entry point for q/k/v of ``dtype`` over caches of that dtype or int8 (built
-    once into the kernel cache, ~2 s; the int8 ones in the ISA variant :func:`q8_isa` picks)."""
-    if not int8_cache:
-        return _typed(load_function(SOURCE, f"fxf_decode_attention_{SUFFIX[dtype]}", "decode_attention"))
-    isa = q8_isa()
-    return _typed(load_function(SOURCE, f"fxf_decode_attention_{SUFFIX[dtype]}_q8",
-                                f"decode_attention_{isa}", isa=isa))
-
-
-def q8_isa() -> str:
-    from fxforge.kernels.quant_gemv_cpu import choose_isa
-    return choose_isa()
-
-
-def built_q8_isa(isa: str) -> int:
-    """What the ``isa`` build of the int8 entries compiled: 2 for the AVX2 loops, 0 portable."""
-    fn = load_function(SOURCE, "fxf_decode_q8_isa", f"decode_attention_{isa}", isa=isa)
-    fn.restype, fn.argtypes = ctypes.c_int, ()
-    return int(fn())

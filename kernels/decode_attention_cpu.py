@@ -29,9 +29,10 @@ device) key, so a decode loop pays them once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -39,9 +40,10 @@ from fxforge.irgraph.kv_quant import load, store
 from fxforge.irgraph.ops import _check_cached, cache_overflow
 from fxforge.kernels.attention_cpp import kernel_declines as tiled_declines
 from fxforge.kernels.attention_cpp import tiled_attention
-from fxforge.kernels.decode_attention_cpp import MAX_HEAD_DIM, META_LEN, SUFFIX, entry
+from fxforge.kernels.decode_attention_cpp import MAX_HEAD_DIM, META_LEN, SOURCE, SUFFIX
 from fxforge.kernels.plan_cache import PlanCache
 from fxforge.kernels.replay import launch
+from fxforge.kernels.toolchain import load_function
 
 log = logging.getLogger("fxforge.kernels")
 
@@ -52,6 +54,35 @@ MAX_PLANS = 64
 # at 1000; the whole 30-layer prefill through the cache ties at 200 tokens (857 vs 874 ms) and
 # gains 5% at 500 (2385 vs 2275 ms).
 TILED_MIN_ROWS = 256
+
+
+def _typed(fn) -> Callable:
+    fn.restype = ctypes.c_int
+    fn.argtypes = (ctypes.c_void_p,) * 8 + (ctypes.c_float, ctypes.c_int) + (ctypes.c_void_p,) * 2
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def entry(dtype: torch.dtype, int8_cache: bool = False) -> Callable:
+    """The compiled entry point for q/k/v of ``dtype`` over caches of that dtype or int8 (built
+    once into the kernel cache, ~2 s; the int8 ones in the ISA variant :func:`q8_isa` picks)."""
+    if not int8_cache:
+        return _typed(load_function(SOURCE, f"fxf_decode_attention_{SUFFIX[dtype]}", "decode_attention"))
+    isa = q8_isa()
+    return _typed(load_function(SOURCE, f"fxf_decode_attention_{SUFFIX[dtype]}_q8",
+                                f"decode_attention_{isa}", isa=isa))
+
+
+def q8_isa() -> str:
+    from fxforge.kernels.quant_gemv_cpu import choose_isa
+    return choose_isa()
+
+
+def built_q8_isa(isa: str) -> int:
+    """What the ``isa`` build of the int8 entries compiled: 2 for the AVX2 loops, 0 portable."""
+    fn = load_function(SOURCE, "fxf_decode_q8_isa", f"decode_attention_{isa}", isa=isa)
+    fn.restype, fn.argtypes = ctypes.c_int, ()
+    return int(fn())
 
 
 def kernel_declines(q, k, v, k_cache, v_cache, cache_pos, k_scale=None,
