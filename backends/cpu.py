@@ -67,6 +67,13 @@ def _quantized_linear(ops, weight: torch.Tensor, bias: Optional[torch.Tensor], c
     return kernel, kernel.describe(), f"weight format {ops.weight_format}"
 
 
+def _with_scales(q, k, v, k_cache, v_cache, cache_pos, k_scale=None, v_scale=None, *, kernel,
+                 **fixed):
+    """A cached-attention kernel called with the op's tensors in order (``CachedAttention.tensors``:
+    an int8 cache's scales last) and its other arguments as keywords."""
+    return kernel(q, k, v, k_cache, v_cache, cache_pos, k_scale=k_scale, v_scale=v_scale, **fixed)
+
+
 def make_table() -> KernelTable:
     table = KernelTable("cpu", _fused_cpu)
 
@@ -109,7 +116,8 @@ def make_table() -> KernelTable:
         from fxforge.kernels.decode_attention_cpu import cpu_cached_attention, cpu_decode_path
         op = CachedAttention.of(node)
         tensors = list(op.tensors)
-        call = Bound("cpu_cached_attention", cpu_cached_attention, scale=op.scale)
+        call = Bound("cpu_cached_attention", _with_scales, kernel=cpu_cached_attention,
+                     scale=op.scale)
         vals = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in tensors]
         static = all(isinstance(v, torch.Tensor) for v in vals) and \
             all(isinstance(m, TensorMeta) and m.is_static for m in map(tensor_meta, tensors))
@@ -129,8 +137,9 @@ def make_table() -> KernelTable:
     def cached_window_attention(node: fx.Node, constant) -> Optional[tuple]:
         from fxforge.kernels.window_attention_cpu import cpu_cached_window_attention
         op = CachedWindowAttention.of(node)
-        call = Bound("cpu_cached_window_attention", cpu_cached_window_attention,
-                     window=op.window, sinks=op.sinks, scale=op.scale)
+        call = Bound("cpu_cached_window_attention", _with_scales,
+                     kernel=cpu_cached_window_attention, window=op.window, sinks=op.sinks,
+                     scale=op.scale)
         return (call, list(op.tensors), f"CPU sliding-window cached attention ({op.window} + "
                 f"{op.sinks} slots)", "C++ decode kernel on the ring for one new position")
 

@@ -103,9 +103,9 @@ def make_table() -> KernelTable:
         op = CachedAttention.of(node)
         tensors, scale = list(op.tensors), op.scale
         metas = [tensor_meta(n) for n in tensors[:5]]
-        if not _runs_here(node) or not all(isinstance(m, TensorMeta) for m in metas) \
+        if op.quantized or not _runs_here(node) or not all(isinstance(m, TensorMeta) for m in metas) \
                 or len({m.dtype for m in metas}) != 1:
-            return None  # mixed dtypes (a cache of another precision): the op's ATen reference
+            return None  # mixed dtypes (a cache of another precision, int8): the op's ATen reference
         call = Bound("triton_cached_attention", triton_cached_attention, scale=scale)
         return call, tensors, "Triton split-K decode attention", ""
 

@@ -113,6 +113,13 @@ def _check_kv_plan(plan: Any) -> None:
                                    and len(capacities) == len(plan["caches"])
                                    and all(c is None or (_is_int(c) and c >= 1) for c in capacities)),
             "kv_cache: capacities must be one positive integer or null per cache")
+    scales_for = plan.get("scales_for")   # absent in artifacts written before int8 caches
+    _expect(scales_for is None or (isinstance(scales_for, list)
+                                   and len(scales_for) == len(plan["caches"])
+                                   and all(c is None or (isinstance(c, str) and c in plan["caches"]
+                                                         and c != name)
+                                           for c, name in zip(scales_for, plan["caches"]))),
+            "kv_cache: scales_for must name another cache input, or be null, per cache")
 
 
 def _is_int(value: Any) -> bool:

@@ -154,6 +154,11 @@ class DecodeState:
             return 0
         return old.shape[1]
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of this state's cache buffers (an int8 cache's scales included)."""
+        return sum(t.numel() * t.element_size() for t in self.caches)
+
     def _reset(self, ids: torch.Tensor) -> None:
         """A new prompt: the caches of the same batch size and device are kept (attention reads
         positions below L + t only, so neither stale entries nor fresh memory are ever seen:
@@ -165,9 +170,8 @@ class DecodeState:
         if not self.caches or self.caches[0].shape[0] != batch or self.caches[0].device != ids.device:
             if self.replay is not None:
                 self.replay.forget()   # it points into the old caches
-            self.caches = [torch.empty(batch, spec.heads, spec.capacity or self.decoder.max_seq_len,
-                                       spec.head_dim, dtype=spec.dtype, device=ids.device)
-                           for spec in self.decoder.plan.caches]
+            self.caches = allocate_caches(self.decoder.plan, batch, self.decoder.max_seq_len,
+                                          ids.device)
         self.buffers = {}
 
     def _assemble(self, index: int, out: Any, start: int, end: int) -> Any:
@@ -182,6 +186,23 @@ class DecodeState:
             buffer = self.buffers[index] = grown
         buffer[:, start:end].copy_(out)
         return buffer[:, :end]
+
+
+def allocate_caches(plan, batch: int, max_seq_len: int, device) -> list[torch.Tensor]:
+    """Fresh (uninitialised) buffers for ``plan.caches``: K/V of the model's dtype or int8, and
+    an int8 cache's scales (``CacheSpec``, passes/kv_cache.py)."""
+    return [torch.empty(batch, spec.heads, spec.capacity or max_seq_len, spec.head_dim,
+                        dtype=spec.dtype, device=device) for spec in plan.caches]
+
+
+def reference_prefill(plan, args: Sequence[Any], max_seq_len: int) -> list:
+    """The step graph's own meaning for ``args`` as a prefill (fresh caches, its ops' reference
+    implementations): what a lossy cache (``kv_cache_dtype="int8"``) is checked against, since
+    the plain graph knows nothing of the cache's rounding."""
+    ids = args[plan.tokens]
+    caches = allocate_caches(plan, ids.shape[0], max_seq_len, ids.device)
+    position = torch.zeros(1, dtype=torch.int64, device=ids.device)
+    return list(plan.ir.gm(*args, position, *caches))
 
 
 def _original_inputs(plan) -> int:

@@ -14,6 +14,7 @@ class CompileOptions:
     precision: str = "fp32"       # matmul/attention precision; norms and accumulations stay fp32
     kv_cache: bool = False        # KV-cache insertion for causal decoders (transparent mode)
     max_seq_len: int = 2048       # positions a KV cache holds; longer inputs run uncached
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "int8" (irgraph/kv_quant.py)
     decode_replay: bool = True    # CPU decode steps replayed from a validated recording
     max_sessions: int = 8         # KV-cache states kept per graph (sequences; LRU beyond)
     quantize: Optional[tuple] = None  # weight-only quantization rules (passes/quantize.py)
@@ -31,7 +32,11 @@ class CompileOptions:
     def lossy(self) -> bool:
         """A pass that changes the model's meaning on purpose (quantization, sparse attention)
         runs: checks compare against the optimized graph's own meaning, not eager's."""
-        return bool(self.quantize or self.attention)
+        return bool(self.quantize or self.attention or self.int8_kv_cache)
+
+    @property
+    def int8_kv_cache(self) -> bool:
+        return self.kv_cache and self.kv_cache_dtype == "int8"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -94,7 +99,25 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
     for key in ("verify", "freeze_weights", "kv_cache", "decode_replay", "requantize_on_change"):
         if key in merged and not isinstance(merged[key], bool):
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
+    _check_kv_cache_dtype(merged)
     return CompileOptions(**merged)
+
+
+def _check_kv_cache_dtype(merged: dict) -> None:
+    from fxforge.irgraph.kv_quant import parse_kv_cache_dtype
+    if "kv_cache_dtype" not in merged:
+        return
+    try:
+        merged["kv_cache_dtype"] = parse_kv_cache_dtype(merged["kv_cache_dtype"])
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
+    if merged["kv_cache_dtype"] != "auto" and not merged.get("kv_cache"):
+        raise OptionsError(f"option kv_cache_dtype={merged['kv_cache_dtype']!r} needs "
+                           "kv_cache=True (it sets how the KV cache is stored)")
+    mode = str(merged.get("attention") or "").split(":")[0]
+    if merged["kv_cache_dtype"] == "int8" and mode not in ("", "sliding_window"):
+        raise OptionsError(f"option kv_cache_dtype='int8' is not available with attention "
+                           f"mode {mode!r} (only dense and sliding_window caches hold int8)")
 
 
 def _check_budget(merged: dict) -> None:

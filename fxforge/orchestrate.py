@@ -67,7 +67,7 @@ def compile_graph(ir: IRGraph, options: CompileOptions, *, stages: Sequence[str]
         with calibrating(calibration), _format_speeds(backend):
             ir = optimize(ir, options, backend)
     if "kv_step" in stages and options.kv_cache:
-        plan = kv_step(ir)
+        plan = kv_step(ir, options.kv_cache_dtype)
     result = Compilation(ir, backend, plan)
     if "lower" in stages:
         _lower(result, options, tuning_overlay, measure)
@@ -137,11 +137,11 @@ def optimize(ir: IRGraph, options: CompileOptions, backend: Optional[Backend] = 
     return out
 
 
-def _kv_cache_step(ir: IRGraph) -> PassResult:
+def _kv_cache_step(ir: IRGraph, kv_dtype: str = "auto") -> PassResult:
     """The KV-cache pass's cached step graph (the graph itself if the pass declines; the reason
-    is kept in ``info["kv_cache_declined"]``)."""
+    is kept in ``info["kv_cache_declined"]``); ``kv_dtype``: the option ``kv_cache_dtype``."""
     from fxforge.passes.kv_cache import insert_kv_cache
-    plan = insert_kv_cache(ir)
+    plan = insert_kv_cache(ir, kv_dtype)
     if isinstance(plan, str):
         ir.info["kv_cache_declined"] = plan
         return PassResult(ir, {"sites": 0})
@@ -154,11 +154,13 @@ def _kv_cache_step(ir: IRGraph) -> PassResult:
 KV_STEP = Pass("kv_cache_step", _kv_cache_step, "the KV-cache pass's cached step graph")
 
 
-def kv_step(ir: IRGraph) -> Any:
+def kv_step(ir: IRGraph, kv_dtype: str = "auto") -> Any:
     """Stage 2: the KV-cache plan over ``ir``'s cached step graph, or None (the reason logged).
-    ``ir`` is left as it was."""
+    ``ir`` is left as it was; ``kv_dtype``: the option ``kv_cache_dtype``."""
     from fxforge.kv_runtime import describe
-    step = PassManager([KV_STEP]).run(ir)
+    managed = KV_STEP if kv_dtype == "auto" else \
+        Pass(KV_STEP.name, functools.partial(_kv_cache_step, kv_dtype=kv_dtype), KV_STEP.doc)
+    step = PassManager([managed]).run(ir)
     plan = step.info.pop("kv_plan", None)
     if plan is None:   # declined, or (outside strict mode) failed and skipped
         history = step.info.get("passes", [])

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fxforge.irgraph.kv_quant import check_pair, load, store
 from fxforge.irgraph.weight_format import DENSE, decode, implemented_format, weight_format as format_named
 
 # activation name -> function; the names are part of the IR (serialized as strings).
@@ -95,8 +96,10 @@ fxforge_linear = torch.ops.fxforge.linear.default
 #   Writes k, v into k_cache/v_cache[:, :, L:L+t], then query i (absolute position L+i) attends
 #   keys 0..L+i of the cache. GQA: query head h reads kv head h // (H // Hkv).
 #   Returns [B, H, t, Dv] in q's dtype. L + t > Lmax is an error naming the cache size.
+#   k_scale, v_scale [B, Hkv, Lmax, 1] fp32 (kv_cache_dtype="int8"): the caches hold int8 codes
+#   and these their per-row scales (irgraph/kv_quant.py); attention reads the dequantized rows.
 
-def _check_cached(q, k, v, k_cache, v_cache, cache_pos) -> None:
+def _check_cached(q, k, v, k_cache, v_cache, cache_pos, k_scale=None, v_scale=None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("fxforge::cached_attention: q, k, v and the caches must be 4-D "
                          "[batch, heads, positions, head_dim]")
@@ -106,6 +109,7 @@ def _check_cached(q, k, v, k_cache, v_cache, cache_pos) -> None:
                          f"cache {list(k_cache.shape)} do not match (batch, kv heads, GQA groups)")
     if cache_pos.numel() != 1:
         raise ValueError("fxforge::cached_attention: cache_pos must hold one integer")
+    check_pair("cached_attention", k_cache, v_cache, k_scale, v_scale)
 
 
 def cache_overflow(length: int, new: int, capacity: int) -> ValueError:
@@ -113,27 +117,31 @@ def cache_overflow(length: int, new: int, capacity: int) -> ValueError:
                       f"{capacity} positions (raise the max_seq_len option)")
 
 
-@torch.library.custom_op("fxforge::cached_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("fxforge::cached_attention",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_pos: torch.Tensor,
-                     scale: Optional[float] = None) -> torch.Tensor:
+                     v_cache: torch.Tensor, cache_pos: torch.Tensor, scale: Optional[float] = None,
+                     k_scale: Optional[torch.Tensor] = None,
+                     v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference (the test oracle): write the new positions, then SDPA with an offset mask."""
-    _check_cached(q, k, v, k_cache, v_cache, cache_pos)
+    _check_cached(q, k, v, k_cache, v_cache, cache_pos, k_scale, v_scale)
     length, new = int(cache_pos.reshape(-1)[0]), k.shape[2]
     if length < 0 or length + new > k_cache.shape[2]:
         raise cache_overflow(length, new, k_cache.shape[2])
-    k_cache[:, :, length:length + new].copy_(k)
-    v_cache[:, :, length:length + new].copy_(v)
-    keys, values = k_cache[:, :, :length + new], v_cache[:, :, :length + new]
+    store(k_cache, k_scale, k, slice(length, length + new))
+    store(v_cache, v_scale, v, slice(length, length + new))
+    keys = load(k_cache, k_scale, q.dtype, slice(0, length + new))
+    values = load(v_cache, v_scale, q.dtype, slice(0, length + new))
     rows = torch.arange(q.shape[2], device=q.device)[:, None] + length
     mask = torch.arange(length + new, device=q.device)[None, :] <= rows
-    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @cached_attention.register_fake
-def _cached_attention_fake(q, k, v, k_cache, v_cache, cache_pos, scale=None):
-    _check_cached(q, k, v, k_cache, v_cache, cache_pos)
+def _cached_attention_fake(q, k, v, k_cache, v_cache, cache_pos, scale=None, k_scale=None,
+                           v_scale=None):
+    _check_cached(q, k, v, k_cache, v_cache, cache_pos, k_scale, v_scale)
     # The output's layout is q's, as the kernels and the reference (SDPA) give it: q usually
     # arrives as a transposed [B, t, H, D] projection, and the graph's permute + view after the
     # attention it replaced is only valid on that layout (an AOT artifact's step graph is

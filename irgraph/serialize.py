@@ -226,6 +226,8 @@ def _check_call(target: Any, args: tuple, kwargs: dict, writable: Sequence[str])
         if argument.alias_info is None or not argument.alias_info.is_write:
             continue
         value = args[position] if position < len(args) else kwargs.get(argument.name)
+        if value is None and isinstance(argument.type, torch.OptionalType):
+            continue   # an optional buffer left out (an int8 cache's scales): nothing written
         if not (isinstance(value, fx.Node) and value.op == "placeholder"
                 and value.name in writable):
             raise SerializationError(f"{op_name(target)} writes to its argument {argument.name}, "

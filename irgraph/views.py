@@ -67,12 +67,20 @@ class CachedAttention(OpView):
     v_cache: Any
     cache_pos: Any
     scale: Optional[float] = None
+    k_scale: Any = None     # int8 caches: their per-row scales (irgraph/kv_quant.py)
+    v_scale: Any = None
     TARGETS = (torch.ops.fxforge.cached_attention.default,)
 
     @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
     def tensors(self) -> tuple:
-        """The tensor operands in the op's order (what a kernel call passes)."""
-        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.cache_pos)
+        """The tensor operands in the op's order (what a kernel call passes), the scales last
+        where the caches are int8."""
+        scales = (self.k_scale, self.v_scale) if self.quantized else ()
+        return (self.q, self.k, self.v, self.k_cache, self.v_cache, self.cache_pos, *scales)
 
 
 @frozen

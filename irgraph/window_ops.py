@@ -17,6 +17,8 @@ cache never grows and generation can run past any length. ``cache_pos`` holds L,
 seen before the ``t`` new ones. The new queries attend to the cached keys they can see plus the
 new keys (before any is overwritten), then the new keys are written to their slots. Keys are
 cached as the model computed them, at their original positions (rotary embeddings included).
+With ``k_scale``/``v_scale`` (``kv_cache_dtype="int8"``, :mod:`fxforge.irgraph.kv_quant`) the
+slots hold int8 codes and every key and value attended to is its int8 round trip, new ones too.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from fxforge.irgraph.kv_quant import check_pair, load, round_trip, store
 
 
 def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
@@ -86,7 +90,8 @@ def _window_attention_fake(q, k, v, window, sinks, scale=None):
     return like_query(q, v)
 
 
-def _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks) -> None:
+def _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks, k_scale=None,
+                         v_scale=None) -> None:
     check_window(window, sinks)
     _check_qkv("cached_window_attention", q, k, v)
     if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:2] != k.shape[:2] \
@@ -97,10 +102,12 @@ def _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks) ->
                          f"{window + sinks}, head_dim] for k {list(k.shape)}")
     if cache_pos.numel() != 1:
         raise ValueError("fxforge::cached_window_attention: cache_pos must hold one integer")
+    check_pair("cached_window_attention", k_cache, v_cache, k_scale, v_scale)
 
 
 def write_window(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 length: int, window: int, sinks: int) -> None:
+                 length: int, window: int, sinks: int, k_scale: Optional[torch.Tensor] = None,
+                 v_scale: Optional[torch.Tensor] = None) -> None:
     """Store the new positions ``length .. length + t - 1`` in their slots (those a later one
     would overwrite are skipped)."""
     end = length + k.shape[2]
@@ -109,33 +116,39 @@ def write_window(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
         return
     slots = torch.tensor([slot_of(p, window, sinks) for p in kept], device=k.device)
     rows = torch.tensor(kept, device=k.device) - length
-    k_cache.index_copy_(2, slots, k.index_select(2, rows).to(k_cache.dtype))
-    v_cache.index_copy_(2, slots, v.index_select(2, rows).to(v_cache.dtype))
+    store(k_cache, k_scale, k.index_select(2, rows), slots)
+    store(v_cache, v_scale, v.index_select(2, rows), slots)
 
 
-@torch.library.custom_op("fxforge::cached_window_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("fxforge::cached_window_attention",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def cached_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor,
-                            window: int, sinks: int, scale: Optional[float] = None) -> torch.Tensor:
+                            window: int, sinks: int, scale: Optional[float] = None,
+                            k_scale: Optional[torch.Tensor] = None,
+                            v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference: the cached keys it can see plus the new ones, a mask by position, SDPA; then
     the new keys and values written to their slots."""
-    _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks)
+    _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks, k_scale, v_scale)
     length = int(cache_pos.reshape(-1)[0])
     if length < 0:
         raise ValueError(f"fxforge::cached_window_attention: negative cache length {length}")
     old = cached_positions(length, window, sinks)
     slots = torch.tensor([slot_of(p, window, sinks) for p in old], dtype=torch.long, device=q.device)
-    keys = torch.cat([k_cache.index_select(2, slots), k], dim=2).to(q.dtype)
-    values = torch.cat([v_cache.index_select(2, slots), v], dim=2).to(q.dtype)
+    # int8: the new rows as the cache will give them back (the originals are what gets stored)
+    seen_k, seen_v = (round_trip(k), round_trip(v)) if k_scale is not None else (k, v)
+    keys = torch.cat([load(k_cache, k_scale, q.dtype, slots), seen_k.to(q.dtype)], dim=2)
+    values = torch.cat([load(v_cache, v_scale, q.dtype, slots), seen_v.to(q.dtype)], dim=2)
     new = torch.arange(length, length + q.shape[2], device=q.device)
     key_pos = torch.cat([torch.tensor(old, dtype=torch.long, device=q.device), new])
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible(new, key_pos, window, sinks),
                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    write_window(k, v, k_cache, v_cache, length, window, sinks)
+    write_window(k, v, k_cache, v_cache, length, window, sinks, k_scale, v_scale)
     return like_query(q, v).copy_(out)
 
 
 @cached_window_attention.register_fake
-def _cached_window_attention_fake(q, k, v, k_cache, v_cache, cache_pos, window, sinks, scale=None):
-    _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks)
+def _cached_window_attention_fake(q, k, v, k_cache, v_cache, cache_pos, window, sinks, scale=None,
+                                  k_scale=None, v_scale=None):
+    _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks, k_scale, v_scale)
     return like_query(q, v)

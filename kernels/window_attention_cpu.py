@@ -12,7 +12,8 @@ Prefill (``fxforge::window_attention``, and a cached prompt), by length:
 Decode (``fxforge::cached_window_attention`` of one new position): the C++ decode kernel of
 ``kernels/decode_attention_cpu.py`` writes the key to its ring slot and attends to every filled
 slot, reading the cache length itself (a replayed step sees the new length). Other spans of new
-positions over a non-empty cache (a prompt continued in chunks) take the reference op.
+positions over a non-empty cache (a prompt continued in chunks) take the reference op. int8
+caches (``kv_cache_dtype="int8"``) take the same paths, the decode kernel's int8 entry.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from fxforge.irgraph.kv_quant import round_trip
 from fxforge.irgraph.window_ops import (cached_window_attention, check_window, window_attention,
                                         write_window)
 from fxforge.kernels.attention_cpu import cpu_attention
@@ -51,12 +53,16 @@ def cpu_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
 def cpu_cached_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cache_pos: torch.Tensor, window: int, sinks: int,
-                                scale: Optional[float] = None) -> torch.Tensor:
-    """``fxforge::cached_window_attention`` (module docstring)."""
+                                scale: Optional[float] = None, k_scale: Optional[torch.Tensor] = None,
+                                v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``fxforge::cached_window_attention`` (module docstring); ``k_scale``/``v_scale``: int8
+    caches' scales (a prompt then attends to its keys' and values' int8 round trips)."""
     if q.shape[2] == 1:
-        return DECODE(q, k, v, k_cache, v_cache, cache_pos, scale, window, sinks)
+        return DECODE(q, k, v, k_cache, v_cache, cache_pos, scale, window, sinks, k_scale, v_scale)
     if int(cache_pos.reshape(-1)[0]) == 0 and k_cache.shape[2] == window + sinks:
-        out = cpu_window_attention(q, k, v, window, sinks, scale)
-        write_window(k, v, k_cache, v_cache, 0, window, sinks)
+        seen_k, seen_v = (round_trip(k), round_trip(v)) if k_scale is not None else (k, v)
+        out = cpu_window_attention(q, seen_k, seen_v, window, sinks, scale)
+        write_window(k, v, k_cache, v_cache, 0, window, sinks, k_scale, v_scale)
         return out
-    return cached_window_attention(q, k, v, k_cache, v_cache, cache_pos, window, sinks, scale)
+    return cached_window_attention(q, k, v, k_cache, v_cache, cache_pos, window, sinks, scale,
+                                   k_scale, v_scale)

@@ -9,7 +9,9 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
 * every **attention site** is a ``scaled_dot_product_attention`` (``fuse_attention`` has turned
   explicit attention into one) with ``is_causal`` and no other mask, over the sequence dim;
   each becomes ``fxforge::cached_attention`` reading and writing per-layer K/V buffers that
-  become new graph inputs (GQA keeps its ``Hkv`` heads in the cache). A sliding-window site
+  become new graph inputs (GQA keeps its ``Hkv`` heads in the cache; with ``kv_dtype="int8"``
+  the buffers hold int8 codes and two more hold their per-row scales, ``irgraph/kv_quant.py``).
+  A sliding-window site
   (``fxforge::window_attention``, ``passes/attention_window.py``) becomes
   ``fxforge::cached_window_attention`` over ``window + sinks`` slots; a block-sparse site
   (``passes/attention_sparse.py``) ``fxforge::cached_block_sparse_attention`` (sparse prefill,
@@ -48,12 +50,14 @@ aten = torch.ops.aten
 @dataclass
 class CacheSpec:
     """One layer's K (or V) buffer: [batch, kv_heads, capacity, head_dim] of ``dtype``; the
-    capacity is ``max_seq_len`` (None), or the slots of a sliding window with sinks."""
+    capacity is ``max_seq_len`` (None), or the slots of a sliding window with sinks. An int8
+    cache's scales are a buffer of their own (head_dim 1, fp32) naming it in ``scales_for``."""
     placeholder: str
     heads: int
     head_dim: int
     dtype: torch.dtype
     capacity: Optional[int] = None
+    scales_for: Optional[str] = None
 
 
 @dataclass
@@ -62,7 +66,7 @@ class KVCachePlan:
     tokens: int                        # position of the token input among the placeholders
     seq_symbol: sympy.Symbol
     cache_pos: str                     # placeholder name of the int64 [1] cache length
-    caches: list[CacheSpec] = field(default_factory=list)   # k0, v0, k1, v1, ... in order
+    caches: list[CacheSpec] = field(default_factory=list)   # k0, v0, (k0/v0 scales,) k1, ...
     seq_outputs: list[int] = field(default_factory=list)    # outputs with the sequence at dim 1
     sites: int = 0
     positions: int = 0
@@ -77,7 +81,8 @@ class KVCachePlan:
         return {"tokens": self.tokens, "cache_pos": self.cache_pos, "sites": self.sites,
                 "positions": self.positions, "seq_outputs": list(self.seq_outputs),
                 "caches": [c.placeholder for c in self.caches],
-                "capacities": [c.capacity for c in self.caches]}
+                "capacities": [c.capacity for c in self.caches],
+                "scales_for": [c.scales_for for c in self.caches]}
 
     @classmethod
     def from_json(cls, ir: IRGraph, data: dict) -> "KVCachePlan":
@@ -90,9 +95,10 @@ class KVCachePlan:
         if any(metas.get(name) is None for name in data["caches"]):
             raise ValueError(f"the step graph lacks the cache inputs {data['caches']}")
         capacities = data.get("capacities") or [None] * len(data["caches"])
+        scales_for = data.get("scales_for") or [None] * len(data["caches"])  # absent: no int8
         caches = [CacheSpec(name, int(metas[name].shape[1]), int(metas[name].shape[3]),
-                            metas[name].dtype, capacity)
-                  for name, capacity in zip(data["caches"], capacities)]
+                            metas[name].dtype, capacity, codes)
+                  for name, capacity, codes in zip(data["caches"], capacities, scales_for)]
         return cls(ir, data["tokens"], token_meta.shape[1], data["cache_pos"], caches,
                    list(data["seq_outputs"]), data["sites"], data["positions"])
 
@@ -225,9 +231,10 @@ def _flat_outputs(ir: IRGraph) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
+def insert_kv_cache(ir: IRGraph, kv_dtype: str = "auto") -> Union[KVCachePlan, str]:
     """The cached step graph and what its runtime needs, or why the graph is not a causal
-    decoder the pass can serve (the input ``ir`` is never modified)."""
+    decoder the pass can serve (the input ``ir`` is never modified). ``kv_dtype``: "auto"
+    (the caches hold k and v as computed) or "int8" (codes plus per-row scales)."""
     found = _token_input(ir)
     if isinstance(found, str):
         return found
@@ -268,7 +275,7 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
     device = tokens.meta["val"].device   # the position and the caches live with the tokens
     cache_pos = _add_input(step, "kv_cache_pos", torch.zeros(1, dtype=torch.int64, device=device))
     for i, site in enumerate(sites):
-        _cache_site(step, plan, site, cache_pos, i)
+        _cache_site(step, plan, site, cache_pos, i, kv_dtype == "int8")
     for node in aranges:
         with graph.inserting_after(node):
             shifted = graph.call_function(aten.add.Tensor, (node, cache_pos))
@@ -306,11 +313,13 @@ def _add_input(ir: IRGraph, name: str, example: torch.Tensor) -> fx.Node:
     return node
 
 
-def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node, i: int) -> None:
+def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node, i: int,
+                int8: bool = False) -> None:
     """The site reads and writes its layer's K/V buffers: ``cached_attention`` over
     ``max_seq_len`` positions; for a sliding window ``cached_window_attention`` over its
     ``window + sinks`` slots; block-sparse ``cached_block_sparse_attention``; per-head
-    streaming ``cached_per_head_attention`` over a full cache and a ring."""
+    streaming ``cached_per_head_attention`` over a full cache and a ring. ``int8``: int8
+    buffers plus their scales (plain and window sites; the options refuse it with the others)."""
     window, sparse = WindowAttention.of(site), BlockSparseAttention.of(site)
     per_head, sdpa = PerHeadAttention.of(site), Sdpa.of(site)
     mode = window or sparse or per_head
@@ -321,9 +330,17 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
     if per_head is not None:
         full, stream = head_groups(per_head.streaming, kv_heads)
         groups = [("", len(full), None), ("s", len(stream), per_head.window + per_head.sinks)]
-    buffers = [_cache_buffer(ir, plan, f"kv_cache_{kind}{suffix}{i}", value, heads, capacity)
-               for suffix, heads, capacity in groups for kind, value in (("k", k), ("v", v))]
+    specs = [CacheSpec(f"kv_cache_{kind}{suffix}{i}", heads, int(tensor_meta(value).shape[3]),
+                       torch.int8 if int8 else tensor_meta(value).dtype, capacity)
+             for suffix, heads, capacity in groups for kind, value in (("k", k), ("v", v))]
+    if int8:
+        specs += [CacheSpec(f"{spec.placeholder}_scale", spec.heads, 1, torch.float32,
+                            spec.capacity, spec.placeholder) for spec in specs]
+    buffers = [_cache_buffer(ir, plan, spec, k) for spec in specs]
     graph, common = ir.gm.graph, dict(q=q, k=k, v=v, cache_pos=cache_pos, scale=scale)
+    cached_kv = dict(k_cache=buffers[0], v_cache=buffers[1])
+    if int8:
+        cached_kv.update(k_scale=buffers[2], v_scale=buffers[3])
     with graph.inserting_before(site):
         if per_head is not None:
             cached = CachedPerHeadAttention.create(
@@ -331,27 +348,23 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
                 v_stream=buffers[3], streaming=per_head.streaming, window=per_head.window,
                 sinks=per_head.sinks)
         elif window is not None:
-            cached = CachedWindowAttention.create(graph, **common, k_cache=buffers[0],
-                                                  v_cache=buffers[1], window=window.window,
-                                                  sinks=window.sinks)
+            cached = CachedWindowAttention.create(graph, **common, **cached_kv,
+                                                  window=window.window, sinks=window.sinks)
         elif sparse is not None:
-            cached = CachedBlockSparseAttention.create(graph, **common, k_cache=buffers[0],
-                                                       v_cache=buffers[1],
+            cached = CachedBlockSparseAttention.create(graph, **common, **cached_kv,
                                                        patterns=sparse.patterns, block=sparse.block)
         else:
-            cached = CachedAttention.create(graph, **common, k_cache=buffers[0], v_cache=buffers[1])
+            cached = CachedAttention.create(graph, **common, **cached_kv)
     site.replace_all_uses_with(cached)
     graph.erase_node(site)
     ir.infer(cached)
 
 
-def _cache_buffer(ir: IRGraph, plan: KVCachePlan, name: str, value: fx.Node, heads: int,
-                  capacity: Optional[int]) -> fx.Node:
-    """A new cache input ``[batch, heads, capacity or max_seq_len, head_dim]`` for ``value``'s
-    keys or values, and its CacheSpec in the plan."""
-    meta = tensor_meta(value)
+def _cache_buffer(ir: IRGraph, plan: KVCachePlan, spec: CacheSpec, like: fx.Node) -> fx.Node:
+    """A new cache input ``[batch, heads, capacity or max_seq_len, head_dim]`` as ``spec``
+    says (batch and device: ``like``'s), and the spec in the plan."""
     with ir.fake_mode:
-        example = torch.empty(value.meta["val"].shape[0], heads, capacity or 1, meta.shape[3],
-                              dtype=meta.dtype, device=value.meta["val"].device)
-    plan.caches.append(CacheSpec(name, heads, int(meta.shape[3]), meta.dtype, capacity))
-    return _add_input(ir, name, example)
+        example = torch.empty(like.meta["val"].shape[0], spec.heads, spec.capacity or 1,
+                              spec.head_dim, dtype=spec.dtype, device=like.meta["val"].device)
+    plan.caches.append(spec)
+    return _add_input(ir, spec.placeholder, example)
