@@ -14,12 +14,16 @@ import math
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
+import logging
+
 import torch
 import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.views import Sdpa
 from fxforge.passes.gptq import calibration_inputs
+
+log = logging.getLogger("fxforge.passes.attention")
 
 MAX_POSITIONS = 4096   # of a calibration sequence measured (the probabilities are quadratic)
 MAX_REMEMBERED = 16
@@ -78,6 +82,27 @@ def measured_once(ir: IRGraph, spec: object, measure: Callable[[], Optional[list
         while len(_REMEMBERED) > MAX_REMEMBERED:
             _REMEMBERED.popitem(last=False)
     return chosen
+
+
+def calibration_sites(ir: IRGraph, spec: object, least: int, need: str) -> Optional[list]:
+    """``(node, q, k)`` for every causal self-attention site (graph order) on the calibration
+    inputs; None, with the reason logged, when there are none or the sequence is shorter than
+    ``least`` positions (``need`` says why that many): the graph's attention then stays dense."""
+    from fxforge.passes.attention_spec import causal_self_attention
+    sites = [n for n in ir.call_nodes()
+             if Sdpa.matches(n) and causal_self_attention(ir.gm, n) is True]
+    seen = observe_queries_keys(ir, sites)
+    if seen is None:
+        log.warning("attention %s: no calibration inputs (the compile's example inputs) to "
+                    "measure the heads on; nothing rewritten", spec)
+        return None
+    length = next(iter(seen.values()))[0].shape[2] if seen else 0
+    if seen and length < least:
+        log.warning("attention %s: the calibration sequence (the compile's example input) has %d "
+                    "positions; %s needs at least %d: attention stays dense in this graph",
+                    spec, length, need, least)
+        return None
+    return [(node, *seen[node]) for node in sites]
 
 
 def head_probabilities(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], head: int):

@@ -25,9 +25,9 @@ from typing import Optional
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.views import PerHeadAttention, Sdpa
-from fxforge.passes.attention_calib import measured_once, observe_queries_keys, window_mass
-from fxforge.passes.attention_spec import (causal_self_attention, check_fields, float_field,
-                                           int_field, rewrite_causal_attention)
+from fxforge.passes.attention_calib import calibration_sites, measured_once, window_mass
+from fxforge.passes.attention_spec import (check_fields, float_field, int_field,
+                                           rewrite_causal_attention)
 from fxforge.passes.attention_window import DEFAULT_SINKS
 from fxforge.passes.base import Pass, PassResult
 
@@ -77,25 +77,14 @@ def per_head_rewrite(ir: IRGraph, spec: PerHeadSpec) -> PassResult:
 def _measured_streaming(ir: IRGraph, spec: PerHeadSpec) -> Optional[list[list[int]]]:
     """Per causal site (graph order), one streaming flag per k/v head; None (attention stays
     dense, logged) without calibration inputs or with a sequence too short to tell."""
-    sites = [n for n in ir.call_nodes()
-             if Sdpa.matches(n) and causal_self_attention(ir.gm, n) is True]
-    seen = observe_queries_keys(ir, sites)
-    if seen is None:
-        log.warning("attention %s: no calibration inputs (the compile's example inputs) to "
-                    "measure the heads on; nothing rewritten", spec)
+    least = 2 * (spec.window + spec.sinks) + 1
+    sites = calibration_sites(ir, spec, least, "measuring the heads (twice window + sinks)")
+    if sites is None:
         return None
     flags = []
-    for layer, node in enumerate(sites):
-        q, k = seen[node]
-        if q.shape[2] <= 2 * (spec.window + spec.sinks):
-            log.warning("attention %s: the calibration sequence (the compile's example input) "
-                        "has %d positions; measuring the heads needs more than twice window + "
-                        "sinks (%d): attention stays dense in this graph", spec, q.shape[2],
-                        2 * (spec.window + spec.sinks))
-            return None
+    for layer, (node, q, k) in enumerate(sites):
         kept = window_mass(q, k, Sdpa.of(node).scale, spec.window, spec.sinks)
-        groups = q.shape[1] // k.shape[1]
-        per_kv = kept.view(k.shape[1], groups).min(1).values
+        per_kv = kept.view(k.shape[1], q.shape[1] // k.shape[1]).min(1).values
         flags.append([int(m >= spec.mass) for m in per_kv.tolist()])
         log.info("attention %s: site %d (%s): k/v heads %s keep %s of their mass in the window",
                  spec, layer, node.name, ["streaming" if f else "full" for f in flags[-1]],

@@ -34,9 +34,9 @@ import torch
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.sparse_ops import block_layout
 from fxforge.irgraph.views import BlockSparseAttention, Sdpa
-from fxforge.passes.attention_calib import block_mass, measured_once, observe_queries_keys
-from fxforge.passes.attention_spec import (AttentionSpecError, causal_self_attention, check_fields,
-                                           float_field, int_field, rewrite_causal_attention)
+from fxforge.passes.attention_calib import block_mass, calibration_sites, measured_once
+from fxforge.passes.attention_spec import (AttentionSpecError, check_fields, float_field,
+                                           int_field, rewrite_causal_attention)
 from fxforge.passes.base import Pass, PassResult
 
 log = logging.getLogger("fxforge.passes.attention")
@@ -144,21 +144,11 @@ def sparse_rewrite(ir: IRGraph, spec: BlockSparseSpec) -> PassResult:
 def _measured_patterns(ir: IRGraph, spec: BlockSparseSpec) -> Optional[list]:
     """Per causal site (in graph order), a pattern per query head; None (attention stays
     dense, logged) without calibration inputs or with a sequence too short to tell."""
-    sites = [n for n in ir.call_nodes()
-             if Sdpa.matches(n) and causal_self_attention(ir.gm, n) is True]
-    seen = observe_queries_keys(ir, sites)
-    if seen is None:
-        log.warning("attention %s: no calibration inputs (the compile's example inputs) to "
-                    "measure the heads on; nothing rewritten", spec)
+    sites = calibration_sites(ir, spec, 4 * spec.block, "choosing patterns (4 blocks)")
+    if sites is None:
         return None
     patterns = []
-    for layer, node in enumerate(sites):
-        q, k = seen[node]
-        if q.shape[2] < 4 * spec.block:
-            log.warning("attention %s: the calibration sequence (the compile's example input) "
-                        "has %d positions; choosing patterns needs at least 4 blocks (%d): "
-                        "attention stays dense in this graph", spec, q.shape[2], 4 * spec.block)
-            return None
+    for layer, (node, q, k) in enumerate(sites):
         masses = block_mass(q, k, Sdpa.of(node).scale, spec.block)
         chosen = [choose_pattern(m, spec.block, spec.mass) for m in masses]
         patterns.append([p for p, _ in chosen])

@@ -22,3 +22,16 @@ def greedy_loop(fn, ids, steps):
         outs.append(logits)
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return ids, outs
+
+
+def fresh_generator() -> torch.Generator:
+    """A generator on a fresh seed (each run its own random inputs)."""
+    import os
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def random_qkv(gen, batch, heads, kv_heads, length, dim=16):
+    """q ``[batch, heads, length, dim]`` and k, v ``[batch, kv_heads, length, dim]``."""
+    return (torch.randn(batch, heads, length, dim, generator=gen),
+            torch.randn(batch, kv_heads, length, dim, generator=gen),
+            torch.randn(batch, kv_heads, length, dim, generator=gen))

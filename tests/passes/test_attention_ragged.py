@@ -2,27 +2,16 @@
 different lengths (it groups rows by length: a model without an attention-mask input must not
 see padding) equals, prompt by prompt, eager decoding with the mode's pattern as the mask."""
 import copy
-import os
 
 import pytest
 import torch
 
 import fxforge
-from fxforge.passes import attention_calib
 from fxforge.examples.small_gpt import make_model
+from tests.passes.helpers import fresh_generator
 
+pytestmark = pytest.mark.usefixtures("fresh_measurements")
 
-@pytest.fixture(autouse=True)
-def _fresh_measurements():
-    """Measured modes remember a model's first measurement for the process; each test
-    measures anew (some fix the measurement)."""
-    attention_calib._REMEMBERED.clear()
-    yield
-    attention_calib._REMEMBERED.clear()
-
-
-def _generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
 def _masked(model, allowed):
@@ -64,7 +53,7 @@ RAGGED = (7, 12, 7, 19)
 @pytest.mark.parametrize("spec", ["sliding_window:5,sinks:2", "per_head:5,sinks:2,mass:0.0"])
 def test_ragged_prompts_decode_as_each_prompt_alone(spec):
     """per_head with mass 0 streams every head: the window's pattern on every head."""
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=2).eval()
     prompts = [torch.randint(0, 512, (n,), generator=gen) for n in RAGGED]
     calibration = torch.randint(0, 512, (1, 40), generator=gen)   # per_head measures on it
@@ -81,7 +70,7 @@ def test_ragged_prompts_through_block_sparse_prefill():
     """Block-sparse is a prompt approximation (dense decode): each prompt alone through the
     compiled model gives the batch's tokens for it, and those tokens are eager's with the
     pattern over the prompt when the whole prompt is one prefill."""
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=2).eval()
     prompts = [torch.randint(0, 512, (n,), generator=gen) for n in (40, 23, 40, 35)]
     spec = "block_sparse:16,local:1,global:0,stride:0"

@@ -3,13 +3,11 @@ written from the pattern's definition, whole models (eager with the pattern as i
 cache (sparse prefill, dense decode), and patterns chosen per head on calibration inputs."""
 import copy
 import logging
-import os
 
 import pytest
 import torch
 
 import fxforge
-from fxforge.passes import attention_calib
 from fxforge.compiler import recording
 from fxforge.errors import OptionsError
 from fxforge.examples.small_gpt import make_model
@@ -17,22 +15,13 @@ from fxforge.irgraph.views import BlockSparseAttention
 from fxforge.kernels.sparse_attention_cpu import cpu_block_sparse_attention
 from fxforge.passes.attention_modes import AttentionSpecError, parse_attention
 from fxforge.passes.attention_sparse import DENSE, BlockSparseSpec, choose_pattern, cost
-from tests.passes.helpers import greedy_loop
+from tests.passes.helpers import fresh_generator, greedy_loop, random_qkv
 
 block_sparse_attention = torch.ops.fxforge.block_sparse_attention
 
 
-@pytest.fixture(autouse=True)
-def _fresh_measurements():
-    """Measured modes remember a model's first measurement for the process; each test
-    measures anew (some fix the measurement)."""
-    attention_calib._REMEMBERED.clear()
-    yield
-    attention_calib._REMEMBERED.clear()
+pytestmark = pytest.mark.usefixtures("fresh_measurements")
 
-
-def _generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
 def sees(pattern, block, i, j) -> bool:
@@ -59,11 +48,6 @@ def oracle(q, k, v, patterns, block, scale=None):
             out[:, h, i] = (scores.softmax(-1)[..., None] * v[:, h // groups, seen]).sum(1)
     return out
 
-
-def _qkv(gen, batch, heads, kv_heads, length, dim=16):
-    return (torch.randn(batch, heads, length, dim, generator=gen),
-            torch.randn(batch, kv_heads, length, dim, generator=gen),
-            torch.randn(batch, kv_heads, length, dim, generator=gen))
 
 
 # ---- the option --------------------------------------------------------------------------------
@@ -100,8 +84,8 @@ def test_bad_options_are_clear_errors(spec, message):
     (2, 4, 1, 90, 16, [(1, 0, 0, 0, 0), (0, 0, 0, 0, 0), (2, 1, 2, 0, 0), (3, 0, 0, 9, 1)]),
     (1, 2, 2, 5, 16, [(1, 0, 0, 0, 0)])])
 def test_the_op_and_the_kernel_follow_the_pattern(batch, heads, kv_heads, length, block, patterns):
-    gen = _generator()
-    q, k, v = _qkv(gen, batch, heads, kv_heads, length)
+    gen = fresh_generator()
+    q, k, v = random_qkv(gen, batch, heads, kv_heads, length)
     flat = [x for p in patterns for x in p]
     want = oracle(q, k, v, patterns, block, scale=0.3)
     torch.testing.assert_close(block_sparse_attention(q, k, v, flat, block, 0.3).double(), want,
@@ -111,8 +95,8 @@ def test_the_op_and_the_kernel_follow_the_pattern(batch, heads, kv_heads, length
 
 
 def test_inputs_the_kernel_declines_take_the_reference(caplog):
-    gen = _generator()
-    q, k, v = _qkv(gen, 1, 2, 1, 40)
+    gen = fresh_generator()
+    q, k, v = random_qkv(gen, 1, 2, 1, 40)
     flat = [1, 1, 0, 0, 0]
     with caplog.at_level(logging.INFO, "fxforge.kernels"):
         got = cpu_block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), flat, 16)
@@ -121,7 +105,7 @@ def test_inputs_the_kernel_declines_take_the_reference(caplog):
 
 
 def test_wrong_patterns_are_clear_errors():
-    q, k, v = _qkv(_generator(), 1, 4, 2, 8)
+    q, k, v = random_qkv(fresh_generator(), 1, 4, 2, 8)
     with pytest.raises(ValueError, match="5 per head"):
         block_sparse_attention(q, k, v, [1, 0, 0, 0, 0] * 2, 16)
     with pytest.raises(ValueError, match="negative pattern field"):
@@ -168,7 +152,7 @@ def _pattern_mask(pattern, block, prompt=None):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_model_compiled_with_the_option_matches_eager_with_the_pattern(backend):
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=2).eval()
     ids = torch.randint(0, 512, (2, 45), generator=gen)
     with recording() as graphs:
@@ -185,7 +169,7 @@ def test_a_model_compiled_with_the_option_matches_eager_with_the_pattern(backend
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_the_kv_cache_keeps_the_pattern_in_the_prefill_and_decodes_densely(backend):
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=2).eval()
     prompt = torch.randint(0, 512, (2, 40), generator=gen)
     torch._dynamo.reset()
@@ -208,7 +192,7 @@ def test_the_kv_cache_keeps_the_pattern_in_the_prefill_and_decodes_densely(backe
 def test_auto_measures_a_pattern_per_head_and_runs_it(caplog):
     """Each head gets its own pattern; the model then equals eager with, per layer and head,
     the mask of the pattern the graph holds."""
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=2).eval()
     ids = torch.randint(0, 512, (1, 64), generator=gen)
     with recording() as graphs, caplog.at_level(logging.INFO, "fxforge.passes.attention"):
@@ -233,9 +217,9 @@ def test_auto_measures_a_pattern_per_head_and_runs_it(caplog):
 def test_auto_needs_a_calibration_sequence_of_several_blocks(caplog):
     """Too short to measure: the graph keeps dense attention, with the reason logged."""
     model = make_model(n_layer=1).eval()
-    ids = torch.randint(0, 512, (1, 20), generator=_generator())
+    ids = torch.randint(0, 512, (1, 20), generator=fresh_generator())
     with caplog.at_level(logging.WARNING, "fxforge.passes.attention"):
         compiled = fxforge.compile(model, (ids,), backend="cpu", attention="block_sparse:auto,block:16")
-    assert "needs at least 4 blocks" in caplog.text and "stays dense" in caplog.text
+    assert "choosing patterns (4 blocks) needs at least 64" in caplog.text and "stays dense" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-4, atol=1e-4)

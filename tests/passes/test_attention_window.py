@@ -3,7 +3,6 @@ pattern's definition (not against dense attention), the CPU kernels, the bounded
 across many wrap-arounds, and whole models against eager with the same pattern."""
 import copy
 import logging
-import os
 
 import pytest
 import torch
@@ -20,14 +19,11 @@ from fxforge.kernels.window_attention_cpu import (cpu_cached_window_attention,
                                                   cpu_window_attention)
 from fxforge.passes.attention_modes import AttentionSpecError, parse_attention
 from fxforge.passes.attention_window import WindowSpec
-from tests.passes.helpers import greedy_loop
+from tests.passes.helpers import fresh_generator, greedy_loop, random_qkv
 
 window_attention = torch.ops.fxforge.window_attention
 cached_window_attention = torch.ops.fxforge.cached_window_attention
 
-
-def _generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
 def oracle(q, k, v, window, sinks, scale=None, first=0):
@@ -45,11 +41,6 @@ def oracle(q, k, v, window, sinks, scale=None, first=0):
             out[:, h, r] = (scores.softmax(-1)[..., None] * v[:, h // groups, seen]).sum(1)
     return out
 
-
-def _qkv(gen, batch, heads, kv_heads, length, dim=16):
-    return (torch.randn(batch, heads, length, dim, generator=gen),
-            torch.randn(batch, kv_heads, length, dim, generator=gen),
-            torch.randn(batch, kv_heads, length, dim, generator=gen))
 
 
 # ---- the option --------------------------------------------------------------------------------
@@ -86,8 +77,8 @@ def test_bad_options_are_clear_errors(spec, message):
     (1, 2, 2, 1, 3, 1), (2, 4, 2, 19, 5, 2), (3, 6, 3, 33, 4, 0), (1, 2, 1, 12, 64, 4),
     (2, 2, 2, 40, 1, 3)])
 def test_the_ops_follow_the_pattern(batch, heads, kv_heads, length, window, sinks, monkeypatch):
-    gen = _generator()
-    q, k, v = _qkv(gen, batch, heads, kv_heads, length)
+    gen = fresh_generator()
+    q, k, v = random_qkv(gen, batch, heads, kv_heads, length)
     want = oracle(q, k, v, window, sinks)
     torch.testing.assert_close(window_attention(q, k, v, window, sinks).double(), want,
                                rtol=1e-5, atol=1e-5)
@@ -100,8 +91,8 @@ def test_the_ops_follow_the_pattern(batch, heads, kv_heads, length, window, sink
 def test_the_cpu_kernel_reads_only_the_blocks_of_the_pattern(length, window, sinks, monkeypatch):
     """The sliding window runs on the block-sparse kernel; its pattern names every block a
     query can see and no block past the window's reach."""
-    gen = _generator()
-    q, k, v = _qkv(gen, 2, 4, 2, length)
+    gen = fresh_generator()
+    q, k, v = random_qkv(gen, 2, 4, 2, length)
     monkeypatch.setattr(window_attention_cpu, "BLOCK", 16)
     pattern = window_attention_cpu.window_pattern(window, sinks, 16)
     blocks = -(-length // 16)
@@ -134,9 +125,9 @@ def test_the_bounded_cache_across_many_wrap_arounds(kernel, batch, heads, kv_hea
                                                     sinks, chunks):
     """Spans of new positions one after the other (prompt, decode steps, chunks) over a cache of
     window + sinks slots give each position's row of the pattern over the whole sequence."""
-    gen = _generator()
+    gen = fresh_generator()
     length = sum(chunks)
-    q, k, v = _qkv(gen, batch, heads, kv_heads, length)
+    q, k, v = random_qkv(gen, batch, heads, kv_heads, length)
     want = oracle(q, k, v, window, sinks)
     k_cache = torch.full((batch, kv_heads, window + sinks, 16), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))   # an unfilled slot read would show
@@ -154,8 +145,8 @@ def test_the_bounded_cache_across_many_wrap_arounds(kernel, batch, heads, kv_hea
 def test_the_decode_kernel_reads_the_length_itself_and_takes_bf16():
     """One new position through the C++ kernel: the cache length comes from the tensor (a
     replayed step passes the same tensor with a new value); bf16 caches work alike."""
-    gen = _generator()
-    q, k, v = (t.bfloat16() for t in _qkv(gen, 1, 4, 2, 25))
+    gen = fresh_generator()
+    q, k, v = (t.bfloat16() for t in random_qkv(gen, 1, 4, 2, 25))
     want = oracle(q, k, v, 6, 2)
     k_cache, v_cache = (torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(2))
     position = torch.zeros(1, dtype=torch.int64)
@@ -182,7 +173,7 @@ def _windowed_eager(model, window, sinks):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_model_compiled_with_the_option_matches_eager_with_the_pattern(backend):
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=2).eval()
     ids = torch.randint(0, 512, (2, 21), generator=gen)
     with recording() as graphs:
@@ -197,7 +188,7 @@ def test_a_model_compiled_with_the_option_matches_eager_with_the_pattern(backend
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_generation_runs_past_max_seq_len_on_a_bounded_cache(backend):
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=2).eval()
     prompt = torch.randint(0, 512, (2, 6), generator=gen)
     torch._dynamo.reset()
@@ -222,7 +213,7 @@ def test_attention_it_cannot_rewrite_stays_dense_with_a_reason(caplog):
     config = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=64)
     model = LogitsOnly(transformers.BertModel(config)).eval()
-    ids = torch.randint(0, 200, (1, 9), generator=_generator())
+    ids = torch.randint(0, 200, (1, 9), generator=fresh_generator())
     with caplog.at_level(logging.INFO, "fxforge.passes.attention"):
         compiled = fxforge.compile(model, (ids,), backend="cpu", attention="sliding_window:4")
     with torch.no_grad():
@@ -232,7 +223,7 @@ def test_attention_it_cannot_rewrite_stays_dense_with_a_reason(caplog):
 
 
 def test_an_artifact_keeps_the_bounded_cache_and_runs_past_max_seq_len(tmp_path):
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=1).eval()
     ids = torch.randint(0, 512, (1, 8), generator=gen)
     seq = torch.export.Dim("seq", min=2, max=64)
@@ -253,7 +244,7 @@ def test_a_prompt_continued_in_a_chunk_leaves_the_decode_steps_replayed():
     """A call adding several positions to a cached sequence reads the cache length into Python
     (the chunk path of cached_window_attention): it runs as it is, and the one-position steps
     after it are still recorded and replayed."""
-    gen = _generator()
+    gen = fresh_generator()
     model = make_model(n_layer=1).eval()
     ids = torch.randint(0, 512, (1, 40), generator=gen)
     ref = _windowed_eager(model, 6, 2)
