@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from fxforge.irgraph import ops as _ops, window_ops as _window_ops  # noqa: F401  (register torch.ops.fxforge.*)
+from fxforge.irgraph import linear_ops as _linear_ops  # noqa: F401  (likewise)
 from fxforge.irgraph.opview import OpView
 from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Arange, Cat, Clone, ConvertElementType, Expand, Full, Gelu, LayerNorm, MaskedFill, Neg, Permute,
@@ -25,8 +26,9 @@ from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Transpose, Unsqueeze, View, Where)
 
 __all__ = ["LINEAR_TARGETS", "Addmm", "Arange", "Baddbmm", "Bmm", "CachedAttention",
-           "CachedWindowAttention", "Cat", "Clone",
+           "CachedLinearAttention", "CachedWindowAttention", "Cat", "Clone",
            "Contraction", "ConvertElementType", "Expand", "Full", "Gelu", "LayerNorm", "Linear",
+           "LinearAttention",
            "LinearOperands", "MaskedFill", "Matmul", "Mm", "Neg", "OpView", "Permute", "Reduction",
            "RepeatInterleave", "RmsNorm", "Sdpa", "SdpaFlashCpu", "Select", "Slice", "Softmax",
            "Split", "SymSize", "T", "ToCopy", "Transpose", "Unsqueeze", "View", "Where",
@@ -96,6 +98,39 @@ class CachedWindowAttention(CachedAttention):
     window: int = dataclasses.field(kw_only=True)
     sinks: int = dataclasses.field(kw_only=True)
     TARGETS = (torch.ops.fxforge.cached_window_attention.default,)
+
+
+@frozen
+class LinearAttention(OpView):
+    """``fxforge::linear_attention``: a softmax over the last ``window`` keys and feature-map
+    linear attention over the older ones (:mod:`fxforge.irgraph.linear_ops`)."""
+
+    q: Any
+    k: Any
+    v: Any
+    feature: str
+    window: int
+    scale: Optional[float] = None
+    q_map: Any = None
+    k_map: Any = None
+    TARGETS = (torch.ops.fxforge.linear_attention.default,)
+
+
+@frozen
+class CachedLinearAttention(LinearAttention):
+    """``fxforge::cached_linear_attention``: :class:`LinearAttention` over a fixed-size state
+    ``[B, Hkv, F, Dv + 1]`` and a ring of the last ``window`` keys and values."""
+
+    state: Any = dataclasses.field(kw_only=True)
+    k_cache: Any = dataclasses.field(kw_only=True)
+    v_cache: Any = dataclasses.field(kw_only=True)
+    cache_pos: Any = dataclasses.field(kw_only=True)
+    TARGETS = (torch.ops.fxforge.cached_linear_attention.default,)
+
+    @property
+    def tensors(self) -> tuple:
+        """The tensor operands in the op's order (what a kernel call passes)."""
+        return (self.q, self.k, self.v, self.state, self.k_cache, self.v_cache, self.cache_pos)
 
 
 # ---- attention ------------------------------------------------------------------------------
