@@ -108,9 +108,10 @@ class CompiledGraph:
         self.runtime_positions = [i for i in range(len(captured.placeholders())) if i not in skip]
         self._weight_sets = WeightSetCache()
         self._build_lock = threading.Lock()
-        # the example's runtime inputs, kept only for a quantizer that calibrates on them
+        # the example's runtime inputs, kept only for passes that calibrate on them (a quantizer,
+        # a fitted attention feature map)
         self._calibration = (_concrete([weights[i] for i in self.runtime_positions])
-                             if options.quantize else None)
+                             if options.quantize or _attention_calibrates(options) else None)
         frozen = [weights[i] for i in self.weight_positions]
         self._activate(self._build(frozen), frozen)
         if _RECORDERS:
@@ -264,3 +265,10 @@ def _low_tolerance(want: torch.Tensor, precision: str) -> tuple[float, float]:
 def compile_captured(ir: IRGraph, options: CompileOptions, weight_positions: Sequence[int],
                      example_inputs: Sequence[Any]) -> Callable:
     return CompiledGraph(ir, options, weight_positions, list(example_inputs))
+
+
+def _attention_calibrates(options: CompileOptions) -> bool:
+    if not options.attention:
+        return False
+    from fxforge.passes.attention_modes import parse_attention
+    return parse_attention(options.attention).calibrates

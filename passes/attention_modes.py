@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from fxforge.passes.attention_linear import parse_linear
 from fxforge.passes.attention_spec import AttentionSpecError, split_spec
 from fxforge.passes.attention_window import parse_window
 from fxforge.passes.base import Pass
@@ -12,8 +13,10 @@ from fxforge.passes.base import Pass
 MODES: dict[str, tuple[str, Callable[[str, str, dict], Any]]] = {
     "sliding_window": ("StreamingLLM: the first S positions plus a window of the last W",
                        parse_window),
+    "linear": ("feature-map linear attention (elu or a fitted map), optionally a softmax window",
+               parse_linear),
 }
-LATER = ("block_sparse", "linear", "per_head")
+LATER = ("block_sparse", "per_head")
 
 
 def parse_attention(spec: str) -> Any:

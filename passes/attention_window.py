@@ -30,6 +30,7 @@ DEFAULT_SINKS = 4   # StreamingLLM's choice: four initial tokens suffice for the
 class WindowSpec:
     window: int
     sinks: int = DEFAULT_SINKS
+    calibrates = False   # nothing fitted: the pass needs no calibration inputs
 
     def __str__(self) -> str:
         return f"sliding_window:{self.window},sinks:{self.sinks}"

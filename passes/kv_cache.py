@@ -11,7 +11,9 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
   each becomes ``fxforge::cached_attention`` reading and writing per-layer K/V buffers that
   become new graph inputs (GQA keeps its ``Hkv`` heads in the cache). A sliding-window site
   (``fxforge::window_attention``, ``passes/attention_window.py``) becomes
-  ``fxforge::cached_window_attention`` over ``window + sinks`` slots;
+  ``fxforge::cached_window_attention`` over ``window + sinks`` slots; a linear-attention site
+  (``fxforge::linear_attention``, ``passes/attention_linear.py``) becomes
+  ``fxforge::cached_linear_attention`` over a fixed-size state and a ring of its window;
 * **positions**: ``arange(0, seq)`` (learned position embeddings, rotary ``position_ids``,
   ``cache_position``) becomes ``arange(0, t) + cache_pos``;
 * any other op that **mixes positions** — a matmul contracting over the sequence, a reduction,
@@ -30,8 +32,10 @@ import torch.fx as fx
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.meta import META_KEY, SymMeta, set_meta
 from fxforge.irgraph.query import tensor_meta
-from fxforge.irgraph.views import (Arange, CachedAttention, CachedWindowAttention, Contraction,
-                                   Reduction, Sdpa, SymSize, WindowAttention)
+from fxforge.irgraph.linear_ops import features_of
+from fxforge.irgraph.views import (Arange, CachedAttention, CachedLinearAttention,
+                                   CachedWindowAttention, Contraction, LinearAttention, Reduction,
+                                   Sdpa, SymSize, WindowAttention)
 
 aten = torch.ops.aten
 
@@ -39,7 +43,8 @@ aten = torch.ops.aten
 @dataclass
 class CacheSpec:
     """One layer's K (or V) buffer: [batch, kv_heads, capacity, head_dim] of ``dtype``; the
-    capacity is ``max_seq_len`` (None), or the slots of a sliding window with sinks."""
+    capacity is ``max_seq_len`` (None), or the slots of a sliding window with sinks (or a
+    linear-attention state: [batch, kv_heads, features + 1, head_dim + 1])."""
     placeholder: str
     heads: int
     head_dim: int
@@ -122,13 +127,17 @@ def _sdpa_site(node: fx.Node, seq) -> Union[bool, str]:
     return True
 
 
-def _window_site(node: fx.Node, seq) -> Union[bool, str]:
-    """True for a sliding-window attention over the sequence (causal by construction)."""
-    q = tensor_meta(WindowAttention.of(node).q)
+REWRITTEN = (WindowAttention, LinearAttention)   # the attention modes' ops (causal by construction)
+
+
+def _rewritten_site(node: fx.Node, seq) -> Union[bool, str]:
+    """True for a sliding-window or linear attention over the sequence."""
+    view = next(v.of(node) for v in REWRITTEN if v.matches(node))
+    q = tensor_meta(view.q)
     if q is None or q.rank != 4:
-        return f"{node.name}: window attention without 4-D tensor metadata"
+        return f"{node.name}: {node.target} without 4-D tensor metadata"
     return True if _is_seq(q.shape[2], seq) else \
-        f"{node.name}: window attention whose length is not the sequence"
+        f"{node.name}: {node.target} whose length is not the sequence"
 
 
 CHECK_LENGTHS = (1, 2, 3, 5, 8, 13, 40)
@@ -229,8 +238,8 @@ def insert_kv_cache(ir: IRGraph) -> Union[KVCachePlan, str]:
     seq_nodes = _sequence_size_nodes(step, tokens, seq)
     sites, aranges = [], []
     for node in step.call_nodes():
-        if Sdpa.matches(node) or WindowAttention.matches(node):
-            verdict = _sdpa_site(node, seq) if Sdpa.matches(node) else _window_site(node, seq)
+        if Sdpa.matches(node) or any(v.matches(node) for v in REWRITTEN):
+            verdict = _sdpa_site(node, seq) if Sdpa.matches(node) else _rewritten_site(node, seq)
             if isinstance(verdict, str):
                 return verdict
             if verdict:
@@ -298,22 +307,15 @@ def _add_input(ir: IRGraph, name: str, example: torch.Tensor) -> fx.Node:
 def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node, i: int) -> None:
     """The site reads and writes its layer's K/V buffers: ``cached_attention`` over
     ``max_seq_len`` positions, or for a sliding window ``cached_window_attention`` over its
-    ``window + sinks`` slots."""
+    ``window + sinks`` slots, for linear attention ``cached_linear_attention``."""
+    if LinearAttention.matches(site):
+        return _cache_linear_site(ir, plan, site, cache_pos, i)
     window, sdpa = WindowAttention.of(site), Sdpa.of(site)
     q, k, v, scale = (window.q, window.k, window.v, window.scale) if window is not None else \
         (sdpa.query, sdpa.key, sdpa.value, sdpa.scale)
     capacity = window.window + window.sinks if window is not None else None
-    buffers = []
-    for kind, value in (("k", k), ("v", v)):
-        meta = tensor_meta(value)
-        name = f"kv_cache_{kind}{i}"
-        batch = value.meta["val"].shape[0]
-        with ir.fake_mode:
-            example = torch.empty(batch, meta.shape[1], capacity or 1, meta.shape[3],
-                                  dtype=meta.dtype, device=value.meta["val"].device)
-        buffers.append(_add_input(ir, name, example))
-        plan.caches.append(CacheSpec(name, int(meta.shape[1]), int(meta.shape[3]), meta.dtype,
-                                     capacity))
+    buffers = [_add_cache(ir, plan, f"kv_cache_{kind}{i}", value, capacity)
+               for kind, value in (("k", k), ("v", v))]
     with ir.gm.graph.inserting_before(site):
         if window is not None:
             cached = CachedWindowAttention.create(
@@ -322,6 +324,42 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
         else:
             cached = CachedAttention.create(ir.gm.graph, q=q, k=k, v=v, k_cache=buffers[0],
                                             v_cache=buffers[1], cache_pos=cache_pos, scale=scale)
+    site.replace_all_uses_with(cached)
+    ir.gm.graph.erase_node(site)
+    ir.infer(cached)
+
+
+def _add_cache(ir: IRGraph, plan: KVCachePlan, name: str, like: fx.Node, capacity: Optional[int],
+               head_dim: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> fx.Node:
+    """A cache input ``[batch, heads of like, capacity, head_dim]`` (``like``'s head dim and
+    dtype unless given), recorded in the plan."""
+    meta, val = tensor_meta(like), like.meta["val"]
+    head_dim, dtype = head_dim or int(meta.shape[3]), dtype or meta.dtype
+    with ir.fake_mode:
+        example = torch.empty(val.shape[0], meta.shape[1], capacity or 1, head_dim, dtype=dtype,
+                              device=val.device)
+    plan.caches.append(CacheSpec(name, int(meta.shape[1]), head_dim, dtype, capacity))
+    return _add_input(ir, name, example)
+
+
+def _cache_linear_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node,
+                       i: int) -> None:
+    """Linear attention keeps its state ``[batch, kv heads, features + 1, head_dim + 1]`` (at least
+    fp32: it sums over the whole sequence) and, with a window, a ring of ``window`` keys and
+    values: every cache bounded."""
+    op = LinearAttention.of(site)
+    q_map = op.q_map.meta["val"] if op.q_map is not None else None
+    features = features_of(op.feature, int(tensor_meta(op.q).shape[3]), q_map)
+    dtype = torch.promote_types(tensor_meta(op.v).dtype, torch.float32)
+    state = _add_cache(ir, plan, f"kv_cache_s{i}", op.v, features + 1,
+                       int(tensor_meta(op.v).shape[3]) + 1, dtype)
+    ring = [_add_cache(ir, plan, f"kv_cache_{kind}{i}", value, op.window)
+            for kind, value in (("k", op.k), ("v", op.v))] if op.window else [None, None]
+    with ir.gm.graph.inserting_before(site):
+        cached = CachedLinearAttention.create(
+            ir.gm.graph, q=op.q, k=op.k, v=op.v, state=state, k_cache=ring[0], v_cache=ring[1],
+            cache_pos=cache_pos, feature=op.feature, window=op.window, scale=op.scale,
+            q_map=op.q_map, k_map=op.k_map)
     site.replace_all_uses_with(cached)
     ir.gm.graph.erase_node(site)
     ir.infer(cached)
