@@ -47,10 +47,13 @@ def long_text(tokenizer, tokens: int) -> torch.Tensor:
     return ids
 
 
-def nll_and_top1(model, ids: torch.Tensor, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position the next token's NLL and the argmax, from one fxforge-compiled forward."""
+def nll_and_top1(model, ids: torch.Tensor, options: dict,
+                 calibration: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position the next token's NLL and the argmax, from one fxforge-compiled forward;
+    ``calibration``: other text of ids' shape to compile on (what calibrating passes fit on)."""
     torch._dynamo.reset()
-    compiled = fxforge.compile(LogitsOnly(model), (ids,), backend="cpu", **options)
+    example = ids if calibration is None else calibration
+    compiled = fxforge.compile(LogitsOnly(model), (example,), backend="cpu", **options)
     with torch.inference_mode():
         logits = compiled(ids)[0, :-1].float()
         return F.cross_entropy(logits, ids[0, 1:], reduction="none"), logits.argmax(-1)
