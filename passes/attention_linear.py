@@ -27,7 +27,7 @@ from fxforge.passes.attention_spec import (AttentionSpecError, check_fields, int
                                            rewrite_causal_attention)
 from fxforge.passes.base import Pass, PassResult
 
-DEFAULT_STEPS = 100   # Adam steps per layer (SmolLM2: ~2 min for 30 layers on 2 cores)
+DEFAULT_STEPS = 100   # Adam steps per layer (SmolLM2, 30 layers: ~2-4 min on 2 shared cores)
 
 
 @dataclass(frozen=True)

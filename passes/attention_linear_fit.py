@@ -29,7 +29,7 @@ log = logging.getLogger("fxforge.passes.attention")
 
 FIT_POSITIONS = 512    # positions of the calibration sequence a fit reads (cost ~ this)
 FIT_ROWS = 64          # query rows per Adam step
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 3e-2   # SmolLM2, fitted,window:64 at 2048 tokens: ppl 75.3 (1e-2: 87.2)
 
 
 def fit_feature_maps(ir: IRGraph, window: int, steps: int) -> dict:

@@ -170,7 +170,7 @@ def test_the_fit_brings_the_outputs_near_softmax_attention():
     _, start_error = fit_site(q, k, v, 0, 8 ** -0.5, steps=0)
     (q_map, k_map), error = fit_site(q, k, v, 0, 8 ** -0.5, steps=60)
     assert q_map.shape == (2, 8, 8) and k_map.shape == (1, 8, 8)
-    assert error < 0.9 * start_error   # seen: 0.80-0.83 of it after 60 steps
+    assert error < 0.9 * start_error   # seen: 0.72-0.74 of it after 60 steps
 
 
 # ---- whole models --------------------------------------------------------------------------------
