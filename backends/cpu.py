@@ -21,7 +21,8 @@ from fxforge.backends.reference import ReferenceBackend
 from fxforge.irgraph import TensorMeta
 from fxforge.irgraph.query import tensor_meta
 from fxforge.irgraph.views import (BlockSparseAttention, CachedAttention, CachedBlockSparseAttention,
-                                   CachedPerHeadAttention, CachedWindowAttention, PerHeadAttention,
+                                   CachedLinearAttention, CachedPerHeadAttention,
+                                   CachedWindowAttention, LinearAttention, PerHeadAttention,
                                    WindowAttention)
 from fxforge.irgraph.weight_format import QUANTIZED, W8A8
 
@@ -179,8 +180,47 @@ def make_table() -> KernelTable:
                      streaming=op.streaming, window=op.window, sinks=op.sinks, scale=op.scale)
         return (call, list(op.tensors), "CPU per-head cached attention",
                 "full heads on the cache, streaming heads on the ring")
+    @table.rule(torch.ops.fxforge.linear_attention.default)
+    def linear_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.linear_attention_cpu import CHUNK, cpu_linear_attention
+        op = LinearAttention.of(node)
+        maps = [m for m in (op.q_map, op.k_map) if m is not None]
+        call = Bound("cpu_linear_attention", _maps_last(cpu_linear_attention, 3, len(maps)),
+                     feature=op.feature, window=op.window, scale=op.scale)
+        return (call, (op.q, op.k, op.v, *maps), f"CPU linear attention ({op.feature}, window "
+                f"{op.window})", f"chunks of {CHUNK} queries and a running state: O(length)")
+
+    @table.rule(torch.ops.fxforge.cached_linear_attention.default)
+    def cached_linear_attention(node: fx.Node, constant) -> Optional[tuple]:
+        from fxforge.kernels.linear_attention_cpu import cpu_cached_linear_attention
+        op = CachedLinearAttention.of(node)
+        tensors = [t for t in op.tensors if t is not None]
+        maps = [m for m in (op.q_map, op.k_map) if m is not None]
+        kernel = _maps_last(_ring_optional(cpu_cached_linear_attention, op.window), len(tensors),
+                            len(maps))
+        call = Bound("cpu_cached_linear_attention", kernel, feature=op.feature, window=op.window,
+                     scale=op.scale)
+        return (call, (*tensors, *maps), f"CPU cached linear attention ({op.feature}, window "
+                f"{op.window})", "a recurrent step on a fixed-size state for one new position")
 
     return table
+
+
+def _maps_last(kernel: Callable, operands: int, maps: int) -> Callable:
+    """``kernel`` called with its ``operands`` tensors then the fitted maps (if any) as the
+    keyword arguments ``q_map``/``k_map``: the lowered graph passes tensors only, in order."""
+    def call(*tensors, **fixed):
+        named = dict(zip(("q_map", "k_map"), tensors[operands:])) if maps else {}
+        return kernel(*tensors[:operands], **named, **fixed)
+    return call
+
+
+def _ring_optional(kernel: Callable, window: int) -> Callable:
+    """Without a window the cached op has no ring: its k_cache/v_cache are None (not passed)."""
+    if window:
+        return kernel
+    return lambda q, k, v, state, cache_pos, **kw: kernel(q, k, v, state, None, None, cache_pos,
+                                                          **kw)
 
 
 class CPUBackend(ReferenceBackend):

@@ -21,7 +21,7 @@ class CompileOptions:
     accuracy_budget: Optional[tuple] = None  # quantize="auto"'s bound: ("kl", 0.01) (quantize_plan.py)
     requantize_on_change: bool = False  # a weight changed after a quantized compile: requantize
     prune: Optional[str] = None
-    attention: Optional[str] = None  # attention rewrites: "sliding_window:W,sinks:S" (attention_window.py)
+    attention: Optional[str] = None  # attention rewrites: "sliding_window:W,sinks:S", "linear:elu" (attention_modes.py)
     autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"
     verify: bool = False          # run eager alongside and raise VerificationError on mismatch
     passes: Optional[tuple] = None  # explicit pass pipeline (names), replacing the default

@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 import torch
 
-from fxforge.irgraph import ops as _ops, per_head_ops as _per_head_ops  # noqa: F401  (register ops)
-from fxforge.irgraph import sparse_ops as _sparse_ops, window_ops as _window_ops  # noqa: F401
+from fxforge.irgraph import linear_ops as _linear_ops, ops as _ops  # noqa: F401  (register ops)
+from fxforge.irgraph import per_head_ops as _per_head_ops, sparse_ops as _sparse_ops  # noqa: F401
+from fxforge.irgraph import window_ops as _window_ops  # noqa: F401
 from fxforge.irgraph.opview import OpView
 from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Arange, Cat, Clone, ConvertElementType, Expand, Full, Gelu, LayerNorm, MaskedFill, Neg, Permute,
@@ -26,13 +27,13 @@ from fxforge.irgraph.views_aten import (  # noqa: F401  (re-exported)
     Transpose, Unsqueeze, View, Where)
 
 __all__ = ["LINEAR_TARGETS", "Addmm", "Arange", "Baddbmm", "BlockSparseAttention", "Bmm",
-           "CachedAttention", "CachedBlockSparseAttention", "CachedPerHeadAttention",
-           "CachedWindowAttention", "Cat", "Clone",
-           "Contraction", "ConvertElementType", "Expand", "Full", "Gelu", "LayerNorm", "Linear",
-           "LinearOperands", "MaskedFill", "Matmul", "Mm", "Neg", "OpView", "PerHeadAttention", "Permute", "Reduction",
-           "RepeatInterleave", "RmsNorm", "Sdpa", "SdpaFlashCpu", "Select", "Slice", "Softmax",
-           "Split", "SymSize", "T", "ToCopy", "Transpose", "Unsqueeze", "View", "Where",
-           "WindowAttention"]
+           "CachedAttention", "CachedBlockSparseAttention", "CachedLinearAttention",
+           "CachedPerHeadAttention", "CachedWindowAttention", "Cat", "Clone", "Contraction",
+           "ConvertElementType", "Expand", "Full", "Gelu", "LayerNorm", "Linear",
+           "LinearAttention", "LinearOperands", "MaskedFill", "Matmul", "Mm", "Neg", "OpView",
+           "PerHeadAttention", "Permute", "Reduction", "RepeatInterleave", "RmsNorm", "Sdpa",
+           "SdpaFlashCpu", "Select", "Slice", "Softmax", "Split", "SymSize", "T", "ToCopy",
+           "Transpose", "Unsqueeze", "View", "Where", "WindowAttention"]
 aten = torch.ops.aten
 frozen = dataclasses.dataclass(frozen=True)
 
@@ -172,6 +173,39 @@ class CachedPerHeadAttention(OpView):
     def tensors(self) -> tuple:
         return (self.q, self.k, self.v, self.k_full, self.v_full, self.k_stream, self.v_stream,
                 self.cache_pos)
+
+
+@frozen
+class LinearAttention(OpView):
+    """``fxforge::linear_attention``: a softmax over the last ``window`` keys and feature-map
+    linear attention over the older ones (:mod:`fxforge.irgraph.linear_ops`)."""
+
+    q: Any
+    k: Any
+    v: Any
+    feature: str
+    window: int
+    scale: Optional[float] = None
+    q_map: Any = None
+    k_map: Any = None
+    TARGETS = (torch.ops.fxforge.linear_attention.default,)
+
+
+@frozen
+class CachedLinearAttention(LinearAttention):
+    """``fxforge::cached_linear_attention``: :class:`LinearAttention` over a fixed-size state
+    ``[B, Hkv, F, Dv + 1]`` and a ring of the last ``window`` keys and values."""
+
+    state: Any = dataclasses.field(kw_only=True)
+    k_cache: Any = dataclasses.field(kw_only=True)
+    v_cache: Any = dataclasses.field(kw_only=True)
+    cache_pos: Any = dataclasses.field(kw_only=True)
+    TARGETS = (torch.ops.fxforge.cached_linear_attention.default,)
+
+    @property
+    def tensors(self) -> tuple:
+        """The tensor operands in the op's order (what a kernel call passes)."""
+        return (self.q, self.k, self.v, self.state, self.k_cache, self.v_cache, self.cache_pos)
 
 
 # ---- attention ------------------------------------------------------------------------------

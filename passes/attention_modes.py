@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from fxforge.passes.attention_linear import parse_linear
 from fxforge.passes.attention_per_head import parse_per_head
 from fxforge.passes.attention_sparse import parse_block_sparse
 from fxforge.passes.attention_spec import AttentionSpecError, split_spec
@@ -19,17 +20,15 @@ MODES: dict[str, tuple[str, Callable[[str, str, dict], Any]]] = {
     "per_head": ("DuoAttention-style: k/v heads that keep their attention in sinks plus a "
                  "window (measured on calibration text) stream, the rest stay full",
                  parse_per_head),
+    "linear": ("feature-map linear attention (elu or a fitted map), optionally a softmax window",
+               parse_linear),
 }
-LATER = ("linear",)
 
 
 def parse_attention(spec: str) -> Any:
     """The spec of one ``attention`` option (its ``str`` is the canonical option)."""
     mode, value, fields = split_spec(spec)
     if mode not in MODES:
-        if mode in LATER:
-            raise AttentionSpecError(f"option attention={spec!r}: {mode} attention is not "
-                                     "available in this version of fxforge")
         raise AttentionSpecError(f"option attention={spec!r}: unknown mode {mode!r}; the modes "
                                  f"are {', '.join(MODES)}")
     return MODES[mode][1](spec, value, fields)

@@ -48,29 +48,38 @@ def calibration_inputs() -> Optional[tuple]:
     return _INPUTS.get()
 
 
-class _InputObserver(fx.Interpreter):
-    """Runs the graph, folding each wanted linear's input rows ``[rows, K]`` (fp32) into a
-    per-linear value: ``fold(node, value so far or None, rows)``."""
+class _Observer(fx.Interpreter):
+    """Runs the graph, calling ``visit(node, env)`` before each wanted node runs (``env``: the
+    values computed so far, by node)."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: set, fold: Callable):
+    def __init__(self, gm: fx.GraphModule, wanted: set, visit: Callable):
         super().__init__(gm)
-        self.wanted, self.fold, self.values = wanted, fold, {}
+        self.wanted, self.visit = wanted, visit
 
     def run_node(self, node: fx.Node):
         if node in self.wanted:
-            x = self.env[Linear.of(node).x].detach().float()
-            self.values[node] = self.fold(node, self.values.get(node), x.reshape(-1, x.shape[-1]))
+            self.visit(node, self.env)
         return super().run_node(node)
+
+
+def observe_nodes(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node], visit: Callable) -> None:
+    """``visit(node, env)`` at each of ``nodes`` in one eager run of ``ir`` on ``inputs`` (walks
+    the graph: no generated code needed)."""
+    with torch.no_grad():
+        _Observer(ir.gm, set(nodes), visit).run(*inputs)
 
 
 def observe_linear_inputs(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node],
                           fold: Callable) -> dict:
-    """node -> ``fold`` over the activations each of ``nodes`` multiplies in one eager run of
-    ``ir`` on ``inputs`` (walks the graph: no generated code needed)."""
-    observer = _InputObserver(ir.gm, set(nodes), fold)
-    with torch.no_grad():
-        observer.run(*inputs)
-    return observer.values
+    """node -> ``fold(node, value so far or None, rows)`` over the activations ``[rows, K]``
+    (fp32) each of ``nodes`` multiplies in one eager run of ``ir`` on ``inputs``."""
+    values: dict = {}
+
+    def visit(node, env):
+        x = env[Linear.of(node).x].detach().float()
+        values[node] = fold(node, values.get(node), x.reshape(-1, x.shape[-1]))
+    observe_nodes(ir, inputs, nodes, visit)
+    return values
 
 
 def linear_hessians(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node]) -> dict:

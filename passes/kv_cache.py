@@ -18,6 +18,9 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
   dense decode); a per-head streaming site (``passes/attention_per_head.py``)
   ``fxforge::cached_per_head_attention`` over a full cache for its full heads and a ring for
   its streaming ones;
+  ``fxforge::cached_window_attention`` over ``window + sinks`` slots; a linear-attention site
+  (``fxforge::linear_attention``, ``passes/attention_linear.py``) becomes
+  ``fxforge::cached_linear_attention`` over a fixed-size state and a ring of its window;
 * **positions**: ``arange(0, seq)`` (learned position embeddings, rotary ``position_ids``,
   ``cache_position``) becomes ``arange(0, t) + cache_pos``;
 * any other op that **mixes positions** — a matmul contracting over the sequence, a reduction,
@@ -37,12 +40,15 @@ from fxforge.irgraph import IRGraph
 from fxforge.irgraph.meta import META_KEY, SymMeta, set_meta
 from fxforge.irgraph.per_head_ops import head_groups
 from fxforge.irgraph.query import tensor_meta
+from fxforge.irgraph.linear_ops import features_of
 from fxforge.irgraph.views import (Arange, BlockSparseAttention, CachedAttention,
-                                   CachedBlockSparseAttention, CachedPerHeadAttention,
-                                   CachedWindowAttention, Contraction, PerHeadAttention, Reduction,
-                                   Sdpa, SymSize, WindowAttention)
+                                   CachedBlockSparseAttention, CachedLinearAttention,
+                                   CachedPerHeadAttention, CachedWindowAttention, Contraction,
+                                   LinearAttention, PerHeadAttention, Reduction, Sdpa, SymSize,
+                                   WindowAttention)
 
-REWRITTEN = (WindowAttention, BlockSparseAttention, PerHeadAttention)   # the modes' causal ops
+# the attention modes' causal ops
+REWRITTEN = (WindowAttention, BlockSparseAttention, PerHeadAttention, LinearAttention)
 
 aten = torch.ops.aten
 
@@ -50,8 +56,9 @@ aten = torch.ops.aten
 @dataclass
 class CacheSpec:
     """One layer's K (or V) buffer: [batch, kv_heads, capacity, head_dim] of ``dtype``; the
-    capacity is ``max_seq_len`` (None), or the slots of a sliding window with sinks. An int8
-    cache's scales are a buffer of their own (head_dim 1, fp32) naming it in ``scales_for``."""
+    capacity is ``max_seq_len`` (None), or the slots of a sliding window with sinks (or a
+    linear-attention state: [batch, kv_heads, features + 1, head_dim + 1]). An int8 cache's
+    scales are a buffer of their own (head_dim 1, fp32) naming it in ``scales_for``."""
     placeholder: str
     heads: int
     head_dim: int
@@ -138,8 +145,8 @@ def _sdpa_site(node: fx.Node, seq) -> Union[bool, str]:
 
 
 def _rewritten_site(node: fx.Node, seq) -> Union[bool, str]:
-    """True for an attention mode's op (window, block-sparse) over the sequence (causal by
-    construction)."""
+    """True for an attention mode's op (window, block-sparse, per-head, linear) over the
+    sequence (causal by construction)."""
     view = next(v.of(node) for v in REWRITTEN if v.matches(node))
     q = tensor_meta(view.q)
     if q is None or q.rank != 4:
@@ -319,7 +326,10 @@ def _cache_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Nod
     ``max_seq_len`` positions; for a sliding window ``cached_window_attention`` over its
     ``window + sinks`` slots; block-sparse ``cached_block_sparse_attention``; per-head
     streaming ``cached_per_head_attention`` over a full cache and a ring. ``int8``: int8
-    buffers plus their scales (plain and window sites; the options refuse it with the others)."""
+    buffers plus their scales (plain and window sites; the options refuse it with the others).
+    Linear attention: ``cached_linear_attention`` (:func:`_cache_linear_site`)."""
+    if LinearAttention.matches(site):
+        return _cache_linear_site(ir, plan, site, cache_pos, i)
     window, sparse = WindowAttention.of(site), BlockSparseAttention.of(site)
     per_head, sdpa = PerHeadAttention.of(site), Sdpa.of(site)
     mode = window or sparse or per_head
@@ -368,3 +378,29 @@ def _cache_buffer(ir: IRGraph, plan: KVCachePlan, spec: CacheSpec, like: fx.Node
                               spec.head_dim, dtype=spec.dtype, device=like.meta["val"].device)
     plan.caches.append(spec)
     return _add_input(ir, spec.placeholder, example)
+
+
+def _cache_linear_site(ir: IRGraph, plan: KVCachePlan, site: fx.Node, cache_pos: fx.Node,
+                       i: int) -> None:
+    """Linear attention keeps its state ``[batch, kv heads, features + 1, head_dim + 1]`` (at least
+    fp32: it sums over the whole sequence) and, with a window, a ring of ``window`` keys and
+    values: every cache bounded."""
+    op = LinearAttention.of(site)
+    q_map = op.q_map.meta["val"] if op.q_map is not None else None
+    k_meta, v_meta = tensor_meta(op.k), tensor_meta(op.v)
+    kv_heads = int(k_meta.shape[1])
+    features = features_of(op.feature, int(tensor_meta(op.q).shape[3]), q_map)
+    dtype = torch.promote_types(v_meta.dtype, torch.float32)
+    state = _cache_buffer(ir, plan, CacheSpec(f"kv_cache_s{i}", kv_heads, int(v_meta.shape[3]) + 1,
+                                              dtype, features + 1), op.v)
+    ring = [_cache_buffer(ir, plan, CacheSpec(f"kv_cache_{kind}{i}", kv_heads,
+                                              int(meta.shape[3]), meta.dtype, op.window), op.k)
+            for kind, meta in (("k", k_meta), ("v", v_meta))] if op.window else [None, None]
+    with ir.gm.graph.inserting_before(site):
+        cached = CachedLinearAttention.create(
+            ir.gm.graph, q=op.q, k=op.k, v=op.v, state=state, k_cache=ring[0], v_cache=ring[1],
+            cache_pos=cache_pos, feature=op.feature, window=op.window, scale=op.scale,
+            q_map=op.q_map, k_map=op.k_map)
+    site.replace_all_uses_with(cached)
+    ir.gm.graph.erase_node(site)
+    ir.infer(cached)
