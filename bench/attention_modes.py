@@ -12,10 +12,12 @@ attention op's time and the KV cache's memory against sequence length.
 2. **The attention op** at SmolLM2's heads (9 query heads, 3 k/v heads, head dim 64, batch 1,
    fp32), ``--lengths`` positions, interleaved rounds, medians: dense causal, sliding window,
    block-sparse (fixed pattern, and the auto patterns and per-head split measured in part 1,
-   averaged over three sampled layers), linear attention where fxforge has it. The slope of
+   averaged over three sampled layers), linear attention (elu, and elu with a 64-key softmax
+   window; a fitted map costs the same per position: ``bench/attention_linear.py``). The slope of
    time against length (log-log) per mode, and each mode's KV-cache bytes for the whole model
    at that length (decode keeps: dense and block-sparse every position, the window ``W + S``
-   slots, per-head the full heads' positions plus the streaming heads' slots).
+   slots, per-head the full heads' positions plus the streaming heads' slots, linear its
+   fixed-size state plus its window's ring).
 
 Writes ``--out``/attention_modes.json, a markdown table and a PNG of time and memory.
 """
@@ -34,6 +36,7 @@ from attention_window import long_text, nll_and_top1, slope
 from fxforge.compiler import recording
 from fxforge.irgraph.views import BlockSparseAttention, PerHeadAttention
 from fxforge.kernels.attention_cpu import cpu_attention
+from fxforge.kernels.linear_attention_cpu import cpu_linear_attention
 from fxforge.kernels.sparse_attention_cpu import cpu_block_sparse_attention, cpu_per_head_attention
 from fxforge.kernels.window_attention_cpu import cpu_window_attention
 
@@ -92,7 +95,9 @@ def op_runs(q, k, v, measured: dict) -> dict:
             f"window {WINDOW}+{SINKS}": lambda: cpu_window_attention(q, k, v, WINDOW, SINKS),
             "block_sparse:64": lambda: cpu_block_sparse_attention(q, k, v, [4, 1, 0, 0, 0], 64),
             "block_sparse:64,stride:8":
-                lambda: cpu_block_sparse_attention(q, k, v, [4, 1, 8, 0, 0], 64)}
+                lambda: cpu_block_sparse_attention(q, k, v, [4, 1, 8, 0, 0], 64),
+            "linear:elu": lambda: cpu_linear_attention(q, k, v, "elu", 0),
+            "linear:elu,window:64": lambda: cpu_linear_attention(q, k, v, "elu", 64)}
     for spec, per_site in measured.items():
         sites = _sampled(per_site)
         if spec.startswith("block_sparse"):
@@ -107,6 +112,10 @@ def kv_bytes(name: str, length: int, measured: dict) -> int:
     """The whole model's KV-cache bytes after ``length`` positions in decode."""
     if name.startswith("window"):
         return min(length, WINDOW + SINKS) * KV_BYTES
+    if name.startswith("linear"):
+        window = int(name.split("window:")[1]) if "window:" in name else 0
+        state = (HEAD_DIM + 1) * (HEAD_DIM + 1) * 4 * KV_HEADS * LAYERS   # elu: F = head dim
+        return state + min(length, window) * KV_BYTES
     if name.startswith("per_head"):
         flags = [f for site in measured[name] for f in site]
         streaming = sum(flags) / len(flags)
