@@ -88,7 +88,7 @@ def _format_speeds(backend: Backend):
 def _lower(result: Compilation, options: CompileOptions, overlay: Optional[Path],
            measure: bool) -> None:
     """Stage 3: lower the graph and its step graph in one tuning session, then release the
-    IRs' constants."""
+    IRs' constants (kept when ``verify`` checks a lossy compile against the optimized IR)."""
     from fxforge.kv_runtime import IncrementalDecoder
     mode = options.autotune if measure else ("off" if options.autotune == "off" else "cache")
     with tuning_session(mode, overlay=overlay) as active:
@@ -100,6 +100,8 @@ def _lower(result: Compilation, options: CompileOptions, overlay: Optional[Path]
                                            options.decode_replay, options.max_sessions)
         result.tuning = list(dict.fromkeys(active.picks[first:])) if active else []
         result.session = active
+    if options.verify and options.lossy:
+        return   # verify runs the optimized graph itself (a lossy option's meaning): keep it whole
     release_lowered_irs([(result.ir, result.lowered)]
                         + ([(result.plan.ir, result.kv.step)] if result.kv is not None else []))
 

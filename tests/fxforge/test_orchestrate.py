@@ -132,3 +132,15 @@ def test_aot_compile_lowers_once_and_returns_what_load_builds(tmp_path, monkeypa
     assert artifact.kv is not None and artifact.kv.step.choices
     with torch.no_grad():
         assert_close_to_eager([artifact(ids)], [model(ids)])
+
+
+@pytest.mark.parametrize("lossy", [{"quantize": "int8"}, {"attention": "sliding_window:6,sinks:2"},
+                                   {"attention": "block_sparse:16,local:1"}])
+def test_verify_checks_a_lossy_compile_against_the_optimized_graph(lossy):
+    """verify runs the optimized IR for a lossy option: its constants stay (they are released
+    after lowering otherwise)."""
+    model = make_model(n_layer=1).eval()
+    ids = torch.randint(0, 512, (2, 40))
+    torch._dynamo.reset()
+    compiled = fxforge.compile(model, (ids,), backend="cpu", verify=True, **lossy)
+    assert compiled(ids).shape == (2, 40, 512)
