@@ -85,3 +85,18 @@ def test_ragged_prompts_through_block_sparse_prefill():
     ref = _masked(model, _same_block(16))
     with torch.no_grad():
         assert int(ref(first[None])[0, -1].argmax()) == int(batch[0][len(first)])
+
+
+@pytest.mark.parametrize("spec", ["linear:elu", "linear:elu,window:4"])
+def test_ragged_prompts_through_linear_attention(spec):
+    """Linear attention's state is per sequence: the batch's tokens for each prompt are the
+    prompt's own, decoded alone (and its caches stay bounded past max_seq_len)."""
+    gen = fresh_generator()
+    model = make_model(n_layer=2).eval()
+    prompts = [torch.randint(0, 512, (n,), generator=gen) for n in RAGGED]
+    torch._dynamo.reset()
+    compiled = fxforge.compile(model, (prompts[0][None],), dynamic=True, kv_cache=True,
+                               max_seq_len=24, backend="cpu", attention=spec)
+    batch = fxforge.generate(compiled, prompts, 10)
+    for prompt, tokens in zip(prompts, batch):
+        assert torch.equal(tokens, fxforge.generate(compiled, prompt[None], 10)[0])
