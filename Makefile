@@ -49,6 +49,10 @@ bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/run.py --models small_gpt,gpt2,llama --compilers eager,fxforge,fxforge_tuned
 	OMP_NUM_THREADS=2 $(PY) bench/attention_window.py --out .bench/attention_window
+	OMP_NUM_THREADS=2 $(PY) bench/attention_modes.py --out .bench/attention_modes
+	OMP_NUM_THREADS=2 $(PY) bench/attention_linear.py --out .bench/attention_linear
+	OMP_NUM_THREADS=2 $(PY) bench/kv_int8.py --out .bench/kv_int8
+	OMP_NUM_THREADS=2 $(PY) bench/attention_positions.py --out .bench/attention_positions
 
 # Issue 17's side-by-side: quantized SmolLM2 against llama.cpp, ONNX Runtime and torchao in the
 # same runs (installs the peers: llama-cpp-python builds from source, minutes).
