@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fxforge.irgraph.window_ops import like_query
 
 PATTERN_FIELDS = ("local", "global", "stride", "window", "sinks")
+DENSE = (0, 0, 0, 0, 0)   # every block up to the diagonal, no window: causal attention
 
 
 def split_patterns(patterns: Sequence[int], heads: int) -> list[tuple[int, ...]]:

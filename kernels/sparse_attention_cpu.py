@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from fxforge.irgraph.per_head_ops import head_groups, query_heads, split_heads
-from fxforge.irgraph.sparse_ops import block_sparse_attention, split_patterns, write_prompt
+from fxforge.irgraph.sparse_ops import DENSE, block_sparse_attention, split_patterns, write_prompt
 from fxforge.irgraph.window_ops import like_query
 from fxforge.kernels.attention_cpu import cpu_attention
 from fxforge.kernels.decode_attention_cpu import cpu_cached_attention
@@ -37,12 +37,28 @@ def _log_declined(reason: str) -> None:
 
 def cpu_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: list,
                                block: int, scale: Optional[float] = None) -> torch.Tensor:
-    """``fxforge::block_sparse_attention`` (module docstring)."""
+    """``fxforge::block_sparse_attention`` (module docstring). Heads whose pattern is dense
+    run on the causal CPU attention (PyTorch's flash kernel at long lengths is faster per key
+    than the block-sparse kernel's dense rows), the others on the block-sparse kernel."""
     declined = kernel_declines(q, k, v, block)
     if declined is not None:
         _log_declined(declined)
         return block_sparse_attention(q, k, v, patterns, block, scale)
-    return sparse_attention(q, k, v, split_patterns(patterns, q.shape[1]), block, scale)
+    rows = split_patterns(patterns, q.shape[1])
+    dense = [h for h, p in enumerate(rows) if p == DENSE]
+    if len(rows) == 1 or not dense:
+        return sparse_attention(q, k, v, rows, block, scale)
+    if len(dense) == len(rows):
+        return cpu_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    sparse = [h for h, p in enumerate(rows) if p != DENSE]
+    groups, out = q.shape[1] // k.shape[1], like_query(q, v)
+    for heads, run in ((dense, lambda *a: cpu_attention(*a, is_causal=True, scale=scale)),
+                       (sparse, lambda *a: sparse_attention(*a, [rows[h] for h in sparse], block,
+                                                            scale))):
+        index, kv = torch.tensor(heads), torch.tensor([h // groups for h in heads])
+        out.index_copy_(1, index, run(q.index_select(1, index), k.index_select(1, kv),
+                                      v.index_select(1, kv)))
+    return out
 
 
 def cpu_cached_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

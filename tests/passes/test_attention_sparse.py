@@ -82,7 +82,8 @@ def test_bad_options_are_clear_errors(spec, message):
     (1, 2, 2, 37, 16, [(2, 1, 0, 0, 0)]), (2, 4, 2, 130, 16, [(1, 0, 3, 0, 0)]),
     (3, 6, 3, 64, 32, [(1, 1, 0, 0, 0)]), (1, 2, 1, 100, 16, [(0, 0, 0, 20, 3)]),
     (2, 4, 1, 90, 16, [(1, 0, 0, 0, 0), (0, 0, 0, 0, 0), (2, 1, 2, 0, 0), (3, 0, 0, 9, 1)]),
-    (1, 2, 2, 5, 16, [(1, 0, 0, 0, 0)])])
+    (1, 2, 2, 5, 16, [(1, 0, 0, 0, 0)]), (2, 4, 2, 40, 16, [DENSE] * 4),
+    (1, 6, 2, 70, 16, [DENSE, (1, 1, 0, 0, 0), DENSE, DENSE, (2, 0, 0, 0, 0), DENSE])])
 def test_the_op_and_the_kernel_follow_the_pattern(batch, heads, kv_heads, length, block, patterns):
     gen = fresh_generator()
     q, k, v = random_qkv(gen, batch, heads, kv_heads, length)
