@@ -2,7 +2,7 @@
 calibration inputs (the compile's example inputs, ``passes/gptq.calibration_inputs``): the modes
 that choose a pattern per head (``block_sparse:auto``, ``per_head``) read it from here.
 
-:func:`observe_queries_keys` runs the graph once, eagerly (an ``fx.Interpreter``: no generated
+:func:`observe_queries_keys` runs the graph once, eagerly (``gptq.observe_nodes``: no generated
 code), and keeps the query and key of every wanted attention site; :func:`block_mass` folds a
 site's softmax probabilities into the mean mass each query block puts on each key block, one
 head at a time (one ``[L, L]`` probability matrix in memory, not ``[H, L, L]``).
@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.views import Sdpa
-from fxforge.passes.gptq import calibration_inputs
+from fxforge.passes.gptq import calibration_inputs, observe_nodes
 
 log = logging.getLogger("fxforge.passes.attention")
 
@@ -30,30 +30,21 @@ MAX_REMEMBERED = 16
 _REMEMBERED: "OrderedDict[tuple, list]" = OrderedDict()
 
 
-class _QueryKeyObserver(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set):
-        super().__init__(gm)
-        self.wanted, self.seen = wanted, {}
-
-    def run_node(self, node: fx.Node):
-        if node in self.wanted:
-            sdpa = Sdpa.of(node)
-            q, k = self.env[sdpa.query], self.env[sdpa.key]
-            self.seen[node] = (q[:, :, :MAX_POSITIONS].detach().float(),
-                               k[:, :, :MAX_POSITIONS].detach().float())
-        return super().run_node(node)
-
-
 def observe_queries_keys(ir: IRGraph, nodes: Sequence[fx.Node]) -> Optional[dict]:
     """node -> (q ``[B, H, L, D]``, k ``[B, Hkv, L, D]``) at each SDPA of ``nodes`` in one eager
-    run on the calibration inputs; None when the compile has no calibration inputs."""
+    run on the calibration inputs (at most MAX_POSITIONS of them); None when the compile has no
+    calibration inputs."""
     inputs = calibration_inputs()
     if inputs is None:
         return None
-    observer = _QueryKeyObserver(ir.gm, set(nodes))
-    with torch.no_grad():
-        observer.run(*inputs)
-    return observer.seen
+    seen = {}
+
+    def visit(node, env):
+        sdpa = Sdpa.of(node)
+        seen[node] = tuple(env[t][:, :, :MAX_POSITIONS].detach().float()
+                           for t in (sdpa.query, sdpa.key))
+    observe_nodes(ir, inputs, nodes, visit)
+    return seen
 
 
 def weights_fingerprint(ir: IRGraph) -> str:
