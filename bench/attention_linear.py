@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from attention_window import long_text, nll_and_top1, slope   # bench/ is on sys.path as a script
+from attention_window import long_text, nll_and_top1, op_medians, slope   # bench/ is on sys.path as a script
 from fxforge.kernels.attention_cpu import cpu_attention
 from fxforge.kernels.linear_attention_cpu import cpu_linear_attention
 
@@ -90,15 +89,7 @@ def op_times(lengths: list[int], rounds: int) -> list[dict]:
                 "elu_ms": lambda: cpu_linear_attention(q, k, v, "elu", 0),
                 "elu_window64_ms": lambda: cpu_linear_attention(q, k, v, "elu", 64),
                 "fitted_ms": lambda: cpu_linear_attention(q, k, v, "fitted", 0, None, q_map, k_map)}
-        times: dict = {name: [] for name in runs}
-        for fn in runs.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(1e3 * (time.perf_counter() - start))
-        rows.append({"length": length, **{n: statistics.median(t) for n, t in times.items()}})
+        rows.append({"length": length, **op_medians(runs, rounds)})
         print(f"attention op, {length:5d} positions: " + "  ".join(
             f"{n[:-3]} {rows[-1][n]:9.2f} ms" for n in runs), flush=True)
     return rows

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from attention_window import long_text, nll_and_top1, slope
+from attention_window import long_text, nll_and_top1, op_medians, slope
 from fxforge.compiler import recording
 from fxforge.irgraph.views import BlockSparseAttention, PerHeadAttention
 from fxforge.kernels.attention_cpu import cpu_attention
@@ -129,23 +127,14 @@ def op_times(lengths: list[int], rounds: int, measured: dict) -> list[dict]:
         q = torch.randn(1, 9, length, 64, generator=gen)
         k, v = (torch.randn(1, KV_HEADS, length, 64, generator=gen) for _ in range(2))
         runs = op_runs(q, k, v, measured)
-        times = {name: [] for name in runs}
-        for fn in runs.values():
-            fn()
-        for r in range(rounds):
-            order = list(runs.items())
-            for name, fn in order[r % len(order):] + order[:r % len(order)]:   # rotated
-                start = time.perf_counter()
-                out = fn()
-                times[name].append(1e3 * (time.perf_counter() - start) / (len(out) if isinstance(out, list) else 1))
-        for name in runs:
-            ms = statistics.median(times[name])
+        calls = {name: len(_sampled(per_site)) for name, per_site in measured.items()}
+        medians = op_medians(runs, rounds, calls)
+        for name, ms in medians.items():
             rows.append({"mode": name, "length": length, "ms": ms,
                          "kv_MB": kv_bytes(name, length, measured) / 1e6})
-        dense = statistics.median(times["dense"])
         print(f"{length:5d} positions: " + "  ".join(
-            f"{n} {statistics.median(t):.1f} ms ({dense / statistics.median(t):.1f}x)"
-            for n, t in times.items()), flush=True)
+            f"{n} {ms:.1f} ms ({medians['dense'] / ms:.1f}x)" for n, ms in medians.items()),
+            flush=True)
     return rows
 
 

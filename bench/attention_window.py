@@ -98,20 +98,29 @@ def op_times(lengths: list[int], window: int, rounds: int) -> list[dict]:
         k, v = (torch.randn(1, 3, length, 64, generator=gen) for _ in range(2))
         runs = {"dense": lambda: cpu_attention(q, k, v, is_causal=True, enable_gqa=True),
                 "window": lambda: cpu_window_attention(q, k, v, window, SINKS)}
-        times = {name: [] for name in runs}
-        for fn in runs.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(1e3 * (time.perf_counter() - start))
-        dense, windowed = (statistics.median(times[n]) for n in ("dense", "window"))
+        medians = op_medians(runs, rounds)
+        dense, windowed = medians["dense"], medians["window"]
         rows.append({"length": length, "dense_ms": dense, "window_ms": windowed,
                      "speedup": dense / windowed})
         print(f"attention op, {length:5d} positions: dense {dense:9.2f} ms  window {window} + "
               f"{SINKS} sinks {windowed:8.2f} ms  ({dense / windowed:.1f}x)", flush=True)
     return rows
+
+
+def op_medians(runs: dict, rounds: int, calls: Optional[dict] = None) -> dict:
+    """name -> median ms of ``runs[name]()`` over ``rounds`` rounds, each round in a rotated
+    order (a drifting host then weighs on every run alike), each run warmed once;
+    ``calls[name]``: how many calls one run makes (several layers), divided out."""
+    times: dict = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    order = list(runs.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start) / (calls or {}).get(name, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def slope(rows: list[dict], key: str) -> float:
