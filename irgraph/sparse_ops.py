@@ -25,6 +25,8 @@ from fxforge.irgraph.window_ops import like_query
 
 PATTERN_FIELDS = ("local", "global", "stride", "window", "sinks")
 DENSE = (0, 0, 0, 0, 0)   # every block up to the diagonal, no window: causal attention
+# The block sizes the kernels take (the reference takes any); the option offers these.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def split_patterns(patterns: Sequence[int], heads: int) -> list[tuple[int, ...]]:
@@ -44,7 +46,8 @@ def block_layout(pattern: Sequence[int], blocks: int) -> torch.Tensor:
     local, global_, stride = pattern[:3]
     qb, kb = torch.arange(blocks)[:, None], torch.arange(blocks)[None, :]
     near = (qb - kb < local) if local > 0 else torch.ones(blocks, blocks, dtype=torch.bool)
-    strided = ((qb - kb) % stride == 0) if stride > 0 else torch.zeros(blocks, blocks, dtype=torch.bool)
+    strided = ((qb - kb) % stride == 0) if stride > 0 else \
+        torch.zeros(blocks, blocks, dtype=torch.bool)
     return (kb <= qb) & (near | (kb < global_) | strided)
 
 

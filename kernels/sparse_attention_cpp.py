@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fxforge.irgraph.sparse_ops import BLOCK_SIZES
 from fxforge.kernels.attention_tiles_cpp import TILES
 from fxforge.kernels.fused_cpp_math import MATH, PRELUDE
 from fxforge.kernels.plan_cache import PlanCache
@@ -36,7 +37,6 @@ from fxforge.kernels.toolchain import build_failure, load_function
 
 MAX_HEAD_DIM = 256
 MAX_PACKED_BYTES = 256 << 20   # the per-call copy of K^T and V (every batch and k/v head)
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 MAX_PLANS = 64
 
 SOURCE = "#include <omp.h>\n#include <stdlib.h>\n" + PRELUDE + MATH + \

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from fxforge.irgraph import IRGraph
-from fxforge.irgraph.sparse_ops import DENSE, block_layout
+from fxforge.irgraph.sparse_ops import BLOCK_SIZES, DENSE, block_layout
 from fxforge.irgraph.views import BlockSparseAttention, Sdpa
 from fxforge.passes.attention_calib import block_mass, calibration_sites, measured_once
 from fxforge.passes.attention_spec import (AttentionSpecError, check_fields, float_field,
@@ -41,7 +41,6 @@ from fxforge.passes.base import Pass, PassResult
 
 log = logging.getLogger("fxforge.passes.attention")
 
-BLOCKS = (16, 32, 64, 128, 256)   # the kernel's block sizes
 # The patterns auto chooses from (local, global, stride): cheapest first by COST_LENGTH's work.
 MENU = [(local, global_, stride) for local, global_, stride in
         itertools.product((1, 2, 3, 4, 6, 8, 12, 16), (0, 1, 2), (0, 16, 8, 4))]
@@ -87,9 +86,9 @@ def parse_block_sparse(spec: str, value: str, fields: dict) -> BlockSparseSpec:
 
 def _block(spec: str, text: str) -> int:
     block = int_field(spec, "block", text, 1)
-    if block not in BLOCKS:
+    if block not in BLOCK_SIZES:
         raise AttentionSpecError(f"option attention={spec!r}: block {block} is not one of "
-                                 f"{', '.join(map(str, BLOCKS))}")
+                                 f"{', '.join(map(str, BLOCK_SIZES))}")
     return block
 
 
