@@ -59,10 +59,13 @@ def test_int8_with_a_mode_whose_cache_cannot_hold_it_is_an_error(attention):
 # ---- the ops against the definition ----------------------------------------------------------
 
 def definition(x: torch.Tensor) -> torch.Tensor:
-    """The rule in float64: scale = absmax / 127 per row, code = round(x / scale)."""
-    x = x.double()
+    """The rule, read back in float64: scale = absmax / 127 per row and code = round(x / scale)
+    (half to even), both in fp32 as the cache stores and computes them (in float64 a ratio
+    near a half can round the other way: one code a step off, a flaky mismatch)."""
+    x = x.float()
     scale = x.abs().amax(-1, keepdim=True) / 127
-    return torch.where(scale > 0, (x / scale).round().clamp(-127, 127), 0) * scale
+    codes = torch.where(scale > 0, (x / scale).round().clamp(-127, 127), 0)
+    return codes.double() * scale.double()
 
 
 def attend(q, keys, values, visible_keys, scale=None):
