@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
@@ -28,6 +29,7 @@ log = logging.getLogger("fxforge.passes.attention")
 MAX_POSITIONS = 4096   # of a calibration sequence measured (the probabilities are quadratic)
 MAX_REMEMBERED = 16
 _REMEMBERED: "OrderedDict[tuple, list]" = OrderedDict()
+_REMEMBERED_LOCK = threading.Lock()   # graphs may compile on several threads at once
 
 
 def observe_queries_keys(ir: IRGraph, nodes: Sequence[fx.Node]) -> Optional[dict]:
@@ -64,14 +66,16 @@ def measured_once(ir: IRGraph, spec: object, measure: Callable[[], Optional[list
     weights), else a new measurement: every graph dynamo compiles of one model (a new batch
     size, the KV step graph, a short prompt too short to measure) uses the same heads."""
     key = (str(spec), weights_fingerprint(ir))
-    if key in _REMEMBERED:
-        _REMEMBERED.move_to_end(key)
-        return _REMEMBERED[key]
+    with _REMEMBERED_LOCK:
+        if key in _REMEMBERED:
+            _REMEMBERED.move_to_end(key)
+            return _REMEMBERED[key]
     chosen = measure()
     if chosen is not None:
-        _REMEMBERED[key] = chosen
-        while len(_REMEMBERED) > MAX_REMEMBERED:
-            _REMEMBERED.popitem(last=False)
+        with _REMEMBERED_LOCK:
+            chosen = _REMEMBERED.setdefault(key, chosen)   # a racing thread's first one wins
+            while len(_REMEMBERED) > MAX_REMEMBERED:
+                _REMEMBERED.popitem(last=False)
     return chosen
 
 
