@@ -20,7 +20,7 @@ class CompileOptions:
     quantize: Optional[tuple] = None  # weight-only quantization rules (passes/quantize.py)
     accuracy_budget: Optional[tuple] = None  # quantize="auto"'s bound: ("kl", 0.01) (quantize_plan.py)
     requantize_on_change: bool = False  # a weight changed after a quantized compile: requantize
-    prune: Optional[str] = None
+    prune: Optional[str] = None   # structured pruning: "mlp:0.25,layers:2" (passes/prune_spec.py)
     attention: Optional[str] = None  # attention rewrites: "sliding_window:W,sinks:S", "linear:elu" (attention_modes.py)
     autotune: str = "off"         # "off", "tune" (True: cached configs, tune what is missing), "cache"
     verify: bool = False          # run eager alongside and raise VerificationError on mismatch
@@ -32,7 +32,7 @@ class CompileOptions:
     def lossy(self) -> bool:
         """A pass that changes the model's meaning on purpose (quantization, sparse attention)
         runs: checks compare against the optimized graph's own meaning, not eager's."""
-        return bool(self.quantize or self.attention or self.int8_kv_cache)
+        return bool(self.quantize or self.attention or self.prune or self.int8_kv_cache)
 
     @property
     def int8_kv_cache(self) -> bool:
@@ -44,8 +44,6 @@ class CompileOptions:
         return out
 
 
-# Options whose feature has not landed yet: a clear error beats silently ignoring them.
-_NOT_YET = {"prune": "pruning"}
 AUTOTUNE_MODES = {False: "off", True: "tune", "off": "off", "tune": "tune", "cache": "cache"}
 
 
@@ -59,12 +57,12 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
                            f"known options: {', '.join(sorted(known))}")
     if merged.get("precision", "fp32") not in PRECISIONS:
         raise OptionsError(f"precision must be one of {PRECISIONS}, got {merged['precision']!r}")
-    for key, feature in _NOT_YET.items():
-        if not isinstance(merged.get(key), (str, type(None))):
-            raise OptionsError(f"option {key} must be None or a string, got {merged[key]!r}")
-        if merged.get(key):
-            raise OptionsError(f"option {key}={merged[key]!r}: {feature} is not available in this "
-                               "version of fxforge")
+    if merged.get("prune") is not None:
+        from fxforge.passes.prune_spec import PruneSpecError, parse_prune
+        try:
+            merged["prune"] = str(parse_prune(merged["prune"]))
+        except PruneSpecError as exc:
+            raise OptionsError(str(exc)) from None
     if merged.get("quantize") is not None:
         from fxforge.passes.quantize import QuantizeSpecError, parse_quantize
         try:

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.irgraph import IRGraph
-from fxforge.irgraph.views import Linear
+from fxforge.irgraph.views import LinearOperands
 from fxforge.passes.quantize_math import int4_codes, int4_range, int8_codes, int8_scale
 
 DAMPING = 0.01   # of the Hessian's mean diagonal: keeps the Cholesky factorisation stable
@@ -50,16 +50,20 @@ def calibration_inputs() -> Optional[tuple]:
 
 class _Observer(fx.Interpreter):
     """Runs the graph, calling ``visit(node, env)`` before each wanted node runs (``env``: the
-    values computed so far, by node)."""
+    values computed so far, by node), or ``after(node, value)`` once it ran."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: set, visit: Callable):
+    def __init__(self, gm: fx.GraphModule, wanted: set, visit: Optional[Callable],
+                 after: Optional[Callable] = None):
         super().__init__(gm)
-        self.wanted, self.visit = wanted, visit
+        self.wanted, self.visit, self.after = wanted, visit, after
 
     def run_node(self, node: fx.Node):
-        if node in self.wanted:
+        if node in self.wanted and self.visit is not None:
             self.visit(node, self.env)
-        return super().run_node(node)
+        value = super().run_node(node)
+        if node in self.wanted and self.after is not None:
+            self.after(node, value)
+        return value
 
 
 def observe_nodes(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node], visit: Callable) -> None:
@@ -69,14 +73,21 @@ def observe_nodes(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node], visit
         _Observer(ir.gm, set(nodes), visit).run(*inputs)
 
 
+def observe_values(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node], after: Callable) -> None:
+    """``after(node, value)`` with the value each of ``nodes`` computes in one eager run."""
+    with torch.no_grad():
+        _Observer(ir.gm, set(nodes), None, after).run(*inputs)
+
+
 def observe_linear_inputs(ir: IRGraph, inputs: Sequence, nodes: Sequence[fx.Node],
                           fold: Callable) -> dict:
     """node -> ``fold(node, value so far or None, rows)`` over the activations ``[rows, K]``
-    (fp32) each of ``nodes`` multiplies in one eager run of ``ir`` on ``inputs``."""
+    (fp32) each of ``nodes`` (``fxforge::linear``, ``mm``, ``addmm``: ``LinearOperands``)
+    multiplies in one eager run of ``ir`` on ``inputs``."""
     values: dict = {}
 
     def visit(node, env):
-        x = env[Linear.of(node).x].detach().float()
+        x = env[LinearOperands.of(node).x].detach().float()
         values[node] = fold(node, values.get(node), x.reshape(-1, x.shape[-1]))
     observe_nodes(ir, inputs, nodes, visit)
     return values

@@ -36,6 +36,10 @@ def default_pipeline(options: Mapping[str, Any],
     if "bf16" in weight_formats:
         formats.append("exact_bf16_weights")
     front: list[Union[str, Pass]] = list(FRONT)
+    if options.get("prune"):   # first: every later pass, fusion included, sees the smaller model
+        from fxforge.passes.prune import prune_pass
+        from fxforge.passes.prune_spec import parse_prune
+        front.insert(front.index("cse") + 1, prune_pass(parse_prune(options["prune"])))
     if options.get("attention"):   # on the fused attention, before anything reads its sites
         from fxforge.passes.attention_modes import attention_pass
         front.insert(front.index("fuse_attention") + 1, attention_pass(options["attention"]))

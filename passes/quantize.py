@@ -136,7 +136,7 @@ def rule_for(rules: Rules, names: str) -> Optional[str]:
     return None
 
 
-def _weight_constant(ir: IRGraph, node: Any) -> Optional[tuple[torch.Tensor, fx.Node]]:
+def weight_constant(ir: IRGraph, node: Any) -> Optional[tuple[torch.Tensor, fx.Node]]:
     """(the [K, N] value, the constant behind it) when ``node`` is a constant or views of one."""
     if not isinstance(node, fx.Node):
         return None
@@ -145,14 +145,14 @@ def _weight_constant(ir: IRGraph, node: Any) -> Optional[tuple[torch.Tensor, fx.
         return (value, node) if isinstance(value, torch.Tensor) else None
     if node.op != "call_function" or not is_view_op(node.target):
         return None
-    inner = _weight_constant(ir, node.all_input_nodes[0] if node.all_input_nodes else None)
+    inner = weight_constant(ir, node.all_input_nodes[0] if node.all_input_nodes else None)
     if inner is None or len(node.all_input_nodes) != 1:
         return None
     args = fx.node.map_arg(node.args, lambda n: inner[0])
     return node.target(*args, **node.kwargs), inner[1]
 
 
-def _add_transposed(ir: IRGraph, name: str, value_nk: torch.Tensor, before: fx.Node) -> fx.Node:
+def add_transposed(ir: IRGraph, name: str, value_nk: torch.Tensor, before: fx.Node) -> fx.Node:
     """A constant stored ``[rows, N]``-major as the kernels read it, seen ``[N-last]`` by the op."""
     const = ir.add_constant(name, value_nk.contiguous(), before)
     with ir.gm.graph.inserting_before(before):
@@ -210,16 +210,16 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str, calibrated: Any = N
 def _quantize_linear(ir: IRGraph, linear: Linear, scheme: str, name: str,
                      calibrated: Any, regrouped: list) -> Optional[str]:
     """Give ``linear`` its quantized weight; the format used, or None if it stays fp32."""
-    value, _ = _weight_constant(ir, linear.weight)
+    value, _ = weight_constant(ir, linear.weight)
     encoded = _encode(value.t(), scheme, name, calibrated, regrouped)
     if encoded is None:
         return None
     fmt, codes, scales, offsets = encoded
     before = linear.node
-    extras = {"scales": _add_transposed(ir, "q_scales", scales, before)}
+    extras = {"scales": add_transposed(ir, "q_scales", scales, before)}
     if offsets is not None:
-        extras["offsets"] = _add_transposed(ir, "q_offsets", offsets, before)
-    weight = _add_transposed(ir, "q_codes", codes, before)
+        extras["offsets"] = add_transposed(ir, "q_offsets", offsets, before)
+    weight = add_transposed(ir, "q_codes", codes, before)
     weight.all_input_nodes[0].meta[WEIGHT_NAME_KEY] = name   # the codes keep the model's name
     linear.replace(weight=weight, weight_format=fmt, **extras)
     ir.infer(linear.node)
@@ -233,7 +233,7 @@ def _plan(ir: IRGraph, rules: Rules, counts: Counter) -> list[tuple[Linear, str,
         linear = Linear.of(node)
         if linear is None or linear.weight_format != DENSE:
             continue
-        found = _weight_constant(ir, linear.weight)
+        found = weight_constant(ir, linear.weight)
         meta = tensor_meta(linear.weight)
         if found is None or meta is None or meta.dtype != torch.float32:
             counts["not_constant"] += 1
@@ -268,7 +268,7 @@ def _resolve_auto(ir: IRGraph, plan: list, budget: Optional[tuple], counts: Coun
     if budget is None:
         raise QuantizeSpecError("quantize 'auto' needs accuracy_budget, e.g. {'kl': 0.01}")
     from fxforge.passes.quantize_auto import auto_formats, candidate
-    candidates = [candidate(plan[i][0], plan[i][2], _weight_constant(ir, plan[i][0].weight)[0])
+    candidates = [candidate(plan[i][0], plan[i][2], weight_constant(ir, plan[i][0].weight)[0])
                   for i in auto]
     resolved = list(plan)
     for i, scheme in zip(auto, auto_formats(ir, candidates, budget)):
@@ -284,7 +284,7 @@ def quantize_weights(ir: IRGraph, rules: Rules, budget: Optional[tuple] = None) 
     plan = _resolve_auto(ir, _plan(ir, rules, counts), budget, counts)
     # before any weight changes: both calibrate on the fp32 graph
     calibrated = _hessians(ir, plan)
-    w8a8 = w8a8_choices(ir, plan, lambda node: _weight_constant(ir, Linear.of(node).weight)[0].t())
+    w8a8 = w8a8_choices(ir, plan, lambda node: weight_constant(ir, Linear.of(node).weight)[0].t())
     calibrated.update(w8a8)
     if w8a8:
         counts["w8a8_guarded"] = sum(choice.guarded for choice in w8a8.values())

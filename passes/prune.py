@@ -1,0 +1,118 @@
+"""Structured pruning (``options={"prune": {...}}``, :mod:`fxforge.passes.prune_spec`): whole
+decoder blocks and MLP channels leave the graph, so every later pass, the KV cache and every
+backend work on smaller shapes (unlike masks of zeros, which speed up nothing).
+
+The pass runs first in the pipeline (after CSE), on plain ATen, so projection and attention
+fusion, constant folding, quantization and the KV-cache pass all see the pruned model. It
+measures on the calibration inputs (the compile's example inputs: give real text):
+
+* layers: a block's Block Influence (ShortGPT, Men et al., 2024) is ``1 - mean cos(x_in,
+  x_out)`` over the calibration tokens, the block's input and output on the residual stream;
+  the ``layers`` least influential go (``drop_layers`` names them instead). A removed block's
+  output is replaced by its input: the residual stream passes through, and its attention (with
+  its KV cache) and its MLP are dead code.
+* MLP channels: :mod:`fxforge.passes.prune_mlp`.
+
+What was removed, per block and per MLP, with the bytes and FLOPs saved, is kept in
+``ir.info["prune"]`` (``fxforge/prune_report.py`` turns it into a table).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+from fxforge.irgraph import IRGraph
+from fxforge.irgraph.graph import hoist_get_attrs
+from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.gptq import calibration_inputs, observe_values
+from fxforge.passes.prune_mlp import prune_mlps
+from fxforge.passes.prune_sites import Block, decoder_blocks
+from fxforge.passes.prune_spec import PruneSpec, PruneSpecError
+
+log = logging.getLogger("fxforge.passes.prune")
+
+
+def prune_pass(spec: PruneSpec) -> Pass:
+    return Pass("prune", functools.partial(prune, spec=spec),
+                f"structured pruning ({spec})")
+
+
+def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
+    """Remove the blocks, then the MLP channels, ``spec`` asks for (module docstring)."""
+    inputs = calibration_inputs()
+    if spec.needs_calibration and inputs is None:
+        raise PruneSpecError(f"prune={str(spec)!r} measures on calibration inputs and has none: "
+                             "compile with example inputs (real text), or use score='magnitude',"
+                             " compensate='off' and drop_layers")
+    constants_before = _constant_bytes(ir)
+    report: dict = {"spec": str(spec), "layers": [], "mlp": [], "declined": {}}
+    if spec.prunes_layers:
+        report["layers"] = drop_blocks(ir, spec, inputs)
+        ir.gm.graph.eliminate_dead_code()
+    if spec.mlp:
+        report["mlp"], report["declined"] = prune_mlps(ir, spec, inputs)
+        ir.gm.graph.eliminate_dead_code()
+    _drop_unused_constants(ir)
+    hoist_get_attrs(ir.gm.graph)   # the new weights join the constants at the top
+    report["bytes_before"] = constants_before
+    report["bytes_after"] = _constant_bytes(ir)
+    ir.info["prune"] = report
+    for name, why in report["declined"].items():
+        log.debug("prune: linear %s is not an MLP's down projection: %s", name, why)
+    return PassResult(ir, {"blocks": len(report["layers"]), "mlps": len(report["mlp"])})
+
+
+def drop_blocks(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> list[dict]:
+    """Remove the blocks ``spec`` names or the least influential ones; one report row each."""
+    blocks = decoder_blocks(ir)
+    wanted = spec.layers or len(spec.drop_layers)
+    if wanted > len(blocks) or any(i >= len(blocks) for i in spec.drop_layers):
+        raise PruneSpecError(f"prune: {len(blocks)} removable block(s) found (the last block of "
+                             f"each stack stays), cannot remove {spec.drop_layers or wanted}")
+    influence = block_influence(ir, blocks, inputs) if inputs is not None else {}
+    chosen = list(spec.drop_layers) or sorted(range(len(blocks)),
+                                              key=lambda i: influence[i])[:spec.layers]
+    rows = []
+    for index in sorted(chosen, reverse=True):   # later first: each end is still the block's own
+        block = blocks[index]
+        block.end.replace_all_uses_with(block.start)
+        rows.append({"kind": "layer", "index": index, "name": block.name,
+                     "influence": influence.get(index)})
+    log.info("prune: removed block(s) %s of %d", sorted(chosen), len(blocks) + 1)
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def block_influence(ir: IRGraph, blocks: list[Block], inputs: Sequence) -> dict[int, float]:
+    """Block index -> ``1 - mean cos(input, output)`` over the calibration tokens."""
+    stream = {b.start for b in blocks} | {b.end for b in blocks}
+    values: dict = {}
+    observe_values(ir, inputs, list(stream),
+                   lambda node, value: values.__setitem__(node, value.detach().float()))
+    out = {}
+    for block in blocks:
+        x_in = values[block.start].reshape(-1, values[block.start].shape[-1])
+        x_out = values[block.end].reshape(-1, x_in.shape[-1])
+        out[block.index] = float(1 - torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)
+                                 .mean())
+    return out
+
+
+def _constant_bytes(ir: IRGraph) -> int:
+    seen, total = set(), 0
+    for node in ir.gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in seen:
+            seen.add(node.target)
+            value = getattr(ir.gm, node.target)
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _drop_unused_constants(ir: IRGraph) -> None:
+    """Pruned-away weights leave the module too (else the IR would hold both copies)."""
+    used = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n in ir.gm._buffers if n not in used]:
+        del ir.gm._buffers[name]
