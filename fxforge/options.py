@@ -57,12 +57,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
                            f"known options: {', '.join(sorted(known))}")
     if merged.get("precision", "fp32") not in PRECISIONS:
         raise OptionsError(f"precision must be one of {PRECISIONS}, got {merged['precision']!r}")
-    if merged.get("prune") is not None:
-        from fxforge.passes.prune_spec import PruneSpecError, parse_prune
-        try:
-            merged["prune"] = str(parse_prune(merged["prune"]))
-        except PruneSpecError as exc:
-            raise OptionsError(str(exc)) from None
+    _check_prune(merged)
     if merged.get("quantize") is not None:
         from fxforge.passes.quantize import QuantizeSpecError, parse_quantize
         try:
@@ -99,6 +94,30 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
     _check_kv_cache_dtype(merged)
     return CompileOptions(**merged)
+
+
+def _check_prune(merged: dict) -> None:
+    """``prune`` parsed to its canonical string. 2:4 semi-structured sparsity is refused where
+    no kernel gains from it (every CPU backend: PyTorch's semi-structured kernels need CUDA), at
+    once: a compile error later would only make the graph run eagerly, silently slower."""
+    from fxforge.passes.prune_spec import PruneSpecError, parse_prune
+    if merged.get("prune") is None:
+        return
+    try:
+        spec = parse_prune(merged["prune"])
+    except PruneSpecError as exc:
+        raise OptionsError(str(exc)) from None
+    merged["prune"] = str(spec)
+    if spec.sparsity is None:
+        return
+    import torch
+    backend = merged.get("backend", "auto")
+    if backend in ("cpu", "reference") or not torch.cuda.is_available():
+        raise OptionsError(f"option prune={merged['prune']!r}: 2:4 semi-structured sparsity is "
+                           "GPU-only (PyTorch's semi-structured sparse kernels need CUDA) and no "
+                           "CPU kernel gains from it; prune whole MLP channels or layers instead")
+    raise OptionsError(f"option prune={merged['prune']!r}: 2:4 semi-structured sparsity is not "
+                       "lowered by fxforge's Triton backend yet (the GPU kernels issue)")
 
 
 def _check_kv_cache_dtype(merged: dict) -> None:

@@ -111,9 +111,7 @@ def effective_options(options: CompileOptions, backend: Backend) -> CompileOptio
     fast math path for (bf16 on a CPU without AMX or AVX512-BF16) runs as the backend's
     weight-only variant where it has one (``bf16_weights``: low-precision weight storage, fp32
     math), and otherwise stays fp32, which would only lose accuracy and time; the log says which
-    and why. Semi-structured 2:4 sparsity (``prune={"sparsity": "2:4"}``) is refused on a CPU:
-    no CPU kernel gains from it, and a silently slower model is worse than an error."""
-    _refuse_semi_structured(options, backend)
+    and why."""
     if options.precision == "fp32":
         return options
     reason = backend.precision_unsupported(options.precision)
@@ -129,20 +127,6 @@ def effective_options(options: CompileOptions, backend: Backend) -> CompileOptio
     log.warning("fxforge: precision=%r runs in fp32 on the %s backend: %s", options.precision,
                 backend.name, reason)
     return dataclasses.replace(options, precision="fp32")
-
-
-def _refuse_semi_structured(options: CompileOptions, backend: Backend) -> None:
-    from fxforge.errors import OptionsError
-    from fxforge.passes.prune_spec import parse_prune
-    if not options.prune or parse_prune(options.prune).sparsity is None:
-        return
-    if backend.name != "triton":
-        raise OptionsError(f"option prune={options.prune!r}: 2:4 semi-structured sparsity is "
-                           f"GPU-only (PyTorch's semi-structured sparse kernels need CUDA); the "
-                           f"{backend.name!r} backend has no kernel that gains from it. Prune "
-                           "whole MLP channels or layers on a CPU instead")
-    raise OptionsError(f"option prune={options.prune!r}: 2:4 semi-structured sparsity is not "
-                       "lowered by fxforge's Triton backend yet (the GPU kernels issue)")
 
 
 def optimize(ir: IRGraph, options: CompileOptions, backend: Optional[Backend] = None) -> IRGraph:

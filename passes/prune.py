@@ -29,7 +29,7 @@ from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.gptq import calibration_inputs, observe_values
 from fxforge.passes.prune_mlp import prune_mlps
-from fxforge.passes.prune_sites import Block, decoder_blocks
+from fxforge.passes.prune_sites import Block, decoder_blocks, weight_name
 from fxforge.passes.prune_spec import PruneSpec, PruneSpecError
 
 log = logging.getLogger("fxforge.passes.prune")
@@ -80,7 +80,8 @@ def drop_blocks(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> lis
         block = blocks[index]
         block.end.replace_all_uses_with(block.start)
         rows.append({"kind": "layer", "index": index, "name": block.name,
-                     "influence": influence.get(index)})
+                     "influence": influence.get(index),
+                     "bytes_saved": _named_bytes(ir, block.name + ".") if block.name else None})
     log.info("prune: removed block(s) %s of %d", sorted(chosen), len(blocks) + 1)
     return sorted(rows, key=lambda r: r["index"])
 
@@ -98,6 +99,17 @@ def block_influence(ir: IRGraph, blocks: list[Block], inputs: Sequence) -> dict[
         out[block.index] = float(1 - torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)
                                  .mean())
     return out
+
+
+def _named_bytes(ir: IRGraph, prefix: str) -> int:
+    """Bytes of the model weights whose names start with ``prefix``."""
+    seen, total = set(), 0
+    for node in ir.gm.graph.nodes:
+        if node.op == "get_attr" and weight_name(node).startswith(prefix) and node.target not in seen:
+            seen.add(node.target)
+            value = getattr(ir.gm, node.target)
+            total += value.numel() * value.element_size()
+    return total
 
 
 def _constant_bytes(ir: IRGraph) -> int:

@@ -37,8 +37,9 @@ ALIGN = 32          # kept channels are a multiple of this (when the width is)
 MAX_ROWS = 4096     # calibration rows kept per MLP for the compensation check
 
 
-def prune_mlps(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> list[dict]:
-    """Prune every MLP of ``ir`` by ``spec.mlp``; one report row per MLP."""
+def prune_mlps(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> tuple[list, dict]:
+    """Prune every MLP of ``ir`` by ``spec.mlp``: one report row per MLP, and why each other
+    linear is not an MLP's down projection."""
     groups, declined = channel_groups(ir)
     rows = _calibration_rows(ir, groups, inputs) if inputs is not None else {}
     report = []
@@ -50,7 +51,7 @@ def prune_mlps(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> list
         removed = _complement(keep, group.width)
         delta, gain = _compensation(x, down, removed, spec.compensate)
         report.append(_rewrite(ir, group, keep, delta) | {
-            "kind": "mlp", "name": group.name, "producers": group.producer_names(),
+            "kind": "mlp", "name": group.name, "producers": group.producer_rows(),
             "width": group.width, "kept": len(keep), "kept_channels": keep.tolist(),
             "compensated": delta is not None, "compensation_gain": gain})
     return report, declined

@@ -50,8 +50,10 @@ class ChannelGroup:
     constants: list[tuple[fx.Node, int]]       # (op, argument index) of per-channel constants
     name: str = ""                             # the down projection's weight name
 
-    def producer_names(self) -> list[str]:
-        return [weight_name(LinearOperands.of(p).weight) for p in self.producers]
+    def producer_rows(self) -> list[dict]:
+        """Per producer: its weight's name and where its segments of hidden channels start."""
+        return [{"name": weight_name(LinearOperands.of(p).weight), "offsets": offsets}
+                for p, offsets in self.producers.items()]
 
 
 @dataclasses.dataclass
@@ -276,4 +278,5 @@ def _block_name(start: fx.Node, end: fx.Node, order: dict) -> str:
         parts = name.split(".")
         while prefix and parts[:len(prefix)] != prefix:
             prefix = prefix[:-1]
-    return ".".join(prefix)
+    numbered = [i for i, part in enumerate(prefix) if part.isdigit()]
+    return ".".join(prefix[:numbered[-1] + 1] if numbered else prefix)   # the block, not its parts
