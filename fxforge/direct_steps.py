@@ -3,7 +3,8 @@
 A ``torch.compile``'d model pays, at every call, dynamo's guards over the whole module tree and
 aot_autograd's runtime wrapper over every parameter it passes: for SmolLM2 batch-1 decode a
 sizeable share of a quantized token (bench/RESULTS.md has the figures). Within one group of one
-``generate`` call the loop knows what changes between calls: only the ids, one token longer. After
+``generate`` call the loop knows what changes between calls: only the ids, one token longer (with
+a speculative draft, several longer, or shorter: a round's rejected tokens dropped). After
 watching decode calls go through dynamo, the next calls go straight to the graph those calls
 ran, with the same arguments but the new ids and their length, when all of this holds
 (anything else: every call goes through dynamo, as before):
@@ -23,7 +24,8 @@ ran, with the same arguments but the new ids and their length, when all of this 
   is the caller's word for it (the checks above still hold); ``False`` turns the shortcut off.
 
 The graph's own checks still run at every step: the frozen weights are checked, the KV cache
-checks the new ids extend the old. What is not re-checked between steps of a group is the rest
+compares the new ids with the old (ids that diverge roll it back or start it over,
+``fxforge/kv_runtime.py``: the direct call hands the graph the whole ids, as dynamo would). What is not re-checked between steps of a group is the rest
 of what dynamo guards (the module tree, its attributes, global state): a ``stream`` callback or
 another thread that rewires the model in the middle of a ``generate`` call is not seen until
 the next call or group.

@@ -10,7 +10,9 @@ Every call passes the full sequence so far, with the same batch, grown by the ne
 tokens. That is what the fxforge backend's transparent KV-cache mode recognises
 (the new input extends the previous one) and turns into one incremental decode
 step, so the same loop runs an eager module at quadratic cost and a compiled
-one at the cost of one token. ``model`` may be an ``nn.Module``, a
+one at the cost of one token. (With a speculative ``draft``, ``fxforge/speculative.py``, a
+call may add several tokens, and the next one keep only a prefix of them: the KV cache rolls
+back.) ``model`` may be an ``nn.Module``, a
 ``torch.compile``'d module, an AOT artifact from ``fxforge.load`` (called
 positionally), or any function; it may return the logits tensor ``[B, T, V]``
 (``[B, V]`` is read as last-position logits), a tuple/list whose first element
@@ -65,8 +67,9 @@ class _GroupResult:
     rows: list[int]  # input indices of the group's rows
     ids: torch.Tensor  # [G, T + steps]
     generated: list[int]  # per row: new tokens up to and including its stop token
-    steps: int  # model calls made
-    direct_steps: int  # of which straight to the fxforge graph (fxforge/direct_steps.py)
+    steps: int  # tokens appended to each row
+    direct_steps: int  # model calls straight to the fxforge graph (fxforge/direct_steps.py)
+    calls: int  # model calls made (as many as steps, but for speculative rounds)
 
 
 def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int, *,
@@ -75,7 +78,8 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
              stop_tokens: Union[int, Iterable[int], None] = None, pad_token_id: Optional[int] = None,
              stream: Optional[StreamCallback] = None, max_seq_len: Optional[int] = None,
              return_stats: bool = False, session: Optional[Session] = None,
-             direct_steps: Optional[bool] = None) -> Any:
+             direct_steps: Optional[bool] = None, draft: Any = None, draft_k: Any = "auto",
+             draft_options: Optional[dict] = None) -> Any:
     """Generate up to ``max_new_tokens`` tokens after each prompt, under ``torch.no_grad()``.
 
     ``input_ids``: a ``[B, T]`` integer tensor (all prompts the same length), a 1-D
@@ -115,6 +119,14 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     ``True`` where the caller vouches for that (e.g. Hugging Face models, whose wrappers set
     and reset context state at every call), ``False`` never.
 
+    ``draft``: speculative decoding (``fxforge/speculative.py``): a logits callable sharing
+    the model's vocabulary, or ``"self"`` for one fxforge derives from the model's own
+    ``nn.Module`` (compiled with ``draft_options``, default ``speculative.SELF_DRAFT``).
+    Each round it proposes ``draft_k`` tokens (``"auto"``: chosen each round from measured
+    acceptance and costs, ``fxforge/draft_length.py``; or an int in 1..16) and the model checks
+    them in one call. Greedy tokens equal those without a draft; sampled ones follow the
+    model's distribution (the rejection rule). Stops, padding and ``stream`` are unchanged.
+
     Returns the sequences (prompt + generated tokens): for a ``[B, T]`` tensor a
     ``[B, T + n]`` tensor, ``n`` the number of steps run (fewer than
     ``max_new_tokens`` when every row stopped; stopped rows padded with
@@ -125,7 +137,9 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     model's fxforge graph, past dynamo: ``fxforge/direct_steps.py``), ``new_tokens`` (tokens
     generated, up to and
     including stop tokens, summed over rows), ``seconds`` (wall time of the
-    whole call, prompt processing included) and ``tokens_per_second``.
+    whole call, prompt processing included) and ``tokens_per_second``; with a draft also
+    ``speculative``: ``rounds``, ``drafted``, ``accepted``, ``acceptance_rate``, ``k_chosen``
+    (rounds per draft length) and ``draft`` (a description).
     """
     sampling = _check_sampling(do_sample, temperature, top_k, top_p)
     _check_count("max_new_tokens", max_new_tokens, minimum=0)
@@ -144,19 +158,36 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     picker = _TokenPicker(sampling, seed)
     start = time.perf_counter()
     with torch.no_grad(), _decoding_session(session):
-        groups = [_run_group(model, ids, rows, max_new_tokens, picker, stops, pad, stream,
-                             direct_steps)
-                  for rows, ids in _groups(prompts, kind)]
+        grouped = _groups(prompts, kind)
+        spec, run = _speculation(model, draft, draft_k, draft_options, grouped[0][1])
+        groups = [run(model, *spec, ids, rows, max_new_tokens, picker, stops, pad, stream,
+                      direct_steps)
+                  for rows, ids in grouped]
     seconds = time.perf_counter() - start
     sequences = _assemble(groups, kind)
     if not return_stats:
         return sequences
     new_tokens = sum(sum(g.generated) for g in groups)
-    stats = {"steps": sum(g.steps for g in groups),
+    stats = {"steps": sum(g.calls for g in groups),
              "direct_steps": sum(g.direct_steps for g in groups), "new_tokens": new_tokens,
              "seconds": seconds,
              "tokens_per_second": new_tokens / seconds if seconds > 0 else float("inf")}
+    if spec:
+        stats["speculative"] = spec[0].stats()
     return sequences, stats
+
+
+def _speculation(model: Any, draft: Any, draft_k: Any, draft_options: Optional[dict],
+                 example_ids: torch.Tensor) -> tuple[tuple, Callable[..., _GroupResult]]:
+    """(extra arguments, group runner): the classic loop without a draft, else speculative
+    rounds (``fxforge/speculative.py``)."""
+    if draft is None:
+        if draft_k != "auto" or draft_options is not None:
+            raise ValueError("draft_k and draft_options apply with a draft (draft=...) only")
+        return (), _run_group
+    from fxforge import speculative
+    return (speculative.prepare(model, draft, draft_k, draft_options, example_ids),), \
+        speculative.run_group
 
 
 @contextlib.contextmanager
@@ -332,7 +363,7 @@ def _run_group(model: Callable[..., Any], ids: torch.Tensor, rows: list[int], ma
         if stops and bool(finished.all()):
             break
     counts = generated.tolist() if stops else [steps] * batch
-    return _GroupResult(rows, ids, counts, steps, call.direct_calls)
+    return _GroupResult(rows, ids, counts, steps, call.direct_calls, steps)
 
 
 def _found_logits(out: Any) -> Optional[torch.Tensor]:
@@ -372,9 +403,10 @@ class _TokenPicker:
         if not self.sampling.do_sample:
             return greedy(logits)
         probs = _filtered(logits.float(), self.sampling).softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self._generator(logits.device))[:, 0]
+        return torch.multinomial(probs, 1, generator=self.generator_for(logits.device))[:, 0]
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The one generator of this call (seeded at first use): every draw comes from it."""
         if self.generator is None:
             self.generator = torch.Generator(device=device)
             if self.seed is None:

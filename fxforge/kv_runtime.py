@@ -4,14 +4,19 @@ The classic loop ``logits = model(ids); ids = cat(ids, next)`` calls the compile
 the whole sequence every step. A :class:`DecodeState` keeps one sequence's tokens, the
 per-layer K/V buffers the KV-cache pass added and the outputs so far. When a call's tokens
 *extend* the state's (same batch, the old tokens unchanged: checked, not assumed), only the new
-positions run through the cached step graph; anything else (a new prompt, an edited prefix,
-another batch size) starts the state over with a fresh prefill. Past ``max_seq_len`` the plain
+positions run through the cached step graph. When they share only a prefix of ``p`` positions
+with the state's (every row equal up to ``p``: a speculative draft's rejected tokens, an edited
+reply), the state *rolls back*: positions from ``p`` on run again and overwrite the stale cache
+entries, which attention never reads (it reads positions below ``L + t`` only); where ``p`` is
+the whole call, its last position runs again (it writes the same keys and values). Anything
+else (a new prompt, another batch size) starts the state over with a fresh prefill, and so does
+every divergence on a plan that cannot roll back (:func:`rollback_blocker`). Past ``max_seq_len`` the plain
 graph runs, uncached and correct; a plan whose caches are all bounded (sliding windows:
 ``plan.bounded``) keeps caching at any length.
 
 Who owns a state (``fxforge/sessions.py``): the :class:`~fxforge.sessions.Session` active in the
 caller's context, or else the decoder's pool, which hands each call the state whose tokens the
-call extends (so loops interleaved in one thread, or running in several threads, each keep
+call extends, or shares the longest prefix with where it rolls back (so loops interleaved in one thread, or running in several threads, each keep
 their own cache), a fresh one, or the least recently used one, up to ``max_sessions`` states.
 A state serves one call at a time; what every state shares (the lowered graphs, their packed
 weights and kernels) is read-only.
@@ -40,7 +45,8 @@ log = logging.getLogger("fxforge")
 # (recorded launches); the Triton backend's steps on a GPU are captured as CUDA graphs (its kernels
 # read the cache length on the device: no host sync).
 RECORDERS = {("cpu", "cpu"): "Recording", ("triton", "cuda"): "CudaGraphRecording"}
-STATS = ("prefills", "steps", "uncached", "positions", "replayed")   # what a decoder counts
+# what a decoder counts; ``rollbacks``: of the ``steps``, those that first dropped cached positions
+STATS = ("prefills", "steps", "uncached", "positions", "replayed", "rollbacks")
 
 
 class IncrementalDecoder:
@@ -54,6 +60,7 @@ class IncrementalDecoder:
         ``max_sessions``: the pool's cap on live states (``fxforge/sessions.py``)."""
         self.plan, self.step, self.full, self.max_seq_len = plan, step, full, max_seq_len
         self.backend = getattr(step, "backend", None)
+        self.no_rollback = rollback_blocker(plan)   # None: a diverging call may roll back
         self.replay = replay and self.backend in {b for b, _ in RECORDERS}
         placeholders = plan.ir.placeholders()[:_original_inputs(plan)]
         self.size_inputs = [i for i, p in enumerate(placeholders)
@@ -68,7 +75,7 @@ class IncrementalDecoder:
         """Calls and positions over every state, evicted ones included: ``prefills`` and
         ``steps`` (calls that started a sequence / extended one), ``uncached`` (calls past
         ``max_seq_len``, or while every state was busy), ``positions`` run through the step
-        graph, ``replayed`` steps."""
+        graph, ``replayed`` steps, ``rollbacks`` (steps that dropped cached positions first)."""
         with self._counts_lock:
             return dict(self._counts)
 
@@ -121,8 +128,14 @@ class DecodeState:
         ids = args[decoder.plan.tokens]
         if start is None:
             start = self.cached_prefix(ids)
+        published = 0 if self.tokens is None else self.tokens.shape[1]   # what views show
         if start == 0:
             self._reset(ids)
+        elif start < published:
+            counts["rollbacks"] += 1
+            # entries from ``start`` on are overwritten below: a step that fails half-way leaves
+            # only the first ``start`` tokens' entries intact
+            self.tokens = self.tokens[:, :start]
         counts["steps" if start else "prefills"] += 1
         new = ids[:, start:]
         step_args = list(args)
@@ -134,25 +147,33 @@ class DecodeState:
         try:
             if self.replay is not None and start > 0 and new.shape[1] == 1:
                 # decode steps only: a span of new positions (a prompt continued in chunks) runs
-                # as it is, and may take paths that read the cache length into Python
+                # as it is, and may take paths that read the cache length into Python. A step
+                # after a rollback is one too: the recording reads its position from the input
                 outputs = self.replay(decoder.step, step_args, decoder.plan.seq_outputs, counts)
             else:
                 outputs = list(decoder.step(*step_args))
             self.tokens = ids.clone()
             counts["positions"] += new.shape[1]
-            return [self._assemble(i, out, start, ids.shape[1]) for i, out in enumerate(outputs)]
+            return [self._assemble(i, out, start, ids.shape[1], published)
+                    for i, out in enumerate(outputs)]
         finally:
             for key, value in counts.items():
                 self.stats[key] += value
             decoder.count(counts)
 
     def cached_prefix(self, ids: torch.Tensor) -> int:
-        """How many leading positions of ``ids`` the cache already holds (0: start over)."""
+        """How many leading positions of ``ids`` the cache holds and the call need not run again
+        (0: start over): all of the state's tokens where ``ids`` extend them; else, where the
+        plan can roll back, the prefix every row shares with them (all of ``ids`` but the last
+        position at most: a call runs one position at least)."""
         old = self.tokens
-        if old is None or ids.shape[0] != old.shape[0] or ids.shape[1] <= old.shape[1] \
-                or ids.device != old.device or not torch.equal(ids[:, :old.shape[1]], old):
+        if old is None or ids.shape[0] != old.shape[0] or ids.device != old.device:
             return 0
-        return old.shape[1]
+        if ids.shape[1] > old.shape[1] and torch.equal(ids[:, :old.shape[1]], old):
+            return old.shape[1]
+        if self.decoder.no_rollback is not None:
+            return 0
+        return min(common_prefix(ids, old), ids.shape[1] - 1)
 
     @property
     def cache_bytes(self) -> int:
@@ -174,18 +195,46 @@ class DecodeState:
                                           ids.device)
         self.buffers = {}
 
-    def _assemble(self, index: int, out: Any, start: int, end: int) -> Any:
+    def _assemble(self, index: int, out: Any, start: int, end: int, published: int) -> Any:
+        """``out`` (the new positions) written after the first ``start`` positions of the
+        output's buffer, and the first ``end`` returned. A rollback (``start`` below the
+        ``published`` positions earlier views show) writes into a new buffer holding a copy of
+        the first ``start``: a view returned earlier is never overwritten (copying them costs
+        ``start`` positions; a speculative round does it once)."""
         if index not in self.decoder.plan.seq_outputs or not isinstance(out, torch.Tensor):
             return out
         buffer = self.buffers.get(index)
-        if buffer is None or buffer.shape[1] < end:   # past max_seq_len (bounded caches): grow
-            size = max(self.decoder.max_seq_len, 2 * buffer.shape[1] if buffer is not None else 0, end)
-            grown = out.new_empty((out.shape[0], size, *out.shape[2:]))
+        if buffer is None or buffer.shape[1] < end or start < published:
+            size = max(self.decoder.max_seq_len, end)
+            if buffer is not None:   # past max_seq_len (bounded caches): grow
+                size = max(size, buffer.shape[1] * (2 if buffer.shape[1] < end else 1))
+            fresh = out.new_empty((out.shape[0], size, *out.shape[2:]))
             if buffer is not None:
-                grown[:, :start].copy_(buffer[:, :start])
-            buffer = self.buffers[index] = grown
+                fresh[:, :start].copy_(buffer[:, :start])
+            buffer = self.buffers[index] = fresh
         buffer[:, start:end].copy_(out)
         return buffer[:, :end]
+
+
+def common_prefix(ids: torch.Tensor, old: torch.Tensor) -> int:
+    """How many leading positions ``ids`` and ``old`` (same batch) hold equal in every row."""
+    n = min(ids.shape[1], old.shape[1])
+    differs = (ids[:, :n] != old[:, :n]).any(dim=0)
+    return int(differs.int().argmax()) if bool(differs.any()) else n
+
+
+def rollback_blocker(plan) -> Optional[str]:
+    """None where a call whose tokens diverge from a state's after ``p`` positions may keep the
+    first ``p`` positions' cache entries and overwrite the rest; else why not. Only caches of
+    ``max_seq_len`` positions indexed by position allow that: a bounded cache (a sliding
+    window's or a per-head streaming ring, ``spec.capacity``) has already overwritten the
+    slots of positions before ``p`` with those after it, and a linear-attention state sums
+    every position into a fixed buffer that cannot give one back. Decided once per plan."""
+    bounded = [c.placeholder for c in plan.caches if c.capacity is not None]
+    if bounded:
+        return (f"its caches {', '.join(bounded[:3])} have a fixed number of slots (a ring or "
+                "a running state): entries before the divergence are already overwritten")
+    return None
 
 
 def allocate_caches(plan, batch: int, max_seq_len: int, device) -> list[torch.Tensor]:

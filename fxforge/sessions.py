@@ -12,7 +12,8 @@ tokens, the K/V buffers, the output buffers and the decode-step recording -- is 
   :meth:`Session.close`, or until it is garbage-collected. A session keeps no compiled graph
   alive: the pool holds the states, and a graph that is dropped takes its states with it.
 * without a session, the graph's :class:`StatePool` picks a state per call: the free state whose
-  tokens the call extends (a longer match first), else a fresh one, else the least recently used
+  tokens the call extends (a longer match first) or, where the plan rolls back, one that shares
+  a prefix with them longer than what it would drop, else a fresh one, else the least recently used
   free one (evicted, logged). So the plain loop just works, in any thread, and loops interleaved
   in one thread each keep their cache. The pool keeps at most ``max_sessions`` states (a compile
   option); a call that finds all of them busy runs uncached (correct, logged once).
@@ -118,9 +119,9 @@ class Session:
 
     @property
     def stats(self) -> dict:
-        """This session's ``prefills``, ``steps``, ``positions`` and ``replayed`` steps, over
-        every compiled graph it ran through: calls before a :meth:`close`, and calls through
-        graphs dropped since, still count."""
+        """This session's ``prefills``, ``steps``, ``positions``, ``replayed`` steps and
+        ``rollbacks``, over every compiled graph it ran through: calls before a :meth:`close`,
+        and calls through graphs dropped since, still count."""
         with self._lock:
             return dict(self._counts)
 
@@ -199,24 +200,33 @@ class StatePool:
             isinstance(holder, weakref.ref) and holder() is None)
 
     def _extended_by(self, ids: "torch.Tensor") -> tuple[Optional["DecodeState"], int]:
-        """The free state holding the longest prefix of ``ids`` and that prefix's length. When
-        none does, (None, 0): every free state that could hold a prefix was compared, so the
-        spare :meth:`_spare` picks holds none (the call starts it over, comparing nothing).
-        A decode step's ids are a state's tokens plus one: states of that length are tried
-        first, most recently used first, and the first that matches is the longest possible
-        (a token comparison costs a few microseconds, and a device sync on a GPU; most states
-        differ in batch or length and cost nothing)."""
+        """The free state whose cache serves the most leading positions of ``ids`` and how many
+        (``DecodeState.cached_prefix``). When none does, (None, 0): every free state that could
+        serve a prefix was compared, so the spare :meth:`_spare` picks holds none (the call
+        starts it over, comparing nothing). A decode step's ids are a state's tokens plus one:
+        states of that length are tried first, most recently used first, and the first whose
+        tokens the ids extend is the best possible (a token comparison costs a few
+        microseconds, and a device sync on a GPU; most states differ in batch or length and
+        cost nothing). A state the ids diverge from (rolled back, where its plan allows) is
+        taken only when it keeps more positions than it drops: two interleaved loops that share
+        a system prompt would otherwise take each other's state at every call and compute
+        everything past the shared part again each time."""
         free = [s for s, h in reversed(self._holders.items())
                 if self._free(h) and s.tokens is not None and s.tokens.shape[0] == ids.shape[0]]
+        compared: dict["DecodeState", int] = {}
         for state in free:
-            if state.tokens.shape[1] == ids.shape[1] - 1 and state.cached_prefix(ids):
-                return state, state.tokens.shape[1]
+            if state.tokens.shape[1] == ids.shape[1] - 1:
+                cached = compared[state] = state.cached_prefix(ids)
+                if cached == state.tokens.shape[1]:
+                    return state, cached
         best, longest = None, 0
         for state in free:
-            if longest < state.tokens.shape[1] < ids.shape[1] - 1:
-                cached = state.cached_prefix(ids)
-                if cached > longest:
-                    best, longest = state, cached
+            held = state.tokens.shape[1]
+            if held <= longest or (held >= ids.shape[1] - 1 and state.decoder.no_rollback):
+                continue   # it cannot serve more than the best so far
+            cached = compared[state] if state in compared else state.cached_prefix(ids)
+            if cached > longest and cached > held - cached:
+                best, longest = state, cached
         return best, longest
 
     def _spare(self, ids: "torch.Tensor") -> Optional["DecodeState"]:
