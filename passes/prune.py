@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from fxforge.irgraph import IRGraph
 from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.passes.base import Pass, PassResult
+from fxforge.passes.attention_calib import measured_once
 from fxforge.passes.gptq import calibration_inputs, observe_values
-from fxforge.passes.prune_mlp import prune_mlps
+from fxforge.passes.prune_mlp import apply_mlps, choose_mlps
 from fxforge.passes.prune_sites import Block, decoder_blocks, weight_name
 from fxforge.passes.prune_spec import PruneSpec, PruneSpecError
 
@@ -41,19 +42,18 @@ def prune_pass(spec: PruneSpec) -> Pass:
 
 
 def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
-    """Remove the blocks, then the MLP channels, ``spec`` asks for (module docstring)."""
-    inputs = calibration_inputs()
-    if spec.needs_calibration and inputs is None:
-        raise PruneSpecError(f"prune={str(spec)!r} measures on calibration inputs and has none: "
-                             "compile with example inputs (real text), or use score='magnitude',"
-                             " compensate='off' and drop_layers")
+    """Remove the blocks, then the MLP channels, ``spec`` asks for (module docstring). What to
+    remove is measured once per model (``attention_calib.measured_once``: the same weights give
+    the same choice), so every graph dynamo makes of one model (the first call's static shape,
+    the dynamic one after it, a draft) prunes the same blocks and channels."""
+    choice = measured_once(ir, ("prune", str(spec)), lambda: _choose(ir, spec))
     constants_before = _constant_bytes(ir)
     report: dict = {"spec": str(spec), "layers": [], "mlp": [], "declined": {}}
-    if spec.prunes_layers:
-        report["layers"] = drop_blocks(ir, spec, inputs)
+    if choice["blocks"]:
+        report["layers"] = drop_blocks(ir, choice["blocks"], choice["influence"])
         ir.gm.graph.eliminate_dead_code()
     if spec.mlp:
-        report["mlp"], report["declined"] = prune_mlps(ir, spec, inputs)
+        report["mlp"], report["declined"] = apply_mlps(ir, choice["mlp"])
         ir.gm.graph.eliminate_dead_code()
     _drop_unused_constants(ir)
     hoist_get_attrs(ir.gm.graph)   # the new weights join the constants at the top
@@ -65,23 +65,40 @@ def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
     return PassResult(ir, {"blocks": len(report["layers"]), "mlps": len(report["mlp"])})
 
 
-def drop_blocks(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> list[dict]:
-    """Remove the blocks ``spec`` names or the least influential ones; one report row each."""
-    blocks = decoder_blocks(ir)
+def _choose(ir: IRGraph, spec: PruneSpec) -> dict:
+    """Which blocks go (by index) and what each MLP keeps, measured on a copy of ``ir`` with
+    the calibration inputs (the MLPs after the blocks are gone: they see what remains)."""
+    inputs = calibration_inputs()
+    if spec.needs_calibration and inputs is None:
+        raise PruneSpecError(f"prune={str(spec)!r} measures on calibration inputs and has none: "
+                             "compile with example inputs (real text), or use score='magnitude',"
+                             " compensate='off' and drop_layers")
+    work = ir.copy(recompile=False)
+    blocks = decoder_blocks(work)
     wanted = spec.layers or len(spec.drop_layers)
     if wanted > len(blocks) or any(i >= len(blocks) for i in spec.drop_layers):
         raise PruneSpecError(f"prune: {len(blocks)} removable block(s) found (the last block of "
                              f"each stack stays), cannot remove {spec.drop_layers or wanted}")
-    influence = block_influence(ir, blocks, inputs) if inputs is not None else {}
-    chosen = list(spec.drop_layers) or sorted(range(len(blocks)),
-                                              key=lambda i: influence[i])[:spec.layers]
+    influence = block_influence(work, blocks, inputs) if inputs is not None and wanted else {}
+    chosen = list(spec.drop_layers)
+    if spec.layers:
+        chosen = sorted(range(len(blocks)), key=influence.__getitem__)[:spec.layers]
+    drop_blocks(work, chosen, influence)
+    work.gm.graph.eliminate_dead_code()
+    return {"blocks": sorted(chosen), "influence": influence,
+            "mlp": choose_mlps(work, spec, inputs) if spec.mlp else []}
+
+
+def drop_blocks(ir: IRGraph, chosen: Sequence[int], influence: dict) -> list[dict]:
+    """Remove the blocks of ``ir`` at indices ``chosen``; one report row each."""
+    blocks = decoder_blocks(ir)
     rows = []
     for index in sorted(chosen, reverse=True):   # later first: each end is still the block's own
         block = blocks[index]
-        block.end.replace_all_uses_with(block.start)
         rows.append({"kind": "layer", "index": index, "name": block.name,
                      "influence": influence.get(index),
                      "bytes_saved": _named_bytes(ir, block.name + ".") if block.name else None})
+        block.end.replace_all_uses_with(block.start)
     log.info("prune: removed block(s) %s of %d", sorted(chosen), len(blocks) + 1)
     return sorted(rows, key=lambda r: r["index"])
 

@@ -19,6 +19,7 @@ keeps it where it lowers the down projection's output error on held-out calibrat
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -37,23 +38,43 @@ ALIGN = 32          # kept channels are a multiple of this (when the width is)
 MAX_ROWS = 4096     # calibration rows kept per MLP for the compensation check
 
 
-def prune_mlps(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> tuple[list, dict]:
-    """Prune every MLP of ``ir`` by ``spec.mlp``: one report row per MLP, and why each other
-    linear is not an MLP's down projection."""
-    groups, declined = channel_groups(ir)
+@dataclasses.dataclass(frozen=True)
+class MlpChoice:
+    """What one MLP keeps: measured once per model, applied to every graph of it."""
+    name: str                          # the down projection's weight name
+    keep: torch.Tensor                 # kept channel indices, ascending
+    delta: Optional[torch.Tensor]      # the compensation added to the down bias, or None
+    gain: Optional[float]              # held-out error ratio with/without compensation
+
+
+def choose_mlps(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> list[MlpChoice]:
+    """Per MLP of ``ir`` (graph order) the channels it keeps and its compensation."""
+    groups, _ = channel_groups(ir)
     rows = _calibration_rows(ir, groups, inputs) if inputs is not None else {}
-    report = []
+    choices = []
     for group in groups:
         x = rows.get(group.down)
         down = _value(ir, LinearOperands.of(group.down).weight)          # [I, N]
         keep = kept_channels(channel_scores(ir, group, down, x, spec.score),
                              keep_count(group.width, spec.mlp))
-        removed = _complement(keep, group.width)
-        delta, gain = _compensation(x, down, removed, spec.compensate)
-        report.append(_rewrite(ir, group, keep, delta) | {
+        delta, gain = _compensation(x, down, _complement(keep, group.width), spec.compensate)
+        choices.append(MlpChoice(group.name, keep, delta, gain))
+    return choices
+
+
+def apply_mlps(ir: IRGraph, choices: list[MlpChoice]) -> tuple[list[dict], dict]:
+    """Prune ``ir``'s MLPs as ``choices`` say: one report row per MLP, and why each other
+    linear is not an MLP's down projection."""
+    groups, declined = channel_groups(ir)
+    if [g.name for g in groups] != [c.name for c in choices]:
+        raise ValueError(f"prune: this graph's MLPs {[g.name for g in groups]} are not those "
+                         f"measured ({[c.name for c in choices]})")
+    report = []
+    for group, choice in zip(groups, choices):
+        report.append(_rewrite(ir, group, choice.keep, choice.delta) | {
             "kind": "mlp", "name": group.name, "producers": group.producer_rows(),
-            "width": group.width, "kept": len(keep), "kept_channels": keep.tolist(),
-            "compensated": delta is not None, "compensation_gain": gain})
+            "width": group.width, "kept": len(choice.keep), "kept_channels": choice.keep.tolist(),
+            "compensated": choice.delta is not None, "compensation_gain": choice.gain})
     return report, declined
 
 
