@@ -97,7 +97,7 @@ def drop_blocks(ir: IRGraph, chosen: Sequence[int], influence: dict) -> list[dic
         block = blocks[index]
         rows.append({"kind": "layer", "index": index, "name": block.name,
                      "influence": influence.get(index),
-                     "bytes_saved": _named_bytes(ir, block.name + ".") if block.name else None})
+                     **_named_sizes(ir, block.name + ".")})
         block.end.replace_all_uses_with(block.start)
     log.info("prune: removed block(s) %s of %d", sorted(chosen), len(blocks) + 1)
     return sorted(rows, key=lambda r: r["index"])
@@ -118,15 +118,16 @@ def block_influence(ir: IRGraph, blocks: list[Block], inputs: Sequence) -> dict[
     return out
 
 
-def _named_bytes(ir: IRGraph, prefix: str) -> int:
-    """Bytes of the model weights whose names start with ``prefix``."""
-    seen, total = set(), 0
+def _named_sizes(ir: IRGraph, prefix: str) -> dict:
+    """How many model weights, and bytes, have names starting with ``prefix`` (none: ".")."""
+    seen, count, size = set(), 0, 0
     for node in ir.gm.graph.nodes:
-        if node.op == "get_attr" and weight_name(node).startswith(prefix) and node.target not in seen:
+        if node.op == "get_attr" and prefix != "." and weight_name(node).startswith(prefix) \
+                and node.target not in seen:
             seen.add(node.target)
             value = getattr(ir.gm, node.target)
-            total += value.numel() * value.element_size()
-    return total
+            count, size = count + value.numel(), size + value.numel() * value.element_size()
+    return {"weights_saved": count, "bytes_saved": size}
 
 
 def _constant_bytes(ir: IRGraph) -> int:

@@ -138,8 +138,10 @@ def _compensation(x: Optional[torch.Tensor], down: torch.Tensor, removed: torch.
 
 def _rewrite(ir: IRGraph, group: ChannelGroup, keep: torch.Tensor,
              delta: Optional[torch.Tensor]) -> dict:
-    """Slice the weights to ``keep``, rewrite the channel counts in between; bytes saved."""
+    """Slice the weights to ``keep``, rewrite the channel counts in between; weights and bytes
+    saved."""
     width, kept = group.width, keep.numel()
+    size = _value(ir, LinearOperands.of(group.down).weight).element_size()
     saved = 0
     for producer, offsets in group.producers.items():
         columns = torch.cat([offset + keep for offset in offsets])
@@ -152,13 +154,13 @@ def _rewrite(ir: IRGraph, group: ChannelGroup, keep: torch.Tensor,
         _rescale_channels(node, width, kept)
         ir.infer(node)
     saved += _slice_linear(ir, group.down, rows=keep, delta=delta)
-    return {"bytes_saved": saved}
+    return {"weights_saved": saved, "bytes_saved": saved * size}
 
 
 def _slice_linear(ir: IRGraph, node: fx.Node, columns: Optional[torch.Tensor] = None,
                   rows: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None) -> int:
     """Keep ``columns`` (outputs) or ``rows`` (inputs) of the linear's ``[K, N]`` weight (and
-    its bias's columns); add ``delta`` to its bias. Returns the bytes the weights lost."""
+    its bias's columns); add ``delta`` to its bias. Returns how many weights went."""
     lin = LinearOperands.of(node)
     weight = _value(ir, lin.weight)
     sliced = weight.index_select(1, columns) if columns is not None else weight.index_select(0, rows)
@@ -171,7 +173,7 @@ def _slice_linear(ir: IRGraph, node: fx.Node, columns: Optional[torch.Tensor] = 
         bias = delta if bias is None else bias + delta
     new_bias = ir.add_constant("pruned_bias", bias.contiguous(), node) if bias is not None else None
     _set_operands(ir, node, new_weight, new_bias)
-    return (weight.numel() - sliced.numel()) * weight.element_size()
+    return weight.numel() - sliced.numel()
 
 
 def _set_operands(ir: IRGraph, node: fx.Node, weight: fx.Node, bias: Optional[fx.Node]) -> None:
