@@ -11,9 +11,11 @@ measures on the calibration inputs (the compile's example inputs: give real text
   the ``layers`` least influential go (``drop_layers`` names them instead). A removed block's
   output is replaced by its input: the residual stream passes through, and its attention (with
   its KV cache) and its MLP are dead code.
+* attention heads, whole kv groups at a time: :mod:`fxforge.passes.prune_heads` (before the
+  MLPs: its measurement runs on the graph the blocks left);
 * MLP channels: :mod:`fxforge.passes.prune_mlp`.
 
-What was removed, per block and per MLP, with the bytes and FLOPs saved, is kept in
+What was removed, per block, attention layer and MLP, with the bytes and FLOPs saved, is kept in
 ``ir.info["prune"]`` (``fxforge/prune_report.py`` turns it into a table).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fxforge.irgraph import IRGraph
 from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.gptq import calibration_inputs, observe_values
+from fxforge.passes.prune_heads import prune_heads
 from fxforge.passes.prune_mlp import prune_mlps
 from fxforge.passes.prune_sites import Block, decoder_blocks
 from fxforge.passes.prune_spec import PruneSpec, PruneSpecError
@@ -41,16 +44,21 @@ def prune_pass(spec: PruneSpec) -> Pass:
 
 
 def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
-    """Remove the blocks, then the MLP channels, ``spec`` asks for (module docstring)."""
+    """Remove the blocks, then the heads, then the MLP channels ``spec`` asks for (module
+    docstring)."""
     inputs = calibration_inputs()
     if spec.needs_calibration and inputs is None:
         raise PruneSpecError(f"prune={str(spec)!r} measures on calibration inputs and has none: "
                              "compile with example inputs (real text), or use score='magnitude',"
                              " compensate='off' and drop_layers")
     constants_before = _constant_bytes(ir)
-    report: dict = {"spec": str(spec), "layers": [], "mlp": [], "declined": {}}
+    report: dict = {"spec": str(spec), "layers": [], "heads": [], "mlp": [], "declined": {},
+                    "heads_declined": {}}
     if spec.prunes_layers:
         report["layers"] = drop_blocks(ir, spec, inputs)
+        ir.gm.graph.eliminate_dead_code()
+    if spec.heads:
+        report["heads"], report["heads_declined"] = prune_heads(ir, spec, inputs)
         ir.gm.graph.eliminate_dead_code()
     if spec.mlp:
         report["mlp"], report["declined"] = prune_mlps(ir, spec, inputs)
@@ -62,7 +70,10 @@ def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
     ir.info["prune"] = report
     for name, why in report["declined"].items():
         log.debug("prune: linear %s is not an MLP's down projection: %s", name, why)
-    return PassResult(ir, {"blocks": len(report["layers"]), "mlps": len(report["mlp"])})
+    for name, why in report["heads_declined"].items():
+        log.info("prune: the heads of attention %s stay: %s", name, why)
+    return PassResult(ir, {"blocks": len(report["layers"]), "attention": len(report["heads"]),
+                           "mlps": len(report["mlp"])})
 
 
 def drop_blocks(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> list[dict]:

@@ -126,7 +126,7 @@ class _Tracer:
             raise NotAGroup(f"reaches {getattr(node, 'name', node)}, not an op")
         lin = LinearOperands.of(node)
         if lin is not None:
-            if not is_weight(lin.weight) or lin.residual is not None or _bias_rank(lin.bias) > 1:
+            if not is_plain_linear(node):
                 raise NotAGroup(f"producer {node.name} is not a plain constant-weight linear")
             self.producers.setdefault(node, set()).add(offset)
             return
@@ -171,6 +171,14 @@ class _Tracer:
                 self.trace(arg, offset)
             else:
                 raise NotAGroup(f"{node.name} broadcasts {arg.name} across the channels")
+
+
+def is_plain_linear(node: fx.Node) -> bool:
+    """A linear whose weight is a constant, with no residual and at most a vector bias: one the
+    pruning passes can slice (rows or columns) at compile time."""
+    lin = LinearOperands.of(node)
+    return lin is not None and is_weight(lin.weight) and lin.residual is None \
+        and _bias_rank(lin.bias) <= 1
 
 
 def split_sizes(split: Split, total: int) -> list[int]:
@@ -269,6 +277,11 @@ def _block_name(start: fx.Node, end: fx.Node, order: dict) -> str:
         lin = LinearOperands.of(node)
         if lin is not None and order[start] < order[node] < order[end] and weight_name(lin.weight):
             names.append(weight_name(lin.weight).split(",")[0])
+    return common_prefix(names)
+
+
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix every one of ``names`` starts with (``""`` for none)."""
     if not names:
         return ""
     prefix = names[0].split(".")
