@@ -1,15 +1,17 @@
 """Attention sites for head pruning, and the axes of every tensor in them.
 
-A site starts at a softmax of attention scores. Walking back from the scores and from the
-value operand of the product the probabilities feed, through the ops that move or combine
-head-carrying values, reaches the projections (plain constant-weight linears, fused or not).
+A site starts at a softmax of attention scores, or at a fused attention op (SDPA). Walking
+back from the scores and from the value operand of the product the probabilities feed (from
+SDPA's q, k and v), through the ops that move or combine head-carrying values, reaches the
+projections (plain constant-weight linears, fused or not).
 Everything computed from their outputs, up to the linears that read it (the output
 projection), is the site's *region*: every op in it gets a layout (:mod:`prune_axes`), from the
-projections' output columns forward. The two bmms unify the batch axes of q, k and v; the
-GQA repeat shows up as broadcast atoms there, so the query head axis splits into a kv-group
-part and a within-group part by itself, whatever the literal sizes are.
+projections' output columns forward (:mod:`prune_head_layouts`). The two bmms (or the SDPA)
+unify the batch axes of q, k and v; the GQA repeat shows up as broadcast atoms there, so the
+query head axis splits into a kv-group part and a within-group part by itself, whatever the
+literal sizes are.
 
-The kv-group class is the one column class in the bmms' batch dims with no broadcast member.
+The kv-group class is the one column class in those batch dims with no broadcast member.
 A site is declined, with the reason, when an op of the region is not understood, when the
 region reaches anything but linears (a tensor read elsewhere, the graph output), or when the
 group axis meets something that would need more than a size change: a side input that varies
@@ -38,7 +40,7 @@ FUSED = (*Sdpa.TARGETS, *SdpaFlashCpu.TARGETS)
 
 @dataclasses.dataclass
 class HeadSite:
-    softmax: fx.Node
+    attention: fx.Node                 # the softmax of the scores, or the fused attention op
     producers: list[fx.Node]           # the q/k/v projections, in graph order
     columns: dict[fx.Node, Atom]       # projection -> the atom of its output columns
     consumer: fx.Node                  # the output projection
@@ -58,7 +60,8 @@ class HeadSite:
 
 
 def head_sites(ir: IRGraph) -> tuple[list[HeadSite], dict[str, str]]:
-    """Every attention site whose heads can be pruned, and why each other softmax cannot."""
+    """Every attention site whose heads can be pruned, and why each other one cannot (by the
+    name of its softmax or fused attention op)."""
     sites, declined, covered = [], {}, set()
     for node in ir.gm.graph.nodes:
         if node.target not in SOFTMAX + FUSED or node in covered:
@@ -73,12 +76,12 @@ def head_sites(ir: IRGraph) -> tuple[list[HeadSite], dict[str, str]]:
     return sites, declined
 
 
-def _site_of(softmax: fx.Node) -> HeadSite:
-    """The site of a softmax of scores, or of a fused attention op (named ``softmax`` too)."""
-    if softmax.target in SOFTMAX:
-        starts = [softmax.args[0], _value_operand(softmax)]
+def _site_of(attention: fx.Node) -> HeadSite:
+    """The site of a softmax of scores or of a fused attention op."""
+    if attention.target in SOFTMAX:
+        starts = [attention.args[0], _value_operand(attention)]
     else:
-        fused = Sdpa.of(softmax) or SdpaFlashCpu.of(softmax)
+        fused = Sdpa.of(attention) or SdpaFlashCpu.of(attention)
         starts = [fused.query, fused.key, fused.value]
     producers = _producers(starts)
     region, consumers = _region(producers)
@@ -92,8 +95,8 @@ def _site_of(softmax: fx.Node) -> HeadSite:
     consumer = consumers[0]
     x_dims = tracker.layouts[LinearOperands.of(consumer).x]
     tracker.fixed += [(dim, f"{consumer.name} reads it as rows") for dim in x_dims[:-1]]
-    group, heads = _classify(tracker, softmax)
-    site = HeadSite(softmax, producers, tracker.columns, consumer, region, tracker.layouts,
+    group, heads = _classify(tracker, attention)
+    site = HeadSite(attention, producers, tracker.columns, consumer, region, tracker.layouts,
                     group, heads, int(group.size),
                     common_prefix([weight_name(LinearOperands.of(n).weight)
                                    for n in producers + [consumer]]))
@@ -186,10 +189,10 @@ def _region(producers: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
 
 # ---------------------------------------------------------------- which axis is the group
 
-def _classify(tracker: Tracker, softmax: fx.Node) -> tuple[Atom, int]:
+def _classify(tracker: Tracker, attention: fx.Node) -> tuple[Atom, int]:
     """(a member of the kv-group class, the number of query heads)."""
-    wanted = 2 if softmax.target in SOFTMAX else 1
-    if len(tracker.kernels) != wanted or (wanted == 2 and softmax not in tracker.layouts):
+    wanted = 2 if attention.target in SOFTMAX else 1
+    if len(tracker.kernels) != wanted or (wanted == 2 and attention not in tracker.layouts):
         raise Decline(f"{len(tracker.kernels)} products between the projections, not q@k and p@v"
                       " around the softmax, or one fused attention")
     batch = [a for dims in tracker.batch for a in leaves(dims)]

@@ -61,7 +61,7 @@ class _Plan:
 
 def prune_heads(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> tuple[list, dict]:
     """Remove ``spec.heads`` of every attention layer's kv groups; report rows and, per
-    softmax that is not pruned, why."""
+    attention that is not pruned, why."""
     sites, declined = head_sites(ir)
     measured = spec.score != "magnitude" and inputs is not None
     activations = linear_input_rows(ir, [s.consumer for s in sites], inputs) if measured else {}
@@ -70,10 +70,12 @@ def prune_heads(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> tup
     for site in sites:
         scores = group_scores(ir, site, activations.get(site.consumer))
         keep = kept_channels(scores, keep_count(site.kv_heads, spec.heads))
+        if len(keep) == site.kv_heads:
+            continue   # (a fraction too small to remove a whole group here)
         try:
             plan = _plan(site, keep)
         except (Decline, NotTracked) as exc:
-            declined[site.softmax.name] = str(exc)
+            declined[site.attention.name] = str(exc)
             continue
         saved = _apply(ir, site, plan, symbols)
         rows.append({"kind": "heads", "name": site.name, "heads": site.heads,
