@@ -5,25 +5,29 @@ The layouts are computed forward, in graph order, from the projections' outputs 
 for their rows, one column atom for their output features). Each op moves, splits or unifies
 atoms by its own semantics; an op not listed here declines the site. What would need more than
 a size change if it held the kv groups (a softmax's dim, a concatenated dim, a dim a side input
-varies along, a size read by ``sym_size``) is written down in ``fixed``: the site checks it once
-the group axis is known.
+varies along, a reduced dim, a size read by ``sym_size``) is written down in ``fixed``: the
+site checks it once the group axis is known.
 """
 from __future__ import annotations
 
 import operator
 from typing import Any, Optional
 
+import torch
 import torch.fx as fx
 
 from fxforge.irgraph import POINTWISE
 from fxforge.irgraph.query import tensor_meta
-from fxforge.irgraph.views import (Alias, Bmm, Cat, ConvertElementType, Expand, Permute, Sdpa,
-                                   SdpaFlashCpu, Slice, Softmax, Split, Squeeze, SymSize, T,
-                                   Transpose, Unsqueeze, View)
+from fxforge.irgraph.views import (Alias, Bmm, Cat, ConvertElementType, Expand, Permute,
+                                   Reduction, Sdpa, SdpaFlashCpu, Slice, Softmax, Split, Squeeze,
+                                   SymSize, T, Transpose, Unsqueeze, View)
 from fxforge.passes.prune_axes import Atom, leaves, reshape, take, unify
 from fxforge.passes.prune_sites import split_sizes
 
+aten = torch.ops.aten
 COPIES = {*Alias.TARGETS, *ConvertElementType.TARGETS}
+# one tensor out, the reduced dims kept as size 1 or dropped (a per-head norm's statistics)
+REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default}
 
 
 class Decline(Exception):
@@ -99,6 +103,8 @@ class Tracker:
             dims = self.dims(sm.input)
             self.fixed.append((dims[sm.dim % len(dims)], f"{node.name} normalizes along it"))
             return dims
+        if node.target in REDUCTIONS:
+            return self._reduce(node, Reduction.of(node))
         if (b := Bmm.of(node)) is not None:
             a_dims, b_dims = self.dims(b.input), self.dims(b.mat2)
             unify(a_dims[0], b_dims[0])
@@ -109,6 +115,14 @@ class Tracker:
         if (sdpa := Sdpa.of(node) or SdpaFlashCpu.of(node)) is not None:
             return self._sdpa(node, sdpa)
         raise Decline(f"{node.name} ({node.target}) is not followed through")
+
+    def _reduce(self, node: fx.Node, reduction: Reduction) -> list[list[Atom]]:
+        dims = self.dims(reduction.input)
+        reduced = reduction.dims(len(dims))
+        self.fixed += [(dims[d], f"{node.name} reduces along it") for d in reduced]
+        keepdim = len(_shape(node)) == len(dims)
+        return [[] if i in reduced else d for i, d in enumerate(dims)
+                if keepdim or i not in reduced]
 
     def _sdpa(self, node: fx.Node, sdpa: Any) -> Any:
         """q ``[..., L, E]``, k ``[..., S, E]``, v ``[..., S, Ev]`` -> ``[..., L, Ev]``."""
@@ -202,7 +216,8 @@ class Tracker:
             for i, (a, b) in enumerate(zip(inputs[0], other)):
                 if i != dim:
                     unify(a, b)
-        joined = Atom(_shape(node)[dim], column=any(a.column for d in inputs for a in leaves(d[dim])))
+        column = any(a.column for d in inputs for a in leaves(d[dim]))
+        joined = Atom(_shape(node)[dim], column=column)
         out = list(inputs[0])
         out[dim] = [joined]
         self.fixed += [(d[dim], f"{node.name} concatenates along it") for d in inputs]

@@ -175,7 +175,7 @@ def _region(producers: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
             if user.op == "output":
                 raise Decline(f"{node.name} is a graph output")
             lin = LinearOperands.of(user)
-            if lin is not None and lin.x is node and is_plain_linear(user) and node is not lin.weight:
+            if lin is not None and lin.x is node and is_plain_linear(user):
                 consumers.append(user)
                 continue
             inside.add(user)
@@ -207,7 +207,10 @@ def _classify(tracker: Tracker, attention: fx.Node) -> tuple[Atom, int]:
             groups.append(root)
         else:
             raise Decline("a head axis meets an axis that does not come from the projections")
-    if len(groups) != 1:
+    if not groups:
+        raise Decline("no kv-group axis of more than one group (multi-query attention has a "
+                      "single kv head: nothing to prune)")
+    if len(groups) > 1:
         raise Decline(f"{len(groups)} kv-group axes in the attention batch, not one")
     if not isinstance(groups[0].size, int):
         raise Decline("the kv-group axis has a symbolic size")

@@ -68,21 +68,21 @@ def prune_heads(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> tup
     symbols: dict[_Scaled, fx.Node] = {}
     rows = []
     for site in sites:
-        scores = group_scores(ir, site, activations.get(site.consumer))
-        keep = kept_channels(scores, keep_count(site.kv_heads, spec.heads))
-        if len(keep) == site.kv_heads:
+        kept_count = keep_count(site.kv_heads, spec.heads)
+        if kept_count == site.kv_heads:
             continue   # (a fraction too small to remove a whole group here)
         try:
+            scores = group_scores(ir, site, activations.get(site.consumer))
+            keep = kept_channels(scores, kept_count)
             plan = _plan(site, keep)
         except (Decline, NotTracked) as exc:
             declined[site.attention.name] = str(exc)
             continue
-        saved = _apply(ir, site, plan, symbols)
         rows.append({"kind": "heads", "name": site.name, "heads": site.heads,
-                     "kv_heads": site.kv_heads, "heads_after": site.heads // site.kv_heads * len(keep),
-                     "kv_heads_after": len(keep), "kept_groups": keep.tolist(),
-                     "scores": [float(s) for s in scores], "measured": measured,
-                     "bytes_saved": saved})
+                     "kv_heads": site.kv_heads, "kv_heads_after": kept_count,
+                     "heads_after": site.heads // site.kv_heads * kept_count,
+                     "kept_groups": keep.tolist(), "scores": [float(s) for s in scores],
+                     "measured": measured, "bytes_saved": _apply(ir, site, plan, symbols)})
     return rows, declined
 
 
@@ -200,7 +200,8 @@ def _split_edit(site: HeadSite, keep: torch.Tensor, sp: Split, shapes: dict) -> 
         start += size
     if sp.split_sizes is not None:
         return (sp.node, Split, "split_sizes", sizes)
-    if sp.split_size is not None and all(s == sizes[0] for s in sizes[:-1]) and sizes[-1] <= sizes[0]:
+    if sp.split_size is not None and all(s == sizes[0] for s in sizes[:-1]) \
+            and sizes[-1] <= sizes[0]:
         return (sp.node, Split, "split_size", sizes[0])
     raise Decline(f"{sp.node.name}: the pruned pieces cannot be spelled as this split")
 

@@ -84,6 +84,7 @@ def _prune_bert(attention, kept, heads, kv_heads):
 
 
 BY_HAND = {"llama": _prune_llama, "mistral": _prune_llama, "qwen2": _prune_llama,
+           "qwen3": _prune_llama,   # (its per-head q/k norms reduce along the head dim)
            "phi3": _prune_phi3, "gpt2": _prune_gpt2, "opt": _prune_opt,
            "gpt_neox": _prune_gpt_neox, "bert": _prune_bert}
 
