@@ -1,5 +1,5 @@
 """The pruning report's per-layer part: what ``prune`` removed (``ir.info["prune"]``, written by
-``passes/prune.py``), one row per removed block and per pruned MLP, with the bytes of weights and
+``passes/prune.py``), one row per removed block, per attention layer that lost heads and per pruned MLP, with the bytes of weights and
 the FLOPs per token saved (2 per weight: one multiply, one add). ``bench/prune.py`` adds
 the measured speed and perplexity of each variant."""
 from __future__ import annotations
@@ -10,7 +10,8 @@ COLUMNS = ("kind", "layer", "removed", "MB_saved", "MFLOP_per_token_saved", "det
 
 
 def report_rows(info: Mapping[str, Any]) -> list[dict]:
-    """Rows for the blocks, then the MLPs, of one pruned graph's ``info["prune"]``."""
+    """Rows for the blocks, the attention layers, then the MLPs, of one pruned graph's
+    ``info["prune"]``."""
     rows = []
     for block in info.get("layers", []):
         influence = block.get("influence")
@@ -19,6 +20,15 @@ def report_rows(info: Mapping[str, Any]) -> list[dict]:
                      "MFLOP_per_token_saved": 2 * block["weights_saved"] / 1e6,
                      "detail": "influence " + (f"{influence:.4f}" if influence is not None
                                                else "not measured (named)")})
+    for attention in info.get("heads", []):
+        rows.append({"kind": "heads", "layer": attention["name"],
+                     "removed": f"{attention['kv_heads'] - attention['kv_heads_after']}/"
+                                f"{attention['kv_heads']} kv groups "
+                                f"({attention['heads'] - attention['heads_after']} query heads)",
+                     "MB_saved": attention["bytes_saved"] / 1e6,
+                     "MFLOP_per_token_saved": 2 * attention["weights_saved"] / 1e6,
+                     "detail": "kept groups " + ",".join(map(str, attention["kept_groups"]))
+                     + (" (measured)" if attention["measured"] else " (magnitude)")})
     for mlp in info.get("mlp", []):
         gain = mlp.get("compensation_gain")
         rows.append({"kind": "mlp", "layer": mlp["name"].rsplit(".", 2)[0],

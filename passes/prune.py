@@ -11,9 +11,11 @@ measures on the calibration inputs (the compile's example inputs: give real text
   the ``layers`` least influential go (``drop_layers`` names them instead). A removed block's
   output is replaced by its input: the residual stream passes through, and its attention (with
   its KV cache) and its MLP are dead code.
+* attention heads, whole kv groups at a time: :mod:`fxforge.passes.prune_heads` (before the
+  MLPs: its measurement runs on the graph the blocks left);
 * MLP channels: :mod:`fxforge.passes.prune_mlp`.
 
-What was removed, per block and per MLP, with the bytes and FLOPs saved, is kept in
+What was removed, per block, attention layer and MLP, with the bytes and FLOPs saved, is kept in
 ``ir.info["prune"]`` (``fxforge/prune_report.py`` turns it into a table).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.attention_calib import measured_once
 from fxforge.passes.gptq import calibration_inputs, observe_values
+from fxforge.passes.prune_heads import apply_heads, choose_heads
 from fxforge.passes.prune_mlp import apply_mlps, choose_mlps
 from fxforge.passes.prune_sites import Block, decoder_blocks, weight_name
 from fxforge.passes.prune_spec import PruneSpec, PruneSpecError
@@ -42,15 +45,19 @@ def prune_pass(spec: PruneSpec) -> Pass:
 
 
 def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
-    """Remove the blocks, then the MLP channels, ``spec`` asks for (module docstring). What to
-    remove is measured once per model (``attention_calib.measured_once``: the same weights give
-    the same choice), so every graph dynamo makes of one model (the first call's static shape,
-    the dynamic one after it, a draft) prunes the same blocks and channels."""
+    """Remove the blocks, then the heads, then the MLP channels ``spec`` asks for (module
+    docstring). What to remove is measured once per model (``attention_calib.measured_once``:
+    the same weights give the same choice), so every graph dynamo makes of one model (the first
+    call's static shape, the dynamic one after it, a draft) prunes the same parts."""
     choice = measured_once(ir, ("prune", str(spec)), lambda: _choose(ir, spec))
     constants_before = _constant_bytes(ir)
-    report: dict = {"spec": str(spec), "layers": [], "mlp": [], "declined": {}}
+    report: dict = {"spec": str(spec), "layers": [], "heads": [], "mlp": [], "declined": {},
+                    "heads_declined": {}}
     if choice["blocks"]:
         report["layers"] = drop_blocks(ir, choice["blocks"], choice["influence"])
+        ir.gm.graph.eliminate_dead_code()
+    if spec.heads:
+        report["heads"], report["heads_declined"] = apply_heads(ir, choice["heads"])
         ir.gm.graph.eliminate_dead_code()
     if spec.mlp:
         report["mlp"], report["declined"] = apply_mlps(ir, choice["mlp"])
@@ -62,7 +69,10 @@ def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
     ir.info["prune"] = report
     for name, why in report["declined"].items():
         log.debug("prune: linear %s is not an MLP's down projection: %s", name, why)
-    return PassResult(ir, {"blocks": len(report["layers"]), "mlps": len(report["mlp"])})
+    for name, why in report["heads_declined"].items():
+        log.info("prune: the heads of attention %s stay: %s", name, why)
+    return PassResult(ir, {"blocks": len(report["layers"]), "attention": len(report["heads"]),
+                           "mlps": len(report["mlp"])})
 
 
 def _choose(ir: IRGraph, spec: PruneSpec) -> dict:
@@ -85,7 +95,11 @@ def _choose(ir: IRGraph, spec: PruneSpec) -> dict:
         chosen = sorted(range(len(blocks)), key=influence.__getitem__)[:spec.layers]
     drop_blocks(work, chosen, influence)
     work.gm.graph.eliminate_dead_code()
-    return {"blocks": sorted(chosen), "influence": influence,
+    heads = choose_heads(work, spec, inputs) if spec.heads else []
+    if heads:
+        apply_heads(work, heads)
+        work.gm.graph.eliminate_dead_code()
+    return {"blocks": sorted(chosen), "influence": influence, "heads": heads,
             "mlp": choose_mlps(work, spec, inputs) if spec.mlp else []}
 
 

@@ -50,11 +50,11 @@ class MlpChoice:
 def choose_mlps(ir: IRGraph, spec: PruneSpec, inputs: Optional[Sequence]) -> list[MlpChoice]:
     """Per MLP of ``ir`` (graph order) the channels it keeps and its compensation."""
     groups, _ = channel_groups(ir)
-    rows = _calibration_rows(ir, groups, inputs) if inputs is not None else {}
+    rows = linear_input_rows(ir, [g.down for g in groups], inputs) if inputs is not None else {}
     choices = []
     for group in groups:
         x = rows.get(group.down)
-        down = _value(ir, LinearOperands.of(group.down).weight)          # [I, N]
+        down = weight_value(ir, LinearOperands.of(group.down).weight)          # [I, N]
         keep = kept_channels(channel_scores(ir, group, down, x, spec.score),
                              keep_count(group.width, spec.mlp))
         delta, gain = _compensation(x, down, _complement(keep, group.width), spec.compensate)
@@ -103,19 +103,19 @@ def channel_scores(ir: IRGraph, group: ChannelGroup, down: torch.Tensor,
         return x.double().pow(2).sum(dim=0).sqrt() * down_l1
     total = down_l1.clone()
     for producer, offsets in group.producers.items():
-        weight = _value(ir, LinearOperands.of(producer).weight).abs().double()   # [K, n_out]
+        weight = weight_value(ir, LinearOperands.of(producer).weight).abs().double()   # [K, n_out]
         for offset in offsets:
             total += weight[:, offset:offset + group.width].sum(dim=0)
     return total
 
 
-def _calibration_rows(ir: IRGraph, groups: list[ChannelGroup], inputs: Sequence) -> dict:
-    """down node -> its input activations ``[rows, I]`` on the calibration inputs (at most
+def linear_input_rows(ir: IRGraph, nodes: list[fx.Node], inputs: Sequence) -> dict:
+    """linear node -> its input activations ``[rows, K]`` on the calibration inputs (at most
     :data:`MAX_ROWS`, evenly spaced)."""
     def fold(node, _, rows):
         step = max(1, -(-rows.shape[0] // MAX_ROWS))
         return rows[::step].clone()
-    return observe_linear_inputs(ir, inputs, [g.down for g in groups], fold)
+    return observe_linear_inputs(ir, inputs, nodes, fold)
 
 
 def _compensation(x: Optional[torch.Tensor], down: torch.Tensor, removed: torch.Tensor,
@@ -141,32 +141,32 @@ def _rewrite(ir: IRGraph, group: ChannelGroup, keep: torch.Tensor,
     """Slice the weights to ``keep``, rewrite the channel counts in between; weights and bytes
     saved."""
     width, kept = group.width, keep.numel()
-    size = _value(ir, LinearOperands.of(group.down).weight).element_size()
+    size = weight_value(ir, LinearOperands.of(group.down).weight).element_size()
     saved = 0
     for producer, offsets in group.producers.items():
         columns = torch.cat([offset + keep for offset in offsets])
-        saved += _slice_linear(ir, producer, columns=columns)
+        saved += slice_linear(ir, producer, columns=columns)
     for node, index in group.constants:
-        value = _value(ir, node.args[index])
+        value = weight_value(ir, node.args[index])
         const = ir.add_constant("pruned_channels", value.index_select(-1, keep).contiguous(), node)
         node.update_arg(index, const)
     for node in group.region:   # in graph order: each reads metadata already updated
         _rescale_channels(node, width, kept)
         ir.infer(node)
-    saved += _slice_linear(ir, group.down, rows=keep, delta=delta)
+    saved += slice_linear(ir, group.down, rows=keep, delta=delta)
     return {"weights_saved": saved, "bytes_saved": saved * size}
 
 
-def _slice_linear(ir: IRGraph, node: fx.Node, columns: Optional[torch.Tensor] = None,
-                  rows: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None) -> int:
+def slice_linear(ir: IRGraph, node: fx.Node, columns: Optional[torch.Tensor] = None,
+                 rows: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None) -> int:
     """Keep ``columns`` (outputs) or ``rows`` (inputs) of the linear's ``[K, N]`` weight (and
     its bias's columns); add ``delta`` to its bias. Returns how many weights went."""
     lin = LinearOperands.of(node)
-    weight = _value(ir, lin.weight)
+    weight = weight_value(ir, lin.weight)
     sliced = weight.index_select(1, columns) if columns is not None else weight.index_select(0, rows)
     new_weight = add_transposed(ir, "pruned_weight", sliced.t(), node)
     new_weight.all_input_nodes[0].meta[WEIGHT_NAME_KEY] = _name(lin.weight)
-    bias = _value(ir, lin.bias) if lin.bias is not None else None
+    bias = weight_value(ir, lin.bias) if lin.bias is not None else None
     if bias is not None and columns is not None:
         bias = bias.index_select(0, columns)
     if delta is not None:
@@ -212,7 +212,7 @@ def _rescale_channels(node: fx.Node, width: int, kept: int) -> None:
         node.update_arg(1, shape)
 
 
-def _value(ir: IRGraph, node: fx.Node) -> torch.Tensor:
+def weight_value(ir: IRGraph, node: fx.Node) -> torch.Tensor:
     found = weight_constant(ir, node)
     if found is None:
         raise ValueError(f"prune: {node} is not a constant weight")

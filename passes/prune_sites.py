@@ -128,7 +128,7 @@ class _Tracer:
             raise NotAGroup(f"reaches {getattr(node, 'name', node)}, not an op")
         lin = LinearOperands.of(node)
         if lin is not None:
-            if not is_weight(lin.weight) or lin.residual is not None or _bias_rank(lin.bias) > 1:
+            if not is_plain_linear(node):
                 raise NotAGroup(f"producer {node.name} is not a plain constant-weight linear")
             self.producers.setdefault(node, set()).add(offset)
             return
@@ -173,6 +173,14 @@ class _Tracer:
                 self.trace(arg, offset)
             else:
                 raise NotAGroup(f"{node.name} broadcasts {arg.name} across the channels")
+
+
+def is_plain_linear(node: fx.Node) -> bool:
+    """A linear whose weight is a constant, with no residual and at most a vector bias: one the
+    pruning passes can slice (rows or columns) at compile time."""
+    lin = LinearOperands.of(node)
+    return lin is not None and is_weight(lin.weight) and lin.residual is None \
+        and _bias_rank(lin.bias) <= 1
 
 
 def split_sizes(split: Split, total: int) -> list[int]:
@@ -271,6 +279,13 @@ def _block_name(start: fx.Node, end: fx.Node, order: dict) -> str:
         lin = LinearOperands.of(node)
         if lin is not None and order[start] < order[node] < order[end] and weight_name(lin.weight):
             names.append(weight_name(lin.weight).split(",")[0])
+    prefix = common_prefix(names).split(".")
+    numbered = [i for i, part in enumerate(prefix) if part.isdigit()]
+    return ".".join(prefix[:numbered[-1] + 1] if numbered else prefix)   # the block, not its parts
+
+
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix every one of ``names`` starts with (``""`` for none)."""
     if not names:
         return ""
     prefix = names[0].split(".")
@@ -278,5 +293,4 @@ def _block_name(start: fx.Node, end: fx.Node, order: dict) -> str:
         parts = name.split(".")
         while prefix and parts[:len(prefix)] != prefix:
             prefix = prefix[:-1]
-    numbered = [i for i, part in enumerate(prefix) if part.isdigit()]
-    return ".".join(prefix[:numbered[-1] + 1] if numbered else prefix)   # the block, not its parts
+    return ".".join(prefix)

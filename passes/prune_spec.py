@@ -5,10 +5,14 @@ Given as a dict (``{"mlp": 0.25, "layers": 2}``) or as the canonical string its 
 
 * ``mlp``: the fraction of every MLP's hidden channels removed (gate/up rows and the matching
   down columns together), in [0, 0.9];
+* ``heads``: the fraction of every attention layer's key/value groups removed, in [0, 0.9]: a
+  group is one kv head with all its query heads (under MHA, one head), at least one stays
+  (:mod:`fxforge.passes.prune_heads`);
 * ``layers``: how many decoder blocks to remove, the least influential by their measured
   Block Influence; ``drop_layers``: which ones, by index (a list, or ``"3+5"`` in the string);
-* ``score``: how MLP channels are ranked: ``"wanda"`` (|W|·‖x‖ on the calibration activations,
-  the default) or ``"magnitude"`` (|W| alone: the baseline reports compare against);
+* ``score``: how MLP channels and kv groups are ranked: ``"wanda"`` (measured on the
+  calibration activations, the default: |W|·‖x‖ per channel, a group's contribution to the
+  output projection) or ``"magnitude"`` (|W| alone: the baseline reports compare against);
 * ``compensate``: fold the removed channels' mean contribution into the down projection's bias
   (FLAP): ``"auto"`` (where it measures better on held-out calibration tokens), ``"on"``, ``"off"``;
 * ``sparsity``: ``"2:4"`` semi-structured sparsity, GPU-only (refused on CPU backends).
@@ -21,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 SCORES = ("wanda", "magnitude")
 COMPENSATIONS = ("auto", "on", "off")
-MAX_MLP = 0.9
+MAX_FRACTION = 0.9   # of an MLP's channels or a layer's kv groups
 SEMI_STRUCTURED = "2:4"
 
 
@@ -32,6 +36,7 @@ class PruneSpecError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class PruneSpec:
     mlp: float = 0.0
+    heads: float = 0.0
     layers: int = 0
     drop_layers: tuple[int, ...] = ()
     score: str = "wanda"
@@ -45,18 +50,23 @@ class PruneSpec:
     @property
     def needs_calibration(self) -> bool:
         return self.layers > 0 or (self.mlp > 0 and (self.score == "wanda"
-                                                      or self.compensate != "off"))
+                                                      or self.compensate != "off")) \
+            or (self.heads > 0 and self.score == "wanda")
 
     def __str__(self) -> str:
         fields = []
         if self.mlp:
             fields.append(f"mlp:{self.mlp:g}")
+        if self.heads:
+            fields.append(f"heads:{self.heads:g}")
         if self.layers:
             fields.append(f"layers:{self.layers}")
         if self.drop_layers:
             fields.append("drop_layers:" + "+".join(map(str, self.drop_layers)))
+        if self.mlp or self.heads:
+            fields.append(f"score:{self.score}")
         if self.mlp:
-            fields += [f"score:{self.score}", f"compensate:{self.compensate}"]
+            fields.append(f"compensate:{self.compensate}")
         if self.sparsity:
             fields.append(f"sparsity:{self.sparsity}")
         return ",".join(fields)
@@ -69,9 +79,11 @@ def parse_prune(value: Any) -> PruneSpec:
     fields = _fields(value)
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(PruneSpec)})
     if unknown:
-        raise PruneSpecError(f"option prune: unknown field(s) {unknown}; known: mlp, layers, "
+        raise PruneSpecError(f"option prune: unknown field(s) {unknown}; known: mlp, heads, "
+                             "layers, "
                              "drop_layers, score, compensate, sparsity")
-    spec = PruneSpec(mlp=_fraction(fields.get("mlp", 0.0)),
+    spec = PruneSpec(mlp=_fraction("mlp", fields.get("mlp", 0.0)),
+                     heads=_fraction("heads", fields.get("heads", 0.0)),
                      layers=_count("layers", fields.get("layers", 0)),
                      drop_layers=_indices(fields.get("drop_layers", ())),
                      score=_choice("score", fields.get("score", "wanda"), SCORES),
@@ -80,8 +92,8 @@ def parse_prune(value: Any) -> PruneSpec:
     if spec.layers and spec.drop_layers:
         raise PruneSpecError("option prune: give layers (a count, chosen by measured influence) "
                              "or drop_layers (which ones), not both")
-    if not (spec.mlp or spec.prunes_layers or spec.sparsity):
-        raise PruneSpecError(f"option prune={value!r} removes nothing: set mlp, layers, "
+    if not (spec.mlp or spec.heads or spec.prunes_layers or spec.sparsity):
+        raise PruneSpecError(f"option prune={value!r} removes nothing: set mlp, heads, layers, "
                              "drop_layers or sparsity")
     return spec
 
@@ -102,14 +114,14 @@ def _fields(value: Any) -> dict:
     return fields
 
 
-def _fraction(value: Any) -> float:
+def _fraction(name: str, value: Any) -> float:
     try:
         fraction = float(value)
     except (TypeError, ValueError):
-        raise PruneSpecError(f"option prune: mlp must be a fraction in [0, {MAX_MLP}], got "
-                             f"{value!r}") from None
-    if isinstance(value, bool) or not 0.0 <= fraction <= MAX_MLP:
-        raise PruneSpecError(f"option prune: mlp must be a fraction in [0, {MAX_MLP}], got {value!r}")
+        fraction = None
+    if fraction is None or isinstance(value, bool) or not 0.0 <= fraction <= MAX_FRACTION:
+        raise PruneSpecError(f"option prune: {name} must be a fraction in [0, {MAX_FRACTION}], "
+                             f"got {value!r}")
     return fraction
 
 
