@@ -53,6 +53,8 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) bench/attention_linear.py --out .bench/attention_linear
 	OMP_NUM_THREADS=2 $(PY) bench/kv_int8.py --out .bench/kv_int8
 	OMP_NUM_THREADS=2 $(PY) bench/attention_positions.py --out .bench/attention_positions
+	OMP_NUM_THREADS=2 $(PY) bench/prune.py --json .bench/prune.json
+	OMP_NUM_THREADS=2 $(PY) bench/speculative.py --json .bench/speculative.json
 
 # Issue 17's side-by-side: quantized SmolLM2 against llama.cpp, ONNX Runtime and torchao in the
 # same runs (installs the peers: llama-cpp-python builds from source, minutes).

@@ -40,6 +40,7 @@ VARIANTS = {"unpruned": None,
             "mlp 25% wanda": {"mlp": 0.25},
             "mlp 25% wanda, no compensation": {"mlp": 0.25, "compensate": "off"},
             "mlp 25% magnitude": {"mlp": 0.25, "score": "magnitude", "compensate": "off"},
+            "heads 1/3": {"heads": 0.34},
             "layers 2": {"layers": 2},
             "layers 4": {"layers": 4},
             "mlp 25% + layers 2": {"mlp": 0.25, "layers": 2}}
