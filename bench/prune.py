@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--no-inductor", action="store_true")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated names of VARIANTS to run ('unpruned' always runs)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=".bench/prune.json")
     args = p.parse_args(argv)
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     rows, runners, reports = [], {}, {}
     with torch.inference_mode():
         eager_logits, _ = run_windows(LogitsOnly(model), windows)
-        for label, prune in VARIANTS.items():
+        wanted = {"unpruned", *args.variants.split(",")}
+        for label, prune in ((k, v) for k, v in VARIANTS.items() if k in wanted):
             compiled, graph, compile_s = compile_variant(model, prune, calibration)
             logits, _ = run_windows(compiled, windows)
             rows.append({"variant": label, "prune": prune, "compile_s": compile_s,

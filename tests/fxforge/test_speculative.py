@@ -79,7 +79,7 @@ def test_draft_self_compiles_one_quantized_copy_and_keeps_the_tokens(llama, targ
     want = fxforge.generate(target, ids, 9)
     got, stats = fxforge.generate(target, ids, 9, draft="self", draft_k=3, return_stats=True)
     assert torch.equal(got, want)
-    assert "quantize=int4:g128" in stats["speculative"]["draft"]
+    assert "quantize=int8" in stats["speculative"]["draft"]
     (draft,) = self_draft._DRAFTS[llama].values()
     fxforge.generate(target, ids, 4, draft="self")          # reused, not compiled again
     assert list(self_draft._DRAFTS[llama].values()) == [draft]

@@ -223,3 +223,40 @@ def test_too_many_blocks_is_a_clear_error():
     model = LogitsOnly(build("llama", seed=_seed()))
     with pytest.raises(Exception, match="removable block"):
         fxforge.compile(model, example_inputs("llama"), prune={"layers": 2})
+
+
+# ---------------------------------------------------------------- SmolLM2 (real weights)
+
+def _smollm2_heads_by_hand(model: nn.Module, rows: list[dict], head_dim: int) -> None:
+    def blocks(kept, width):
+        return torch.cat([torch.arange(k * width, (k + 1) * width) for k in kept])
+    for row in rows:
+        attn = model.get_submodule(row["name"])
+        query = blocks(row["kept_groups"], row["heads"] // row["kv_heads"] * head_dim)
+        kv = blocks(row["kept_groups"], head_dim)
+        for proj, index in ((attn.q_proj, query), (attn.k_proj, kv), (attn.v_proj, kv)):
+            proj.weight = nn.Parameter(proj.weight.index_select(0, index))
+        attn.o_proj.weight = nn.Parameter(attn.o_proj.weight.index_select(1, query))
+
+
+@pytest.mark.slow
+def test_smollm2_every_kind_matches_the_model_pruned_by_hand():
+    from fxforge.calibration import calibration_text
+    from fxforge.examples.smollm2 import load_smollm2, smollm2_available
+    if not smollm2_available():
+        pytest.skip("SmolLM2 is not installed")
+    model, tokenizer = load_smollm2(progress=False)
+    text = calibration_text(tokenizer, 256, 2)
+    wrapped = LogitsOnly(model)
+    compiled, graph = _compile(wrapped, (text[:1],), kv_cache=True,
+                               prune={"mlp": 0.25, "heads": 0.34, "drop_layers": [12],
+                                      "compensate": "off"})
+    info = graph.ir.info["prune"]
+    assert len(info["mlp"]) == 29 and all(r["kept"] == 1152 for r in info["mlp"])
+    assert len(info["heads"]) == 29 and all(r["kv_heads_after"] == 2 for r in info["heads"])
+    assert [r["name"] for r in info["layers"]] == ["model.model.layers.12"]
+    assert {spec.heads for spec in graph.kv.plan.caches} == {2}   # the KV cache shrank
+    reference = hand_pruned_mlps(hand_skipped_blocks(wrapped, info["layers"]), info["mlp"])
+    _smollm2_heads_by_hand(reference, info["heads"], model.config.head_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(text[1:]), reference(text[1:]), rtol=1e-4, atol=2e-3)
