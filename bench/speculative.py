@@ -11,7 +11,8 @@ rounds with medians: decode tokens/s ((time(n) - time(1)) / (n - 1)), its ratio 
 baseline, whether the tokens are identical to the baseline's (they must be), the acceptance
 rate (accepted / drafted) and the draft lengths the adaptive ``k`` chose. SmolLM2's weights sit
 on a 4-bit group-32 grid, so an int4 g32 draft would agree almost always and flatter the
-figure: the drafts here are int4 g128 and pruned variants. The references in the same rounds:
+figure: the drafts here are int8 (``draft="self"``'s default: per-channel int8 is not SmolLM2's
+grid, a quarter of fp32's bytes), int4 g128, and each with pruned layers. The references in the same rounds:
 Hugging Face ``generate()`` eager, and with its prompt-lookup drafting
 (``prompt_lookup_num_tokens``: n-gram drafts from the prompt, the speculative mode HF offers
 without a second model); their tokens are checked against HF eager's. llama.cpp's speculative
@@ -35,8 +36,7 @@ from fxforge.examples.hf_models import LogitsOnly
 QUESTIONS = ("What is the capital of France, and what is it known for?",
              "Explain what a Python list comprehension is, with an example.",
              "Write a short story about a robot who learns to paint.")
-DRAFTS = ("int4:g128", "int4:g128;prune=layers:4", "int4:g128;prune=layers:8",
-          "int4:g128;prune=layers:6,mlp:0.25")
+DRAFTS = ("int8", "int8;prune=layers:4", "int4:g128", "int4:g128;prune=layers:4")
 
 
 def draft_options(text: str) -> dict:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from fxforge.draft_length import MAX_K
 from fxforge.irgraph.meta import META_KEY, SymMeta
 from fxforge.options import CompileOptions
 from fxforge.sessions import StatePool, active_session
@@ -46,6 +47,8 @@ log = logging.getLogger("fxforge")
 # read the cache length on the device: no host sync).
 RECORDERS = {("cpu", "cpu"): "Recording", ("triton", "cuda"): "CudaGraphRecording"}
 # what a decoder counts; ``rollbacks``: of the ``steps``, those that first dropped cached positions
+# The longest span of new positions a recording is made for: a speculative round's k + 1
+MAX_REPLAY_SPAN = MAX_K + 1
 STATS = ("prefills", "steps", "uncached", "positions", "replayed", "rollbacks")
 
 
@@ -113,7 +116,7 @@ class DecodeState:
 
     def __init__(self, decoder: IncrementalDecoder):
         self.decoder = decoder
-        self.replay = StepReplay(len(decoder.plan.caches), decoder.backend) \
+        self.replay = SpanReplays(len(decoder.plan.caches), decoder.backend) \
             if decoder.replay else None
         self.tokens: Optional[torch.Tensor] = None   # what the cache holds
         self.caches: list[torch.Tensor] = []
@@ -145,11 +148,12 @@ class DecodeState:
         position = torch.tensor([start], dtype=torch.int64, device=ids.device)
         step_args += [position, *self.caches]
         try:
-            if self.replay is not None and start > 0 and new.shape[1] == 1:
-                # decode steps only: a span of new positions (a prompt continued in chunks) runs
-                # as it is, and may take paths that read the cache length into Python. A step
-                # after a rollback is one too: the recording reads its position from the input
-                outputs = self.replay(decoder.step, step_args, decoder.plan.seq_outputs, counts)
+            if self.replay is not None and start > 0 and new.shape[1] <= MAX_REPLAY_SPAN:
+                # decode steps and speculative verify spans (a step after a rollback is one too:
+                # the recording reads its position from the input); a longer span (a prompt
+                # continued in chunks) runs as it is
+                outputs = self.replay(decoder.step, step_args, decoder.plan.seq_outputs, counts,
+                                      new.shape[1])
             else:
                 outputs = list(decoder.step(*step_args))
             self.tokens = ids.clone()
@@ -263,6 +267,33 @@ def describe(plan) -> str:
             f"input(s) offset, {len(plan.caches)} buffers")
 
 
+class SpanReplays:
+    """A :class:`StepReplay` per number of new positions: one-token decode steps, and the spans
+    of ``k + 1`` positions a speculative target verifies (and a draft catches up on) each round.
+    A span other than one token is recorded from its second call, so a length seen once (a
+    short chat turn) never pays for a recording. Each length records, validates and turns off
+    on its own: a span whose path reads the cache length into Python keeps one-token steps
+    replayed."""
+
+    def __init__(self, n_caches: int, backend: str = "cpu"):
+        self.n_caches, self.backend = n_caches, backend
+        self.spans: dict[int, StepReplay] = {}
+        self.calls: dict[int, int] = {}
+
+    def forget(self) -> None:
+        for replay in self.spans.values():
+            replay.forget()
+
+    def __call__(self, step: Callable, args: list, seq_outputs, stats: dict, span: int) -> list:
+        """``step(*args)``, a call of ``span`` new positions, replayed where that span can be."""
+        self.calls[span] = self.calls.get(span, 0) + 1
+        if span > 1 and self.calls[span] < 2:
+            return list(step(*args))
+        if span not in self.spans:
+            self.spans[span] = StepReplay(self.n_caches, self.backend, span)
+        return self.spans[span](step, args, seq_outputs, stats)
+
+
 class StepReplay:
     """Decode steps replayed from a recording (``kernels/replay.py``: recorded launches on the
     CPU, a CUDA graph on a GPU): the first step of a shape is recorded, the next one runs both
@@ -275,8 +306,8 @@ class StepReplay:
 
     MAX_RECORDINGS = 8
 
-    def __init__(self, n_caches: int, backend: str = "cpu"):
-        self.n_caches, self.backend = n_caches, backend
+    def __init__(self, n_caches: int, backend: str = "cpu", span: int = 1):
+        self.n_caches, self.backend, self.span = n_caches, backend, span
         self.recording = None
         self.validated = False
         self.recordings = 0
@@ -332,14 +363,16 @@ class StepReplay:
         if not same:
             self.forget()
             self.off = "a replayed step differed from the step it recorded"
-            log.warning("fxforge: kv_cache: decode-step replay off: %s", self.off)
+            log.warning("fxforge: kv_cache: decode-step replay off (steps of %d positions): %s",
+                        self.span, self.off)
         self.validated = same
         return outputs
 
     def _turn_off(self, reason: str, step: Callable, args: list) -> list:
         self.forget()
         self.off = reason
-        log.info("fxforge: kv_cache: decode steps run op by op (no replay): %s", reason)
+        log.info("fxforge: kv_cache: decode steps of %d positions run op by op (no replay): %s",
+                 self.span, reason)
         return list(step(*args))
 
 

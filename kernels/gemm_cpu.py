@@ -6,13 +6,14 @@ library call does around the math: the bias is first copied into the output, the
 and the residual add are second and third passes over it, and the weight is repacked from its
 [K, N] layout at every call, from memory the previous layers pushed out of cache. This kernel
 packs the weight once (at compile time) into the order its inner loop reads it, and finishes
-each 6 x 16 output tile (bias, activation, residual) on its way from the accumulators to y, so
+each MR x 16 output tile (bias, activation, residual) on its way from the accumulators to y, so
 the output is written once.
 
 The layout: the weight [K, N] is stored as panels of 16 output columns, ``[ceil(N/16)][K][16]``
-(columns past N zero). The inner kernel multiplies 6 rows of x by one panel into a 6 x 16 tile
-of 12 eight-wide accumulators (the classic AVX2 shape: 12 accumulators, 2 panel loads and 6
-broadcasts per k). Blocking: K in chunks of ``kc``, rows in blocks of ``mc``; threads share the
+(columns past N zero). The inner kernel multiplies MR rows of x by one panel into an MR x 16 tile
+of eight-wide accumulators: MR = 6 on AVX2 (the classic shape: 12 accumulators, 2 panel loads
+and 6 broadcasts per k), 12 where AVX-512VL gives 32 vector registers, so that the few rows of a
+speculative verify step read each panel once (``tile_rows()`` says which was built). Blocking: K in chunks of ``kc``, rows in blocks of ``mc``; threads share the
 (panel, 24-row strip) tasks of a block, so a panel chunk is read once per block. Written with
 GCC vector extensions, so the same source builds for AVX2, AVX-512 or plain SSE. Weights of
 format "bf16" are packed in bf16, in the GEMV's layout (one pack serves both kernels).
@@ -60,6 +61,8 @@ static void gemm_act(const W* Bp, const float* A, int64_t lda, const float* bias
 
 /* Bp: the packed panels, fp32 or (bf16 != 0) bf16 pairs; bias: padded to the panels (or null);
    res: [M, N] with row stride ldr (or null) */
+extern "C" int fxf_gemm_tile_rows(void) { return MR_MAX; }
+
 extern "C" void fxf_gemm(const float* A, int64_t lda, const void* Bp, int bf16, const float* bias,
                          float* y, int64_t ldy, const float* res, int64_t ldr, int64_t M,
                          int64_t K, int64_t N, int act, int64_t KC, int64_t MC, int nthreads) {
@@ -81,6 +84,14 @@ def _entry() -> Callable:
                    + (ctypes.c_int64,) * 4 + (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                               ctypes.c_int))
     return fn
+
+
+@functools.lru_cache(maxsize=None)
+def tile_rows() -> int:
+    """The rows of the built micro-kernel's tile (MR_MAX in ``gemm_cpp.py``: 6 or 12)."""
+    fn = load_function(SOURCE, "fxf_gemm_tile_rows", "gemm")
+    fn.restype, fn.argtypes = ctypes.c_int, ()
+    return fn()
 
 
 def gemm_unavailable() -> Optional[str]:
@@ -161,4 +172,4 @@ class TiledLinear:
         epilogue = f", epilogue per tile before the store: {' then '.join(steps)}" if steps else ""
         stored = " (bf16: weight format bf16)" if self.storage == torch.bfloat16 else ""
         return (f"C++ tiled GEMM ({dtype_name}, weight packed in 16-column panels{stored}, "
-                f"kc={self.kc}, mc={self.mc}){epilogue}")
+                f"{tile_rows()}-row tiles, kc={self.kc}, mc={self.mc}){epilogue}")

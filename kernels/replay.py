@@ -110,7 +110,7 @@ class Recording:
             self.problem = self.problem or f"{func} reads a tensor's value into Python"
         elif torch.Tag.nondeterministic_seeded in func.tags and not _without_dropout(func, args, kwargs):
             self.problem = self.problem or f"{func} is random"
-        elif func in _ALLOCATIONS or func.is_view or \
+        elif func in _ALLOCATIONS or (func.is_view and _aliases(flat_out, args)) or \
                 not any(isinstance(a, torch.Tensor) for a in tree_flatten((args, kwargs))[0]):
             return   # memory the kernels use, a view of it, or a constant
         else:
@@ -190,6 +190,15 @@ def _without_dropout(func, args, kwargs) -> bool:
     """An op tagged random only for its dropout (attention kernels) called with ``dropout_p=0``."""
     bound = schema_arguments(func, args, kwargs)
     return "dropout_p" in bound and bound["dropout_p"] == 0
+
+
+def _aliases(outs: list, args) -> bool:
+    """Whether every output shares memory with a tensor input: a view op's usual result. Some
+    ops declared as views copy when they cannot view (``reshape`` of a permuted tensor: an
+    attention output of several positions); those are replayed like any op."""
+    bases = {a.untyped_storage().data_ptr() for a in tree_flatten(args)[0]
+             if isinstance(a, torch.Tensor)}
+    return all(o.untyped_storage().data_ptr() in bases for o in outs)
 
 
 def _kernel_step(fn: Callable, args: tuple, result: Any) -> Callable[[], None]:

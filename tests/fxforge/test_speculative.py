@@ -55,6 +55,25 @@ def test_greedy_with_a_draft_gives_the_tokens_of_greedy_without(llama, target, b
             assert spec["accepted"] == spec["drafted"] and stats["steps"] < 11
 
 
+def test_verify_spans_are_replayed_and_stay_exact(llama):
+    """The target's k + 1 position verify calls replay from validated recordings (one per span
+    length, kv_runtime.SpanReplays) and the tokens stay those of greedy decoding."""
+    from fxforge.compiler import recording
+    torch._dynamo.reset()
+    ids = prompts(1, 6, seed=9)
+    other = LogitsOnly(build("llama", seed=1)).eval()
+    with recording() as graphs:
+        target = compiled_with_cache(llama, max_seq_len=96)
+        want = fxforge.generate(target, ids, 30)
+        for _ in range(3):
+            assert torch.equal(fxforge.generate(target, ids, 30, draft=other, draft_k=3), want)
+    decoder = [g.kv for g in graphs if g.kv is not None][-1]
+    (state,) = decoder.states()
+    spans = state.replay.spans
+    assert spans[4].off is None and spans[4].validated, spans[4].off
+    assert decoder.stats["replayed"] > decoder.stats["steps"] // 2
+
+
 def test_greedy_with_stop_tokens_ragged_prompts_and_stream(target):
     ids = prompts(2, 5, seed=7)
     reference = fxforge.generate(target, ids, 12)

@@ -5,7 +5,8 @@ import torch
 
 import fxforge.irgraph.ops  # noqa: F401  (registers torch.ops.fxforge.linear)
 from fxforge.kernels import gemm_cpu, linear_cpu
-from fxforge.kernels.gemm_cpu import BLOCKS, PANEL, PARALLEL_MIN_MACS, TiledLinear, pack_panels
+from fxforge.kernels.gemm_cpu import (BLOCKS, PANEL, PARALLEL_MIN_MACS, TiledLinear, pack_panels,
+                                      tile_rows)
 from fxforge.kernels.gemv_cpu import ACTIVATION_CODES, GEMV_MAX_M
 from fxforge.kernels.linear_cpu import (PackedLinear, config_for, default_candidate,
                                         linear_cpu_space, unavailable_reason)
@@ -35,10 +36,12 @@ def _reference(x, weight_kn, bias, activation, residual):
     return torch.ops.fxforge.linear(x, weight_kn, bias, activation, residual, None)
 
 
-# rows around the 6-row tiles, the 24-row strips and the 96/120/240-row blocks; columns around
-# the 16-wide panels; K around the 256/1024 chunks
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 3, 17), (6, 16, 16), (7, 257, 15), (25, 40, 33),
-                                   (97, 64, 48), (121, 20, 20), (250, 64, 100), (3, 1025, 18)])
+# rows around the 6- and 12-row tiles (tile_rows(): which one this build has), the 24-row
+# strips and the 96/120/240-row blocks; columns around the 16-wide panels; K around the
+# 256/1024 chunks
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 3, 17), (6, 16, 16), (7, 257, 15), (9, 33, 31),
+                                   (12, 20, 16), (13, 17, 40), (25, 40, 33), (97, 64, 48),
+                                   (121, 20, 20), (250, 64, 100), (3, 1025, 18)])
 @pytest.mark.parametrize("block", range(len(BLOCKS)))
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
 def test_shapes_across_tile_and_block_edges(m, k, n, block, storage):
@@ -80,8 +83,9 @@ def test_strided_inputs():
 
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [8, 3])     # the widened-chunk path and the inline one
-def test_nonfinite_values_propagate_as_in_the_reference(storage, m):
+@pytest.mark.parametrize("rows", ["tile", "more"])   # bf16: inline widening, the widened chunk
+def test_nonfinite_values_propagate_as_in_the_reference(storage, rows):
+    m = tile_rows() - 3 if rows == "tile" else tile_rows() + 2
     x, weight, bias, res = _operands(m, 20, 18, seed=5, storage=storage)
     x[1, 3], x[m - 1, 0], weight[2, 17], weight[5, 3] = (float("nan"), float("inf"), float("-inf"),
                                                          float("nan"))
@@ -195,3 +199,16 @@ def test_portable_build_matches(monkeypatch):
     x, weight, bias, res = _operands(13, 33, 40, seed=9)
     got = TiledLinear(weight.t().contiguous(), bias, "gelu_tanh")(x, res)
     assert_close_to_eager(got, _reference(x, weight, bias, "gelu_tanh", res))
+
+
+def test_tile_rows_follow_the_vector_registers_of_the_build():
+    """12-row tiles exactly where the build targets AVX-512VL (32 vector registers), else 6;
+    a build for another -march (FXFORGE_CXXFLAGS) decides for itself."""
+    import os
+    if os.environ.get("FXFORGE_CXXFLAGS"):
+        assert tile_rows() in (6, 12)
+        return
+    with open("/proc/cpuinfo") as f:
+        has_vl = "avx512vl" in f.read().split()
+    assert tile_rows() == (12 if has_vl else 6)
+    assert f"{tile_rows()}-row tiles" in TiledLinear(torch.randn(4, 3), None, "none").describe("fp32", False)

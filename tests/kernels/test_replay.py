@@ -21,6 +21,25 @@ def _step(weight_kernel, bias):
 
 
 @needs_compiler
+def test_a_view_op_that_copies_is_replayed():
+    """``reshape`` is declared a view, but of a permuted tensor of several rows (an attention
+    output of a verify span) it copies: the copy must be redone at every replay, or the kernel
+    after it reads the first call's values."""
+    gen = torch.Generator().manual_seed(3)
+    kernel = GemvLinear(torch.randn(12, 12, generator=gen), None, "none")
+
+    def step(heads):   # [B, H, t, D] -> [t, H * D] -> linear, as a lowered graph calls the op
+        rows = torch.ops.aten.reshape.default(heads.permute(0, 2, 1, 3), [heads.shape[2], -1])
+        return kernel(rows, None)
+
+    with torch.inference_mode():   # as models run: reshape then reaches the recording whole
+        rec = Recording(step, [torch.randn(1, 3, 4, 4, generator=gen)])
+        for _ in range(3):
+            new = torch.randn(1, 3, 4, 4, generator=gen)
+            torch.testing.assert_close(rec.replay([new]).clone(), step(new), rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
 def test_replay_on_new_values_equals_the_direct_call():
     torch.manual_seed(0)
     table, bias = torch.randn(50, 16), torch.randn(24)
