@@ -12,8 +12,8 @@ baseline, whether the tokens are identical to the baseline's (they must be), the
 rate (accepted / drafted) and the draft lengths the adaptive ``k`` chose. SmolLM2's weights sit
 on a 4-bit group-32 grid, so an int4 g32 draft would agree almost always and flatter the
 figure: the drafts here are int8 (``draft="self"``'s default: per-channel int8 is not SmolLM2's
-grid, a quarter of fp32's bytes), int4 g128, and each with pruned layers. The references in the same rounds:
-Hugging Face ``generate()`` eager, and with its prompt-lookup drafting
+grid, a quarter of fp32's bytes), int4 g128, and each with pruned layers. The references in the
+same rounds: Hugging Face ``generate()`` eager, and with its prompt-lookup drafting
 (``prompt_lookup_num_tokens``: n-gram drafts from the prompt, the speculative mode HF offers
 without a second model); their tokens are checked against HF eager's. llama.cpp's speculative
 decoding is not exposed by ``llama-cpp-python``.

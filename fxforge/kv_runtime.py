@@ -46,9 +46,9 @@ log = logging.getLogger("fxforge")
 # (recorded launches); the Triton backend's steps on a GPU are captured as CUDA graphs (its kernels
 # read the cache length on the device: no host sync).
 RECORDERS = {("cpu", "cpu"): "Recording", ("triton", "cuda"): "CudaGraphRecording"}
-# what a decoder counts; ``rollbacks``: of the ``steps``, those that first dropped cached positions
 # The longest span of new positions a recording is made for: a speculative round's k + 1
 MAX_REPLAY_SPAN = MAX_K + 1
+# what a decoder counts; ``rollbacks``: of the ``steps``, those that first dropped cached positions
 STATS = ("prefills", "steps", "uncached", "positions", "replayed", "rollbacks")
 
 
@@ -278,7 +278,7 @@ class SpanReplays:
     def __init__(self, n_caches: int, backend: str = "cpu"):
         self.n_caches, self.backend = n_caches, backend
         self.spans: dict[int, StepReplay] = {}
-        self.calls: dict[int, int] = {}
+        self.calls: dict[int, int] = {}   # calls of each span longer than one position
 
     def forget(self) -> None:
         for replay in self.spans.values():
@@ -286,9 +286,10 @@ class SpanReplays:
 
     def __call__(self, step: Callable, args: list, seq_outputs, stats: dict, span: int) -> list:
         """``step(*args)``, a call of ``span`` new positions, replayed where that span can be."""
-        self.calls[span] = self.calls.get(span, 0) + 1
-        if span > 1 and self.calls[span] < 2:
-            return list(step(*args))
+        if span > 1 and span not in self.spans:
+            self.calls[span] = self.calls.get(span, 0) + 1
+            if self.calls[span] < 2:
+                return list(step(*args))
         if span not in self.spans:
             self.spans[span] = StepReplay(self.n_caches, self.backend, span)
         return self.spans[span](step, args, seq_outputs, stats)

@@ -145,8 +145,7 @@ static inline void strip(const float* A, int64_t lda, const W* bp, int64_t kc, i
    micro-kernel on it (its tasks of one block come panel by panel, so a chunk is widened once per
    block). Widened once per 24-row strip instead, bf16 panels ran 4-12% behind fp32 ones (37-512
    rows); once per chunk per thread they are even. At <= MR_MAX rows (decode, a speculative
-   verify) the micro-kernel widens
-   bf16 inline: there the weight's bytes are the cost. Returns false when a source that cannot
+   verify) the micro-kernel widens bf16 inline: there the weight's bytes are the cost. Returns false when a source that cannot
    be read in place got no buffer (out of memory: y is then incomplete); a bf16 source without
    one reads its panels in place. */
 template <typename S, int ACT>

@@ -13,8 +13,9 @@ The layout: the weight [K, N] is stored as panels of 16 output columns, ``[ceil(
 (columns past N zero). The inner kernel multiplies MR rows of x by one panel into an MR x 16 tile
 of eight-wide accumulators: MR = 6 on AVX2 (the classic shape: 12 accumulators, 2 panel loads
 and 6 broadcasts per k), 12 where AVX-512VL gives 32 vector registers, so that the few rows of a
-speculative verify step read each panel once (``tile_rows()`` says which was built). Blocking: K in chunks of ``kc``, rows in blocks of ``mc``; threads share the
-(panel, 24-row strip) tasks of a block, so a panel chunk is read once per block. Written with
+speculative verify step read each panel once (``tile_rows()`` says which was built).
+Blocking: K in chunks of ``kc``, rows in blocks of ``mc``; threads share the (panel, 24-row
+strip) tasks of a block, so a panel chunk is read once per block. Written with
 GCC vector extensions, so the same source builds for AVX2, AVX-512 or plain SSE. Weights of
 format "bf16" are packed in bf16, in the GEMV's layout (one pack serves both kernels).
 
@@ -59,10 +60,10 @@ static void gemm_act(const W* Bp, const float* A, int64_t lda, const float* bias
   const Panels<W> src{Bp, K};
 """ + cpp_act_switch("gemm<Panels<W>, {act}>(A, lda, src, bias, y, ldy, res, ldr, M, K, N, KC, MC, nthreads);") + r"""}
 
-/* Bp: the packed panels, fp32 or (bf16 != 0) bf16 pairs; bias: padded to the panels (or null);
-   res: [M, N] with row stride ldr (or null) */
 extern "C" int fxf_gemm_tile_rows(void) { return MR_MAX; }
 
+/* Bp: the packed panels, fp32 or (bf16 != 0) bf16 pairs; bias: padded to the panels (or null);
+   res: [M, N] with row stride ldr (or null) */
 extern "C" void fxf_gemm(const float* A, int64_t lda, const void* Bp, int bf16, const float* bias,
                          float* y, int64_t ldy, const float* res, int64_t ldr, int64_t M,
                          int64_t K, int64_t N, int act, int64_t KC, int64_t MC, int nthreads) {
