@@ -1,4 +1,5 @@
-"""Command line: ``python -m fxforge compile MODULE:FACTORY --example SPEC -o DIR``,
+"""Command line: ``python -m fxforge compile MODULE:FACTORY --example SPEC -o DIR`` (or
+``compile model.onnx [--dim NAME=SIZE] -o DIR``), ``python -m fxforge onnx-ops [--opset N]``,
 ``python -m fxforge explain MODULE:FACTORY --example SPEC [-o report.html]``,
 ``python -m fxforge tune MODULE:FACTORY --example SPEC [--batch-sizes ...] [--budget-ms ...]``
 and ``python -m fxforge info DIR``."""
@@ -49,6 +50,10 @@ def _parse_option(text: str) -> tuple[str, Any]:
 def _model_and_examples(args: argparse.Namespace):
     from fxforge.specs import parse_spec
 
+    if args.factory.endswith(".onnx"):
+        return _onnx_model_and_examples(args)
+    if not args.example:
+        raise UsageError("--example is required (one per input) for MODULE:FACTORY models")
     model = _load_factory(args.factory)()
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
@@ -58,13 +63,44 @@ def _model_and_examples(args: argparse.Namespace):
     return model.eval(), specs, examples, dict(_parse_option(o) for o in args.option)
 
 
+def _onnx_model_and_examples(args: argparse.Namespace):
+    """An ONNX file's model, input specs (``--example`` overrides; else from the model's input
+    types, its dynamic dims sized by ``--dim``) and examples."""
+    from fxforge.onnx import from_onnx, onnx_input_specs
+    from fxforge.specs import parse_spec
+
+    model = from_onnx(args.factory, compile=False)
+    sizes = dict(_parse_dim(d) for d in args.dim)
+    specs = [parse_spec(s) for s in args.example] if args.example else \
+        onnx_input_specs(model, sizes)
+    generator = torch.Generator().manual_seed(args.seed)
+    examples = tuple(spec.example(generator) for spec in specs)
+    return model, specs, examples, dict(_parse_option(o) for o in args.option)
+
+
+def _parse_dim(text: str) -> tuple[str, int]:
+    name, _, size = text.partition("=")
+    if not size.strip().isdigit():
+        raise UsageError(f"--dim takes NAME=SIZE, got {text!r}")
+    return name.strip(), int(size)
+
+
+def cmd_onnx_ops(args: argparse.Namespace) -> int:
+    from fxforge.onnx import coverage_table
+    print(coverage_table(args.opset))
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import fxforge
     from fxforge.specs import export_dynamic_shapes
 
     model, specs, examples, options = _model_and_examples(args)
-    artifact = fxforge.aot_compile(model, examples, args.output,
-                                   dynamic_shapes=export_dynamic_shapes(specs), **options)
+    dynamic_shapes = export_dynamic_shapes(specs)
+    if dynamic_shapes is not None and args.factory.endswith(".onnx"):
+        dynamic_shapes = (dynamic_shapes,)     # OnnxModule.forward(*inputs)
+    artifact = fxforge.aot_compile(model, examples, args.output, dynamic_shapes=dynamic_shapes,
+                                   **options)
     print(f"wrote {artifact}")
     return 0
 
@@ -91,9 +127,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("factory", help="MODULE:FACTORY, a callable returning the nn.Module")
-    parser.add_argument("--example", action="append", required=True, metavar="SPEC",
-                        help="an input spec, e.g. 'int64[1,seq=16:2..512]{0..1000}' (repeat per input)")
+    parser.add_argument("factory", help="MODULE:FACTORY, a callable returning the nn.Module, "
+                        "or an .onnx file")
+    parser.add_argument("--example", action="append", default=[], metavar="SPEC",
+                        help="an input spec, e.g. 'int64[1,seq=16:2..512]{0..1000}' (repeat per "
+                        "input; an ONNX model's default: its input types)")
+    parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                        help="an ONNX model's dynamic dim: its example size (default 8)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0, help="seed for the example inputs")
 
@@ -110,6 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _model_arguments(expl)
     expl.add_argument("-o", "--output", help="also write the report: .html, .svg or .txt")
     expl.set_defaults(run=cmd_explain)
+    ops = sub.add_parser("onnx-ops", help="print the ONNX ops fxforge imports")
+    ops.add_argument("--opset", type=int, default=None, help="default: the newest")
+    ops.set_defaults(run=cmd_onnx_ops)
     info = sub.add_parser("info", help="load an artifact and print its manifest")
     info.add_argument("artifact")
     info.set_defaults(run=cmd_info)

@@ -190,7 +190,9 @@ def _user_dim_names(metas: list, dynamic_shapes: Any) -> dict[str, str]:
     names: dict[str, str] = {}
     if not isinstance(dynamic_shapes, (tuple, list)):
         return names
-    for meta, dims in zip(metas, dynamic_shapes):
+    # one entry per tensor input, also where a ``forward(*args)`` nests them in a tuple
+    per_input = pytree.tree_flatten(dynamic_shapes, is_leaf=lambda x: x is None or isinstance(x, dict))[0]
+    for meta, dims in zip(metas, per_input):
         for axis, dim in (dims or {}).items():
             expr = meta.shape[axis]
             user = getattr(dim, "__name__", None)

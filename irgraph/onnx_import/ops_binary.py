@@ -1,0 +1,139 @@
+"""Broadcasting binary ops, comparisons, ``Where`` and the matrix products.
+
+The arithmetic ones take :class:`Dims` (``dims=True``): on shapes and known constants they
+compute in Python (sizes stay SymInts), on tensors they are the torch ops with ONNX's rules
+(integer ``Div`` truncates, ``Mod`` follows ``fmod``)."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+
+from fxforge.irgraph.onnx_import.ops_shape import known_list, rank_of
+from fxforge.irgraph.onnx_import.table import Dims, NodeView, as_tensor, converter
+
+
+def _int_div(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        q = abs(a) // abs(b)
+        return q if (a >= 0) == (b >= 0) else -q
+    return a // b       # SymInts: sizes, never negative
+
+
+def _tensor_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype.is_floating_point or b.dtype.is_floating_point:
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+# op -> (Python function on sizes, torch function on tensors)
+ARITHMETIC: dict[str, tuple[Callable, Callable]] = {
+    "Add": (operator.add, torch.add),
+    "Sub": (operator.sub, torch.sub),
+    "Mul": (operator.mul, torch.mul),
+    "Div": (_int_div, _tensor_div),
+}
+
+
+def _on_dims(node: NodeView, a: Any, b: Any, fn: Callable):
+    """The op in Python when both operands are shapes/known constants of rank <= 1."""
+    left, right = known_list(node, 0, a), known_list(node, 1, b)
+    if left is None or right is None or rank_of(a) > 1 or rank_of(b) > 1:
+        return None
+    if not (isinstance(a, Dims) or isinstance(b, Dims)):
+        return None     # two constants fold at import; keep their dtype through torch
+    if len(left) != len(right) and 1 not in (len(left), len(right)):
+        return None
+    n = max(len(left), len(right))
+    left, right = left * n if len(left) == 1 else left, right * n if len(right) == 1 else right
+    scalar = rank_of(a) == 0 and rank_of(b) == 0
+    return Dims([fn(x, y) for x, y in zip(left, right)], scalar=scalar)
+
+
+def _arith(op: str):
+    on_sizes, on_tensors = ARITHMETIC[op]
+
+    def convert(node: NodeView, a, b):
+        folded = _on_dims(node, a, b, on_sizes)
+        if folded is not None:
+            return folded
+        return on_tensors(as_tensor(a), as_tensor(b))
+    return convert
+
+
+for _op in ARITHMETIC:
+    converter(_op, since=13, dims=True)(_arith(_op))
+
+
+@converter("Pow", since=13)
+def pow_(node: NodeView, a, b):
+    out = torch.pow(a, b.to(a.dtype) if a.dtype.is_floating_point else b)
+    return out.to(a.dtype)
+
+
+@converter("Mod", since=13)
+def mod(node: NodeView, a, b):
+    return torch.fmod(a, b) if node.attr("fmod", 0) else torch.remainder(a, b)
+
+
+COMPARE = {"Equal": torch.eq, "Less": torch.lt, "LessOrEqual": torch.le, "Greater": torch.gt,
+           "GreaterOrEqual": torch.ge}
+LOGIC = {"And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
+         "BitwiseAnd": torch.bitwise_and, "BitwiseOr": torch.bitwise_or,
+         "BitwiseXor": torch.bitwise_xor}
+
+
+def _binary(fn: Callable):
+    def convert(node: NodeView, a, b):
+        return fn(a, b)
+    return convert
+
+
+# Registered from opset 13, the oldest imported: later versions of these ops only add types.
+for _op, _fn in {**COMPARE, **LOGIC}.items():
+    converter(_op, since=13)(_binary(_fn))
+
+
+@converter("Where", since=13)
+def where(node: NodeView, cond, a, b):
+    return torch.where(cond, a, b)
+
+
+def _variadic(fn: Callable):
+    def convert(node: NodeView, *xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+    return convert
+
+
+converter("Max", since=13)(_variadic(torch.maximum))
+converter("Min", since=13)(_variadic(torch.minimum))
+converter("Sum", since=13)(_variadic(torch.add))
+
+
+@converter("Mean", since=13)
+def mean(node: NodeView, *xs):
+    return _variadic(torch.add)(node, *xs) / len(xs)
+
+
+@converter("MatMul", since=13)
+def matmul(node: NodeView, a, b):
+    return torch.matmul(a, b)
+
+
+@converter("Gemm", since=13)
+def gemm(node: NodeView, a, b, c=None):
+    if node.attr("transA", 0):
+        a = a.t()
+    if node.attr("transB", 0):
+        b = b.t()
+    alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
+    out = a @ b
+    if alpha != 1.0:
+        out = out * alpha
+    if c is not None:
+        out = out + (c * beta if beta != 1.0 else c)
+    return out
