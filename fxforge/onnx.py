@@ -39,15 +39,18 @@ class CompiledOnnx(torch.nn.Module):
 
 
 def from_onnx(source: Source, *, compile: bool = True, example_inputs: Sequence[Any] = (),
-              **options: Any) -> torch.nn.Module:
+              quantized_weights: str = "exact", **options: Any) -> torch.nn.Module:
     """An ONNX model (a path, serialized bytes or an ``onnx.ModelProto``) as a callable module.
 
     ``compile=True`` (default) compiles it with fxforge (``options`` as for ``fxforge.compile``;
     given ``example_inputs`` it compiles now, else on the first call); ``compile=False`` returns
-    the eager :class:`OnnxModule`. Raises :class:`OnnxImportError` for a malformed model or ops
-    fxforge does not import (all of them listed at once).
+    the eager :class:`OnnxModule`. Quantized weights (``DequantizeLinear`` into ``MatMul``,
+    ``com.microsoft::MatMulNBits``) become fxforge weight formats where a format holds their
+    values exactly; ``quantized_weights="nearest"`` also maps asymmetric 4-bit weights whose
+    offsets fp16 rounds. Raises :class:`OnnxImportError` for a malformed model or ops fxforge
+    does not import (all of them listed at once).
     """
-    module = import_model(source)
+    module = import_model(source, quantized_weights)
     log.info("fxforge: imported ONNX model %r: %d steps, %d nodes folded, %d If/Loop inlined",
              module.model_name, len(module.program.steps), module.program.folded,
              module.program.inlined)

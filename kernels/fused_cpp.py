@@ -66,7 +66,7 @@ def float_literal(x: float) -> str:
         return "NAN"
     if x in (float("inf"), float("-inf")):
         return "INFINITY" if x > 0 else "(-INFINITY)"
-    return f"((float){x.hex()})"
+    return f"((float){float(x).hex()})"   # an int constant (a clamp bound) too
 
 
 class CExprs(RowExprs):

@@ -6,8 +6,8 @@ fxforge's captures trace into its IR.
 """
 from __future__ import annotations
 
-from fxforge.irgraph.onnx_import import (ops_binary, ops_reduce, ops_shape,  # noqa: F401
-                                         ops_unary)
+from fxforge.irgraph.onnx_import import (ops_binary, ops_quant, ops_reduce,  # noqa: F401
+                                         ops_shape, ops_unary)
 from fxforge.irgraph.onnx_import.model import OnnxImportError, read_model
 from fxforge.irgraph.onnx_import.module import OnnxModule
 from fxforge.irgraph.onnx_import.program import InputSpec, Program, build_program
@@ -17,8 +17,8 @@ __all__ = ["InputSpec", "OnnxImportError", "OnnxModule", "Program", "TABLE", "bu
            "coverage", "import_model", "lookup", "read_model"]
 
 
-def import_model(source) -> OnnxModule:
+def import_model(source, quantized_weights: str = "exact") -> OnnxModule:
     """An ONNX model (path, bytes or ModelProto) as an eager :class:`OnnxModule`."""
     model = read_model(source)
     name = model.graph.name or "onnx"
-    return OnnxModule(build_program(model), name=name).eval()
+    return OnnxModule(build_program(model, quantized_weights), name=name).eval()

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from fxforge.irgraph.onnx_dtypes import onnx_type, to_torch, torch_dtype
+from fxforge.irgraph.onnx_dtypes import onnx_type, torch_dtype
 from fxforge.irgraph.onnx_import.table import (Dims, NodeView, as_tensor, converter, normalize_axes,
                                                normalize_axis)
 
@@ -179,8 +179,7 @@ def constant_of_shape(node: NodeView, shape):
     value = node.attr("value")
     if value is None:
         return torch.zeros(dims, dtype=torch.float32)
-    fill = to_torch(value).reshape(-1)
-    return torch.full(dims, fill[0].item(), dtype=fill.dtype)
+    return value.reshape(()).expand(dims).clone()
 
 
 @converter("Range", since=11, dims=True)
@@ -223,7 +222,7 @@ def transpose(node: NodeView, x):
 
 @converter("Constant", since=13)
 def constant(node: NodeView):
-    for name, make in (("value", to_torch),
+    for name, make in (("value", lambda v: v),
                        ("value_float", lambda v: torch.tensor(v, dtype=torch.float32)),
                        ("value_floats", lambda v: torch.tensor(v, dtype=torch.float32)),
                        ("value_int", lambda v: torch.tensor(v, dtype=torch.int64)),

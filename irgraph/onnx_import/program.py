@@ -23,8 +23,8 @@ import torch
 from fxforge.irgraph.onnx_dtypes import to_torch, torch_dtype
 from fxforge.irgraph.onnx_import import model as onnx_model
 from fxforge.irgraph.onnx_import.model import OnnxImportError, attribute_value
-from fxforge.irgraph.onnx_import.table import (DEFAULT_DOMAIN, KNOWN_LIMIT, Dims, NodeView,
-                                               as_tensor, lookup)
+from fxforge.irgraph.onnx_import.table import (DEFAULT_DOMAIN, KNOWN_LIMIT, REWRITES, Dims,
+                                               NodeView, as_tensor, converter, lookup)
 
 # Ops never folded: their results are not a function of their inputs.
 NO_FOLD = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
@@ -57,19 +57,53 @@ class Program:
     opsets: dict[str, int]
     folded: int = 0            # nodes folded at import
     inlined: int = 0           # If/Loop nodes replaced by their bodies
+    rewritten: int = 0         # nodes an import-time rewrite replaced (quantized linears)
 
 
-def build_program(model: onnx.ModelProto) -> Program:
+QUANTIZED_WEIGHTS = ("exact", "nearest")
+
+
+def build_program(model: onnx.ModelProto, quantized_weights: str = "exact") -> Program:
+    """``quantized_weights``: "exact" maps a quantized weight onto a fxforge weight format only
+    where the format holds its values exactly; "nearest" also where fp16 rounds its offsets."""
+    if quantized_weights not in QUANTIZED_WEIGHTS:
+        raise ValueError(f"quantized_weights must be one of {QUANTIZED_WEIGHTS}, got "
+                         f"{quantized_weights!r}")
     versions = onnx_model.opsets_of(model)
     onnx_model.check_supported(model, versions)
+    model = _sorted(model)    # missing values and cycles: named here, before the checker
     typed = onnx_model.check_types(model)
-    builder = _Builder(versions, _static_shapes(typed.graph))
+    builder = _Builder(versions, _static_shapes(typed.graph), _elem_types(typed.graph))
+    builder.quantized_weights = quantized_weights
     graph = model.graph
     initializer_names = {t.name for t in graph.initializer}
     inputs = [_input_spec(v, i) for i, v in enumerate(graph.input) if v.name not in initializer_names]
-    builder.emit_graph(graph, {spec.name: spec.name for spec in inputs}, prefix="")
-    outputs = [builder.resolve(o.name, {}) for o in graph.output]
+    scope = {spec.name: spec.name for spec in inputs}
+    builder.emit_graph(graph, scope, prefix="")
+    outputs = [builder.resolve(o.name, scope) for o in graph.output]
     return builder.program(inputs, outputs)
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its top-level nodes in topological order (ONNX requires it, and some
+    tools write graphs that break it)."""
+    order = onnx_model.topological_order(model.graph)
+    if [id(n) for n in order] == [id(n) for n in model.graph.node]:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(order)
+    return copy
+
+
+def _inlined_at_import(node: NodeView, *inputs: Any) -> Any:
+    raise AssertionError(f"{node.label()} is inlined at import and never runs as a step")
+
+
+# If and Loop are table entries (the coverage table lists them) that the builder inlines.
+converter("If", since=13)(_inlined_at_import)
+converter("Loop", since=13)(_inlined_at_import)
 
 
 def _input_spec(value: onnx.ValueInfoProto, index: int) -> InputSpec:
@@ -101,13 +135,30 @@ def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in itertools.chain(graph.input, graph.value_info, graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
 class _Builder:
-    def __init__(self, versions: dict[str, int], static_shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, versions: dict[str, int], static_shapes: dict[str, tuple[int, ...]],
+                 elem_types: dict[str, int]):
         self.versions = versions
         self.static_shapes = static_shapes
+        self.elem_types = elem_types
+        self.quantized_weights = "exact"
         self.constants: dict[str, torch.Tensor] = {}
         self.steps: list[Step] = []
-        self.folded = self.inlined = 0
+        self.folded = self.inlined = self.rewritten = 0
+        self.producers: dict[str, Step] = {}     # value name -> the step (maybe folded) making it
         self.fresh = itertools.count()
         self.emitted = 0
 
@@ -115,7 +166,7 @@ class _Builder:
         used = {n for step in self.steps for n in step.inputs} | set(outputs)
         constants = {k: v for k, v in self.constants.items() if k in used}
         return Program(inputs, outputs, self.steps, constants, self.versions, self.folded,
-                       self.inlined)
+                       self.inlined, self.rewritten)
 
     @staticmethod
     def resolve(name: str, scope: dict[str, str]) -> str:
@@ -126,6 +177,7 @@ class _Builder:
         a subgraph reads resolve through it), and gains the graph's own values."""
         for tensor in graph.initializer:
             scope[tensor.name] = self._constant(prefix + tensor.name, to_torch(tensor))
+            self.elem_types[prefix + tensor.name] = tensor.data_type
         for node in onnx_model.topological_order(graph, outer=set(scope)):
             self.emitted += 1
             if self.emitted > MAX_UNROLLED_NODES:
@@ -137,10 +189,16 @@ class _Builder:
         self.constants[name] = value
         return name
 
+    def add_constant(self, name: str, value: torch.Tensor) -> str:
+        """A constant made at import (a rewrite's re-laid-out weight), under a fresh name."""
+        while name in self.constants:
+            name = f"{name}_{next(self.fresh)}"
+        return self._constant(name, value)
+
     def emit_node(self, node: onnx.NodeProto, scope: dict[str, str], prefix: str) -> None:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         version = self.versions[domain]
-        attrs = {a.name: attribute_value(a) for a in node.attribute}
+        attrs = {a.name: _attribute(a) for a in node.attribute}
         inputs = tuple(self.resolve(n, scope) for n in node.input)
         if node.op_type == "If" and domain == DEFAULT_DOMAIN:
             return self._inline_if(node, attrs, inputs, scope, prefix)
@@ -152,8 +210,17 @@ class _Builder:
                 scope[local] = global_name
         entry = lookup(domain, node.op_type, version)
         view = NodeView(node.op_type, node.name, domain, version, attrs, len(node.output),
-                        known=self._known(inputs))
+                        known=self._known(inputs),
+                        input_types={i: self.elem_types[n] for i, n in enumerate(inputs)
+                                     if n in self.elem_types})
         step = Step(entry.fn, view, inputs, outputs, entry.dims)
+        self.producers.update({name: step for name in outputs if name})
+        rewritten = REWRITES.get((domain, node.op_type))
+        rewritten = rewritten(self, view, inputs, outputs) if rewritten is not None else None
+        if rewritten is not None:
+            self.steps.append(rewritten)
+            self.rewritten += 1
+            return
         static = self._static_shape_of(step)
         if static is not None:
             self._fold(step, [torch.empty(static, device="meta")])
@@ -246,6 +313,15 @@ class _Builder:
             parts.append(part)
         self.steps.append(Step(_concat0, view, tuple(parts), (out,), False))
         return out
+
+
+def _attribute(attr: onnx.AttributeProto) -> Any:
+    """An attribute as Python data; a tensor as a torch tensor, read here, at import (a
+    converter traced by dynamo must not run numpy)."""
+    value = attribute_value(attr)
+    if attr.type == onnx.AttributeProto.TENSOR:
+        return to_torch(value)
+    return value
 
 
 def _unsqueeze0(node: NodeView, x: torch.Tensor) -> torch.Tensor:

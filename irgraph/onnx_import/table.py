@@ -89,6 +89,19 @@ def converter(*ops: str, domain: str = DEFAULT_DOMAIN, since: int = 1, until: Op
     return register
 
 
+# (domain, op) -> fn(builder, node, inputs, outputs) -> a Step, or None to decline: an import-time
+# rewrite that sees the producers of the node's inputs (a MatMul of a dequantized constant
+# becomes a quantized fxforge linear instead of a matmul with a folded dense weight)
+REWRITES: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def rewrite(op: str, domain: str = DEFAULT_DOMAIN) -> Callable:
+    def register(fn: Callable) -> Callable:
+        REWRITES[(domain, op)] = fn
+        return fn
+    return register
+
+
 def lookup(domain: str, op: str, opset: int) -> Optional[Converter]:
     for entry in TABLE.get((domain, op), ()):
         if entry.covers(opset):
@@ -112,7 +125,9 @@ class NodeView:
     attrs: dict[str, Any]
     num_outputs: int
     known: dict[int, list] = dataclasses.field(default_factory=dict)
-    subgraphs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # input position -> ONNX element type, where known: 4-bit values load as int8/uint8
+    # tensors, and only this tells an INT4 zero point from an INT8 one
+    input_types: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
