@@ -134,18 +134,26 @@ def onnx_runner(module: torch.nn.Module, example: torch.Tensor, threads: int,
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> None:
+    export_model(module, (example,), path, {"input_ids": {1: "seq"}}, dynamo)
+
+
+def export_model(module: torch.nn.Module, examples: tuple, path: Path,
+                 inputs: dict[str, dict[int, str]], dynamo: bool) -> None:
+    """``module`` to an ONNX file: ``inputs`` names each positional input and its dynamic axes
+    (axis -> dim name; inputs sharing a name share the size); outputs named ``output_<i>``."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        names = list(inputs)
         if dynamo:
-            seq = torch.export.Dim("seq", min=2, max=4096)
-            program = torch.onnx.export(module, (example,), dynamo=True, optimize=True,
-                                        dynamic_shapes=({1: seq},), input_names=["input_ids"],
-                                        output_names=["logits"], verbose=False)
+            dims: dict[str, torch.export.Dim] = {}
+            shapes = tuple({axis: dims.setdefault(dim, torch.export.Dim(dim, min=2, max=4096))
+                            for axis, dim in inputs[name].items()} for name in names)
+            program = torch.onnx.export(module, examples, dynamo=True, optimize=True,
+                                        dynamic_shapes=shapes, input_names=names, verbose=False)
             program.save(str(path))
         else:
-            torch.onnx.export(module, (example,), str(path), dynamo=False,
-                              input_names=["input_ids"], output_names=["logits"],
-                              dynamic_axes={"input_ids": {1: "seq"}, "logits": {1: "seq"}})
+            torch.onnx.export(module, examples, str(path), dynamo=False, input_names=names,
+                              dynamic_axes=inputs)
 
 
 def torchao_decode_runners(model: torch.nn.Module, prompt: torch.Tensor, schemes: list[str],

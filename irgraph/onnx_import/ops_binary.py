@@ -36,7 +36,7 @@ ARITHMETIC: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def _on_dims(node: NodeView, a: Any, b: Any, fn: Callable):
+def _on_dims(node: NodeView, a: Any, b: Any, fn: Callable, dtype: torch.dtype = torch.int64):
     """The op in Python when both operands are shapes/known constants of rank <= 1."""
     left, right = known_list(node, 0, a), known_list(node, 1, b)
     if left is None or right is None or rank_of(a) > 1 or rank_of(b) > 1:
@@ -48,7 +48,7 @@ def _on_dims(node: NodeView, a: Any, b: Any, fn: Callable):
     n = max(len(left), len(right))
     left, right = left * n if len(left) == 1 else left, right * n if len(right) == 1 else right
     scalar = rank_of(a) == 0 and rank_of(b) == 0
-    return Dims([fn(x, y) for x, y in zip(left, right)], scalar=scalar)
+    return Dims([fn(x, y) for x, y in zip(left, right)], scalar=scalar, dtype=dtype)
 
 
 def _arith(op: str):
@@ -77,8 +77,9 @@ def mod(node: NodeView, a, b):
     return torch.fmod(a, b) if node.attr("fmod", 0) else torch.remainder(a, b)
 
 
-COMPARE = {"Equal": torch.eq, "Less": torch.lt, "LessOrEqual": torch.le, "Greater": torch.gt,
-           "GreaterOrEqual": torch.ge}
+COMPARE = {"Equal": (operator.eq, torch.eq), "Less": (operator.lt, torch.lt),
+           "LessOrEqual": (operator.le, torch.le), "Greater": (operator.gt, torch.gt),
+           "GreaterOrEqual": (operator.ge, torch.ge)}
 LOGIC = {"And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
          "BitwiseAnd": torch.bitwise_and, "BitwiseOr": torch.bitwise_or,
          "BitwiseXor": torch.bitwise_xor}
@@ -90,14 +91,31 @@ def _binary(fn: Callable):
     return convert
 
 
+def _compare(on_sizes: Callable, on_tensors: Callable):
+    def convert(node: NodeView, a, b):
+        # a comparison of sizes is decided while tracing (a guard), as the exporters' masks
+        # of shapes (``Where(Equal(shape, -1), 1, shape)``) need
+        folded = _on_dims(node, a, b, lambda x, y: bool(on_sizes(x, y)), torch.bool)
+        return folded if folded is not None else on_tensors(as_tensor(a), as_tensor(b))
+    return convert
+
+
 # Registered from opset 13, the oldest imported: later versions of these ops only add types.
-for _op, _fn in {**COMPARE, **LOGIC}.items():
+for _op, (_sizes, _tensors) in COMPARE.items():
+    converter(_op, since=13, dims=True)(_compare(_sizes, _tensors))
+for _op, _fn in LOGIC.items():
     converter(_op, since=13)(_binary(_fn))
 
 
-@converter("Where", since=13)
+@converter("Where", since=13, dims=True)
 def where(node: NodeView, cond, a, b):
-    return torch.where(cond, a, b)
+    picks, left, right = (known_list(node, i, v) for i, v in enumerate((cond, a, b)))
+    if isinstance(cond, Dims) and left is not None and right is not None and \
+            max(rank_of(v) for v in (cond, a, b)) <= 1:
+        n = max(len(picks), len(left), len(right))
+        spread = [v * n if len(v) == 1 else v for v in (picks, left, right)]
+        return Dims([x if c else y for c, x, y in zip(*spread)])
+    return torch.where(as_tensor(cond), as_tensor(a), as_tensor(b))
 
 
 def _variadic(fn: Callable):

@@ -28,7 +28,7 @@ def rank_of(value: Any) -> int:
 
 @converter("Shape", since=13, dims=True)
 def shape(node: NodeView, x):
-    dims = list(as_tensor(x).shape)
+    dims = list(x.shape) if isinstance(x, Dims) else list(as_tensor(x).shape)
     rank = len(dims)
     start = node.attr("start", 0)
     end = node.attr("end", rank)
@@ -145,6 +145,8 @@ def _clamp(value, size, low, upper=None):
 @converter("Reshape", since=13, dims=True)
 def reshape(node: NodeView, x, shape):
     target = node.values(1, shape)
+    if isinstance(x, Dims) and len(target) == 1 and target[0] in (-1, len(x.values)):
+        return Dims(x.values, dtype=x.dtype)
     x = as_tensor(x)
     allow_zero = node.attr("allowzero", 0)
     out = [x.shape[i] if (isinstance(d, int) and d == 0 and not allow_zero) else d
@@ -179,6 +181,8 @@ def constant_of_shape(node: NodeView, shape):
     value = node.attr("value")
     if value is None:
         return torch.zeros(dims, dtype=torch.float32)
+    if len(dims) == 1 and isinstance(dims[0], int) and value.dtype == torch.int64:
+        return Dims([int(value.reshape(()))] * dims[0])   # a shape-sized vector of a constant
     return value.reshape(()).expand(dims).clone()
 
 

@@ -29,22 +29,25 @@ MS_DOMAIN = "com.microsoft"
 
 
 class Dims:
-    """A 1-D int64 value (or a 0-d one: ``scalar``) known as Python ints/SymInts."""
+    """A 1-D int64 value (or a 0-d one: ``scalar``) known as Python ints/SymInts; ``dtype``
+    bool for the comparisons exporters make of shapes (``Where(Equal(shape, -1), ...)``)."""
 
-    __slots__ = ("values", "scalar")
+    __slots__ = ("values", "scalar", "dtype")
 
-    def __init__(self, values: Iterable[Any], scalar: bool = False):
+    def __init__(self, values: Iterable[Any], scalar: bool = False,
+                 dtype: torch.dtype = torch.int64):
         self.values = tuple(values)
         self.scalar = scalar
+        self.dtype = dtype
         if scalar and len(self.values) != 1:
             raise ValueError("a scalar Dims holds one value")
 
     def tensor(self) -> torch.Tensor:
-        parts = [torch.scalar_tensor(v, dtype=torch.int64) if not isinstance(v, int)
-                 else torch.tensor(v, dtype=torch.int64) for v in self.values]
+        parts = [torch.scalar_tensor(v, dtype=self.dtype) if not isinstance(v, (int, bool))
+                 else torch.tensor(v, dtype=self.dtype) for v in self.values]
         if self.scalar:
             return parts[0]
-        return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return torch.stack(parts) if parts else torch.zeros(0, dtype=self.dtype)
 
     @property
     def shape(self) -> tuple:
