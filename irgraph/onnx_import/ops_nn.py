@@ -175,13 +175,25 @@ def lp_pool(node: NodeView, x):
     if any(d != 1 for d in dilations):
         raise ValueError(f"{node.label()}: attribute dilations={dilations} is not imported")
     p = node.attr("p", 2)
+    if node.attr("ceil_mode", 0):   # zeros past the end make the last windows whole
+        ends = [e + _ceil_overhang(size + b + e, k, s, size + b) for size, k, s, b, e in
+                zip(x.shape[2:], kernel, strides, begins, ends)]
     count = 1
     for k in kernel:
         count *= k
+    # Sums of |x|^p over whole windows: the average over the padded input times the window.
     powered = F.pad(x.abs().pow(p), _torch_pad(begins, ends))
-    sums = _spatial(node, x, AVG_POOL)(powered, kernel, strides, 0,
-                                        bool(node.attr("ceil_mode", 0))) * count
+    sums = _spatial(node, x, AVG_POOL)(powered, kernel, strides, 0) * count
     return sums.pow(1.0 / p)
+
+
+def _ceil_overhang(padded: int, kernel: int, stride: int, start_limit: int) -> int:
+    """How far ceil_mode's last window reaches past the padded input; as torch and ONNX
+    Runtime, a window must start inside the input or its begin pad."""
+    count = _ceil_div(padded - kernel, stride) + 1
+    if (count - 1) * stride >= start_limit:
+        count -= 1
+    return max((count - 1) * stride + kernel - padded, 0)
 
 
 def _spatial_axes(x: torch.Tensor) -> list[int]:

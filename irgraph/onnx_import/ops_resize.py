@@ -8,9 +8,9 @@ F.interpolate covers only some of the modes' combinations.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from fxforge.irgraph.onnx_import.table import NodeView, converter, normalize_axes
@@ -91,22 +91,40 @@ def _cubic(node, x, axis, coord, n_in):
 INTERPOLATE = {"nearest": _nearest, "linear": _linear, "cubic": _cubic}
 
 
+def f32(value: float) -> float:
+    """``value`` rounded to float32 (to nearest, ties to even), in plain Python: this code also
+    runs under dynamo, which would trace numpy scalars into tensor ops."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(round(mantissa * 2**24), exponent - 24)
+
+
 def _output_sizes(node: NodeView, n_ins: list, scales: Optional[list], sizes: Optional[list]):
-    """Output lengths and the float32 scale of each resized axis."""
+    """Output lengths and the float32 scale of each resized axis, as ONNX Runtime computes
+    them in float32 (a product of float32 values is exact in a double, then rounded)."""
     if sizes:
         policy = node.attr("keep_aspect_ratio_policy", "stretch")
-        ratios = [np.float32(o) / np.float32(i) for o, i in zip(sizes, n_ins)]
+        ratios = [f32(o / i) for o, i in zip(sizes, n_ins)]
         if policy == "stretch":
             return list(sizes), ratios
         if policy not in ("not_larger", "not_smaller"):
             raise ValueError(f"{node.label()}: attribute keep_aspect_ratio_policy={policy!r} "
                              "is not stretch, not_larger or not_smaller")
         ratio = min(ratios) if policy == "not_larger" else max(ratios)
-        return [int(np.floor(ratio * i + np.float32(0.5))) for i in n_ins], [ratio] * len(n_ins)
+        return [int(math.floor(f32(f32(ratio * i) + 0.5))) for i in n_ins], [ratio] * len(n_ins)
     if scales is None:
         raise ValueError(f"{node.label()}: neither scales nor sizes is given")
-    scales = [np.float32(s) for s in scales]
-    return [int(s * np.float32(i)) for s, i in zip(scales, n_ins)], scales
+    scales = [f32(s) for s in scales]
+    return [_scaled(node, i, s) for s, i in zip(scales, n_ins)], scales
+
+
+def _scaled(node: NodeView, size, scale: float):
+    """floor(size * scale) in float32. A whole factor needs no rounding, so a dynamic size
+    (SymInt) stays symbolic; other factors read the size as a number (dynamo specializes)."""
+    if float(scale).is_integer():
+        return size * int(scale)
+    return int(f32(scale * size))
 
 
 @converter("Resize", since=13)

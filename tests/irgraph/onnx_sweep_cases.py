@@ -218,6 +218,8 @@ CASES: list[Case] = [
       ceil_mode=1, count_include_pad=1, name="ceil-count"),
     c("Conv", IMG, randn(3, 4, 3, 2), auto_pad="SAME_UPPER", strides=[2, 2], name="same"),
     c("LpPool", IMG, kernel_shape=[2, 2], strides=[2, 2], p=3),
+    c("LpPool", randn(1, 2, 7, 6), kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 0, 1],
+      ceil_mode=1, name="ceil"),
     c("GlobalAveragePool", IMG), c("GlobalMaxPool", IMG), c("GlobalLpPool", IMG, p=3),
     c("Dropout", X, outputs=2),
     c("Dropout", X, const(0.3, np.float32), const(False, np.bool_), name="inputs"),

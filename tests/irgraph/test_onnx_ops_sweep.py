@@ -261,14 +261,31 @@ def test_shape_chain_folds_for_dynamic_dims_compiled():
         [const(np.array(0, np.int64), "zero"), const(np.array([0], np.int64), "zero1"),
          const(np.array([24], np.int64), "rest")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", NEWEST)])
+    _compiled_matches_at(model, [(2, 4, 6), (5, 4, 6)])
+
+
+def _compiled_matches_at(model: onnx.ModelProto, shapes: list[tuple]) -> None:
+    """The compiled model matches ONNX Runtime at each input shape, from one graph."""
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     torch._dynamo.reset()
     counters.clear()
     compiled = fxforge.from_onnx(model)
-    for batch in (2, 5):
-        x = np.random.default_rng(batch).standard_normal((batch, 4, 6)).astype(np.float32)
-        expected = session.run(None, {"x": x})[0]
+    for seed, shape in enumerate(shapes):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        expected = session.run(None, {model.graph.input[0].name: x})[0]
         with torch.no_grad():
             got = compiled(torch.from_numpy(x))
         torch.testing.assert_close(got, torch.from_numpy(expected))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_of_dynamic_axes_compiled(mode: str):
+    # Whole scale factors resize dynamic axes: output sizes stay symbolic (h * 2).
+    scales = onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode)
+    graph = helper.make_graph(
+        [node], "resize", [helper.make_tensor_value_info("x", 1, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", 1, None)], [scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", NEWEST)])
+    _compiled_matches_at(onnx.shape_inference.infer_shapes(model), [(2, 3, 4, 5), (3, 3, 6, 3)])
