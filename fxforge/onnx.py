@@ -89,9 +89,12 @@ def coverage_table(opset: Optional[int] = None) -> str:
     """The ops fxforge imports at ``opset`` (default: the newest), as a text table."""
     opset = newest_opset() if opset is None else opset
     rows = coverage(opset)
+    width = max([len(op) for _, op, _, _ in rows] + [26]) + 2   # op names run to 32 characters
     lines = [f"ONNX ops fxforge imports at opset {opset} (opsets {MIN_OPSET}..{newest_opset()}): "
-             f"{len(rows)}", f"{'domain':<16}{'op':<28}opsets"]
+             f"{len(rows)}", f"{'domain':<16}{'op':<{width}}opsets"]
     for domain, op, since, until in rows:
         span = f"{max(since, MIN_OPSET)}..{until if until is not None else newest_opset()}"
-        lines.append(f"{domain or 'ai.onnx':<16}{op:<28}{span}")
+        if domain:   # another domain's own opset versions (com.microsoft: 1), not ai.onnx's
+            span = f"{since}..{until if until is not None else ''} (domain opset)"
+        lines.append(f"{domain or 'ai.onnx':<16}{op:<{width}}{span}")
     return "\n".join(lines)

@@ -6,8 +6,9 @@ fxforge's captures trace into its IR.
 """
 from __future__ import annotations
 
-from fxforge.irgraph.onnx_import import (ops_binary, ops_quant, ops_reduce,  # noqa: F401
-                                         ops_shape, ops_unary)
+from fxforge.irgraph.onnx_import import (ops_attention, ops_binary, ops_misc, ops_ms,  # noqa: F401
+                                         ops_nn, ops_norm, ops_quant, ops_reduce, ops_resize,
+                                         ops_shape, ops_tensor, ops_unary)
 from fxforge.irgraph.onnx_import.model import OnnxImportError, read_model
 from fxforge.irgraph.onnx_import.module import OnnxModule
 from fxforge.irgraph.onnx_import.program import InputSpec, Program, build_program

@@ -210,5 +210,11 @@ def check_types(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def attribute_value(attr: onnx.AttributeProto) -> Any:
-    """An attribute as Python data (tensors stay TensorProto, graphs GraphProto)."""
-    return onnx.helper.get_attribute_value(attr)
+    """An attribute as Python data (tensors stay TensorProto, graphs GraphProto; strings are
+    ``str``: onnx gives them as UTF-8 bytes, which converters would compare to str in vain)."""
+    value = onnx.helper.get_attribute_value(attr)
+    if attr.type == onnx.AttributeProto.STRING:
+        return value.decode("utf-8")
+    if attr.type == onnx.AttributeProto.STRINGS:
+        return [v.decode("utf-8") for v in value]
+    return value
