@@ -235,10 +235,30 @@ def _walk_scores(node: fx.Node) -> Scores:
     return Scores(node, chain[::-1], early * late, late, mask, mask_at)
 
 
+def _nan_guard(node: fx.Node) -> Optional[fx.Node]:
+    """``where(isnan(p), 0, p)`` over the weights ``p`` (ONNX exports of SDPA write it; core
+    ATen's ``isnan`` is ``ne(p, p)``): the fused kernel's own result for a row whose keys are all
+    masked (0, where the plain softmax gives NaN), so the guard fuses with the attention."""
+    if len(node.users) != 2:
+        return None
+    test = next((u for u in node.users if u.target is aten.isnan.default and u.args[0] is node
+                 or u.target is aten.ne.Tensor and u.args[:2] == (node, node)), None)
+    select = next((u for u in node.users if u.target is aten.where.self), None)
+    if test is None or select is None or len(test.users) != 1 or \
+            select.args[0] is not test or select.args[2] is not node or \
+            _scalar_value(select.args[1]) != 0.0:
+        return None
+    return select
+
+
 def _softmax_to_bmm(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Forward from the softmax to the bmm that takes its result as the first operand."""
     chain, node = [], softmax
     while True:
+        if (guard := _nan_guard(node)) is not None:
+            chain.append(guard)
+            node = guard
+            continue
         if len(node.users) != 1:
             raise Decline(f"{node.name} (attention weights) has {len(node.users)} users")
         user = next(iter(node.users))

@@ -68,6 +68,9 @@ for _op in ARITHMETIC:
 
 @converter("Pow", since=13)
 def pow_(node: NodeView, a, b):
+    exponent = node.known.get(1)
+    if exponent is not None and len(exponent) == 1 and a.dtype.is_floating_point:
+        return torch.pow(a, float(exponent[0]))   # a scalar power fuses (RMSNorm's x ** 2)
     out = torch.pow(a, b.to(a.dtype) if a.dtype.is_floating_point else b)
     return out.to(a.dtype)
 
