@@ -30,12 +30,13 @@ _register_backend()
 # public name -> the module that defines it, imported on first use
 _LAZY = {"compile": "fxforge.api", "Artifact": "fxforge.aot", "aot_compile": "fxforge.aot",
          "load": "fxforge.aot", "ExplainReport": "fxforge.explain", "explain": "fxforge.explain",
-         "generate": "fxforge.generate", "Session": "fxforge.sessions"}
+         "generate": "fxforge.generate", "Session": "fxforge.sessions",
+         "export_onnx": "fxforge.onnx_export"}
 
 __all__ = ["Artifact", "ArtifactError", "CompileOptions", "ExplainReport", "FxforgeError",
            "InputSpecError", "OptionsError", "Session", "SessionInUseError", "VerificationError",
            "WeightsChangedError", "__version__", "aot_compile", "compile", "explain",
-           "fxforge_backend", "generate", "load", "parse_options"]
+           "export_onnx", "fxforge_backend", "generate", "load", "parse_options"]
 
 
 def __getattr__(name: str):
