@@ -18,6 +18,7 @@ the even k; scales and offsets fp16 ``[K/G, N]``, ``w = q * scale + offset``).
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from onnx import TensorProto
 
 from fxforge.irgraph.onnx_export.builder import MS_DOMAIN
@@ -135,4 +136,9 @@ def w8a8(ctx, view: Linear, x: str, compute: torch.dtype) -> str:
 
 
 def _hint(view: Linear) -> str:
-    return view.node.name
+    """Names for the initializers of this linear: its stored codes' constant's."""
+    weight = view.weight
+    while isinstance(weight, fx.Node) and weight.op != "get_attr" and weight.all_input_nodes:
+        weight = weight.all_input_nodes[0]   # through the transposing view to the constant
+    return str(weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" \
+        else view.node.name

@@ -124,3 +124,78 @@ def test_cnn_with_a_dynamic_batch(tmp_path):
     for batch in (2, 5):
         x = torch.randn(batch, 3, 16, 16)
         assert_close_to_eager(_run(session, x)[0], _eager(model, x), f"batch {batch}")
+
+
+INT8, UINT8, UINT4 = onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.UINT4
+
+
+@pytest.mark.parametrize("scheme, quant_format, opset, op, code_type", [
+    ("int8", "auto", 23, "DequantizeLinear", INT8),
+    ("int4:g64", "auto", 23, "MatMulNBits", UINT8),
+    pytest.param("int4:g32", "qdq", 21, "DequantizeLinear", UINT4, marks=pytest.mark.slow),
+    pytest.param("int4:g128", "matmulnbits", 17, "MatMulNBits", UINT8, marks=pytest.mark.slow),
+    pytest.param("w8a8", "auto", 23, "MatMulInteger", INT8, marks=pytest.mark.slow),
+], ids=["int8-qdq", "int4-matmulnbits", "int4-qdq", "int4-opset17", "w8a8"])
+def test_quantized_artifact_keeps_its_codes_and_matches_fxforge(tmp_path, scheme, quant_format,
+                                                               opset, op, code_type):
+    """Quantization is lossy, so the reference is fxforge's own quantized output (the
+    artifact's, on the reference backend); the file holds the integer codes, not fp32 weights."""
+    model = small_gpt.make_model(seed=_seed(), n_layer=1)
+    example = small_gpt.example_inputs(batch=2, seq=16, seed=_seed())
+    artifact = fxforge.aot_compile(model, example, tmp_path / "art", dynamic_shapes=({1: SEQ},),
+                                   quantize=scheme, backend="reference")
+    exported = fxforge.export_onnx(artifact, tmp_path / "q.onnx", quant_format=quant_format,
+                                   opset=opset)
+    assert op in _ops(exported)
+    codes = [t for t in exported.graph.initializer if t.data_type == code_type and len(t.dims) >= 2]
+    linears = sum(n.op_type in ("DequantizeLinear", "MatMulNBits", "MatMulInteger")
+                  for n in exported.graph.node)
+    assert len(codes) == linears == 5   # q/k/v fused, attention out, fc, proj, lm_head
+    float_values = sum(onnx.numpy_helper.to_array(t).size for t in exported.graph.initializer
+                       if t.data_type == onnx.TensorProto.FLOAT)
+    # the token and position tables, then scales, offsets, biases, norms: under a quarter of
+    # the 262,144 values the five linears' weights would add in fp32
+    assert float_values < 512 * 128 + 256 * 128 + 262_144 // 4
+    session = _session(tmp_path / "q.onnx")
+    for length in (16, 29):
+        ids = torch.randint(0, 512, (2, length))
+        torch.testing.assert_close(_run(session, ids)[0], artifact(ids), rtol=1e-5, atol=1e-5)
+
+
+class Unexportable(nn.Module):
+    def forward(self, x):
+        values, _ = torch.sort(x, dim=-1)
+        return torch.cumprod(values, dim=-1) + torch.fft.fft(x).real
+
+
+def test_unsupported_ops_are_listed_together_in_one_error(tmp_path):
+    with pytest.raises(OnnxExportError) as error:
+        fxforge.export_onnx(Unexportable(), tmp_path / "x.onnx", example_inputs=(torch.randn(3, 8),))
+    message = str(error.value)
+    for op in ("aten.sort", "aten.cumprod", "aten._fft_r2c"):
+        assert op in message, message
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_compiled_module_static_export_and_external_weights(tmp_path, monkeypatch):
+    """A ``fxforge.compile`` result exports its model with its options; ``dynamic=False``
+    fixes every size; weights past the threshold go to ``<file>.data``, checked from disk."""
+    import fxforge.onnx_export
+    monkeypatch.setattr(fxforge.onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    block = small_gpt.make_mlp_block(seed=_seed(), dim=32, hidden=64)
+    x = small_gpt.mlp_example_inputs(batch=2, seq=5, dim=32, seed=_seed())
+    compiled = fxforge.compile(block, x)
+    exported = fxforge.export_onnx(compiled, tmp_path / "mlp.onnx", example_inputs=x, dynamic=False)
+    assert _axis_names(exported) == [[2, 5, 32]]
+    assert (tmp_path / "mlp.onnx.data").stat().st_size >= 4 * 2 * 32 * 64   # both fp32 weights
+    onnx.checker.check_model(str(tmp_path / "mlp.onnx"), full_check=True)
+    assert_close_to_eager(_run(_session(tmp_path / "mlp.onnx"), *x)[0], compiled(*x))
+
+
+def test_artifact_directory_keeps_the_axis_names_it_was_compiled_with(gpt, tmp_path):
+    example = small_gpt.example_inputs(batch=2, seq=12, seed=_seed())
+    fxforge.aot_compile(gpt, example, tmp_path / "art", dynamic_shapes=({1: SEQ},), backend="reference")
+    exported = fxforge.export_onnx(tmp_path / "art", tmp_path / "gpt.onnx")
+    assert _axis_names(exported) == [[2, "seq"]]
+    ids = torch.randint(0, 512, (2, 21))
+    assert_close_to_eager(_run(_session(tmp_path / "gpt.onnx"), ids)[0], _eager(gpt, ids))
