@@ -61,14 +61,17 @@ def _operands(node: fx.Node) -> tuple[Any, Any]:
 
 
 def _example(ctx, arg: Any) -> Any:
-    """A stand-in with the operand's dtype and rank class, for torch.result_type."""
+    """A stand-in for torch.result_type with the operand's dtype and category (a tensor with
+    dims outranks a 0-D one, which outranks a Python scalar): an empty tensor of its rank; a
+    size (symbolic int) is an int."""
     dtype = ctx.dtype(arg)
     if dtype is None:
         return arg if isinstance(arg, (bool, int, float)) else 0
-    return torch.empty((0,) * max(ctx.meta(arg).rank, 0), dtype=dtype)
+    return torch.empty((0,) * ctx.meta(arg).rank, dtype=dtype)
 
 
 def promoted(ctx, a: Any, b: Any) -> torch.dtype:
+    """The dtype torch compares ``a`` and ``b`` in."""
     if ctx.dtype(a) is None and ctx.dtype(b) is None:
         return torch.result_type(torch.tensor(a), b)
     return torch.result_type(_example(ctx, a), _example(ctx, b))
@@ -85,13 +88,10 @@ def arithmetic(ctx, node):
     if alpha != 1:   # add/sub(a, b, alpha=k) = a ± k * b
         b_name = ctx.builder.op("Mul", [ctx.tensor(b, compute), ctx.tensor(alpha, compute)])
     else:
-        b_name = ctx.tensor(b, compute if op_type != "Pow" else _exponent_dtype(ctx, b, compute))
+        # Pow takes its exponent in its own type (an int tensor stays int)
+        b_name = ctx.tensor(b, compute if op_type != "Pow" else ctx.dtype(b) or compute)
     extra = {"fmod": 1} if op_type == "Mod" else {}
     return ctx.builder.op(op_type, [ctx.tensor(a, compute), b_name], **extra)
-
-
-def _exponent_dtype(ctx, exponent: Any, base: torch.dtype) -> torch.dtype:
-    return ctx.dtype(exponent) or base
 
 
 @converts(aten.div.Tensor_mode)

@@ -33,9 +33,10 @@ def linear(ctx, node):
     x = ctx.tensor(view.x, compute)
     if view.weight_format == W8A8:
         y = quantized.w8a8(ctx, view, x, compute)
-    elif fmt.code_dtype is not None:
-        y = _gemm(ctx, x, quantized.dequantized(ctx, view), True, view.bias, compute) \
-            if not quantized.as_matmul_nbits(ctx, view) else quantized.matmul_nbits(ctx, view, x, compute)
+    elif fmt.code_dtype is not None and quantized.as_matmul_nbits(ctx, view):
+        y = quantized.matmul_nbits(ctx, view, x, compute)
+    elif fmt.code_dtype is not None:   # the weight [N, K] dequantized in the graph
+        y = _gemm(ctx, x, quantized.dequantized(ctx, view), True, view.bias, compute)
     else:
         y = _dense(ctx, view, x, compute)
     return _epilogue(ctx, view, y, compute, ctx.meta(node).dtype)

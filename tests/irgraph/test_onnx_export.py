@@ -199,3 +199,46 @@ def test_artifact_directory_keeps_the_axis_names_it_was_compiled_with(gpt, tmp_p
     assert _axis_names(exported) == [[2, "seq"]]
     ids = torch.randint(0, 512, (2, 21))
     assert_close_to_eager(_run(_session(tmp_path / "gpt.onnx"), ids)[0], _eager(gpt, ids))
+    from fxforge.__main__ import main   # the CLI writes the same graph at the opset it is given
+    assert main(["export-onnx", str(tmp_path / "art"), "-o", str(tmp_path / "cli.onnx"),
+                 "--opset", "21"]) == 0
+    written = onnx.load(tmp_path / "cli.onnx")
+    assert written.opset_import[0].version == 21 and "Attention" not in _ops(written)
+    assert_close_to_eager(_run(_session(tmp_path / "cli.onnx"), ids)[0], _eager(gpt, ids))
+
+
+@pytest.mark.parametrize("opset, blocked", [(21, True), (17, False)], ids=["blocked-dq", "opset17"])
+def test_int8_g32_weights_are_blocked_dequantize(tmp_path, opset, blocked):
+    """int8_g32 (GGUF Q8_0's layout) comes from GGUF files only; here each int8_channel linear
+    of a quantized graph is restated as int8_g32 with its channel scale in every block: the
+    same weights, so ONNX Runtime must give the graph's own output."""
+    from fxforge.irgraph import capture_export
+    from fxforge.irgraph.onnx_export import export_graph
+    from fxforge.irgraph.views import Linear, Permute
+    from fxforge.options import parse_options
+    from fxforge.orchestrate import compile_graph
+    model = small_gpt.make_model(seed=_seed(), n_layer=1)
+    example = small_gpt.example_inputs(batch=2, seq=16, seed=_seed())
+    ir = capture_export(model, example, dynamic_shapes=({1: SEQ},))
+    ir = compile_graph(ir, parse_options({"quantize": "int8", "backend": "reference"}),
+                       stages=("passes",)).ir
+    for node in ir.call_nodes():
+        linear = Linear.of(node)
+        if linear is not None and linear.weight_format == "int8_channel":
+            stored = Permute.of(linear.scales)   # scales [1, N]: a view of the stored [N, 1]
+            channel_scales = getattr(ir.gm, stored.input.target).permute(stored.dims)
+            blocks = linear.weight.meta["fxf"].shape[0] // 32
+            blocked_scales = ir.add_constant("g32_scales", channel_scales.expand(blocks, -1).contiguous(), node)
+            linear.replace(weight_format="int8_g32", scales=blocked_scales)
+    ir.recompile()
+    exported = export_graph(ir, opset=opset)
+    onnx.checker.check_model(exported, full_check=True)
+    blocked_nodes = [n for n in exported.graph.node if n.op_type == "DequantizeLinear"
+                     and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
+    assert len(blocked_nodes) == (5 if blocked else 0)
+    onnx.save(exported, tmp_path / "g32.onnx")
+    ids = torch.randint(0, 512, (2, 23))
+    with torch.no_grad():
+        expected = ir.gm(ids)[0]
+    torch.testing.assert_close(_run(_session(tmp_path / "g32.onnx"), ids)[0], expected,
+                               rtol=1e-5, atol=1e-5)
