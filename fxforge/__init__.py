@@ -31,12 +31,12 @@ _register_backend()
 _LAZY = {"compile": "fxforge.api", "Artifact": "fxforge.aot", "aot_compile": "fxforge.aot",
          "load": "fxforge.aot", "ExplainReport": "fxforge.explain", "explain": "fxforge.explain",
          "generate": "fxforge.generate", "Session": "fxforge.sessions",
-         "from_onnx": "fxforge.onnx"}
+         "from_onnx": "fxforge.onnx", "export_onnx": "fxforge.onnx_export"}
 
 __all__ = ["Artifact", "ArtifactError", "CompileOptions", "ExplainReport", "FxforgeError",
            "InputSpecError", "OptionsError", "Session", "SessionInUseError", "VerificationError",
            "WeightsChangedError", "__version__", "aot_compile", "compile", "explain",
-           "from_onnx", "fxforge_backend", "generate", "load", "parse_options"]
+           "export_onnx", "from_onnx", "fxforge_backend", "generate", "load", "parse_options"]
 
 
 def __getattr__(name: str):

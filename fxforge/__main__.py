@@ -1,8 +1,8 @@
 """Command line: ``python -m fxforge compile MODULE:FACTORY --example SPEC -o DIR`` (or
 ``compile model.onnx [--dim NAME=SIZE] -o DIR``), ``python -m fxforge onnx-ops [--opset N]``,
 ``python -m fxforge explain MODULE:FACTORY --example SPEC [-o report.html]``,
-``python -m fxforge tune MODULE:FACTORY --example SPEC [--batch-sizes ...] [--budget-ms ...]``
-and ``python -m fxforge info DIR``."""
+``python -m fxforge tune MODULE:FACTORY --example SPEC [--batch-sizes ...] [--budget-ms ...]``,
+``python -m fxforge info DIR`` and ``python -m fxforge export-onnx DIR -o model.onnx``."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +126,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    import fxforge
+    from fxforge.irgraph.onnx_export import DEFAULT_OPSET   # needs onnx: loaded on use only
+    opset = args.opset or DEFAULT_OPSET
+    model = fxforge.export_onnx(args.artifact, args.output, opset=opset,
+                                quant_format=args.quant_format)
+    print(f"wrote {args.output} (opset {opset}, {len(model.graph.node)} nodes)")
+    return 0
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("factory", help="MODULE:FACTORY, a callable returning the nn.Module, "
                         "or an .onnx file")
@@ -156,6 +166,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = sub.add_parser("info", help="load an artifact and print its manifest")
     info.add_argument("artifact")
     info.set_defaults(run=cmd_info)
+    onnx_cmd = sub.add_parser("export-onnx", help="write an artifact's optimized graph as ONNX")
+    onnx_cmd.add_argument("artifact", help="artifact directory (from `fxforge compile`)")
+    onnx_cmd.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    onnx_cmd.add_argument("--opset", type=int, help="ONNX opset (default 23: the first with Attention)")
+    onnx_cmd.add_argument("--quant-format", default="auto", choices=("auto", "qdq", "matmulnbits"))
+    onnx_cmd.set_defaults(run=cmd_export_onnx)
     from fxforge.tune import add_parser
     add_parser(sub)
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ An artifact is data: ``load`` evaluates, imports, unpickles and compiles nothing
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -117,7 +118,7 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
     metas = [p.meta.get("fxf") for p in ir.placeholders()]
     if not all(isinstance(m, TensorMeta) for m in metas):
         raise ArtifactError("AOT artifacts take tensor inputs only")
-    names = _user_dim_names(metas, dynamic_shapes)
+    names = user_dim_names(metas, dynamic_shapes)
     signature = [TensorSignature(p.name, m.dtype, tuple(_rename(d, names) for d in m.shape)).to_json()
                  for p, m in zip(ir.placeholders(), metas)]
     # Ranges of the dynamic sizes themselves: a derived size's (``2*s0``) follows from its root's.
@@ -185,7 +186,7 @@ def _all_constants(ir, step) -> dict[str, torch.Tensor]:
     return constants
 
 
-def _user_dim_names(metas: list, dynamic_shapes: Any) -> dict[str, str]:
+def user_dim_names(metas: list, dynamic_shapes: Any) -> dict[str, str]:
     """Export's symbols (``s75``) -> the names the user gave their dynamic dims (``seq``)."""
     names: dict[str, str] = {}
     if not isinstance(dynamic_shapes, (tuple, list)):
@@ -248,6 +249,37 @@ class Artifact:
 
 def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
     """Load an artifact written by ``aot_compile``; every problem is an ArtifactError naming it."""
+    stored = read_artifact(path, check_versions)
+    root, manifest, signature = stored.root, stored.manifest, stored.signature
+    ir, step_ir = stored.ir, stored.step_ir
+    for graph_ir in (ir, step_ir) if step_ir is not None else (ir,):
+        why = restore_example_values(graph_ir.gm, _size_hints(graph_ir, manifest, signature))
+        if why is not None:
+            log.warning("fxforge: artifact %s: no example values for a graph (%s); fused kernels "
+                        "that need them run op by op", root, why)
+    kv_plan = _kv_plan(root, step_ir, manifest) if step_ir is not None else None
+    try:
+        return Artifact(root, manifest, ir, stored.options, signature, kv_plan)
+    except Exception as exc:   # lowering runs what a hostile graph names: no raw traceback
+        raise ArtifactError(f"artifact {root}: building its kernels failed "
+                            f"({type(exc).__name__}: {exc})") from exc
+
+
+@dataclasses.dataclass
+class StoredArtifact:
+    """An artifact's files as read and checked, nothing lowered: what ``load`` builds on and
+    what an export (``fxforge.export_onnx``) reads the optimized graph from."""
+    root: Path
+    manifest: dict
+    signature: list[TensorSignature]
+    options: CompileOptions
+    ir: Any
+    step_ir: Any = None
+
+
+def read_artifact(path: str | os.PathLike, check_versions: bool = True) -> StoredArtifact:
+    """Read and check an artifact's files (hashes, versions, options, graphs); ArtifactError
+    naming any problem. The graphs are rebuilt with their weights but not lowered."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -283,17 +315,7 @@ def load(path: str | os.PathLike, check_versions: bool = True) -> Artifact:
         except Exception as exc:
             raise ArtifactError(f"artifact {root}: {STEP_GRAPH} cannot be rebuilt: {exc}") from exc
     check_graph_inputs(root, ir, step_ir, manifest, signature)
-    for graph_ir in (ir, step_ir) if step_ir is not None else (ir,):
-        why = restore_example_values(graph_ir.gm, _size_hints(graph_ir, manifest, signature))
-        if why is not None:
-            log.warning("fxforge: artifact %s: no example values for a graph (%s); fused kernels "
-                        "that need them run op by op", root, why)
-    kv_plan = _kv_plan(root, step_ir, manifest) if step_ir is not None else None
-    try:
-        return Artifact(root, manifest, ir, options, signature, kv_plan)
-    except Exception as exc:   # lowering runs what a hostile graph names: no raw traceback
-        raise ArtifactError(f"artifact {root}: building its kernels failed "
-                            f"({type(exc).__name__}: {exc})") from exc
+    return StoredArtifact(root, manifest, signature, options, ir, step_ir)
 
 
 def _kv_plan(root: Path, step_ir, manifest: dict):

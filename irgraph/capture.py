@@ -198,8 +198,8 @@ def capture_export(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] =
 def _upper(value: Any) -> Optional[int]:
     try:
         return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return None  # unbounded
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None  # unbounded (torch's int_oo fails inside sympy's int(): AttributeError)
 
 
 def _fake_mode_of(gm: fx.GraphModule) -> Any:
