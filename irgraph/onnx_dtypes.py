@@ -35,9 +35,13 @@ def torch_dtype(elem_type: int, what: str = "a value") -> torch.dtype:
     return dtype
 
 
+class UnsupportedDtypeError(TypeError):
+    """A torch dtype with no ONNX element type (complex, say)."""
+
+
 def onnx_type(dtype: torch.dtype) -> int:
     if dtype not in TO_ONNX:
-        raise TypeError(f"torch dtype {dtype} has no ONNX element type")
+        raise UnsupportedDtypeError(f"no ONNX element type for {dtype}")
     return TO_ONNX[dtype]
 
 
@@ -54,15 +58,17 @@ def to_torch(proto: onnx.TensorProto) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
-def to_proto(tensor: torch.Tensor, name: str, elem_type: Optional[int] = None) -> onnx.TensorProto:
-    """A torch tensor as a TensorProto (raw bytes); ``elem_type`` INT4/UINT4 packs 4-bit values
-    held one per int8/uint8 element."""
-    tensor = tensor.detach().cpu().contiguous()
-    if elem_type in (_T.INT4, _T.UINT4):
-        return onnx.helper.make_tensor(name, elem_type, list(tensor.shape),
-                                       tensor.reshape(-1).tolist())
-    elem = onnx_type(tensor.dtype) if elem_type is None else elem_type
-    proto = onnx.TensorProto(name=name, data_type=elem, dims=list(tensor.shape))
-    bits = _BITS.get(tensor.dtype)
-    proto.raw_data = (tensor.view(bits) if bits is not None else tensor).numpy().tobytes()
+def tensor_proto(name: str, tensor: torch.Tensor, elem_type: Optional[int] = None,
+                 dims: Optional[tuple[int, ...]] = None) -> onnx.TensorProto:
+    """``tensor`` as an initializer, its bytes copied raw (little-endian, row-major: the layout
+    ONNX's ``raw_data`` has for every type, bf16 and bool included). ``elem_type``/``dims``
+    override the tensor's own, for packed types: a uint4 ``[N, K]`` is stored as the uint8
+    ``[N, K/2]`` bytes whose low nibble holds the even element, which is what ONNX's 4-bit raw
+    data is."""
+    proto = onnx.TensorProto()
+    proto.name = name
+    proto.data_type = onnx_type(tensor.dtype) if elem_type is None else elem_type
+    proto.dims.extend(tensor.shape if dims is None else dims)
+    data = tensor.detach().cpu().contiguous()
+    proto.raw_data = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
     return proto

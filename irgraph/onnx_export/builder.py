@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from onnx import NodeProto, TensorProto, helper
 
-from fxforge.irgraph.onnx_export.dtypes import onnx_dtype, tensor_proto
+from fxforge.irgraph.onnx_dtypes import onnx_type, tensor_proto
 
 MS_DOMAIN = "com.microsoft"   # ONNX Runtime's contrib ops (MatMulNBits)
 Names = Union[str, list[str]]
@@ -87,7 +87,7 @@ class GraphBuilder:
         return self.const([int(v) for v in values], torch.int64)
 
     def cast(self, name: str, source: torch.dtype, target: torch.dtype) -> str:
-        return name if source == target else self.op("Cast", [name], to=onnx_dtype(target))
+        return name if source == target else self.op("Cast", [name], to=onnx_type(target))
 
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool) -> str:
         """``Reduce*`` over ``axes``: an input from opset 18 (ReduceSum: 13), an attribute before."""
@@ -109,4 +109,4 @@ class GraphBuilder:
 
 def value_info(name: str, dtype: torch.dtype, dims: Sequence[Union[int, str]]) -> Any:
     """A graph input's or output's declared type: ints are fixed sizes, strings named axes."""
-    return helper.make_tensor_value_info(name, onnx_dtype(dtype), list(dims))
+    return helper.make_tensor_value_info(name, onnx_type(dtype), list(dims))

@@ -23,7 +23,7 @@ from fxforge.irgraph.meta import META_KEY, TensorMeta
 from fxforge.irgraph.onnx_export.builder import GraphBuilder, value_info
 from fxforge.irgraph.onnx_export.context import QUANT_FORMATS, UNAVAILABLE, ExportContext, Unavailable
 from fxforge.irgraph.onnx_export.dims import Dims, UnsupportedSizeError
-from fxforge.irgraph.onnx_export.dtypes import UnsupportedDtypeError
+from fxforge.irgraph.onnx_dtypes import UnsupportedDtypeError
 from fxforge.irgraph.onnx_export.table import CONVERTERS, Unsupported
 
 MIN_OPSET = 17          # LayerNormalization

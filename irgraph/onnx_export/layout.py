@@ -11,7 +11,7 @@ import torch
 
 from fxforge.irgraph.graph import node_arguments
 from fxforge.irgraph.meta import META_KEY
-from fxforge.irgraph.onnx_export.dtypes import tensor_proto
+from fxforge.irgraph.onnx_dtypes import tensor_proto
 from fxforge.irgraph.onnx_export.table import Unsupported, converts
 from fxforge.irgraph.views import (Arange, Cat, Expand, Full, Permute, Select, Slice, Split,
                                    Squeeze, Transpose, Unsqueeze, View)
