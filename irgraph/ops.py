@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fxforge.irgraph.kv_quant import check_pair, load, store
+from fxforge.irgraph.op_compat import tolerate_omitted_mutated_args
 from fxforge.irgraph.weight_format import DENSE, decode, implemented_format, weight_format as format_named
 
 # activation name -> function; the names are part of the IR (serialized as strings).
@@ -151,3 +152,7 @@ def _cached_attention_fake(q, k, v, k_cache, v_cache, cache_pos, scale=None, k_s
         if like.stride(-1) == 1:
             return like
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# torch 2.11: a call without k_scale/v_scale fails in the op's ADInplaceOrView kernel (op_compat).
+tolerate_omitted_mutated_args(torch.ops.fxforge.cached_attention.default)

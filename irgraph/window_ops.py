@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fxforge.irgraph.kv_quant import check_pair, load, round_trip, store
+from fxforge.irgraph.op_compat import tolerate_omitted_mutated_args
 
 
 def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
@@ -152,3 +153,7 @@ def _cached_window_attention_fake(q, k, v, k_cache, v_cache, cache_pos, window, 
                                   k_scale=None, v_scale=None):
     _check_cached_window(q, k, v, k_cache, v_cache, cache_pos, window, sinks, k_scale, v_scale)
     return like_query(q, v)
+
+
+# torch 2.11: a call without k_scale/v_scale fails in the op's ADInplaceOrView kernel (op_compat).
+tolerate_omitted_mutated_args(torch.ops.fxforge.cached_window_attention.default)

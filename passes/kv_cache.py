@@ -29,6 +29,7 @@ is the prefill, with ``t = 1`` a decode step. It is found by analysis of the IR,
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -46,6 +47,8 @@ from fxforge.irgraph.views import (Arange, BlockSparseAttention, CachedAttention
                                    CachedPerHeadAttention, CachedWindowAttention, Contraction,
                                    LinearAttention, PerHeadAttention, Reduction, Sdpa, SymSize,
                                    WindowAttention)
+
+log = logging.getLogger(__name__)
 
 # the attention modes' causal ops
 REWRITTEN = (WindowAttention, BlockSparseAttention, PerHeadAttention, LinearAttention)
@@ -187,7 +190,9 @@ def mask_is_causal(gm: fx.GraphModule, mask: fx.Node, seq) -> bool:
     evaluate = fx.GraphModule(gm, graph)
     try:
         return all(_causal_pattern(evaluate(*[n for _ in inputs]), n) for n in CHECK_LENGTHS)
-    except Exception:
+    except Exception as exc:   # the site then runs uncached; say why (seen on CUDA only, once)
+        log.info("kv_cache: evaluating the attention mask %s at other lengths failed: %s: %s",
+                 mask.name, type(exc).__name__, str(exc)[:300])
         return False
 
 
