@@ -55,6 +55,8 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) bench/attention_positions.py --out .bench/attention_positions
 	OMP_NUM_THREADS=2 $(PY) bench/prune.py --json .bench/prune.json
 	OMP_NUM_THREADS=2 $(PY) bench/speculative.py --json .bench/speculative.json
+	OMP_NUM_THREADS=2 $(PY) bench/onnx_import.py --threads 2
+	OMP_NUM_THREADS=2 $(PY) bench/onnx_export.py
 
 # Issue 17's side-by-side: quantized SmolLM2 against llama.cpp, ONNX Runtime and torchao in the
 # same runs (installs the peers: llama-cpp-python builds from source, minutes).

@@ -308,3 +308,32 @@ def test_cuda_sdpa_with_its_logsumexp_used_is_not_normalized():
         q, k, v, None, True, 0.0, True)[:2], q, k, v)
     result = fuse_attention(ir)
     assert result.counts["normalized"] == 0 and result.counts["declined"] == 1
+
+
+class NanGuarded(nn.Module):
+    """ONNX exports of SDPA write ``where(isnan(p), fill, p)`` over the weights: rows whose keys
+    are all masked become ``fill`` (0 is the fused kernel's own result for such rows)."""
+
+    def __init__(self, fill: float):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, keep):
+        scores = (q @ k.transpose(-2, -1) * 0.25).masked_fill(~keep, float("-inf"))
+        p = F.softmax(scores, dim=-1)
+        return torch.where(torch.isnan(p), torch.tensor(self.fill), p) @ v
+
+
+def test_the_nan_guard_of_onnx_exports_fuses_and_keeps_all_masked_rows_zero(compile_model):
+    keep = torch.rand(B, 1, L, L) > 0.4
+    keep[0, 0, 3] = False          # a query row with every key masked
+    ir, = compile_model(NanGuarded(0.0), (*qkv(), keep))
+    assert counts(ir)["attention_fused"] == 1 and len(sdpa_nodes(ir)) == 1
+    q, k, v = qkv()
+    assert torch.equal(NanGuarded(0.0)(q, k, v, keep)[0, :, 3], torch.zeros(H, D))
+
+
+def test_a_nan_guard_with_another_fill_does_not_fuse(compile_model):
+    keep = torch.rand(B, 1, L, L) > 0.4
+    ir, = compile_model(NanGuarded(1.0), (*qkv(), keep))
+    assert counts(ir)["attention_fused"] == 0 and not sdpa_nodes(ir)
