@@ -16,6 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import fxforge  # noqa: E402
 from fxforge.examples import small_gpt  # noqa: E402
+from fxforge.examples.small_cnn import make_cnn  # noqa: E402
 from fxforge.irgraph.onnx_export import OnnxExportError  # noqa: E402
 from fxforge.testing import assert_close_to_eager  # noqa: E402
 
@@ -98,24 +99,8 @@ def test_ci_architectures_run_in_onnxruntime_like_eager(arch, tmp_path):
         assert_close_to_eager(_run(session, *inputs)[0], _eager(model, *inputs), f"{arch} seq {seq}")
 
 
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1))
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(torch.flatten(self.features(x), 1))
-
-
 def test_cnn_with_a_dynamic_batch(tmp_path):
-    model = SmallCNN().eval()
-    for norm in (model.features[1], model.features[5]):   # statistics that matter
-        norm.running_mean.normal_()
-        norm.running_var.uniform_(0.5, 2.0)
+    model = make_cnn(seed=_seed())
     exported = fxforge.export_onnx(model, tmp_path / "cnn.onnx", example_inputs=(torch.randn(2, 3, 16, 16),),
                                    dynamic_shapes=({0: BATCH},))
     assert {"Conv", "BatchNormalization", "MaxPool", "AveragePool", "Gemm"} <= _ops(exported)
