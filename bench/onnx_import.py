@@ -12,9 +12,11 @@ on the same threads. Models:
 
 Each model is exported once with ``torch.onnx.export(dynamo=True)`` (the legacy exporter when
 that fails; printed) into ``.bench/onnx/<model>/``. Checks: fxforge's outputs against ONNX
-Runtime's and against eager PyTorch (max |diff| / max |reference|). Timing: every runner once
-per round, the order rotated each round; medians, and fxforge's speed against ONNX Runtime as
-the median of per-round ratios with their range (the issue's acceptance: >= 1.0x).
+Runtime's and against eager PyTorch (max |diff| / max |reference|). fxforge runs with its
+default kernel choices and with ``autotune=True``. Timing: every runner once per round, the
+order rotated each round, a pause before each (``SETTLE_S``: the worker threads of the runner
+before stop spinning); medians, and each runner's speed against ONNX Runtime as the median of
+per-round ratios with their range (the issue's acceptance: >= 1.0x).
 """
 from __future__ import annotations
 
@@ -113,11 +115,19 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
+# Pause between two runners: ONNX Runtime's thread pool and OpenMP's workers spin-wait after a
+# call, and a runner started within that window shares the cores with them. Without the pause
+# a single 128x576x960 MatMul measured 1252 us in ONNX Runtime right after fxforge, 769 us with
+# it (Zen 4, 2 threads); each runner's time then depends on the one before it.
+SETTLE_S = 0.05
+
+
 def interleaved(runs: dict, inputs: tuple, rounds: int) -> dict:
     times = {label: [] for label in runs}
     labels = list(runs)
     for r in range(rounds):
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             runs[label](*inputs)
             times[label].append(1e3 * (time.perf_counter() - start))
