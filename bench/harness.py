@@ -177,6 +177,35 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
+# Pause before each runner of a round-robin: ONNX Runtime's thread pool and OpenMP's workers
+# spin-wait after a call, and a runner started within that window shares the cores with them.
+# Without the pause a single 128x576x960 MatMul measured 1252 us in ONNX Runtime right after
+# fxforge, 769 us with it (Zen 4, 2 threads): each runner's time depended on the one before it.
+SETTLE_S = 0.05
+
+
+def round_robin(runs: dict, inputs: tuple, rounds: int, settle_s: float = SETTLE_S) -> dict:
+    """label -> its ms in each of ``rounds`` rounds; each round times every runner once, the
+    order rotated by one each round (no runner always follows the same one), a pause of
+    ``settle_s`` before each."""
+    times: dict = {label: [] for label in runs}
+    labels = list(runs)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            time.sleep(settle_s)
+            start = time.perf_counter()
+            runs[label](*inputs)
+            times[label].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def paired(times: dict, label: str, base: str) -> str:
+    """``base``'s time over ``label``'s, round by round (the host's speed drifts between rounds,
+    not within one): the median ratio and its range."""
+    ratios = sorted(b / t for b, t in zip(times[base], times[label]))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def time_interleaved(runners: list, inputs: tuple, device: torch.device, warmup: int,
                      repeats: int, budget_s: float, block: int = BLOCK) -> list[list[float]]:
     """Per-call wall times in ms for each runner: ``warmup`` untimed calls each, then rounds in

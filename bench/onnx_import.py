@@ -13,10 +13,10 @@ on the same threads. Models:
 Each model is exported once with ``torch.onnx.export(dynamo=True)`` (the legacy exporter when
 that fails; printed) into ``.bench/onnx/<model>/``. Checks: fxforge's outputs against ONNX
 Runtime's and against eager PyTorch (max |diff| / max |reference|). fxforge runs with its
-default kernel choices and with ``autotune=True``. Timing: every runner once per round, the
-order rotated each round, a pause before each (``SETTLE_S``: the worker threads of the runner
-before stop spinning); medians, and each runner's speed against ONNX Runtime as the median of
-per-round ratios with their range (the issue's acceptance: >= 1.0x).
+default kernel choices and with ``autotune=True``. Timing (``harness.round_robin``): every
+runner once per round, the order rotated each round, a pause before each (the worker threads of
+the runner before stop spinning); medians, and each runner's speed against ONNX Runtime as the
+median of per-round ratios with their range (the issue's acceptance: >= 1.0x).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import fxforge
 from fxforge.examples.hf_models import LogitsOnly
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling peers.py
+from harness import paired, round_robin  # noqa: E402
 from peers import export_model  # noqa: E402
 
 
@@ -115,25 +116,6 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
-# Pause between two runners: ONNX Runtime's thread pool and OpenMP's workers spin-wait after a
-# call, and a runner started within that window shares the cores with them. Without the pause
-# a single 128x576x960 MatMul measured 1252 us in ONNX Runtime right after fxforge, 769 us with
-# it (Zen 4, 2 threads); each runner's time then depends on the one before it.
-SETTLE_S = 0.05
-
-
-def interleaved(runs: dict, inputs: tuple, rounds: int) -> dict:
-    times = {label: [] for label in runs}
-    labels = list(runs)
-    for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            runs[label](*inputs)
-            times[label].append(1e3 * (time.perf_counter() - start))
-    return times
-
-
 def bench_model(name: str, args) -> None:
     module, inputs, make = CASES[name](args.batch)
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -156,12 +138,11 @@ def bench_model(name: str, args) -> None:
             for label in FXFORGE_RUNS:   # a new size: one dynamic graph already, warm its plans
                 runs[label](*example)
             want, ref = ort(*example), module(*example)
-            times = interleaved(runs, example, args.rounds)
+            times = round_robin(runs, example, args.rounds)
             for label, ms in times.items():
-                ratios = sorted(o / t for o, t in zip(times["onnxruntime"], ms))
                 got = runs[label](*example)
                 print(f"| {name} | {length} | {label} | {statistics.median(ms):.1f} "
-                      f"| {statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) "
+                      f"| {paired(times, label, 'onnxruntime')} "
                       f"| {relative(got, want):.1e} | {relative(got, ref):.1e} |", flush=True)
 
 

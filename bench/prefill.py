@@ -11,7 +11,8 @@ batch-1 prompt of 128 and 512 tokens (no KV cache), by
 
     python bench/prefill.py [--lengths 128,512] [--threads 2] [--rounds 5] [--quick]
 
-Every runner is timed once per round, in turn, the order rotated each round (interleaved: a
+Every runner is timed once per round, in turn, the order rotated each round, after a pause
+(``harness.round_robin``: the worker threads of the runner before stop spinning; interleaved: a
 noisy neighbour slows all of them alike); medians of ``--rounds``. Prints each runner's ms and
 its speed against ONNX Runtime and against fxforge fp32, each the median of the per-round ratios
 with their range (the issue's acceptance: fxforge fp32 >= 1.0x ONNX Runtime; quantized
@@ -24,7 +25,6 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import fxforge
 from fxforge.examples.hf_models import LogitsOnly
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling peers.py
+from harness import paired, round_robin  # noqa: E402
 from peers import TORCHAO_SCHEMES, onnx_runner, torchao_check, torchao_model  # noqa: E402
 
 ISA_ENV = "FXFORGE_CPU_ISA"
@@ -115,26 +116,6 @@ def runners(model, ids, args, onnx) -> dict:
     return out
 
 
-def interleaved(runs: dict, ids, rounds: int) -> dict:
-    """label -> its ms in each of ``rounds`` rounds; each round times every runner once, the
-    order rotated by one each round (no runner always follows the same one)."""
-    times = {label: [] for label in runs}
-    labels = list(runs)
-    for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            start = time.perf_counter()
-            runs[label](ids)
-            times[label].append(1e3 * (time.perf_counter() - start))
-    return times
-
-
-def paired(times: dict, label: str, base: str) -> str:
-    """``base``'s time over ``label``'s, round by round (the host's speed drifts between rounds,
-    not within one): the median ratio and its range."""
-    ratios = sorted(b / t for b, t in zip(times[base], times[label]))
-    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
-
-
 def check_logits(runs: dict, ids) -> None:
     """Each runner's largest logit difference from eager's, relative to eager's largest logit."""
     with torch.no_grad():
@@ -184,7 +165,7 @@ def main(argv=None) -> int:
             ids = torch.randint(3, 30000, (1, length), generator=torch.Generator().manual_seed(0))
             runs = runners(model, ids, args, onnx)
             check_logits(runs, ids)
-            report(length, interleaved(runs, ids, args.rounds))
+            report(length, round_robin(runs, (ids,), args.rounds))
     return 0
 
 
