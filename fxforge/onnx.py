@@ -73,16 +73,11 @@ def onnx_input_specs(module: OnnxModule, sizes: Optional[dict[str, int]] = None)
     specs = []
     for spec in module.input_specs:
         dims = tuple(DimSpec(d) if isinstance(d, int) else
-                     DimSpec(sizes.get(d, 8), _dim_name(d), 1, None) for d in spec.dims)
+                     DimSpec(sizes.get(d, 8), d, 1, None) for d in spec.dims)
         integer = not (spec.dtype.is_floating_point or spec.dtype == torch.bool)
         low = (1 if "mask" in spec.name.lower() else 0) if integer else None
         specs.append(InputSpec(spec.dtype, dims, low, (low + 1) if integer else None))
     return specs
-
-
-def _dim_name(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    return cleaned if cleaned[:1].isalpha() or cleaned[:1] == "_" else f"d_{cleaned}"
 
 
 def coverage_table(opset: Optional[int] = None) -> str:

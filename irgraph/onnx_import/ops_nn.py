@@ -84,7 +84,6 @@ def conv_transpose(node: NodeView, x, w, b=None):
     # The full transposed convolution (no padding), then each axis cropped by its pads and
     # extended by output_padding, then the bias: torch's padding arguments are symmetric.
     n = x.dim() - 2
-    kernel = list(node.attr("kernel_shape") or w.shape[2:])
     strides = list(node.attr("strides") or [1] * n)
     dilations = list(node.attr("dilations") or [1] * n)
     extra = list(node.attr("output_padding") or [0] * n)

@@ -21,17 +21,17 @@ import onnx
 import torch
 
 from fxforge.irgraph import ops as fxforge_ops  # noqa: F401  (registers torch.ops.fxforge)
+from fxforge.irgraph.onnx_dtypes import onnx_type, torch_dtype
 from fxforge.irgraph.onnx_import.table import (DEFAULT_DOMAIN, MS_DOMAIN, NodeView, converter,
                                                normalize_axis, rewrite)
 from fxforge.irgraph.weight_format import pack_nibbles
 
 log = logging.getLogger("fxforge")
 _T = onnx.TensorProto
-# integer element type -> (low, high) of its values
-RANGES = {_T.INT4: (-8, 7), _T.UINT4: (0, 15), _T.INT8: (-128, 127), _T.UINT8: (0, 255),
-          _T.INT16: (-32768, 32767), _T.UINT16: (0, 65535), _T.INT32: (-2**31, 2**31 - 1)}
-_TORCH_OF = {_T.INT4: torch.int8, _T.UINT4: torch.uint8, _T.INT8: torch.int8, _T.UINT8: torch.uint8,
-             _T.INT16: torch.int16, _T.UINT16: torch.uint16, _T.INT32: torch.int32}
+# the types QuantizeLinear writes: (low, high) of their values (4-bit ones load as int8/uint8)
+RANGES = {_T.INT4: (-8, 7), _T.UINT4: (0, 15),
+          **{t: (torch.iinfo(torch_dtype(t)).min, torch.iinfo(torch_dtype(t)).max)
+             for t in (_T.INT8, _T.UINT8, _T.INT16, _T.UINT16, _T.INT32)}}
 
 
 def _spread(param: torch.Tensor, like: torch.Tensor, axis: int, block: int) -> torch.Tensor:
@@ -67,12 +67,8 @@ def dequantize_linear(node: NodeView, x, scale, zero_point=None):
 
 def _quantized_type(node: NodeView, zero_point: Any) -> int:
     if zero_point is not None:
-        return node.input_types.get(2, _onnx_int_type(zero_point.dtype))
+        return node.input_types.get(2, onnx_type(zero_point.dtype))
     return node.attr("output_dtype", 0) or _T.UINT8
-
-
-def _onnx_int_type(dtype: torch.dtype) -> int:
-    return {v: k for k, v in _TORCH_OF.items() if k not in (_T.INT4, _T.UINT4)}.get(dtype, _T.UINT8)
 
 
 @converter("QuantizeLinear", since=13)
@@ -86,7 +82,7 @@ def quantize_linear(node: NodeView, x, scale, zero_point=None):
     if zero_point is not None:
         q = q + _spread(zero_point, x, axis, block).to(torch.float32)
     low, high = RANGES[elem]
-    return q.clamp(low, high).to(_TORCH_OF[elem])
+    return q.clamp(low, high).to(torch_dtype(elem))
 
 
 @converter("DynamicQuantizeLinear", since=13)
@@ -121,7 +117,7 @@ def qlinear_matmul(node: NodeView, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, 
     b_real = dequantize_linear(_as(node, axis=-1), b, b_scale.reshape(-1), b_zp.reshape(-1)).float()
     real = a_real @ b_real
     view = _as(node, axis=-1)
-    view.input_types = {2: node.input_types.get(7, _onnx_int_type(y_zp.dtype))}
+    view.input_types = {2: node.input_types.get(7, onnx_type(y_zp.dtype))}
     return quantize_linear(view, real, y_scale.float(), y_zp)
 
 

@@ -23,8 +23,8 @@ import torch
 from fxforge.irgraph.onnx_dtypes import to_torch, torch_dtype
 from fxforge.irgraph.onnx_import import model as onnx_model
 from fxforge.irgraph.onnx_import.model import OnnxImportError, attribute_value
-from fxforge.irgraph.onnx_import.table import (DEFAULT_DOMAIN, KNOWN_LIMIT, REWRITES, Dims,
-                                               NodeView, as_tensor, converter, lookup)
+from fxforge.irgraph.onnx_import.table import (DEFAULT_DOMAIN, KNOWN_LIMIT, REWRITES, NodeView,
+                                               as_tensor, converter, lookup)
 
 # Ops never folded: their results are not a function of their inputs.
 NO_FOLD = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
@@ -115,15 +115,17 @@ def _input_spec(value: onnx.ValueInfoProto, index: int) -> InputSpec:
     for axis, dim in enumerate(tensor_type.shape.dim):
         if dim.HasField("dim_value"):
             dims.append(int(dim.dim_value))
-        else:   # a named dim keeps its name; an anonymous one gets one from its place
-            dims.append(dim.dim_param or f"{_identifier(value.name)}_dim{axis}")
+        else:   # a named dim keeps its name; an anonymous one is named after its place
+            dims.append(identifier(dim.dim_param or f"{value.name}_dim{axis}"))
     return InputSpec(value.name, torch_dtype(tensor_type.elem_type, f"graph input {value.name!r}"),
                      tuple(dims))
 
 
-def _identifier(name: str) -> str:
+def identifier(name: str) -> str:
+    """A dynamic dim's name as an identifier (torch.export's ``Dim`` and the artifact's
+    signature need one; ONNX allows any string)."""
     cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    return cleaned if cleaned[:1].isalpha() else f"v_{cleaned}"
+    return cleaned if cleaned.isidentifier() else f"d_{cleaned}"
 
 
 def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
