@@ -20,6 +20,8 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
+from fxforge.irgraph.compile_profile import phase
+
 MIN_SAMPLE_S = 2e-3      # one timed sample lasts at least this long
 MAX_INNER = 1000         # at most this many calls per sample
 
@@ -79,6 +81,12 @@ def measure_interleaved(fns: Mapping[Hashable, Callable[[], Any]], *, device: st
                         warmup: int = 2, rounds: int = 7, seed: int = 0,
                         clock: Clock = time.perf_counter) -> dict[Hashable, Timing]:
     """Time every callable in ``fns``; exceptions propagate (the caller decides what they mean)."""
+    with phase("autotune measurements"):
+        return _measure_interleaved(fns, device, warmup, rounds, seed, clock)
+
+
+def _measure_interleaved(fns: Mapping[Hashable, Callable[[], Any]], device: str, warmup: int,
+                         rounds: int, seed: int, clock: Clock) -> dict[Hashable, Timing]:
     inner = {key: inner_calls(fn, device, clock) for key, fn in fns.items()}
     for key, fn in fns.items():
         _time_once(fn, max(1, warmup * inner[key] // 2), device, clock)

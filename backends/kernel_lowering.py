@@ -29,6 +29,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from fxforge.backends.base import copy_module
 from fxforge.backends.lowered_passes import run_lowered_passes
 from fxforge.irgraph import GROUP_KEY, node_arguments, op_name
+from fxforge.irgraph.compile_profile import phase
 from fxforge.irgraph.query import is_view_op
 from fxforge.irgraph.views import LINEAR_TARGETS, LinearOperands, Sdpa
 
@@ -183,11 +184,15 @@ def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelCho
 
 def lower_to_kernels(gm: fx.GraphModule, table: KernelTable) -> tuple[fx.GraphModule, list[KernelChoice]]:
     """A copy of ``gm`` rewritten into kernel calls, and the choices made."""
-    gm = copy_module(gm)  # lowering never touches the IR it was given
+    with phase("copy"):
+        gm = copy_module(gm)  # lowering never touches the IR it was given
     choices: list[KernelChoice] = []
-    _collapse_groups(gm, table, choices)
-    _apply_rules(gm, table, choices)
-    run_lowered_passes(gm)
+    with phase("fusion groups"):
+        _collapse_groups(gm, table, choices)
+    with phase("kernel rules"):
+        _apply_rules(gm, table, choices)
+    with phase("lowered passes"):
+        run_lowered_passes(gm)
     gm.recompile()
     gm.meta[CHOICES_KEY] = choices
     return gm, choices

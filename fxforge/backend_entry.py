@@ -36,6 +36,7 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return gm.forward
     from fxforge.compiler import compile_captured
     from fxforge.irgraph import capture_aot_inference, dynamo_weight_indices
+    from fxforge.irgraph.compile_profile import profiling, record_before
 
     weight_indices = dynamo_weight_indices(gm, example_inputs)
 
@@ -43,7 +44,9 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return compile_captured(ir, opts, positions, example_inputs)
 
     try:
-        return capture_aot_inference(gm, example_inputs, weight_indices, compile_ir)
+        with profiling(f"a graph of {len(gm.graph.nodes)} nodes from dynamo"):
+            record_before("capture: dynamo tracing", _dynamo_tracing_seconds())
+            return capture_aot_inference(gm, example_inputs, weight_indices, compile_ir)
     except Exception as exc:
         if _is_dynamo_restart(exc) or (_strict() and _is_fxforge_bug(exc)):
             raise
@@ -51,6 +54,16 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         log.warning("fxforge: could not compile a graph of %d nodes (%s: %s); it runs eagerly",
                     len(gm.graph.nodes), type(exc).__name__, first[:300])
         return gm.forward
+
+
+def _dynamo_tracing_seconds() -> float:
+    """How long dynamo traced the frame it hands us now (its own metric, recorded before it
+    calls the backend; 0 where this torch keeps none)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+        return float(compilation_time_metrics.get("bytecode_tracing", [0.0])[-1])
+    except (ImportError, IndexError, TypeError, ValueError):
+        return 0.0
 
 
 @functools.lru_cache(maxsize=None)

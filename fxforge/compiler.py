@@ -22,6 +22,7 @@ import torch
 from fxforge.backends import LoweredGraph
 from fxforge.errors import VerificationError, WeightsChangedError
 from fxforge.irgraph import IRGraph, build_ir
+from fxforge.irgraph.compile_profile import current as current_profile, phase
 from fxforge.options import CompileOptions
 from fxforge.orchestrate import compile_graph
 from fxforge.weight_sets import FrozenWeights, WeightSetCache
@@ -113,6 +114,7 @@ class CompiledGraph:
         self._calibration = (_concrete([weights[i] for i in self.runtime_positions])
                              if options.lossy else None)
         frozen = [weights[i] for i in self.weight_positions]
+        self.profile = current_profile()   # where this graph's compile time went (or None)
         self._activate(self._build(frozen), frozen)
         if _RECORDERS:
             _RECORDERS[-1].append(self)
@@ -122,7 +124,8 @@ class CompiledGraph:
         start = time.perf_counter()
         frozen = FrozenWeights(weights)   # stamped before freezing reads the values
         # The pass manager never modifies its input, so the captured graph needs no copy here.
-        ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
+        with phase("freeze"):
+            ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
         done = compile_graph(ir, self.options, calibration=self._calibration)   # passes, KV step, lowering
         seconds = time.perf_counter() - start
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 from fxforge.autotune import session as tuning
 from fxforge.backends import Backend, LoweredGraph, lower, resolve_backend
 from fxforge.irgraph import IRGraph
+from fxforge.irgraph.compile_profile import phase
 from fxforge.options import CompileOptions
 from fxforge.passes import Pass, PassManager, PassResult, default_pipeline
 
@@ -64,13 +65,15 @@ def compile_graph(ir: IRGraph, options: CompileOptions, *, stages: Sequence[str]
     backend = resolve_backend(options.backend, ir)
     if "passes" in stages:
         from fxforge.passes.gptq import calibrating
-        with calibrating(calibration), _format_speeds(backend):
+        with calibrating(calibration), _format_speeds(backend), phase("passes"):
             ir = optimize(ir, options, backend)
     if "kv_step" in stages and options.kv_cache:
-        plan = kv_step(ir, options.kv_cache_dtype)
+        with phase("kv step"):
+            plan = kv_step(ir, options.kv_cache_dtype)
     result = Compilation(ir, backend, plan)
     if "lower" in stages:
-        _lower(result, options, tuning_overlay, measure)
+        with phase("lower"):
+            _lower(result, options, tuning_overlay, measure)
     return result
 
 
@@ -93,9 +96,12 @@ def _lower(result: Compilation, options: CompileOptions, overlay: Optional[Path]
     mode = options.autotune if measure else ("off" if options.autotune == "off" else "cache")
     with tuning_session(mode, overlay=overlay) as active:
         first = len(active.picks) if active else 0
-        result.lowered = lower(result.ir, result.backend)
+        with phase("graph"):
+            result.lowered = lower(result.ir, result.backend)
         if result.plan is not None:
-            result.kv = IncrementalDecoder(result.plan, lower(result.plan.ir, result.backend),
+            with phase("step graph"):
+                step = lower(result.plan.ir, result.backend)
+            result.kv = IncrementalDecoder(result.plan, step,
                                            result.lowered, options.max_seq_len,
                                            options.decode_replay, options.max_sessions)
         result.tuning = list(dict.fromkeys(active.picks[first:])) if active else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -18,6 +19,7 @@ import torch.fx as fx
 from torch._decomp import core_aten_decompositions
 
 from fxforge.errors import FxforgeError
+from fxforge.irgraph.compile_profile import phase, record
 from fxforge.irgraph.graph import IRGraph, _free_attr_name, hoist_get_attrs
 from fxforge.irgraph.meta import META_KEY, meta_of
 
@@ -250,9 +252,17 @@ def capture_aot_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
             return _compile(aot_gm)
 
     def _compile(aot_gm: fx.GraphModule) -> Callable:
+        start = time.perf_counter()
+        try:
+            return _compile_ir(aot_gm)
+        finally:
+            inside.append(time.perf_counter() - start)
+
+    def _compile_ir(aot_gm: fx.GraphModule) -> Callable:
         fake_mode = _fake_mode_of(aot_gm)
-        ir = build_ir(aot_gm, fake_mode, {}, {"capture": "dynamo",
-                                              "plain_outputs": _plain_outputs()})
+        with phase("capture: build IR"):
+            ir = build_ir(aot_gm, fake_mode, {}, {"capture": "dynamo",
+                                                  "plain_outputs": _plain_outputs()})
         n_inputs = len(ir.placeholders())
         positions = weight_indices if n_inputs == len(example_inputs) else []
         placeholders = ir.placeholders()
@@ -265,4 +275,10 @@ def capture_aot_inference(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return compile_ir(ir, positions)
 
     backend = aot_autograd(fw_compiler=fw_compiler, decompositions=decomposition_table())
-    return backend(gm, example_inputs)
+    inside: list[float] = []   # the time aot_autograd spent in fxforge's compile
+    record("capture: aot_autograd", 0.0, calls=0)   # listed first, timed below
+    start = time.perf_counter()
+    try:
+        return backend(gm, example_inputs)
+    finally:
+        record("capture: aot_autograd", time.perf_counter() - start - sum(inside))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fxforge.errors import FxforgeError
+from fxforge.irgraph.compile_profile import phase
 from fxforge.kernels.cache_trust import digest_path, install_library, load_library, trusted_dir, write_atomic
 
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-fno-trapping-math", "-fno-math-errno",
@@ -106,7 +107,8 @@ def build_shared_object(source: str, name: str = "fused", rebuild: bool = False,
         target = cache_dir() / f"{name}_{key[:32]}.so"
         if digest_path(target).exists() and not rebuild:
             return target
-        _compile(compiler, flags, source, target)
+        with phase("C++ kernel builds"):
+            _compile(compiler, flags, source, target)
     except OSError as exc:   # UntrustedCacheError included: no trustworthy folder to build in
         raise KernelBuildError(f"cannot build {name} in the kernel cache: {exc}") from exc
     return target

@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ["irgraph", "passes", "backends", "kernels", "autotune", "examples"]
 
 # Layers, by module-name prefix (the longest prefix wins). Leaves any layer may use: the error
-# classes, and the kernels' tuning contract and cache folder, which import no other kernel code.
+# classes, the compile-time profile every stage records into, and the kernels' tuning contract
+# and cache folder, which import no other kernel code.
 # Any other module of fxforge/ is in the layer "fxforge"; fxforge/__init__.py itself is "package".
 LAYER_OF = {
-    "fxforge.errors": "errors",
+    "fxforge.errors": "errors", "fxforge.irgraph.compile_profile": "profile",
     "fxforge.irgraph": "irgraph", "fxforge.passes": "passes", "fxforge.backends": "backends",
     "fxforge.kernels": "kernels", "fxforge.autotune": "autotune", "fxforge.examples": "examples",
     "fxforge.kernels.tuning": "contract", "fxforge.kernels.cache_trust": "contract",
@@ -23,16 +24,17 @@ LAYER_OF = {
 # layers listed for its own (and its own layer). The autotuner sits beside the kernels: it reads
 # their tuning contract (kernels/tuning.py) and cache folder; kernels consult it only through
 # that contract (an open session installs itself there), never by importing autotune/.
-ALL = {"package", "errors", "irgraph", "passes", "backends", "kernels", "contract", "autotune",
+ALL = {"package", "errors", "profile", "irgraph", "passes", "backends", "kernels", "contract", "autotune",
        "examples", "fxforge"}
 ALLOWED = {
     "errors": set(),
+    "profile": set(),
     "contract": {"errors"},
-    "irgraph": {"errors"},
-    "passes": {"errors", "irgraph"},
-    "kernels": {"errors", "irgraph", "contract"},
-    "autotune": {"errors", "contract"},
-    "backends": {"errors", "irgraph", "kernels", "contract"},
+    "irgraph": {"errors", "profile"},
+    "passes": {"errors", "profile", "irgraph"},
+    "kernels": {"errors", "profile", "irgraph", "contract"},
+    "autotune": {"errors", "profile", "contract"},
+    "backends": {"errors", "profile", "irgraph", "kernels", "contract"},
     "fxforge": ALL,       # the public API, compile driver, AOT, CLI: on top of everything
     "examples": ALL,      # model sources and demos
     "package": {"errors", "fxforge"},

@@ -22,6 +22,9 @@ class _Holder(torch.nn.Module):
 
 
 class OnnxModule(torch.nn.Module):
+    # fixed once imported: fxforge.compile installs no dynamo guards under them
+    static_attributes = ("program", "_const_paths", "input_specs")
+
     def __init__(self, program: Program, name: str = "onnx"):
         super().__init__()
         self.program = program

@@ -76,6 +76,36 @@ def test_masks(mask_shape, kind, is_causal):
     assert_close_to_eager(tiled_attention(q, k, v, attn_mask=mask, is_causal=is_causal), expected)
 
 
+@pytest.mark.parametrize("hidden", [float("-inf"), torch.finfo(torch.float32).min, -1e30])
+def test_masks_that_hide_trailing_keys(hidden):
+    """Causal and padding masks written out as values (an ONNX export's, a BERT's): the kernel
+    leaves out the keys past a row's last visible one; rows hidden throughout keep SDPA's
+    result (uniform for a finite fill, 0 for -inf, as the kernel's no-visible-key rows)."""
+    seed = torch.seed() % (1 << 31)
+    q, k, v = _fused_projection(3, 45, 4, 2, 24, 24, seed)
+    causal = torch.zeros(45, 45).masked_fill(torch.ones(45, 45, dtype=torch.bool).triu(1), hidden)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
+    assert_close_to_eager(tiled_attention(q, k, v, attn_mask=causal), expected, f"seed {seed}")
+    padding = torch.zeros(3, 1, 1, 45)
+    padding[1, ..., 30:] = hidden            # a shorter sentence
+    padding[2, ..., 10:20] = hidden          # hidden keys before visible ones stay in
+    padding[2, ..., 40:] = hidden
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=padding, enable_gqa=True)
+    assert_close_to_eager(tiled_attention(q, k, v, attn_mask=padding), expected, f"seed {seed}")
+    rows = torch.zeros(45, 45)
+    rows[7] = hidden                          # a row hidden throughout
+    rows[8, 3:] = hidden
+    out = tiled_attention(q, k, v, attn_mask=rows)
+    if hidden == float("-inf"):
+        assert out[:, :, 7].abs().max() == 0
+        rows[7] = 0     # SDPA gives NaN there; compare the other rows
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=rows, enable_gqa=True)
+        expected[:, :, 7] = 0
+    else:
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=rows, enable_gqa=True)
+    assert_close_to_eager(out, expected, f"seed {seed}")
+
+
 def test_fully_masked_rows_give_zero_and_nan_propagates():
     q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     mask = torch.rand(6, 6) > 0.3

@@ -176,7 +176,10 @@ def test_the_avx2_and_portable_builds_agree(monkeypatch):
         outputs.append(out)
         caches.append(cache)
     decode_attention_cpu.entry.cache_clear()
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    # the two builds sum in different orders: agreement to fp32 rounding of the terms (values
+    # up to 127 x 0.05), not of an output that cancels to near 0
+    value_scale = float((filled[1].abs().amax(-1, keepdim=True) * filled[3]).max())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6 * value_scale)
     assert all(torch.equal(a, b) for a, b in zip(*caches))
 
 
