@@ -17,6 +17,7 @@ what the log line and ``fxforge.explain`` report. The choices travel with the lo
 """
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -24,7 +25,12 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+from torch.fx.passes.tools_common import stable_topological_sort
+
+try:   # torch's GraphModule that generates its code when first called
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _LazyModule
+except ImportError:  # pragma: no cover - a torch without it generates the code at once
+    _LazyModule = fx.GraphModule
 
 from fxforge.backends.base import copy_module
 from fxforge.backends.lowered_passes import run_lowered_passes
@@ -125,36 +131,79 @@ def describe_group(sub: fx.GraphModule) -> str:
     return f"fused {len(ops)} ops: {', '.join(ops)}"
 
 
+def _group_module(nodes: list[fx.Node], name: str) -> tuple[fx.GraphModule, list, list]:
+    """A fusion group's nodes (in graph order: topologically sorted) as a module of their own:
+    (the module, the outside values it reads, the members read outside it: its outputs)."""
+    inside = set(nodes)
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    inputs: dict[fx.Node, fx.Node] = {}
+
+    def remap(value: fx.Node) -> fx.Node:
+        if value in inside:
+            return copies[value]
+        if value not in inputs:
+            inputs[value] = graph.placeholder(value.name, type_expr=value.type)
+            inputs[value].meta = copy.copy(value.meta)
+        return inputs[value]
+    for node in nodes:
+        copies[node] = graph.node_copy(node, remap)
+    outputs = [n for n in nodes if any(user not in inside for user in n.users)]
+    graph.output(tuple(copies[n] for n in outputs))
+    # code generated on the first call only (a fallback, a tuner's reference run): for most
+    # groups the kernel builder reads the graph and nothing runs it (SmolLM2: 0.3 s of 151 codegens)
+    return _LazyModule(torch.nn.Module(), graph, class_name=name), list(inputs), outputs
+
+
+def _in_order(gm: fx.GraphModule) -> bool:
+    """Does every node come after the nodes it reads?"""
+    seen: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if any(arg not in seen for arg in node.all_input_nodes):
+            return False
+        seen.add(node)
+    return True
+
+
 def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[KernelChoice]) -> None:
-    members: dict[str, dict[fx.Node, None]] = {}
+    """Each fusion group becomes one call of its kernel (or of its own module, run op by op,
+    where the kernel cannot be built), its outputs read by ``getitem``. The fusion passes
+    never form a cycle, so no group is checked for one (torch's ``fuse_by_partitions`` walks
+    the graph for every group); one stable topological sort at the end puts each call before
+    the outside users of its outputs."""
+    members: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.meta.get(GROUP_KEY) is not None:
-            members.setdefault(node.meta[GROUP_KEY], {})[node] = None
-    if not members:
-        return
-    names = list(members)
-    fuse_by_partitions(gm, list(members.values()), prefix="fxf_group_", always_return_tuple=True)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not str(node.target).startswith("fxf_group_"):
-            continue
-        group = names[int(str(node.target).rsplit("_", 1)[1])]
-        sub = gm.get_submodule(node.target)
+            members.setdefault(node.meta[GROUP_KEY], []).append(node)
+    for index, (group, nodes) in enumerate(members.items()):
+        name = f"fxf_group_{index}"
+        sub, inputs, outputs = _group_module(nodes, name)
         what = describe_group(sub)
         try:
             kernel, path = table.fused(sub)
+            target, op = _named(kernel, group), "call_function"
+            choices.append(KernelChoice(group, what, path))
         except Exception as exc:  # unsupported op or failed build: the group's ops run on ATen
             reason = f"{type(exc).__name__}: {exc}"
             choices.append(KernelChoice(group, what, "eager fallback", reason))
             log.warning("fxforge[%s]: %s (%s) runs op by op: %s", table.name, group, what, reason)
-            continue  # the call_module of the group's own graph stays
-        choices.append(KernelChoice(group, what, path))
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(_named(kernel, group), tuple(node.args))
-        call.meta = dict(node.meta)
-        call.meta["fxf_kernel_group"] = group
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
-        delattr(gm, node.target)
+            gm.add_submodule(name, sub)
+            target, op = name, "call_module"
+        with gm.graph.inserting_after(nodes[-1]):
+            call = gm.graph.create_node(op, target, tuple(inputs))
+        call.meta = {"val": tuple(n.meta.get("val") for n in outputs)}
+        if op == "call_function":
+            call.meta["fxf_kernel_group"] = group
+        with gm.graph.inserting_after(call):
+            for position, output in reversed(list(enumerate(outputs))):
+                item = gm.graph.call_function(operator.getitem, (call, position))
+                item.meta = copy.copy(output.meta)
+                output.replace_all_uses_with(item)
+        for node in reversed(nodes):
+            gm.graph.erase_node(node)
+    if members and not _in_order(gm):   # a call placed after an outside user of its outputs
+        stable_topological_sort(gm)
+    gm.graph.lint()
 
 
 def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelChoice]) -> None:

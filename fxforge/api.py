@@ -12,13 +12,19 @@ from fxforge.options import parse_options
 class CompiledModule(torch.nn.Module):
     """Wraps ``torch.compile(model, backend=fxforge)``; calls run under inference mode."""
 
-    def __init__(self, model: torch.nn.Module, compiled: Any, options):
+    def __init__(self, model: torch.nn.Module, compiled: Any, options, dynamic: Optional[bool] = None):
         super().__init__()
         self.model = model
         self.__dict__["_compiled"] = compiled  # not a submodule: it wraps ``model`` itself
         self.options = options
+        # A KV-cached model is called on ever longer sequences: its tokens' length (dim 1 of
+        # the first input) is dynamic from the first call, so one graph serves them all, not a
+        # static one dynamo replaces at the second call (SmolLM2: 12 s of compile for nothing).
+        self._length_dynamic = options.kv_cache and dynamic is None
 
     def forward(self, *args, **kwargs):
+        if self._length_dynamic and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(args[0], 1)
         with torch.no_grad():
             return self._compiled(*args, **kwargs)
 
@@ -34,7 +40,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] = (), *,
         raise TypeError(f"fxforge.compile expects an nn.Module or a callable, got {type(model).__name__}")
     opts = parse_options(options)
     compiled = CompiledModule(model, torch.compile(model, backend=backend_for(opts), dynamic=dynamic,
-                                                   options=_guard_options(model)), opts)
+                                                   options=_guard_options(model)), opts, dynamic)
     if example_inputs:
         compiled(*example_inputs)
     return compiled

@@ -349,6 +349,10 @@ def _run_group(model: Callable[..., Any], ids: torch.Tensor, rows: list[int], ma
     generated = torch.zeros(batch, dtype=torch.long, device=ids.device)
     steps = 0
     call = DirectSteps(model, _found_logits, direct_steps)   # past dynamo where that is sound
+    if torch.is_inference_mode_enabled() and not ids.is_inference():
+        # under inference_mode the loop's later ids are inference tensors: the first one too, or
+        # dynamo's guard on the input's dispatch keys fails at the second call and it compiles again
+        ids = ids.clone()
     for step in range(max_new_tokens):
         logits = _last_logits(call(ids), batch)
         steps += 1

@@ -87,3 +87,57 @@ def test_reference_backend_declines_non_ir_callables():
 def test_backend_registry():
     register_backend("test-nosin", NoSin)
     assert isinstance(get_backend("test-nosin"), NoSin)
+
+
+def _interleaved_group_graph():
+    """x -> a = relu(x) [group g] -> m = mm(a, w) (outside the group, before its last member)
+    -> b = exp(a) [group g]; outputs (m, b)."""
+    import torch.fx as fx
+    from fxforge.irgraph import GROUP_KEY
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    a = graph.call_function(aten.relu.default, (x,))
+    m = graph.call_function(aten.mm.default, (a, w))
+    b = graph.call_function(aten.exp.default, (a,))
+    graph.output((m, b))
+    a.meta[GROUP_KEY] = b.meta[GROUP_KEY] = "g"
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_collapsing_a_group_orders_its_outside_users_after_it():
+    from fxforge.backends.kernel_lowering import KernelTable, _collapse_groups
+    gm = _interleaved_group_graph()
+    x, w = torch.randn(3, 4), torch.randn(4, 5)
+    expected = gm(x, w)
+    built = []
+
+    def fused(sub):
+        built.append(sub)
+        return (lambda *args: tuple(sub(*args))), "the group's own module"
+    choices = []
+    _collapse_groups(gm, KernelTable("test", fused), choices)
+    gm.recompile()
+    ops = [n.op for n in gm.graph.nodes]
+    assert ops.count("call_function") == 4 and len(built) == 1   # call, 2 getitems, mm
+    assert [c.path for c in choices] == ["the group's own module"]
+    for got, want in zip(gm(x, w), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_group_whose_kernel_fails_runs_as_its_own_module(caplog):
+    from fxforge.backends.kernel_lowering import KernelTable, _collapse_groups
+
+    def failing(sub):
+        raise RuntimeError("no kernel for this")
+    gm = _interleaved_group_graph()
+    x, w = torch.randn(3, 4), torch.randn(4, 5)
+    expected = gm(x, w)
+    choices = []
+    with caplog.at_level(logging.WARNING, logger="fxforge.backends"):
+        _collapse_groups(gm, KernelTable("test", failing), choices)
+    gm.recompile()
+    assert choices[0].path == "eager fallback" and "no kernel for this" in caplog.text
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 1
+    for got, want in zip(gm(x, w), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

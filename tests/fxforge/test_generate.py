@@ -231,6 +231,21 @@ def test_compiled_module_gives_eager_tokens(gpt):
     assert torch.equal(fxforge.generate(compiled, ids, 8), eager_greedy(gpt, ids, 8))
 
 
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_a_kv_cached_model_compiles_one_graph_for_every_length(llama, inference_mode):
+    """The loop's calls grow by a token each: ``fxforge.compile(kv_cache=True)`` compiles one
+    graph dynamic in the length (not a static one dynamo replaces at the second call), and under
+    inference_mode a prompt made outside it is not a second kind of input for dynamo's guards."""
+    from fxforge.compiler import recording
+    torch._dynamo.reset()
+    compiled = fxforge.compile(llama, kv_cache=True, max_seq_len=64)
+    ids = prompts(1, 9, 1000, seed=13)
+    with recording() as graphs, torch.inference_mode(inference_mode):
+        out = fxforge.generate(compiled, ids, 6)
+    assert len(graphs) == 1
+    assert torch.equal(out, eager_greedy(llama, ids, 6))
+
+
 def test_aot_artifact_gives_eager_tokens(gpt, tmp_path):
     seq = torch.export.Dim("seq", min=2, max=64)
     ids = prompts(1, 8, 512, seed=12)
