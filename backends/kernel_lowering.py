@@ -169,8 +169,8 @@ def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[Kerne
     """Each fusion group becomes one call of its kernel (or of its own module, run op by op,
     where the kernel cannot be built), its outputs read by ``getitem``. The fusion passes
     never form a cycle, so no group is checked for one (torch's ``fuse_by_partitions`` walks
-    the graph for every group); one stable topological sort at the end puts each call before
-    the outside users of its outputs."""
+    the graph for every group); where a call landed after an outside user of its outputs, one
+    stable topological sort at the end puts it first."""
     members: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.meta.get(GROUP_KEY) is not None:

@@ -75,8 +75,8 @@ def current() -> Optional[CompileProfile]:
 
 @contextlib.contextmanager
 def profiling(label: str) -> Iterator[CompileProfile]:
-    """Open a profile for one graph's compile (the one already open, if any: a nested compile
-    such as the KV step's graph belongs to its parent's), print it on exit if FXFORGE_PROFILE."""
+    """Open a profile for one graph's compile (the one already open, if any: a compile started
+    inside another adds to it), print it on exit if FXFORGE_PROFILE."""
     outer = _CURRENT.get()
     if outer is not None:
         yield outer

@@ -6,7 +6,7 @@ They read only the IR (no pass, no backend), so every layer may import them.
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -14,8 +14,8 @@ import torch.fx as fx
 from fxforge.irgraph.graph import first_tensor_meta
 from fxforge.irgraph.meta import tensor_meta
 
-__all__ = ["alias_root", "aliases_graph_input", "first_tensor_meta", "is_constant", "is_pure",
-           "is_view_op", "is_weight", "tensor_meta", "view_source"]
+__all__ = ["alias_root", "aliases_graph_input", "evaluate_on_constants", "first_tensor_meta",
+           "is_constant", "is_pure", "is_view_op", "is_weight", "tensor_meta", "view_source"]
 
 
 def is_view_op(target: Any) -> bool:
@@ -61,6 +61,21 @@ def is_pure(node: fx.Node) -> bool:
             return False
         return not target.name().startswith("aten::_assert") and "sym_constrain" not in target.name()
     return getattr(target, "__module__", None) in ("_operator", "operator")
+
+
+def evaluate_on_constants(node: fx.Node, gm: fx.GraphModule,
+                          constant: Callable[[fx.Node], Optional[torch.Tensor]]
+                          ) -> Optional[torch.Tensor]:
+    """``node``'s value when it is a constant of ``gm`` or a pure call whose inputs all have a
+    value by ``constant`` (the caller's memoized evaluator, which calls back here), else None."""
+    if node.op == "get_attr":
+        return getattr(gm, node.target)
+    if not is_pure(node) or any(constant(i) is None for i in node.all_input_nodes):
+        return None
+    with torch.no_grad():
+        value = node.target(*fx.node.map_arg(node.args, constant),
+                            **fx.node.map_arg(node.kwargs, constant))
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def is_weight(node: Any, memo: Optional[dict] = None) -> bool:

@@ -45,7 +45,7 @@ from fxforge.irgraph.meta import META_KEY
 from fxforge.irgraph.views import Bmm, Slice, Softmax, Where
 from fxforge.passes.attention_canon import canonicalize_attention
 from fxforge.passes.base import PassResult, register_pass
-from fxforge.irgraph.query import is_pure
+from fxforge.irgraph.query import evaluate_on_constants
 from fxforge.irgraph.layout import keeps_order, step_layout
 
 from fxforge.passes.attention_match import (  # noqa: F401  (HUGE_NEGATIVE, SDPA: re-exported)
@@ -76,15 +76,9 @@ class _Context:
         meta = _meta(node)
         if meta is None or not meta.is_static or int(meta.numel()) > MAX_CONSTANT_NUMEL:
             return None
-        if node.op == "get_attr":
-            return getattr(self.ir.gm, node.target)
-        inputs = node.all_input_nodes
-        if not (is_pure(node) and inputs and all(self.constant(i) is not None for i in inputs)):
-            return None
-        with torch.no_grad():
-            value = node.target(*fx.node.map_arg(node.args, self.constant),
-                                **fx.node.map_arg(node.kwargs, self.constant))
-        return value if isinstance(value, torch.Tensor) else None
+        if node.op != "get_attr" and not node.all_input_nodes:
+            return None   # a factory op (full, arange): its pattern is read from the graph
+        return evaluate_on_constants(node, self.ir.gm, self.constant)
 
     def keep_class(self, node: Any) -> Optional[str]:
         """Which positions of the last two dims a mask keeps, the same in every leading index:

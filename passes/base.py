@@ -3,8 +3,9 @@
 A pass is a named function ``IRGraph -> PassResult`` registered once with :func:`register_pass`.
 The manager copies its input graph once and the passes rewrite that copy in place; in strict
 mode (tests, ``FXFORGE_VERIFY=1``) a failing pass raises an error naming it and the ones before
-it; otherwise the pipeline runs again from a new copy without it, with a logged reason. Per-pass match counts and
-time are logged and kept in ``ir.info["passes"]`` where tests can read them.
+it; otherwise the pipeline runs again from a new copy without it, with a logged reason.
+Per-pass match counts and time are logged and kept in ``ir.info["passes"]`` where tests can
+read them.
 """
 from __future__ import annotations
 

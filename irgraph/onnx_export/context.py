@@ -11,6 +11,7 @@ from fxforge.irgraph.meta import META_KEY, SymMeta, TensorMeta
 from fxforge.irgraph.onnx_export.builder import GraphBuilder
 from fxforge.irgraph.onnx_export.dims import Dims
 from fxforge.irgraph.onnx_export.table import Unsupported
+from fxforge.irgraph.query import evaluate_on_constants
 from fxforge.irgraph.views import Permute, T
 
 QUANT_FORMATS = ("auto", "qdq", "matmulnbits")
@@ -86,22 +87,8 @@ class ExportContext:
         if not isinstance(arg, fx.Node):
             return None
         if arg not in self._constants:
-            self._constants[arg] = self._evaluate(arg)
+            self._constants[arg] = evaluate_on_constants(arg, self.gm, self.constant)
         return self._constants[arg]
-
-    def _evaluate(self, node: fx.Node) -> Optional[torch.Tensor]:
-        if node.op == "get_attr":
-            return getattr(self.gm, node.target)
-        if node.op != "call_function":
-            return None
-        inputs = {n: self.constant(n) for n in node.all_input_nodes}
-        if any(v is None for v in inputs.values()):
-            return None
-        args = fx.node.map_arg(node.args, inputs.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, inputs.__getitem__)
-        with torch.no_grad():
-            value = node.target(*args, **kwargs)
-        return value if isinstance(value, torch.Tensor) else None
 
     def weight_source(self, arg: Any) -> tuple[Any, bool]:
         """Where a ``[K, N]`` weight comes from: ``(W, True)`` when it is the transpose of a

@@ -157,8 +157,21 @@ def rsqrt(ctx, node):
 
 @converts(aten.silu.default)
 def silu(ctx, node):
-    x = ctx.tensor(node_arguments(node)["self"], ctx.meta(node).dtype)
-    return ctx.builder.op("Mul", [x, ctx.builder.op("Sigmoid", [x])])
+    dtype = ctx.meta(node).dtype
+    return activation_of(ctx, "silu", ctx.tensor(node_arguments(node)["self"], dtype), dtype)
+
+
+def activation_of(ctx, name: str, x: str, dtype: torch.dtype) -> str:
+    """fxforge's activation ``name`` (a key of ``irgraph.ops.ACTIVATIONS``) applied to ``x``."""
+    if name == "none":
+        return x
+    if name == "relu":
+        return ctx.builder.op("Relu", [x])
+    if name in ("gelu", "gelu_tanh"):
+        return gelu_of(ctx, x, "tanh" if name == "gelu_tanh" else "none", dtype)
+    if name == "silu":
+        return ctx.builder.op("Mul", [x, ctx.builder.op("Sigmoid", [x])])
+    raise Unsupported(f"activation {name!r}")
 
 
 def gelu_of(ctx, x: str, approximate: str, dtype: torch.dtype) -> str:

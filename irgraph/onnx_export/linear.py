@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fxforge.irgraph.onnx_export import quantized
-from fxforge.irgraph.onnx_export.elementwise import gelu_of
+from fxforge.irgraph.onnx_export.elementwise import activation_of
 from fxforge.irgraph.onnx_export.table import Unsupported, converts
 from fxforge.irgraph.views import Linear
 from fxforge.irgraph.weight_format import DENSE, FORMATS, W8A8
@@ -62,14 +62,7 @@ def _gemm(ctx, x: str, weight: str, transposed: bool, bias, compute: torch.dtype
 
 def _epilogue(ctx, view: Linear, y: str, compute: torch.dtype, out: torch.dtype) -> str:
     b = ctx.builder
-    if view.activation == "relu":
-        y = b.op("Relu", [y])
-    elif view.activation in ("gelu", "gelu_tanh"):
-        y = gelu_of(ctx, y, "tanh" if view.activation == "gelu_tanh" else "none", compute)
-    elif view.activation == "silu":
-        y = b.op("Mul", [y, b.op("Sigmoid", [y])])
-    elif view.activation != "none":
-        raise Unsupported(f"linear activation {view.activation!r}")
+    y = activation_of(ctx, view.activation, y, compute)
     if view.residual is not None:
         y_dtype = torch.promote_types(compute, ctx.dtype(view.residual))
         y = b.op("Add", [b.cast(y, compute, y_dtype), ctx.tensor(view.residual, y_dtype)])
