@@ -34,19 +34,14 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         log.warning("fxforge compiles for inference: this graph runs eagerly because autograd is "
                     "recording (call the model under torch.no_grad() or torch.inference_mode())")
         return gm.forward
-    from fxforge.compiler import compile_captured
-    from fxforge.irgraph import capture_aot_inference, dynamo_weight_indices
+    from fxforge.irgraph import dynamo_weight_indices
     from fxforge.irgraph.compile_profile import profiling, record_before
 
     weight_indices = dynamo_weight_indices(gm, example_inputs)
-
-    def compile_ir(ir, positions):
-        return compile_captured(ir, opts, positions, example_inputs)
-
     try:
         with profiling(f"a graph of {len(gm.graph.nodes)} nodes from dynamo"):
             record_before("capture: dynamo tracing", _dynamo_tracing_seconds())
-            return capture_aot_inference(gm, example_inputs, weight_indices, compile_ir)
+            return _compile_or_reuse(gm, example_inputs, weight_indices, opts)
     except Exception as exc:
         if _is_dynamo_restart(exc) or (_strict() and _is_fxforge_bug(exc)):
             raise
@@ -54,6 +49,41 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         log.warning("fxforge: could not compile a graph of %d nodes (%s: %s); it runs eagerly",
                     len(gm.graph.nodes), type(exc).__name__, first[:300])
         return gm.forward
+
+
+def _compile_or_reuse(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                      weight_indices: list[int], opts: CompileOptions) -> Callable:
+    """The graph cache's entry for this graph, lowered; else capture (aot_autograd) and the
+    whole compile, whose optimized graph is then stored. Only a graph aot_autograd calls with
+    dynamo's own inputs and whose outputs it passes through is stored: a cached one runs
+    without aot_autograd's wrapper."""
+    from fxforge import graph_cache
+    from fxforge.compiler import CachedGraph, compile_captured
+    from fxforge.irgraph import capture_aot_inference
+    from fxforge.irgraph.compile_profile import phase
+
+    with phase("graph cache: lookup"):
+        key = graph_cache.graph_key(gm, example_inputs, weight_indices, opts)
+        stored = graph_cache.load(key) if key is not None else None
+    if stored is not None and stored.weight_positions == weight_indices:
+        log.info("fxforge: a graph of %d nodes came from the graph cache (entry %s): no capture "
+                 "or pass runs, only lowering", len(gm.graph.nodes), key)
+
+        # dynamo's fake inputs (no data: nothing of this call's weights is kept for later)
+        fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+
+        def recapture(args: Sequence[Any]) -> Callable:
+            return capture_aot_inference(gm, fakes, weight_indices, lambda ir, positions:
+                                         compile_captured(ir, opts, positions, list(args)))
+        return CachedGraph(stored, opts, gm, example_inputs, recapture)
+
+    def compile_ir(ir, positions):
+        storable = (key is not None and positions == weight_indices
+                    and ir.info.get("plain_outputs"))
+        return compile_captured(ir, opts, positions, example_inputs,
+                                cache_key=key if storable else None)
+
+    return capture_aot_inference(gm, example_inputs, weight_indices, compile_ir)
 
 
 def _dynamo_tracing_seconds() -> float:

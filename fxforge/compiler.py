@@ -100,8 +100,11 @@ class CompiledGraph:
     weights = property(lambda self: self._active.weights)
 
     def __init__(self, captured: IRGraph, options: CompileOptions, weight_positions: Sequence[int],
-                 weights: Sequence[torch.Tensor]):
+                 weights: Sequence[torch.Tensor], cache_key: Optional[str] = None):
+        """``cache_key``: the graph cache's entry for these weights, written once the first
+        build's passes have run (:mod:`fxforge.graph_cache`)."""
         self._active = _Active()
+        self._cache_key = cache_key
         self.captured = captured  # before freezing and passes: the eager oracle for verify
         self.options = options
         self.weight_positions = list(weight_positions) if options.freeze_weights else []
@@ -126,7 +129,14 @@ class CompiledGraph:
         # The pass manager never modifies its input, so the captured graph needs no copy here.
         with phase("freeze"):
             ir = freeze(self.captured, self.weight_positions, weights) if weights else self.captured
-        done = compile_graph(ir, self.options, calibration=self._calibration)   # passes, KV step, lowering
+        done = compile_graph(ir, self.options, stages=("passes", "kv_step"),
+                             calibration=self._calibration)
+        if self._cache_key is not None:   # the first build's weights are the key's
+            from fxforge import graph_cache
+            with phase("graph cache: store"):
+                graph_cache.store(self._cache_key, done.ir, done.plan, self.weight_positions)
+            self._cache_key = None
+        done = compile_graph(done.ir, self.options, stages=("lower",), plan=done.plan)
         seconds = time.perf_counter() - start
         log.info("fxforge: compiled a graph of %d nodes into %d (%d frozen weights, %d eager "
                  "fallbacks) in %.1f ms", len(self.captured.gm.graph.nodes),
@@ -277,5 +287,60 @@ def _low_tolerance(want: torch.Tensor, precision: str) -> tuple[float, float]:
 
 
 def compile_captured(ir: IRGraph, options: CompileOptions, weight_positions: Sequence[int],
-                     example_inputs: Sequence[Any]) -> Callable:
-    return CompiledGraph(ir, options, weight_positions, list(example_inputs))
+                     example_inputs: Sequence[Any], cache_key: Optional[str] = None) -> Callable:
+    return CompiledGraph(ir, options, weight_positions, list(example_inputs), cache_key)
+
+
+@dataclasses.dataclass
+class _DynamoGraph:
+    """What a cached graph has in place of its captured IR: dynamo's graph (verify's eager
+    oracle) and the one fact about the capture the runtime reads."""
+    gm: Any
+    info: dict
+
+
+class CachedGraph(CompiledGraph):
+    """A graph whose optimized IR came from the graph cache: only lowered here. Called with
+    other weights than the cached ones, it compiles the graph as a cold start would, once
+    (``recapture(args)`` -> the callable), and hands every call to that."""
+
+    def __init__(self, stored: Any, options: CompileOptions, gm: Any,
+                 example_inputs: Sequence[Any], recapture: Callable[[Sequence[Any]], Callable]):
+        start = time.perf_counter()
+        self._active = _Active()
+        self._cache_key = None
+        self.captured = _DynamoGraph(gm, dict(stored.info))
+        self.options = options
+        self.weight_positions = list(stored.weight_positions) if options.freeze_weights else []
+        skip = set(self.weight_positions)
+        self.runtime_positions = [i for i in range(len(example_inputs)) if i not in skip]
+        self._weight_sets = WeightSetCache()
+        self._build_lock = threading.Lock()
+        self._calibration = None
+        self._recapture, self._full = recapture, None
+        self.profile = current_profile()
+        weights = [example_inputs[i] for i in self.weight_positions]
+        frozen = FrozenWeights(weights)
+        done = compile_graph(stored.ir, options, stages=("lower",), plan=stored.plan)
+        build = Build(frozen, done.ir, done.lowered, done.kv, done.tuning,
+                      time.perf_counter() - start)
+        self._weight_sets.put(build)
+        self._activate(build, weights)
+        if _RECORDERS:
+            _RECORDERS[-1].append(self)
+
+    def _build(self, weights: list[torch.Tensor]) -> "Build":
+        raise AssertionError("a cached graph hands calls with other weights to a full compile")
+
+    def __call__(self, *args):
+        if self._full is None:
+            weights = [args[p] for p in self.weight_positions]
+            active = self._active.build
+            if active.frozen.holds(weights) and active.frozen.change(weights) is None:
+                return super().__call__(*args)
+            with self._build_lock:
+                if self._full is None:
+                    log.info("fxforge: a graph from the graph cache is called with other weights "
+                             "than it was stored for: capturing and compiling it")
+                    self._full = self._recapture(args)
+        return self._full(*args)

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fxforge import graph_cache
 from fxforge.api import compile as fxforge_compile
 from fxforge.backends import Fallback
 from fxforge.compiler import recording
@@ -375,7 +376,8 @@ def explain(model: Callable, example_inputs: Sequence[Any] = (), *, count_eager:
     fxforge_log = logging.getLogger("fxforge")
     fxforge_log.addHandler(warnings)
     try:
-        with recording() as compiled_graphs:
+        # the report tells what the passes did: a graph from the graph cache ran none
+        with recording() as compiled_graphs, graph_cache.disabled():
             compiled = fxforge_compile(model, inputs, dynamic=dynamic, **options)
     finally:
         fxforge_log.removeHandler(warnings)

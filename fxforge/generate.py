@@ -125,7 +125,9 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
     Each round it proposes ``draft_k`` tokens (``"auto"``: chosen each round from measured
     acceptance and costs, ``fxforge/draft_length.py``; or an int in 1..16) and the model checks
     them in one call. Greedy tokens equal those without a draft; sampled ones follow the
-    model's distribution (the rejection rule). Stops, padding and ``stream`` are unchanged.
+    model's distribution (the rejection rule). With a draft, the same seed gives the same
+    tokens only at a fixed ``draft_k``: ``"auto"`` picks lengths from measured times, and a
+    length changes which draws the tokens come from. Stops, padding and ``stream`` are unchanged.
 
     Returns the sequences (prompt + generated tokens): for a ``[B, T]`` tensor a
     ``[B, T + n]`` tensor, ``n`` the number of steps run (fewer than

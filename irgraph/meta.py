@@ -170,6 +170,9 @@ def restore_example_values(gm: fx.GraphModule, hints: Optional[dict[str, int]] =
         inputs = []
         for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
             meta = node.meta.get(META_KEY)
+            if isinstance(meta, SymMeta):   # a size passed as an input (dynamo's graphs)
+                inputs.append(size(meta.expr))
+                continue
             if not isinstance(meta, TensorMeta):
                 raise ValueError(f"input {node.name} has no tensor metadata")
             with mode:

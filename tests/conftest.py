@@ -6,6 +6,9 @@ import pytest
 import torch
 
 os.environ.setdefault("FXFORGE_VERIFY", "1")
+# Tests compile what they check: a graph-cache hit would skip the passes a test patches or
+# inspects. The graph cache's own tests turn it on, with their own cache folder.
+os.environ.setdefault("FXFORGE_GRAPH_CACHE", "0")
 
 
 def pytest_report_header(config):
