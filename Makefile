@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.fxforge-installed
 # for `-m`: it would also keep a script's own folder off, which bench/ scripts import from.)
 SAFE   := PYTHONSAFEPATH=1
 
-.PHONY: run test bench bench-quant gpu-check gpu-install gpu-tests gpu-bench clean venv peers
+.PHONY: run test bench bench-quant gpu-check gpu-install gpu-tests gpu-bench clean venv peers browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,14 @@ test: $(STAMP)
 	# One torch thread per xdist worker: two workers with two threads each on two cores thrash.
 	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 FXFORGE_VERIFY=1 $(SAFE) $(PY) -m pytest -n 2 -q -m "not slow and not gpu"
 
+# A headless browser for the explain page's slow test (Debian's package; root, as on CI; where
+# apt is missing or refuses, the test says so and skips).
+browser:
+	command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell) || true
+
 # pytest exits 5 when no test carries the marker: that is not a failure here.
-bench: $(STAMP)
+bench: $(STAMP) browser
 	$(SAFE) $(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 	$(PY) bench/run.py
 	$(PY) bench/fused_cpu.py --threads 1

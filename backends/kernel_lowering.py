@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -49,6 +50,8 @@ class KernelChoice:
     op: str       # what it computes
     path: str     # "C++ (AVX2)", "oneDNN fp32, prepacked", "Triton", "ATen", "eager fallback", ...
     reason: str = ""
+    # what building it took (code generation, compiling, packing weights); not part of equality
+    seconds: float = field(default=0.0, compare=False)
 
 
 # rule(node, constant) -> (callable, args, path, reason) or None to decline.
@@ -179,13 +182,15 @@ def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[Kerne
         name = f"fxf_group_{index}"
         sub, inputs, outputs = _group_module(nodes, name)
         what = describe_group(sub)
+        start = time.perf_counter()
         try:
             kernel, path = table.fused(sub)
             target, op = _named(kernel, group), "call_function"
-            choices.append(KernelChoice(group, what, path))
+            choices.append(KernelChoice(group, what, path, seconds=time.perf_counter() - start))
         except Exception as exc:  # unsupported op or failed build: the group's ops run on ATen
             reason = f"{type(exc).__name__}: {exc}"
-            choices.append(KernelChoice(group, what, "eager fallback", reason))
+            choices.append(KernelChoice(group, what, "eager fallback", reason,
+                                        time.perf_counter() - start))
             log.warning("fxforge[%s]: %s (%s) runs op by op: %s", table.name, group, what, reason)
             gm.add_submodule(name, sub)
             target, op = name, "call_module"
@@ -212,6 +217,7 @@ def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelCho
         rule = table.rules.get(node.target) if node.op == "call_function" else None
         if rule is None:
             continue
+        start = time.perf_counter()
         try:
             lowered = rule(node, constant)
         except Exception as exc:  # a kernel that fails to build: this op stays on ATen
@@ -219,16 +225,19 @@ def _apply_rules(gm: fx.GraphModule, table: KernelTable, choices: list[KernelCho
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("fxforge[%s]: %s (%s) runs on ATen: %s", table.name, op_name(node.target),
                         node.name, reason)
-            choices.append(KernelChoice(node.name, op_name(node.target), "ATen (fallback)", reason))
+            choices.append(KernelChoice(node.name, op_name(node.target), "ATen (fallback)", reason,
+                                        time.perf_counter() - start))
         if lowered is None:
             continue
         kernel, args, path, reason = lowered
         with gm.graph.inserting_before(node):
             call = gm.graph.call_function(_named(kernel, f"{table.name}_{node.name}"), tuple(args))
         call.meta = dict(node.meta)
+        call.meta["fxf_kernel_node"] = node.name
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-        choices.append(KernelChoice(node.name, op_name(node.target), path, reason))
+        choices.append(KernelChoice(node.name, op_name(node.target), path, reason,
+                                    time.perf_counter() - start))
 
 
 def lower_to_kernels(gm: fx.GraphModule, table: KernelTable) -> tuple[fx.GraphModule, list[KernelChoice]]:

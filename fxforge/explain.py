@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
-from xml.sax.saxutils import escape
 
 import torch
 import torch.fx as fx
@@ -98,6 +97,9 @@ class GraphReport:
     paths: dict[str, int]  # kernels by path ("generated C++ (AVX2)", "ATen", ...)
     ir: Optional[IRGraph] = field(default=None, repr=False, compare=False)
     tuning: list = field(default_factory=list)  # autotune Picks: config per tuned kernel
+    lowered: Any = field(default=None, repr=False, compare=False)   # the LoweredGraph
+    run_seconds: dict = field(default_factory=dict)  # lowered node -> seconds of one timed call
+    profile_rows: list = field(default_factory=list)  # (phase path, seconds): compile time
 
     @property
     def fallback_nodes(self) -> set[str]:
@@ -154,7 +156,9 @@ def graph_report(index: int, compiled: Any) -> GraphReport:
         group_nodes={name: [n.name for n in nodes] for name, nodes in group_members.items()},
         choices=choices, fallbacks=fallbacks, kernels=kernels,
         paths=_kernel_paths(ir, lowered.backend, choices, fallbacks, kernels), ir=ir,
-        tuning=list(getattr(compiled, "tuning", [])))
+        tuning=list(getattr(compiled, "tuning", [])), lowered=lowered,
+        profile_rows=[(list(path), p.seconds) for path, p in compiled.profile.phases.items()]
+        if getattr(compiled, "profile", None) is not None else [])
 
 
 @dataclass
@@ -209,9 +213,9 @@ class ExplainReport:
         return render_svg(self.graphs)
 
     def to_html(self) -> str:
-        return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>fxforge.explain"
-                "</title></head>\n<body>\n<pre>" + escape(self.text) + "</pre>\n"
-                + self.to_svg() + "\n</body></html>\n")
+        """The explain page (``fxforge/explain_page.py``): one self-contained file."""
+        from fxforge.explain_page import render_page
+        return render_page(self)
 
     def save(self, path: str | Path) -> Path:
         """Write the report as ``.svg``, ``.html``/``.htm`` or ``.txt``, chosen by the suffix."""
@@ -385,7 +389,11 @@ def explain(model: Callable, example_inputs: Sequence[Any] = (), *, count_eager:
         log.warning("fxforge.explain: fxforge compiled no graph (a graph that fails to compile "
                     "runs eagerly, and the warnings say why; or the model had nothing to compile)")
     eager_ops = count_eager_kernels(model, *inputs) if count_eager else None
-    report = ExplainReport([graph_report(i, g) for i, g in enumerate(compiled_graphs)],
-                           eager_ops, compiled.options.to_dict(), warnings.messages, compiled)
+    from fxforge.explain_page import time_kernels
+    reports = [graph_report(i, g) for i, g in enumerate(compiled_graphs)]
+    time_kernels(compiled, inputs, compiled_graphs, reports)
+    report = ExplainReport(reports, eager_ops, compiled.options.to_dict(), warnings.messages,
+                           compiled)
     log.info("%s", report.summary_line())
     return report
+

@@ -129,9 +129,8 @@ def test_svg_colours_each_group_and_html_embeds_it(tmp_path):
         assert fills[name] in legend_fills
     assert len(set(fills.values())) == len(fills) == 2
     assert len(root.findall(f".//{SVG}g[@class='node matmul']")) == 3  # three addmm marked
-    html = report.to_html()
-    assert html.count("<svg") == 1 and "<pre>" in html and "fused_1 (2 ops)" in html
-    _svg_root(html[html.index("<svg"):html.index("</svg>") + len("</svg>")])
+    html = report.to_html()   # the explain page: tests/fxforge/test_explain_page.py
+    assert 'id="fxf-data"' in html and "fused_1" in html
     for suffix in (".svg", ".html", ".txt"):
         written = report.save(tmp_path / f"report{suffix}")
         assert written.read_text().strip()
