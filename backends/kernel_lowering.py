@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - a torch without it generates the code 
 
 from fxforge.backends.base import copy_module
 from fxforge.backends.lowered_passes import run_lowered_passes
-from fxforge.irgraph import GROUP_KEY, node_arguments, op_name
+from fxforge.irgraph import GROUP_KEY, META_KEY, node_arguments, op_name
 from fxforge.irgraph.compile_profile import phase
 from fxforge.irgraph.query import is_view_op
 from fxforge.irgraph.views import LINEAR_TARGETS, LinearOperands, Sdpa
@@ -168,6 +168,27 @@ def _in_order(gm: fx.GraphModule) -> bool:
     return True
 
 
+# Identical fusion groups (a transformer's 30 layers make 30 of each) share one kernel: built
+# for the first, reused for the others. Tests turn it off to compare.
+REUSE_BLOCKS = True
+
+
+def structural_key(sub: fx.GraphModule) -> Optional[tuple]:
+    """What a fusion group's kernel is built from: its ops in order, how they connect, their
+    constant arguments and every value's dtype, shape and strides (names aside). Two groups
+    with equal keys get the same kernel. None for a group that holds a constant of its own."""
+    index: dict[fx.Node, int] = {}
+    items = []
+    for position, node in enumerate(sub.graph.nodes):
+        if node.op == "get_attr":
+            return None
+        index[node] = position
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: ("%", index[n]))
+        target = op_name(node.target) if node.op == "call_function" else ""
+        items.append((node.op, target, repr(args), repr(node.meta.get(META_KEY))))
+    return tuple(items)
+
+
 def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[KernelChoice]) -> None:
     """Each fusion group becomes one call of its kernel (or of its own module, run op by op,
     where the kernel cannot be built), its outputs read by ``getitem``. The fusion passes
@@ -178,14 +199,23 @@ def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[Kerne
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.meta.get(GROUP_KEY) is not None:
             members.setdefault(node.meta[GROUP_KEY], []).append(node)
+    built: dict[tuple, tuple] = {}   # a repeated block's groups: one kernel per structure
     for index, (group, nodes) in enumerate(members.items()):
         name = f"fxf_group_{index}"
         sub, inputs, outputs = _group_module(nodes, name)
         what = describe_group(sub)
         start = time.perf_counter()
         try:
-            kernel, path = table.fused(sub)
-            target, op = _named(kernel, group), "call_function"
+            key = structural_key(sub) if REUSE_BLOCKS else None
+            if key in built:   # the same kernel under this group's name
+                kernel, path = built[key]
+                target = Bound(group, kernel)
+            else:
+                kernel, path = table.fused(sub)
+                target = _named(kernel, group)
+                if key is not None:
+                    built[key] = (kernel, path)
+            op = "call_function"
             choices.append(KernelChoice(group, what, path, seconds=time.perf_counter() - start))
         except Exception as exc:  # unsupported op or failed build: the group's ops run on ATen
             reason = f"{type(exc).__name__}: {exc}"

@@ -3,15 +3,15 @@ freezing, the passes and the KV step, and only lowers the stored graph.
 
 The key is what the optimized graph depends on, read from dynamo's graph before aot_autograd
 runs (:func:`graph_key`): the code of every GraphModule in it, each input's dtype, shape,
-strides and device (symbolic sizes by name), the bytes of the weights (the optimized graph holds
-constants folded from them), the options, the CPU features the passes see (``FXFORGE_CPU_ISA``
-included), fxforge's own source and the torch/triton versions. Graphs with lossy options are not
-cached: their passes calibrate on the example inputs or measure kernel speeds, so the same key
-would not give the same graph.
+strides and device (symbolic sizes by name), a digest of the weights' bytes (the optimized
+graph holds constants folded from them; ``kernels/content_digest.py``), the options,
+the CPU features the passes see (``FXFORGE_CPU_ISA`` included), fxforge's own source and the
+torch/triton versions. Graphs with lossy options are not cached: their passes calibrate on the
+example inputs or measure kernel speeds, so the same key would not give the same graph.
 
 An entry, ``<cache root>/graphs/<key>/``, is an AOT artifact's files (the graph, the step graph
 and their constants as JSON and safetensors: data, never pickles; :mod:`fxforge.irgraph.serialize`
-decides what a stored graph may call) plus ``entry.json``: format, versions, the SHA-256 of every
+decides what a stored graph may call) plus ``entry.json``: format, versions, the digest of every
 file, the KV-cache plan and where the weights sit among the inputs. It is written into a private
 temporary folder, then renamed into place in one step; a reader checks ownership and permissions
 as for kernels (:mod:`fxforge.kernels.cache_trust`), then every digest. An entry that fails any
@@ -94,13 +94,9 @@ def _input_spec(value: Any) -> Optional[str]:
     return None
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
 def _weights_digest(weights: Sequence[torch.Tensor]) -> str:
-    """SHA-256 of the weights' bytes (a tied weight, passed twice, read once)."""
+    """A digest of the weights' bytes (a tied weight, passed twice, read once)."""
+    from fxforge.kernels.content_digest import tensor_digest
     digest = hashlib.sha256()
     seen: dict[tuple, int] = {}
     for index, weight in enumerate(weights):
@@ -109,8 +105,7 @@ def _weights_digest(weights: Sequence[torch.Tensor]) -> str:
             digest.update(f"={seen[ident]}\0".encode())
             continue
         seen[ident] = index
-        digest.update(f"{weight.dtype}{tuple(weight.shape)}\0".encode())
-        digest.update(_tensor_bytes(weight))
+        digest.update(f"{weight.dtype}{tuple(weight.shape)}:{tensor_digest(weight)}\0".encode())
     return digest.hexdigest()
 
 
@@ -120,6 +115,7 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence[Any], weight_indices:
     does not apply: lossy options, an input or constant it cannot describe."""
     from fxforge.autotune.cache import current_versions
     from fxforge.kernels.cpu_isa import cpu_features
+    from fxforge.kernels.content_digest import tensor_digest
     if options.lossy or not enabled():
         return None
     specs = [_input_spec(value) for value in example_inputs]
@@ -140,8 +136,8 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence[Any], weight_indices:
             value = getattr(gm, str(node.target), None) if "." not in str(node.target) else None
             if not isinstance(value, torch.Tensor):
                 return None
-            digest.update(f"\0attr {node.target} {value.dtype}{tuple(value.shape)}\0".encode())
-            digest.update(_tensor_bytes(value))
+            digest.update(f"\0attr {node.target} {value.dtype}{tuple(value.shape)}:"
+                          f"{tensor_digest(value)}\0".encode())
     digest.update(_weights_digest([example_inputs[i] for i in weight_indices]).encode())
     return digest.hexdigest()[:40]
 
@@ -204,7 +200,8 @@ def store(key: str, ir, plan, weight_positions: Sequence[int]) -> None:
     """Write the entry for ``key`` (module docstring); a failure is logged, never raised."""
     from safetensors.torch import save_file
 
-    from fxforge.aot import _all_constants, _dedup_constants, _graph_json, _sha256
+    from fxforge.aot import _all_constants, _dedup_constants, _graph_json
+    from fxforge.kernels.content_digest import file_digest
     from fxforge.autotune.cache import current_versions
     from fxforge.errors import ArtifactError
     from fxforge.kernels.cache_trust import UntrustedCacheError
@@ -223,7 +220,7 @@ def store(key: str, ir, plan, weight_positions: Sequence[int]) -> None:
         for name, text in texts.items():
             (tmp / name).write_text(text)
         entry = {"format": CACHE_FORMAT, "versions": current_versions(), "aliases": aliases,
-                 "files": {name: _sha256(tmp / name) for name in (WEIGHTS, *texts)},
+                 "files": {name: file_digest(tmp / name) for name in (WEIGHTS, *texts)},
                  "kv_cache": plan.to_json() if plan is not None else None,
                  "weight_positions": list(weight_positions), "hints": _size_hints(ir),
                  "precision": ir.info.get("precision", "fp32")}
@@ -273,11 +270,11 @@ def _read(folder: Path) -> Stored:
     """The entry in ``folder``, checked (module docstring); CacheEntryError says what is wrong."""
     from safetensors.torch import load_file
 
-    from fxforge.aot import _sha256
     from fxforge.autotune.cache import current_versions
     from fxforge.irgraph import ir_from_json
     from fxforge.irgraph.meta import restore_example_values
     from fxforge.kernels.cache_trust import cached_file_problem, read_private
+    from fxforge.kernels.content_digest import file_digest
     from fxforge.passes.kv_cache import KVCachePlan
     try:
         problem = cached_file_problem(folder) or cached_file_problem(folder / ENTRY)
@@ -296,8 +293,8 @@ def _read(folder: Path) -> Stored:
             problem = cached_file_problem(folder / name)
             if problem:
                 raise CacheEntryError(problem)
-            if _sha256(folder / name) != digest:
-                raise CacheEntryError(f"{name} does not have the SHA-256 its entry records")
+            if file_digest(folder / name) != digest:
+                raise CacheEntryError(f"{name} does not have the digest its entry records")
         constants = load_file(str(folder / WEIGHTS))
         for alias, canonical in dict(entry.get("aliases") or {}).items():
             constants[alias] = constants[canonical]

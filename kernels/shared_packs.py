@@ -5,32 +5,30 @@ dimension turns dynamic (a generation loop's growing sequence makes a static and
 graph), and ``kv_cache=True`` lowers a decode-step graph beside the plain one. Each lowering
 packs its linears' weights at compile time; without sharing, SmolLM2-135M (538 MB of fp32
 linear weights) held one packed copy per graph. Packs are looked up by the *content* of the
-weight they were made from (SHA-256 of its bytes: ~0.4 s for SmolLM2 on a 2-core Zen 1, 2026-11), not
-by tensor identity: a horizontally fused projection's weight is a new concatenation in every
-graph, with the same bytes.
+weight they were made from (``content_digest.tensor_digest`` of its bytes), not by tensor
+identity: a horizontally fused projection's weight is a new concatenation in every graph, with
+the same bytes.
 
 The table holds its packs weakly: a pack lives as long as some kernel object uses it. Packs
 are read-only for the kernels (none writes its weight), so sharing one is safe.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 import weakref
 from typing import Callable
 
 import torch
 
+from fxforge.kernels.content_digest import tensor_digest
+
 _PACKS: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 
 
 def content_key(tensor: torch.Tensor) -> tuple:
-    """dtype, shape and SHA-256 of the values: equal keys, equal tensors."""
-    data = tensor.detach().contiguous().cpu()
-    digest = hashlib.sha256(data.view(torch.uint8).reshape(-1).numpy()).hexdigest() \
-        if data.numel() else ""
-    return str(data.dtype), tuple(data.shape), digest
+    """dtype, shape and digest of the values: equal keys, equal tensors."""
+    return str(tensor.dtype), tuple(tensor.shape), tensor_digest(tensor)
 
 
 def shared_pack(kind: str, weight: torch.Tensor,

@@ -69,18 +69,20 @@ def _repropagate(ir: IRGraph, new: list[fx.Node], saved: dict[fx.Node, tuple]) -
     graph. ``saved`` receives the previous (val, meta) of each re-inferred existing node as it
     goes, so a failure part-way can be undone.
     """
-    changed = set(new)
-    nodes = list(ir.gm.graph.nodes)
-    for node in nodes[nodes.index(new[0]):]:
-        if node.op != "call_function" or not (node in changed or changed & set(node.all_input_nodes)):
-            continue
-        old_meta = node.meta.get(META_KEY)
-        if node not in changed:
-            saved[node] = (node.meta.get("val"), old_meta)
-        ir.infer(node)
-        if node in saved and node.meta.get(META_KEY) == old_meta:
-            continue
-        changed.add(node)
+    changed, pending = set(new), set(new)   # pending: nodes still to visit, ahead in order
+    node = new[0]
+    while pending and node.op != "root":   # walk forward only as far as changes reach
+        if node in pending:
+            pending.discard(node)
+            if node.op == "call_function":
+                old_meta = node.meta.get(META_KEY)
+                if node not in changed:
+                    saved[node] = (node.meta.get("val"), old_meta)
+                ir.infer(node)
+                if node not in saved or node.meta.get(META_KEY) != old_meta:
+                    changed.add(node)
+                    pending.update(node.users)
+        node = node.next
 
 
 def _fuse(ir: IRGraph, matches: list[Match]) -> bool:

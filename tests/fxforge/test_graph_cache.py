@@ -213,3 +213,28 @@ def test_entries_are_private(cache):
     (entry,) = _entries(cache)
     assert entry.stat().st_mode & 0o077 == 0
     assert all(p.stat().st_mode & 0o077 == 0 for p in entry.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_block_reuse_shares_kernels_and_is_bit_identical(monkeypatch, arch):
+    """Identical fusion groups (one per layer) get one kernel; outputs equal those of a
+    lowering that builds every group's own."""
+    from fxforge.backends import kernel_lowering
+    from fxforge.compiler import recording
+    from fxforge.examples.hf_models import LogitsOnly, build, example_inputs
+    seed = int(torch.randint(0, 2**30, ()))
+    model = LogitsOnly(build(arch, seed=seed))
+    inputs = example_inputs(arch, batch=2, seq=9, seed=seed)
+    outputs, kernels = [], []
+    for reuse in (True, False):
+        monkeypatch.setattr(kernel_lowering, "REUSE_BLOCKS", reuse)
+        with recording() as graphs:
+            outputs.append(_run(model, *inputs))
+        targets = [n.target for g in graphs for n in g.lowered.gm.graph.nodes
+                   if n.meta.get("fxf_kernel_group")]
+        kernels.append({id(getattr(t, "call", t)) for t in targets})
+        assert targets
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(kernels[0]) <= len(kernels[1])
+    if arch == "llama":   # RMSNorm and SwiGLU groups in every layer: shared
+        assert len(kernels[0]) < len(kernels[1])
