@@ -128,15 +128,16 @@ def _named(kernel: Callable, hint: str) -> Callable:
         return Bound(hint, kernel)
 
 
-def describe_group(sub: fx.GraphModule) -> str:
+def describe_group(sub: fx.GraphModule | fx.Graph) -> str:
+    graph = getattr(sub, "graph", sub)
     ops = [op_name(n.target).replace("aten.", "").rsplit(".", 1)[0]
-           for n in sub.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+           for n in graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
     return f"fused {len(ops)} ops: {', '.join(ops)}"
 
 
-def _group_module(nodes: list[fx.Node], name: str) -> tuple[fx.GraphModule, list, list]:
-    """A fusion group's nodes (in graph order: topologically sorted) as a module of their own:
-    (the module, the outside values it reads, the members read outside it: its outputs)."""
+def _group_graph(nodes: list[fx.Node]) -> tuple[fx.Graph, list, list]:
+    """A fusion group's nodes (in graph order: topologically sorted) as a graph of their own:
+    (the graph, the outside values it reads, the members read outside it: its outputs)."""
     inside = set(nodes)
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
@@ -153,9 +154,15 @@ def _group_module(nodes: list[fx.Node], name: str) -> tuple[fx.GraphModule, list
         copies[node] = graph.node_copy(node, remap)
     outputs = [n for n in nodes if any(user not in inside for user in n.users)]
     graph.output(tuple(copies[n] for n in outputs))
-    # code generated on the first call only (a fallback, a tuner's reference run): for most
-    # groups the kernel builder reads the graph and nothing runs it (SmolLM2: 0.3 s of 151 codegens)
-    return _LazyModule(torch.nn.Module(), graph, class_name=name), list(inputs), outputs
+    return graph, list(inputs), outputs
+
+
+def _group_module(graph: fx.Graph, name: str) -> fx.GraphModule:
+    """The group's graph as a module. Its code is generated on the first call only (a fallback,
+    a tuner's reference run): for most groups the kernel builder reads the graph and nothing runs
+    it (SmolLM2: 0.3 s of 151 codegens). A group whose kernel is reused makes none: each module
+    is a class of its own, ~1.5 ms to create."""
+    return _LazyModule(torch.nn.Module(), graph, class_name=name)
 
 
 def _in_order(gm: fx.GraphModule) -> bool:
@@ -173,13 +180,13 @@ def _in_order(gm: fx.GraphModule) -> bool:
 REUSE_BLOCKS = True
 
 
-def structural_key(sub: fx.GraphModule) -> Optional[tuple]:
+def structural_key(graph: fx.Graph) -> Optional[tuple]:
     """What a fusion group's kernel is built from: its ops in order, how they connect, their
     constant arguments and every value's dtype, shape and strides (names aside). Two groups
     with equal keys get the same kernel. None for a group that holds a constant of its own."""
     index: dict[fx.Node, int] = {}
     items = []
-    for position, node in enumerate(sub.graph.nodes):
+    for position, node in enumerate(graph.nodes):
         if node.op == "get_attr":
             return None
         index[node] = position
@@ -202,16 +209,16 @@ def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[Kerne
     built: dict[tuple, tuple] = {}   # a repeated block's groups: one kernel per structure
     for index, (group, nodes) in enumerate(members.items()):
         name = f"fxf_group_{index}"
-        sub, inputs, outputs = _group_module(nodes, name)
-        what = describe_group(sub)
+        graph, inputs, outputs = _group_graph(nodes)
+        what = describe_group(graph)
         start = time.perf_counter()
         try:
-            key = structural_key(sub) if REUSE_BLOCKS else None
+            key = structural_key(graph) if REUSE_BLOCKS else None
             if key in built:   # the same kernel under this group's name
                 kernel, path = built[key]
                 target = Bound(group, kernel)
             else:
-                kernel, path = table.fused(sub)
+                kernel, path = table.fused(_group_module(graph, name))
                 target = _named(kernel, group)
                 if key is not None:
                     built[key] = (kernel, path)
@@ -222,7 +229,7 @@ def _collapse_groups(gm: fx.GraphModule, table: KernelTable, choices: list[Kerne
             choices.append(KernelChoice(group, what, "eager fallback", reason,
                                         time.perf_counter() - start))
             log.warning("fxforge[%s]: %s (%s) runs op by op: %s", table.name, group, what, reason)
-            gm.add_submodule(name, sub)
+            gm.add_submodule(name, _group_module(graph, name))
             target, op = name, "call_module"
         with gm.graph.inserting_after(nodes[-1]):
             call = gm.graph.create_node(op, target, tuple(inputs))

@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-OWN_PHASES = ("capture: build IR", "freeze", "passes", "kv step", "lower")
+OWN_PHASES = ("capture: build IR", "freeze", "passes", "kv step", "lower", "graph cache: lookup",
+              "graph cache: store")
 DEFAULT_WORKLOADS = "small_gpt,hf:gpt2,hf:llama,hf:bert,smollm2,smollm2-answer"
 
 
