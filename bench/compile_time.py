@@ -2,8 +2,9 @@
 
 Each measurement is its own process, so nothing of an earlier compile stays in memory: a
 workload's model is built (not timed), then compiled and run once (timed: "compile plus first
-call"). Cold: fresh cache folders (fxforge's kernel and tuning cache, Inductor's FX-graph and
-AOTAutograd caches, Triton's); warm: a second process on the folders the cold one filled.
+call"). Cold: fresh cache folders (fxforge's kernel, tuning and graph caches, Inductor's FX-graph
+and AOTAutograd caches, Triton's); warm: a second process on the folders the cold one filled
+(fxforge's graph cache then hands it the optimized graph: no aot_autograd, no pass).
 Workloads:
 
   * ``small_gpt``: the small GPT's prefill (32 tokens);
@@ -13,8 +14,9 @@ Workloads:
     tokens (fxforge: ``fxforge.generate`` with ``kv_cache=True``; Inductor: transformers'
     ``generate`` with the forward compiled), the time to the last token.
 
-For fxforge each process also reports its own share (building the IR, freezing, passes and
-lowering, from the compile profile, ``irgraph/compile_profile.py``) of every graph it compiled.
+For fxforge each process also reports its own share (building the IR, freezing, passes, the KV
+step, lowering and the graph cache's lookup and store, from the compile profile,
+``irgraph/compile_profile.py``) of every graph it compiled.
 
     python bench/compile_time.py [--workloads small_gpt,hf:llama,smollm2,smollm2-answer]
                                  [--backends fxforge,inductor] [--threads 2] [--new-tokens 8]
