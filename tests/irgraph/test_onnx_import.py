@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fxforge.irgraph.onnx_import import OnnxImportError, import_model
+from fxforge.kernels.row_program import ROW
 from fxforge.onnx import from_onnx
 
 from tests.irgraph.onnx_cases import T, assert_matches_ort, helper, model_of, tensor
@@ -306,6 +307,43 @@ def test_shape_gather_concat_chains_fold_to_symbolic_sizes():
     for shape in [(3, 5, 4), (2, 7, 4)]:
         x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
         assert_matches_ort(model, {"x": x}, compiled)
+
+
+def _rms_norm_model() -> onnx.ModelProto:
+    """RMSNorm as exporters write it: the exponent and epsilon are 0-d initializers."""
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["var"]),
+             helper.make_node("Sqrt", ["var"], ["root"]),
+             helper.make_node("Reciprocal", ["root"], ["inv"]),
+             helper.make_node("Mul", ["x", "inv"], ["normed"]),
+             helper.make_node("Mul", ["w", "normed"], ["y"])]
+    rng = np.random.default_rng(0)
+    inits = [tensor("two", np.array(2.0, np.float32)), tensor("axes", np.array([-1], np.int64)),
+             tensor("eps", np.array(1e-5, np.float32)),
+             tensor("w", rng.standard_normal(16).astype(np.float32))]
+    return model_of(nodes, [("x", T.FLOAT, ["batch", 16])], [("y", T.FLOAT, ["batch", 16])], inits)
+
+
+def test_one_element_constants_become_literals_and_rms_norm_stays_per_row():
+    """A 0-d epsilon read as a tensor made the fused kernel take 1/sqrt per element (6x slower);
+    as a literal the whole chain is per row. Same values as ONNX Runtime either way."""
+    from fxforge.compiler import recording
+    model = _rms_norm_model()
+    module = import_model(model)
+    exported = torch.export.export(module, (torch.randn(3, 16),))
+    adds = [n for n in exported.graph.nodes if n.target == torch.ops.aten.add.Tensor]
+    assert adds and all(isinstance(n.args[1], float) for n in adds)
+    with recording() as graphs:
+        compiled = from_onnx(model)
+        x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+        assert_matches_ort(model, {"x": x}, compiled)
+    programs = [getattr(n.target, "call", n.target).program for g in graphs
+                for n in g.lowered.gm.graph.nodes if n.meta.get("fxf_kernel_group")]
+    assert programs
+    for program in programs:   # sqrt and reciprocal: once per row, not per element
+        levels = {v.op: v.level for v in program.values if v.op in ("sqrt", "reciprocal")}
+        assert levels and set(levels.values()) == {ROW}, program.signature()
 
 
 def test_the_compiled_model_does_not_guard_on_its_program(monkeypatch):
