@@ -317,16 +317,17 @@ def kernel_count(gm: fx.GraphModule) -> int:
             module = gm.get_submodule(node.target)
             inner = getattr(module, "fn", module)
             count += kernel_count(inner) if isinstance(inner, fx.GraphModule) else 1
-        elif node.op == "call_function":
+        elif node.op == "call_function" and launches(node.target):
             target = node.target
-            if target is operator.getitem or is_view_op(target) or getattr(target, "not_a_kernel", False):
-                continue
-            if isinstance(target, fx.GraphModule):
-                count += kernel_count(target)
-            elif isinstance(target, torch._ops.OpOverload) and "sym_size" in target.name():
-                continue
-            elif getattr(target, "__module__", "") in ("_operator", "operator", "math"):
-                continue
-            else:
-                count += 1
+            count += kernel_count(target) if isinstance(target, fx.GraphModule) else 1
     return count
+
+
+def launches(target: Any) -> bool:
+    """Whether a call of ``target`` in a lowered graph launches a kernel: not a ``getitem``, a
+    view, a size query, Python arithmetic on sizes or a call marked ``not_a_kernel``."""
+    if target is operator.getitem or is_view_op(target) or getattr(target, "not_a_kernel", False):
+        return False
+    if isinstance(target, torch._ops.OpOverload) and "sym_size" in target.name():
+        return False
+    return getattr(target, "__module__", "") not in ("_operator", "operator", "math")

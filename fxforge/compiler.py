@@ -103,22 +103,33 @@ class CompiledGraph:
                  weights: Sequence[torch.Tensor], cache_key: Optional[str] = None):
         """``cache_key``: the graph cache's entry for these weights, written once the first
         build's passes have run (:mod:`fxforge.graph_cache`)."""
-        self._active = _Active()
+        # captured: before freezing and passes, the eager oracle for verify
+        self._setup(captured, options, weight_positions, len(captured.placeholders()))
         self._cache_key = cache_key
-        self.captured = captured  # before freezing and passes: the eager oracle for verify
-        self.options = options
-        self.weight_positions = list(weight_positions) if options.freeze_weights else []
-        skip = set(self.weight_positions)
-        self.runtime_positions = [i for i in range(len(captured.placeholders())) if i not in skip]
-        self._weight_sets = WeightSetCache()
-        self._build_lock = threading.Lock()
         # the example's runtime inputs, kept only for passes that calibrate on them (the
         # quantizers, the attention modes that measure the heads)
         self._calibration = (_concrete([weights[i] for i in self.runtime_positions])
                              if options.lossy else None)
         frozen = [weights[i] for i in self.weight_positions]
-        self.profile = current_profile()   # where this graph's compile time went (or None)
         self._activate(self._build(frozen), frozen)
+        self._record()
+
+    def _setup(self, captured: Any, options: CompileOptions, weight_positions: Sequence[int],
+               inputs: int) -> None:
+        """The state every compiled graph keeps, before its first build."""
+        self._active = _Active()
+        self._cache_key = None
+        self._calibration = None
+        self.captured = captured
+        self.options = options
+        self.weight_positions = list(weight_positions) if options.freeze_weights else []
+        skip = set(self.weight_positions)
+        self.runtime_positions = [i for i in range(inputs) if i not in skip]
+        self._weight_sets = WeightSetCache()
+        self._build_lock = threading.Lock()
+        self.profile = current_profile()   # where this graph's compile time went (or None)
+
+    def _record(self) -> None:
         if _RECORDERS:
             _RECORDERS[-1].append(self)
 
@@ -307,18 +318,9 @@ class CachedGraph(CompiledGraph):
     def __init__(self, stored: Any, options: CompileOptions, gm: Any,
                  example_inputs: Sequence[Any], recapture: Callable[[Sequence[Any]], Callable]):
         start = time.perf_counter()
-        self._active = _Active()
-        self._cache_key = None
-        self.captured = _DynamoGraph(gm, dict(stored.info))
-        self.options = options
-        self.weight_positions = list(stored.weight_positions) if options.freeze_weights else []
-        skip = set(self.weight_positions)
-        self.runtime_positions = [i for i in range(len(example_inputs)) if i not in skip]
-        self._weight_sets = WeightSetCache()
-        self._build_lock = threading.Lock()
-        self._calibration = None
+        self._setup(_DynamoGraph(gm, dict(stored.info)), options, stored.weight_positions,
+                    len(example_inputs))
         self._recapture, self._full = recapture, None
-        self.profile = current_profile()
         weights = [example_inputs[i] for i in self.weight_positions]
         frozen = FrozenWeights(weights)
         done = compile_graph(stored.ir, options, stages=("lower",), plan=stored.plan)
@@ -326,8 +328,7 @@ class CachedGraph(CompiledGraph):
                       time.perf_counter() - start)
         self._weight_sets.put(build)
         self._activate(build, weights)
-        if _RECORDERS:
-            _RECORDERS[-1].append(self)
+        self._record()
 
     def _build(self, weights: list[torch.Tensor]) -> "Build":
         raise AssertionError("a cached graph hands calls with other weights to a full compile")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import operator
 import re
 import time
 from collections import Counter
@@ -82,15 +81,11 @@ def _shape(value: Any) -> str:
 
 
 def _is_layout(node: fx.Node) -> bool:
-    from fxforge.irgraph.query import is_view_op
+    """A call that launches nothing (what ``kernel_count`` does not count)."""
+    from fxforge.backends.kernel_lowering import launches
     if node.op == "call_method":
         return node.target in _LAYOUT_METHODS
-    if node.op == "call_function":
-        target = node.target
-        return (target is operator.getitem or is_view_op(target)
-                or getattr(target, "not_a_kernel", False)
-                or getattr(target, "__module__", "") in ("_operator", "operator", "math"))
-    return False
+    return node.op == "call_function" and not launches(node.target)
 
 
 def _op_label(node: fx.Node, choice: Any) -> str:
@@ -106,11 +101,10 @@ def _op_label(node: fx.Node, choice: Any) -> str:
     return name
 
 
-def _ir_constants(ir: Any, name: str) -> list[dict]:
-    """The constants IR node ``name`` reads (a kernel that packed them holds them itself)."""
+def _ir_constants(ir: Any, node: Optional[fx.Node]) -> list[dict]:
+    """The constants IR node ``node`` reads (a kernel that packed them holds them itself)."""
     from fxforge.irgraph.capture import WEIGHT_NAME_KEY
     from fxforge.irgraph.query import alias_root
-    node = next((n for n in ir.gm.graph.nodes if n.name == name), None) if ir is not None else None
     out = []
     for arg in node.all_input_nodes if node is not None else ():
         root = alias_root(arg)
@@ -127,6 +121,7 @@ class _Units:
     def __init__(self, gm: fx.GraphModule, choices: Sequence[Any], run: dict[str, float],
                  ir: Any = None):
         self.gm, self.run, self.ir = gm, run, ir
+        self.ir_nodes = {n.name: n for n in ir.gm.graph.nodes} if ir is not None else {}
         self.choices = {c.node: c for c in choices}
         self.units: list[dict] = []
         self.source: dict[fx.Node, tuple[Optional[int], list[str]]] = {}   # value -> (box, layout ops)
@@ -166,7 +161,8 @@ class _Units:
         choice = self.choices.get(key) if key else None
         path = choice.path if choice is not None else (
             "partition" if node.op == "call_module" else "ATen")
-        packed = _ir_constants(self.ir, key) if node.meta.get("fxf_kernel_node") else []
+        packed = (_ir_constants(self.ir, self.ir_nodes.get(key))
+                  if node.meta.get("fxf_kernel_node") else [])
         self._add(node, "kernel", key or node.name, path, choice, packed)
 
     def _add(self, node: fx.Node, kind: str, name: str, path: str, choice: Any,

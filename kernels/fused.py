@@ -89,7 +89,9 @@ class _Builder:
         return dims
 
     def _row_shaped(self, dims: list[str]) -> bool:
-        return bool(dims) and dims[-1] == "1" and self.iter_dims[-1] != "1"
+        """One value per row: a size-1 last dim, or no dims at all (a 0-d tensor, the same for
+        every row: read per element, it kept a row's arithmetic after it per element too)."""
+        return (not dims or dims[-1] == "1") and self.iter_dims[-1] != "1"
 
     def emit(self, op: str, args: tuple, dtype: torch.dtype, attr: Any = None,
              level: Optional[int] = None, ctype: Optional[str] = None) -> int:

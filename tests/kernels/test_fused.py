@@ -285,6 +285,23 @@ def test_softmax_computes_exp_once_per_element():
     check("cpp", gm, *inputs, kernel=kernel)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_0d_tensor_input_is_read_once_per_row(backend):
+    """An epsilon held as a 0-d tensor (as ONNX exporters write it) is the same for every row:
+    the ``1 / sqrt`` after it runs per row, and the contiguous fast path still applies."""
+    from fxforge.kernels.row_program import ROW
+    def rms_norm(x, eps, w):
+        return w * (x * torch.reciprocal(torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)))
+    inputs = (torch.randn(6, 24), torch.tensor(1e-5), torch.randn(24))
+    gm = group(rms_norm, *inputs)
+    program = build_program(gm)
+    levels = {v.op: v.level for v in program.values if v.op in ("sqrt", "reciprocal")}
+    assert levels and set(levels.values()) == {ROW}, program.signature()
+    kernel = check(backend, gm, *inputs)
+    if backend == "cpp":   # only the per-element inputs decide the fast path: x and w
+        assert "const bool fast = s0 == 1 && s2 == 1;" in kernel.source
+
+
 def rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
