@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from fxforge.backends.base import Backend, register_backend
 
-_NAMESPACES = ("aten", "prims", "fxforge")
+# _c10d_functional: the collectives a tensor-parallel graph calls (irgraph/collectives.py)
+_NAMESPACES = ("aten", "prims", "fxforge", "_c10d_functional")
 _PY_OK = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
           operator.truediv, operator.mod, operator.neg, operator.pow, operator.eq, operator.ne,
           operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_}

@@ -28,9 +28,12 @@ import fxforge
 from fxforge.artifact_checks import (check_graph_inputs, check_manifest, check_tuning_bundle,
                                      link_constants, read_options)
 from fxforge.compiler import check_against_eager
+from fxforge.distributed import (check_rank, finish_set, manifest_entry, rank_folder,
+                                 this_ranks_folder)
 from fxforge.errors import ArtifactError, InputSpecError, VerificationError
 from fxforge.irgraph import (SerializationError, TensorMeta, capture_export, ir_from_json,
                              ir_to_json)
+from fxforge.irgraph.collectives import rebind_group
 from fxforge.irgraph.meta import restore_example_values
 from fxforge.options import CompileOptions, parse_options
 from fxforge.orchestrate import compile_graph, tuning_session
@@ -104,7 +107,7 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
             from fxforge.kv_runtime import reference_prefill
             kv_expected = reference_prefill(step, flat_inputs, opts.max_seq_len)
     graph_text, step_text = _graph_json(ir), _graph_json(step.ir) if step is not None else None
-    out = Path(out_dir)
+    out = rank_folder(Path(out_dir), opts)   # tensor_parallel: this rank's own folder
     out.mkdir(parents=True, exist_ok=True)
     unique, aliases = _dedup_constants(_all_constants(ir, step))
     save_file(unique, str(out / WEIGHTS))
@@ -133,6 +136,7 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
         "kernels": {},  # always empty: a load generates kernels from the graph, never from source
         "kv_cache": step.to_json() if step is not None else None,
         "files": {name: _sha256(out / name) for name in shipped},
+        "tensor_parallel": manifest_entry(opts, (out / WEIGHTS).stat().st_size),
     }
     if manifest["out_spec"] is None:
         log.warning("fxforge: %s returns %s; the artifact returns its tensors as a flat tuple",
@@ -147,6 +151,7 @@ def aot_compile(model: torch.nn.Module, example_inputs: Sequence[Any], out_dir: 
     else:
         (out / TUNING).unlink(missing_ok=True)
     _check_artifact(artifact, example_inputs, flat_inputs, flat_expected, ir.info, kv_expected)
+    finish_set(Path(out_dir), opts)
     return artifact
 
 
@@ -283,8 +288,9 @@ def read_artifact(path: str | os.PathLike, check_versions: bool = True) -> Store
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    root = Path(path)
+    root = this_ranks_folder(Path(path))
     manifest, signature = _read_manifest(root)
+    group = check_rank(root, manifest)   # tensor_parallel: this rank's, and it fits
     for name, digest in manifest["files"].items():
         file = root / name
         if not file.is_file():
@@ -315,6 +321,9 @@ def read_artifact(path: str | os.PathLike, check_versions: bool = True) -> Store
         except Exception as exc:
             raise ArtifactError(f"artifact {root}: {STEP_GRAPH} cannot be rebuilt: {exc}") from exc
     check_graph_inputs(root, ir, step_ir, manifest, signature)
+    for graph_ir in (ir, step_ir) if group is not None else ():
+        if graph_ir is not None:
+            rebind_group(graph_ir, group)
     return StoredArtifact(root, manifest, signature, options, ir, step_ir)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import sympy
 
-from fxforge.errors import ArtifactError, FxforgeError
+from fxforge.errors import ArtifactError, FxforgeError, TensorParallelError
 from fxforge.irgraph.meta import META_KEY, TensorMeta
 from fxforge.irgraph.safe_parse import DTYPES, ParseError, check_name, short_repr
 from fxforge.specs import TensorSignature
@@ -130,6 +130,8 @@ def read_options(root: Path, manifest: dict):
     from fxforge.options import parse_options
     try:
         return parse_options(manifest["options"])
+    except TensorParallelError:
+        raise   # a tensor-parallel artifact loaded outside its process group: say that
     except (FxforgeError, TypeError, ValueError) as exc:
         raise ArtifactError(f"artifact {root}: manifest.json: bad options: {exc}") from None
 

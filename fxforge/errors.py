@@ -28,3 +28,8 @@ class SessionInUseError(FxforgeError, RuntimeError):
 class WeightsChangedError(FxforgeError, RuntimeError):
     """A weight changed after a quantized compile (its codes would be stale), and the compile
     did not ask to re-quantize on change (``requantize_on_change``)."""
+
+
+class TensorParallelError(FxforgeError, ValueError):
+    """A model that cannot be split over the ranks asked for (a dimension that does not divide,
+    weights that do not fit), or a tensor-parallel compile without a process group to run on."""

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from fxforge.direct_steps import DirectSteps
+from fxforge.distributed import shared_seed
 from fxforge.sessions import Session, active_session
 
 StreamCallback = Callable[[int, torch.Tensor, Sequence[int]], None]
@@ -157,7 +158,12 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
             raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens "
                              f"({max_new_tokens}) is {longest + max_new_tokens}, more than "
                              f"max_seq_len={max_seq_len}")
-    picker = _TokenPicker(sampling, seed)
+    if getattr(getattr(model, "options", None), "tensor_parallel", False) \
+            and draft is not None and draft_k == "auto":
+        raise ValueError("a tensor-parallel model decodes with a draft only at a fixed draft_k: "
+                         "draft_k='auto' follows each rank's own wall time, and ranks that "
+                         "draft different lengths run different collectives")
+    picker = _TokenPicker(sampling, shared_seed(seed, model) if sampling.do_sample else seed)
     start = time.perf_counter()
     with torch.no_grad(), _decoding_session(session):
         grouped = _groups(prompts, kind)

@@ -116,8 +116,8 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence[Any], weight_indices:
     from fxforge.autotune.cache import current_versions
     from fxforge.kernels.cpu_isa import cpu_features
     from fxforge.kernels.content_digest import tensor_digest
-    if options.lossy or not enabled():
-        return None
+    if options.lossy or options.tensor_parallel or not enabled():
+        return None   # tensor_parallel: the graph is this rank's, its collectives this process's
     specs = [_input_spec(value) for value in example_inputs]
     if any(spec is None for spec in specs):
         return None

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from fxforge.draft_length import MAX_K
+from fxforge.irgraph.collectives import has_collectives
 from fxforge.irgraph.meta import META_KEY, SymMeta
 from fxforge.options import CompileOptions
 from fxforge.sessions import StatePool, active_session
@@ -64,7 +65,10 @@ class IncrementalDecoder:
         self.plan, self.step, self.full, self.max_seq_len = plan, step, full, max_seq_len
         self.backend = getattr(step, "backend", None)
         self.no_rollback = rollback_blocker(plan)   # None: a diverging call may roll back
-        self.replay = replay and self.backend in {b for b, _ in RECORDERS}
+        # A replay copies each recorded op's result as the op returns; a collective's result
+        # is complete only at its wait, and every rank must run the same steps: not replayed.
+        self.replay = replay and self.backend in {b for b, _ in RECORDERS} \
+            and not has_collectives(plan.ir.gm)
         placeholders = plan.ir.placeholders()[:_original_inputs(plan)]
         self.size_inputs = [i for i, p in enumerate(placeholders)
                             if isinstance(p.meta.get(META_KEY), SymMeta)

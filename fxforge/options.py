@@ -27,6 +27,7 @@ class CompileOptions:
     passes: Optional[tuple] = None  # explicit pass pipeline (names), replacing the default
     backend: str = "auto"         # "auto" (Triton on GPUs, cpu otherwise), "cpu", "triton", "reference"
     freeze_weights: bool = True   # weights become compile-time constants (re-frozen if they change)
+    tensor_parallel: Any = False  # True or a world size: shard over the torch.distributed group (passes/tensor_parallel.py)
 
     @property
     def lossy(self) -> bool:
@@ -93,6 +94,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, **more: Any) -> C
         if key in merged and not isinstance(merged[key], bool):
             raise OptionsError(f"option {key} must be True or False, got {merged[key]!r}")
     _check_kv_cache_dtype(merged)
+    _check_tensor_parallel(merged)
     return CompileOptions(**merged)
 
 
@@ -118,6 +120,33 @@ def _check_prune(merged: dict) -> None:
                            "CPU kernel gains from it; prune whole MLP channels or layers instead")
     raise OptionsError(f"option prune={merged['prune']!r}: 2:4 semi-structured sparsity is not "
                        "lowered by fxforge's Triton backend yet (the GPU kernels issue)")
+
+
+# quantize roundings and schemes that run the graph on calibration inputs while compiling
+_CALIBRATING = (":gptq", "auto", "w8a8")
+
+
+def _check_tensor_parallel(merged: dict) -> None:
+    """``tensor_parallel``: False, True (the process group's world size) or that size; checked
+    against the process group now, so a script launched without torchrun fails here."""
+    value = merged.get("tensor_parallel", False)
+    if value is False:
+        return
+    if value is not True and (type(value) is not int or value < 1):
+        raise OptionsError(f"option tensor_parallel must be True, False or a world size (a "
+                           f"positive integer), got {value!r}")
+    for other in ("prune", "attention"):
+        if merged.get(other):
+            raise OptionsError(f"option tensor_parallel cannot be combined with {other}="
+                               f"{merged[other]!r}: both choose which heads a graph holds")
+    for _, scheme in merged.get("quantize") or ():
+        if any(mark in scheme for mark in _CALIBRATING):
+            raise OptionsError(f"option tensor_parallel with quantize scheme {scheme!r}: it "
+                               "calibrates by running the graph while compiling, which would "
+                               "run collectives then; use int8 or int4 (rtn or mse rounding)")
+    from fxforge.passes.tensor_parallel import current_mesh
+    mesh = current_mesh(value)
+    merged["tensor_parallel"] = mesh.world if mesh.world > 1 else False
 
 
 def _check_kv_cache_dtype(merged: dict) -> None:

@@ -20,6 +20,10 @@ its results from its arguments and does nothing else:
   distributed autograd context's gradients);
 * it is not ``from_file``, which reads any file into a tensor a caller gets back.
 
+The collectives of a tensor-parallel graph (:data:`COLLECTIVE_OPS`: all_reduce, all_gather
+and their wait) are named one by one: they send and receive, which is what they are for, over
+the process group the loader binds them to (``fxforge/distributed.py``).
+
 Ops that only read process state (``_cufft_get_plan_cache_size``) pass, and sampling ops draw
 from the global generator as the model does when run eagerly. Anything else is a
 :class:`SerializationError` naming the node. Besides:
@@ -42,6 +46,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from fxforge.irgraph.collectives import COLLECTIVES, WAIT
 from fxforge.irgraph.fusion import GROUP_KEY
 from fxforge.irgraph.graph import IRGraph, op_name
 from fxforge.irgraph.meta import META_KEY, SymMeta, TensorMeta
@@ -54,6 +59,9 @@ FORMAT_VERSION = 1
 # torch.ops namespaces a stored graph may call: ATen, and fxforge's own ops (irgraph/ops.py).
 # (No IR fxforge builds holds a prims op: capture decomposes to ATen.)
 OP_NAMESPACES = ("aten", "fxforge")
+# A tensor-parallel graph's collectives and their waits, by name: no other op of their
+# namespace loads (``_c10d_functional`` also holds ops that reach other groups' state).
+COLLECTIVE_OPS = {op_name(op): op for op in (*COLLECTIVES, WAIT)}
 # Ops that return nothing yet belong in a graph: the checks export writes (see the docstring).
 CHECK_OPS = {"aten::_assert_async", "aten::_assert_scalar", "aten::_assert_tensor_metadata",
              "aten::sym_constrain_range", "aten::sym_constrain_range_for_size"}
@@ -168,6 +176,8 @@ def resolve_target(name: str) -> Any:
         raise SerializationError(f"bad op name {short_repr(name)}")
     if name in PYTHON_CALLABLES:
         return PYTHON_CALLABLES[name]
+    if name in COLLECTIVE_OPS:   # a load rebinds their group to its own (collectives.py)
+        return COLLECTIVE_OPS[name]
     parts = name.split(".")
     if len(parts) != 3 or parts[0] not in OP_NAMESPACES or \
             not all(p.isidentifier() for p in parts) or parts[2].startswith("__"):

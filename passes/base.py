@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+from fxforge.errors import FxforgeError
 from fxforge.irgraph import IRGraph, verify
 from fxforge.irgraph.compile_profile import phase, record
 
@@ -36,6 +37,9 @@ class Pass:
     name: str
     fn: Callable[[IRGraph], PassResult]
     doc: str = ""
+    # A required pass's failure is the compile's: it is never skipped (tensor parallelism:
+    # a rank that ran without it would hold the whole model and call no collective).
+    required: bool = False
 
     def __call__(self, ir: IRGraph) -> PassResult:
         return self.fn(ir)
@@ -139,7 +143,9 @@ class PassManager:
         except Exception as exc:
             done = [s.name for s in history]
             msg = f"pass {p.name!r} failed after [{', '.join(done)}]: {type(exc).__name__}: {exc}"
-            if self.strict:
+            if p.required and isinstance(exc, FxforgeError):
+                raise
+            if self.strict or p.required:
                 raise PassError(msg) from exc
             log.warning("%s; running the pipeline again from its input without it", msg)
             return PassStats(p.name, {}, time.perf_counter() - start, before, before, msg)

@@ -40,6 +40,10 @@ def default_pipeline(options: Mapping[str, Any],
         from fxforge.passes.prune import prune_pass
         from fxforge.passes.prune_spec import parse_prune
         front.insert(front.index("cse") + 1, prune_pass(parse_prune(options["prune"])))
+    if options.get("tensor_parallel"):   # first too: every later pass sees this rank's shard
+        from fxforge.passes.tensor_parallel import current_mesh, tensor_parallel_pass
+        front.insert(front.index("cse") + 1, tensor_parallel_pass(current_mesh(
+            options["tensor_parallel"])))
     if options.get("attention"):   # on the fused attention, before anything reads its sites
         from fxforge.passes.attention_modes import attention_pass
         front.insert(front.index("fuse_attention") + 1, attention_pass(options["attention"]))

@@ -50,7 +50,7 @@ def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
     the same weights give the same choice), so every graph dynamo makes of one model (the first
     call's static shape, the dynamic one after it, a draft) prunes the same parts."""
     choice = measured_once(ir, ("prune", str(spec)), lambda: _choose(ir, spec))
-    constants_before = _constant_bytes(ir)
+    constants_before = constant_bytes(ir)
     report: dict = {"spec": str(spec), "layers": [], "heads": [], "mlp": [], "declined": {},
                     "heads_declined": {}}
     if choice["blocks"]:
@@ -62,10 +62,10 @@ def prune(ir: IRGraph, spec: PruneSpec) -> PassResult:
     if spec.mlp:
         report["mlp"], report["declined"] = apply_mlps(ir, choice["mlp"])
         ir.gm.graph.eliminate_dead_code()
-    _drop_unused_constants(ir)
+    drop_unused_constants(ir)
     hoist_get_attrs(ir.gm.graph)   # the new weights join the constants at the top
     report["bytes_before"] = constants_before
-    report["bytes_after"] = _constant_bytes(ir)
+    report["bytes_after"] = constant_bytes(ir)
     ir.info["prune"] = report
     for name, why in report["declined"].items():
         log.debug("prune: linear %s is not an MLP's down projection: %s", name, why)
@@ -144,18 +144,22 @@ def _named_sizes(ir: IRGraph, prefix: str) -> dict:
     return {"weights_saved": count, "bytes_saved": size}
 
 
-def _constant_bytes(ir: IRGraph) -> int:
+def constant_bytes(ir: IRGraph) -> int:
+    """Bytes of the constants ``ir`` reads, each storage counted once (tied weights)."""
     seen, total = set(), 0
     for node in ir.gm.graph.nodes:
-        if node.op == "get_attr" and node.target not in seen:
-            seen.add(node.target)
+        if node.op == "get_attr":
             value = getattr(ir.gm, node.target)
-            if isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor):
+                continue
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.numel())
+            if key not in seen:
+                seen.add(key)
                 total += value.numel() * value.element_size()
     return total
 
 
-def _drop_unused_constants(ir: IRGraph) -> None:
+def drop_unused_constants(ir: IRGraph) -> None:
     """Pruned-away weights leave the module too (else the IR would hold both copies)."""
     used = {n.target for n in ir.gm.graph.nodes if n.op == "get_attr"}
     for name in [n for n in ir.gm._buffers if n not in used]:

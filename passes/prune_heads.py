@@ -115,6 +115,15 @@ def apply_heads(ir: IRGraph, choices: list[HeadChoice]) -> tuple[list, dict]:
     return rows, declined
 
 
+def plan_problem(site: HeadSite, keep: torch.Tensor) -> Optional[str]:
+    """Why keeping the kv groups ``keep`` of ``site`` cannot be planned, or None."""
+    try:
+        _plan(site, keep)
+    except (Decline, NotTracked) as exc:
+        return str(exc)
+    return None
+
+
 def _sizes_saved(ir: IRGraph, site: HeadSite, weights: int) -> dict:
     size = weight_value(ir, LinearOperands.of(site.consumer).weight).element_size()
     return {"weights_saved": weights, "bytes_saved": weights * size}

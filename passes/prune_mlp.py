@@ -172,11 +172,11 @@ def slice_linear(ir: IRGraph, node: fx.Node, columns: Optional[torch.Tensor] = N
     if delta is not None:
         bias = delta if bias is None else bias + delta
     new_bias = ir.add_constant("pruned_bias", bias.contiguous(), node) if bias is not None else None
-    _set_operands(ir, node, new_weight, new_bias)
+    set_operands(ir, node, new_weight, new_bias)
     return weight.numel() - sliced.numel()
 
 
-def _set_operands(ir: IRGraph, node: fx.Node, weight: fx.Node, bias: Optional[fx.Node]) -> None:
+def set_operands(ir: IRGraph, node: fx.Node, weight: fx.Node, bias: Optional[fx.Node]) -> None:
     if (lin := Linear.of(node)) is not None:
         lin.replace(weight=weight, bias=bias)
     elif (addmm := Addmm.of(node)) is not None:

@@ -83,20 +83,21 @@ def weight_name(node: fx.Node) -> str:
 def channel_groups(ir: IRGraph) -> tuple[list[ChannelGroup], dict[str, str]]:
     """Every MLP hidden space of ``ir`` and, per linear that is not one, why (for the log)."""
     groups, declined = [], {}
+    memo: dict = {}   # is_weight's answers, shared by every walk (each would cover the graph)
     for node in ir.gm.graph.nodes:
         lin = LinearOperands.of(node)
-        if lin is None or not is_weight(lin.weight):
+        if lin is None or not is_weight(lin.weight, memo):
             continue
         try:
-            groups.append(_group_of(node, lin))
+            groups.append(_group_of(node, lin, memo))
         except NotAGroup as exc:
             declined[node.name] = str(exc)
     return groups, declined
 
 
-def _group_of(down: fx.Node, lin: LinearOperands) -> ChannelGroup:
+def _group_of(down: fx.Node, lin: LinearOperands, memo: dict) -> ChannelGroup:
     width = _last_dim(lin.x)
-    tracer = _Tracer(width)
+    tracer = _Tracer(width, memo)
     tracer.trace(lin.x, 0)
     if not tracer.producers:
         raise NotAGroup("no producing linear")
@@ -117,8 +118,8 @@ def _group_of(down: fx.Node, lin: LinearOperands) -> ChannelGroup:
 class _Tracer:
     """Walks back from ``down``'s input, mapping each tensor's channel 0 to a producer channel."""
 
-    def __init__(self, width: int):
-        self.width = width
+    def __init__(self, width: int, memo: dict):
+        self.width, self.memo = width, memo
         self.producers: dict[fx.Node, set[int]] = {}
         self.region: list[fx.Node] = []
         self.constants: list[tuple[fx.Node, int]] = []
@@ -165,7 +166,7 @@ class _Tracer:
             meta = tensor_meta(arg)
             if meta is None or meta.is_static and int(meta.numel()) == 1:
                 continue   # a scalar (a 0-d tensor, a one-element constant)
-            if is_weight(arg):
+            if is_weight(arg, self.memo):
                 if meta.shape[-1] == 1 or _last_dim(arg) != self.width:
                     raise NotAGroup(f"{node.name} mixes the channels with {arg.name}")
                 self.constants.append((node, index))
