@@ -64,6 +64,7 @@ bench: $(STAMP) browser
 	OMP_NUM_THREADS=2 $(PY) bench/onnx_import.py --threads 2
 	OMP_NUM_THREADS=2 $(PY) bench/onnx_export.py
 	OMP_NUM_THREADS=2 $(PY) bench/compile_time.py --threads 2
+	OMP_NUM_THREADS=1 $(PY) bench/tensor_parallel.py --json .bench/tensor_parallel.json
 
 # Issue 17's side-by-side: quantized SmolLM2 against llama.cpp, ONNX Runtime and torchao in the
 # same runs (installs the peers: llama-cpp-python builds from source, minutes).

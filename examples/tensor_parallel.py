@@ -44,12 +44,13 @@ def main(argv=None) -> int:
         model, tokenizer = load_smollm2(progress=False)
         ids = chat_prompt(tokenizer, args.question)
         model = LogitsOnly(model)
-        expected = fxforge.generate(model, ids, args.new_tokens)   # eager, the whole model
+        stop = tokenizer.eos_token_id
+        expected = fxforge.generate(model, ids, args.new_tokens, stop_tokens=stop)   # eager, whole
         try:
             with recording() as graphs:
                 compiled = fxforge.compile(model, tensor_parallel=True,
                                            kv_cache=True, quantize=args.quantize)
-                tokens = fxforge.generate(compiled, ids, args.new_tokens)
+                tokens = fxforge.generate(compiled, ids, args.new_tokens, stop_tokens=stop)
         except fxforge.FxforgeError as exc:
             if rank == 0:
                 print(f"fxforge: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from fxforge.backend_entry import backend_for
+from fxforge.errors import FxforgeError
 from fxforge.options import parse_options
 
 
@@ -26,7 +27,13 @@ class CompiledModule(torch.nn.Module):
         if self._length_dynamic and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
             torch._dynamo.maybe_mark_dynamic(args[0], 1)
         with torch.no_grad():
-            return self._compiled(*args, **kwargs)
+            try:
+                return self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                inner = getattr(exc, "inner_exception", None)
+                if isinstance(inner, FxforgeError):   # a user error: no dynamo traceback
+                    raise inner.with_traceback(None) from None
+                raise
 
 
 def compile(model: torch.nn.Module, example_inputs: Sequence[Any] = (), *,

@@ -45,6 +45,8 @@ def fxforge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     except Exception as exc:
         if _is_dynamo_restart(exc) or (_strict() and _is_fxforge_bug(exc)):
             raise
+        if opts.tensor_parallel:   # eager here would be the whole model on this rank alone,
+            raise                  # while the others wait in a collective: never fall back
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         log.warning("fxforge: could not compile a graph of %d nodes (%s: %s); it runs eagerly",
                     len(gm.graph.nodes), type(exc).__name__, first[:300])

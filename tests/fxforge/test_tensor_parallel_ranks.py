@@ -77,6 +77,12 @@ def test_quantized_shards_match_the_format_compiled_in_one_process(runs, scheme)
         assert rank["tokens"] == rank["single_process_tokens"] == rank["eager_tokens"]
 
 
+def test_a_model_that_does_not_split_is_an_error_on_every_rank(runs):
+    for rank in runs["compile"]:
+        assert rank["uneven"].startswith("TensorParallelError: attention ")
+        assert "3 key/value heads (6 query heads) cannot be split evenly over 2 ranks" in rank["uneven"]
+
+
 def test_explain_shows_the_collectives(runs):
     text = runs["compile"][0]["explain"]
     assert "all_reduce" in text and "all_gather" in text

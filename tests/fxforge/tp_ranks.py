@@ -83,6 +83,13 @@ def phase_compile(out: Path) -> dict:
     results = {name: check_model(name) for name in ("small_gpt", "llama", "qwen2")}
     for scheme in ("int4:g32", "int8"):
         results[f"llama {scheme}"] = check_model("llama", quantize=scheme)
+    uneven = hf_models.LogitsOnly(hf_models.build("llama", num_attention_heads=6,
+                                                  num_key_value_heads=3, hidden_size=96))
+    try:   # the pass's error reaches the caller: no eager fallback, no dynamo traceback
+        fxforge.compile(uneven, tensor_parallel=True)(PROMPT)
+        results["uneven"] = "compiled"
+    except fxforge.FxforgeError as exc:
+        results["uneven"] = f"{type(exc).__name__}: {exc}"
     explained = fxforge.explain(model_for("qwen2"), (PROMPT,), tensor_parallel=True)
     results["explain"] = str(explained)
     model = model_for("big_llama")
