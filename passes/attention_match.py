@@ -277,6 +277,11 @@ def _unrepeat(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     if node.target is not aten.expand.default:
         return None
     expanded, src = _meta(node), _meta(_input(node))
+    if expanded.rank == 4 and src is not None and src.rank == 4 and src.shape[1] == 1 \
+            and src.shape[0] == expanded.shape[0] and src.shape[2:] == expanded.shape[2:]:
+        # one kv head broadcast to every query head (repeat_kv of a single head, whose
+        # reshape folded away): multi-query attention, grouped with Hkv = 1
+        return _input(node), expanded.shape[1]
     if expanded.rank != 5 or src is None or src.rank != 5 or src.shape[2] != 1 or \
             src.shape[:2] != expanded.shape[:2] or src.shape[3:] != expanded.shape[3:]:
         return None

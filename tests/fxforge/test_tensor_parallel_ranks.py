@@ -60,6 +60,8 @@ def test_two_ranks_give_eager_logits_and_greedy_tokens_through_the_kv_cache(runs
         assert len(report["attention"]) == 2 and len(report["mlp"]) == 2, report
         assert report["embeddings"] and report["lm_heads"] and not report["replicated"]
         assert report["bytes_after"] <= 0.55 * report["bytes_before"], report
+        # the KV cache holds this rank's heads: half of the small GPT's 4, one of 2 kv heads
+        assert rank["cache_heads"] == [2 if model == "small_gpt" else 1]
     # every rank decodes the same tokens, sampled ones included (one seed for all)
     assert ranks[0]["tokens"] == ranks[1]["tokens"] and ranks[0]["sampled"] == ranks[1]["sampled"]
 

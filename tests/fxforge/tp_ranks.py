@@ -69,7 +69,9 @@ def check_model(name: str, **options) -> dict:
     result = {"max_diff_vs_eager": (logits - eager).abs().max().item(),
               "eager_scale": eager.abs().max().item(),
               "tokens": tokens.tolist(), "eager_tokens": eager_tokens.tolist(),
-              "sampled": sampled.tolist(), "report": _report(graphs)}
+              "sampled": sampled.tolist(), "report": _report(graphs),
+              "cache_heads": sorted({c.heads for g in graphs if g.kv is not None
+                                     for c in g.kv.plan.caches})}
     if reference is not None:
         with torch.no_grad():
             single = reference(PROMPT)
