@@ -1,6 +1,7 @@
 """Helpers for testing compiled models against eager PyTorch (used by fxforge's own tests)."""
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -42,3 +43,24 @@ def assert_close_to_sum(actual: torch.Tensor, expected: torch.Tensor, magnitude:
     bad = (actual - expected).abs() > tol
     assert not bad.any(), f"{what}: {int(bad.sum())} outputs off, max error " \
                           f"{(actual - expected).abs().max().item():.3g}"
+
+
+def run_in_threads(jobs) -> None:
+    """Run each job in its own thread, all released at once; re-raise the first error a thread
+    met (an exception or a failed assert inside a thread fails the test, not just that thread)."""
+    errors = []
+    start = threading.Barrier(len(jobs))
+
+    def run(job):
+        try:
+            start.wait(60)
+            job()
+        except BaseException as exc:  # noqa: BLE001  (handed to the test's thread)
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

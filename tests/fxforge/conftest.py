@@ -1,41 +1,19 @@
 """Fixtures shared by the KV-cache session tests (a tiny GPT and its ``kv_cache`` artifact), and
 the ``run_threads`` fixture for the tests that call one compiled module from several threads."""
-import threading
-
 import pytest
 import torch
 
 import fxforge
 from fxforge.examples.small_gpt import make_model
+from fxforge.testing import run_in_threads
 
 TINY_GPT = dict(seed=1, n_layer=2, n_embd=64, n_head=2)   # a decode step is ~1 ms
-
-
-def _run_threads(jobs):
-    """Run each job in its own thread, all released at once; re-raise the first error a thread
-    met (an exception or a failed assert inside a thread fails the test, not just that thread)."""
-    errors = []
-    start = threading.Barrier(len(jobs))
-
-    def run(job):
-        try:
-            start.wait(60)
-            job()
-        except BaseException as exc:  # noqa: BLE001  (handed to the test's thread)
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture
 def run_threads():
     """``run_threads(jobs)``: each job in its own thread; the first error a thread met raised."""
-    return _run_threads
+    return run_in_threads
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from fxforge.irgraph.collectives import ALL_GATHER, ALL_REDUCE, WAIT, rebind_gro
 from fxforge.irgraph.serialize import SerializationError, resolve_target
 from fxforge.passes import PassManager
 from fxforge.passes.tensor_parallel import Mesh, check_fits, tensor_parallel_pass
+from fxforge.testing import assert_close_to_eager, run_in_threads
 from tests.passes.helpers import fresh_generator
 
 
@@ -62,22 +63,16 @@ class _Rank(torch.fx.Interpreter):
 
 
 def _run_ranks(ranks: list, inputs: tuple) -> list:
-    meeting, outputs, errors = _Meeting(len(ranks)), [None] * len(ranks), []
+    meeting, outputs = _Meeting(len(ranks)), [None] * len(ranks)
 
     def run(rank):
         try:
             with torch.no_grad():
                 outputs[rank] = _Rank(ranks[rank], meeting, rank).run(*inputs)
-        except Exception as exc:   # pragma: no cover - reported below
-            errors.append(exc)
-            meeting.barrier.abort()
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(ranks))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+        except BaseException:
+            meeting.barrier.abort()   # the other ranks stop waiting for this one
+            raise
+    run_in_threads([functools.partial(run, r) for r in range(len(ranks))])
     return outputs
 
 
@@ -118,7 +113,7 @@ def test_ranks_together_compute_the_whole_model(name, world):
     ranks = _sharded(model, inputs, world)
     outputs = [_first(o) for o in _run_ranks(ranks, inputs)]
     for out in outputs:
-        torch.testing.assert_close(out, expected, rtol=1.3e-5, atol=1e-5)
+        assert_close_to_eager(out, expected)
     report = ranks[0].info["tensor_parallel"]
     assert len(report["attention"]) == 2 and len(report["mlp"]) == 2
     assert len(report["embeddings"]) == 1 and len(report["lm_heads"]) == 1
@@ -173,7 +168,7 @@ def test_multi_query_attention_stays_whole_with_its_reason_and_the_rest_is_shard
     assert all("multi-query" in why for why in report["replicated"].values())
     assert len(report["mlp"]) == 2
     for out in _run_ranks(ranks, inputs):
-        torch.testing.assert_close(_first(out), expected, rtol=1.3e-5, atol=1e-5)
+        assert_close_to_eager(_first(out), expected)
 
 
 def test_weights_that_do_not_fit_name_the_world_size_that_would():
