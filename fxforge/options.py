@@ -135,6 +135,9 @@ def _check_tensor_parallel(merged: dict) -> None:
     if value is not True and (type(value) is not int or value < 1):
         raise OptionsError(f"option tensor_parallel must be True, False or a world size (a "
                            f"positive integer), got {value!r}")
+    if merged.get("freeze_weights") is False:
+        raise OptionsError("option tensor_parallel needs freeze_weights=True: the pass splits "
+                           "the weights the compile froze into this rank's shards")
     for other in ("prune", "attention"):
         if merged.get(other):
             raise OptionsError(f"option tensor_parallel cannot be combined with {other}="

@@ -184,6 +184,8 @@ def test_options_say_what_is_missing_or_conflicting():
         fxforge.parse_options(tensor_parallel="two")
     with pytest.raises(OptionsError, match="prune"):
         fxforge.parse_options(tensor_parallel=True, prune="mlp:0.25")
+    with pytest.raises(OptionsError, match="freeze_weights=True"):
+        fxforge.parse_options(tensor_parallel=True, freeze_weights=False)
     with pytest.raises(OptionsError, match="calibrates"):
         fxforge.parse_options(tensor_parallel=True, quantize="int4:gptq")
     assert fxforge.parse_options().tensor_parallel is False
