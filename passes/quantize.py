@@ -59,6 +59,9 @@ _SCHEMES = {"int8": "int8_channel", "int4": "int4_g32", "int4:g32": "int4_g32",
 # nearest at int4 g32 and g64, and matched it at int8 for 3x the compile time (bench/RESULTS.md):
 # round to nearest is the default until a rounding measures better on real text
 DEFAULT_ROUNDING = {"int8": "rtn", "int4": "rtn"}
+# On a weight constant: the whole ``[N, K]`` weight whose input features (K) it is a slice of
+# (a row-parallel linear's shard: passes/tensor_parallel.py), for per-row quantization scales.
+WHOLE_ROWS_KEY = "fxforge_whole_rows"
 GGUF = "gguf"   # "gguf:PATH": the file's own blocks (irgraph/gguf.py), bit-exact
 AUTO = "auto"   # a format per linear within ``accuracy_budget`` (passes/quantize_auto.py)
 Rules = tuple[tuple[str, str], ...]   # (name pattern, "format:rounding" or SKIP), first match wins
@@ -162,12 +165,15 @@ def add_transposed(ir: IRGraph, name: str, value_nk: torch.Tensor, before: fx.No
 
 
 def _encode(weight_nk: torch.Tensor, scheme: str, name: str, calibrated: Any = None,
-            regrouped: Optional[list] = None) -> Optional[tuple]:
+            regrouped: Optional[list] = None, whole_nk: Optional[torch.Tensor] = None
+            ) -> Optional[tuple]:
     """(format, codes, scales, offsets) in ``[N, ...]`` orientation for ``scheme``, or None (the
     linear stays fp32; the reason is logged). ``calibrated``: what the scheme measured on the
     calibration inputs: the input Hessian for ``gptq`` rounding, a ``W8A8Choice`` for ``w8a8``.
     A group that does not divide K falls back to one that does: noted in ``regrouped`` as
-    (name, K, group, used) for one summary line, else logged here."""
+    (name, K, group, used) for one summary line, else logged here. ``whole_nk``: the whole rows
+    of a tensor-parallel shard (:data:`WHOLE_ROWS_KEY`): per-channel int8 scales come from them
+    (int4 groups lie within a shard already)."""
     if scheme.startswith(GGUF + ":"):
         found = open_blocks(scheme[len(GGUF) + 1:]).find(weight_nk)
         if found is None:
@@ -184,7 +190,7 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str, calibrated: Any = N
     if fmt == "int8_channel":
         if rounding == "gptq":
             return (fmt, *gptq_quantize(weight_nk, calibrated, None), None)
-        return (fmt, *quantize_int8_channel(weight_nk, rounding, name), None)
+        return (fmt, *quantize_int8_channel(weight_nk, rounding, name, whole_nk), None)
     group = int(fmt.split("_g")[1])
     k = weight_nk.shape[1]
     if k % group:
@@ -210,8 +216,9 @@ def _encode(weight_nk: torch.Tensor, scheme: str, name: str, calibrated: Any = N
 def _quantize_linear(ir: IRGraph, linear: Linear, scheme: str, name: str,
                      calibrated: Any, regrouped: list) -> Optional[str]:
     """Give ``linear`` its quantized weight; the format used, or None if it stays fp32."""
-    value, _ = weight_constant(ir, linear.weight)
-    encoded = _encode(value.t(), scheme, name, calibrated, regrouped)
+    value, const = weight_constant(ir, linear.weight)
+    encoded = _encode(value.t(), scheme, name, calibrated, regrouped,
+                      const.meta.get(WHOLE_ROWS_KEY))
     if encoded is None:
         return None
     fmt, codes, scales, offsets = encoded

@@ -117,13 +117,18 @@ def check_quantizable(weight_nk: torch.Tensor, name: str, group: Optional[int]) 
         raise QuantizeError(f"{name}: weights beyond the fp16 range of the scales")
 
 
-def quantize_int8_channel(weight_nk: torch.Tensor, rounding: str = "mse",
-                          name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] -> (int8 codes [N, K], fp16 scales [N, 1])."""
+def quantize_int8_channel(weight_nk: torch.Tensor, rounding: str = "mse", name: str = "weight",
+                          whole_nk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (int8 codes [N, K], fp16 scales [N, 1]). ``whole_nk``: the rows ``weight_nk``
+    is a slice of (``[N, K_whole]``, a tensor-parallel shard's): the scales are the whole rows',
+    so the shard's codes are exactly those of the whole weight's quantization."""
     check_quantizable(weight_nk, name, None)
     codes, scales = [], []
-    for rows in weight_nk.detach().float().split(_ROW_CHUNK):
-        c, s = _best(rows, _int8_candidate, rounding)
+    chunks = whole_nk.detach().float().split(_ROW_CHUNK) if whole_nk is not None else None
+    for index, rows in enumerate(weight_nk.detach().float().split(_ROW_CHUNK)):
+        c, s = _best(rows if chunks is None else chunks[index], _int8_candidate, rounding)
+        if chunks is not None:
+            c = int8_codes(rows, s)
         codes.append(c.to(torch.int8))
         scales.append(s.to(torch.float16))
     return torch.cat(codes), torch.cat(scales)

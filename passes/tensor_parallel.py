@@ -48,7 +48,7 @@ from fxforge.passes.prune_heads import HeadChoice, apply_heads, plan_problem
 from fxforge.passes.prune_mlp import (MlpChoice, apply_mlps, set_operands, slice_linear,
                                       weight_value)
 from fxforge.passes.prune_sites import channel_groups, is_plain_linear, weight_name
-from fxforge.passes.quantize import add_transposed
+from fxforge.passes.quantize import WHOLE_ROWS_KEY, add_transposed, weight_constant
 
 log = logging.getLogger("fxforge.passes.tensor_parallel")
 aten = torch.ops.aten
@@ -125,11 +125,12 @@ def _shard_attention(ir: IRGraph, mesh: Mesh, replicated: dict) -> list[str]:
         else:
             sharded.append((site, share))
         choices.append(HeadChoice(keep if problem is None else None, why=problem or ""))
+    whole = [_weight(ir, site.consumer) for site, _ in sharded]
     apply_heads(ir, choices)
-    for site, share in sharded:
+    for (site, share), weight in zip(sharded, whole):
         if share > 1:
             _own_query_heads(ir, site.consumer, mesh.rank % share, share)
-        _row_parallel(ir, site.consumer, mesh)
+        _row_parallel(ir, site.consumer, mesh, weight)
     ir.gm.graph.eliminate_dead_code()
     return [site.name for site, _ in sharded]
 
@@ -178,20 +179,27 @@ def _shard_mlps(ir: IRGraph, mesh: Mesh) -> list[str]:
         per = group.width // mesh.world
         choices.append(MlpChoice(group.name, torch.arange(mesh.rank * per, (mesh.rank + 1) * per),
                                  None, None))
+    whole = [_weight(ir, group.down) for group in groups]
     apply_mlps(ir, choices)
-    for group in groups:
-        _row_parallel(ir, group.down, mesh)
+    for group, weight in zip(groups, whole):
+        _row_parallel(ir, group.down, mesh, weight)
     ir.gm.graph.eliminate_dead_code()
     return [group.name for group in groups]
 
 
-def _row_parallel(ir: IRGraph, node: fx.Node, mesh: Mesh) -> None:
+def _row_parallel(ir: IRGraph, node: fx.Node, mesh: Mesh, whole_kn: torch.Tensor) -> None:
     """``node`` now computes this rank's partial sum: its bias stays on rank 0 only, and its
-    readers read the sum over the ranks."""
+    readers read the sum over the ranks. ``whole_kn``: its weight before the split, kept for
+    quantization (a per-row scale is the whole row's, as in one process)."""
     lin = LinearOperands.of(node)
+    weight_constant(ir, lin.weight)[1].meta[WHOLE_ROWS_KEY] = whole_kn.t()
     if lin.bias is not None and mesh.rank != 0:
         node = _without_bias(ir, node, lin)
     insert_all_reduce(ir, node, mesh.group)
+
+
+def _weight(ir: IRGraph, node: fx.Node) -> torch.Tensor:
+    return weight_value(ir, LinearOperands.of(node).weight)
 
 
 def _without_bias(ir: IRGraph, node: fx.Node, lin: LinearOperands) -> fx.Node:

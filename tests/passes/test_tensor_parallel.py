@@ -202,3 +202,15 @@ def test_a_sharded_graph_is_stored_with_its_collectives_and_rebound_on_load():
     # only the collectives and their wait load from their namespace
     with pytest.raises(SerializationError, match="broadcast"):
         resolve_target("_c10d_functional.broadcast.default")
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "mse"])
+def test_a_row_parallel_shard_is_quantized_with_its_whole_rows_scales(rounding):
+    from fxforge.passes.quantize_math import quantize_int8_channel
+    whole = torch.randn(48, 64, generator=fresh_generator())
+    codes, scales = quantize_int8_channel(whole, rounding)
+    for start in (0, 32):   # each rank's half of the input features
+        piece_codes, piece_scales = quantize_int8_channel(whole[:, start:start + 32], rounding,
+                                                          whole_nk=whole)
+        assert torch.equal(piece_scales, scales)
+        assert torch.equal(piece_codes, codes[:, start:start + 32])
