@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 import fxforge
 from fxforge.artifact_checks import (check_graph_inputs, check_manifest, check_tuning_bundle,
-                                     link_constants, read_options)
+                                     link_constants, load_weights, read_options)
 from fxforge.compiler import check_against_eager
 from fxforge.distributed import (check_rank, finish_set, manifest_entry, rank_folder,
                                  this_ranks_folder)
@@ -286,7 +286,6 @@ def read_artifact(path: str | os.PathLike, check_versions: bool = True) -> Store
     """Read and check an artifact's files (hashes, versions, options, graphs); ArtifactError
     naming any problem. The graphs are rebuilt with their weights but not lowered."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     root = this_ranks_folder(Path(path))
     manifest, signature = _read_manifest(root)
@@ -303,7 +302,7 @@ def read_artifact(path: str | os.PathLike, check_versions: bool = True) -> Store
     if TUNING in manifest["files"]:
         check_tuning_bundle(root, root / TUNING)
     try:
-        constants = load_file(str(root / WEIGHTS))
+        constants = load_weights(root / WEIGHTS)
         graph = json.loads((root / GRAPH).read_text())
     except (SafetensorError, ValueError, OSError, RecursionError) as exc:
         raise ArtifactError(f"artifact {root}: cannot read its files: {exc}") from exc

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import sympy
+import torch
 
 from fxforge.errors import ArtifactError, FxforgeError, TensorParallelError
 from fxforge.irgraph.meta import META_KEY, TensorMeta
@@ -134,6 +135,17 @@ def read_options(root: Path, manifest: dict):
         raise   # a tensor-parallel artifact loaded outside its process group: say that
     except (FxforgeError, TypeError, ValueError) as exc:
         raise ArtifactError(f"artifact {root}: manifest.json: bad options: {exc}") from None
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each in memory of its own. safetensors maps the file
+    once for all of its tensors, so one still in use after lowering (an embedding table, a
+    norm) kept every page packing had read resident beside the packed copies: an fp32
+    artifact's process grew by 1.61x its weights file, 1.12x with its own copies
+    (bench/RESULTS.md, tensor parallel)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as stored:
+        return {name: stored.get_tensor(name).clone() for name in stored.keys()}
 
 
 def link_constants(root: Path, manifest: dict, constants: dict) -> None:

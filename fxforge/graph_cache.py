@@ -268,8 +268,7 @@ def load(key: str) -> Optional[Stored]:
 
 def _read(folder: Path) -> Stored:
     """The entry in ``folder``, checked (module docstring); CacheEntryError says what is wrong."""
-    from safetensors.torch import load_file
-
+    from fxforge.artifact_checks import load_weights
     from fxforge.autotune.cache import current_versions
     from fxforge.irgraph import ir_from_json
     from fxforge.irgraph.meta import restore_example_values
@@ -295,7 +294,7 @@ def _read(folder: Path) -> Stored:
                 raise CacheEntryError(problem)
             if file_digest(folder / name) != digest:
                 raise CacheEntryError(f"{name} does not have the digest its entry records")
-        constants = load_file(str(folder / WEIGHTS))
+        constants = load_weights(folder / WEIGHTS)
         for alias, canonical in dict(entry.get("aliases") or {}).items():
             constants[alias] = constants[canonical]
         ir = ir_from_json(json.loads((folder / GRAPH).read_text()), constants)
