@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.errors import TensorParallelError
-from fxforge.irgraph import IRGraph
+from fxforge.irgraph import POINTWISE, IRGraph
 from fxforge.irgraph.collectives import insert_all_gather_last, insert_all_reduce
 from fxforge.irgraph.graph import hoist_get_attrs
 from fxforge.irgraph.query import is_view_op, tensor_meta
@@ -98,7 +98,7 @@ def shard(ir: IRGraph, mesh: Mesh) -> PassResult:
     shared: dict = {}   # tied weights: one shard for the LM head and the embedding
     report["lm_heads"] = [_shard_lm_head(ir, node, mesh, shared) for node in _lm_heads(ir)]
     report["embeddings"] = [_shard_embedding(ir, node, mesh, shared)
-                            for node in _token_embeddings(ir)]
+                            for node in _token_embeddings(ir, shared)]
     ir.gm.graph.eliminate_dead_code()
     drop_unused_constants(ir)
     hoist_get_attrs(ir.gm.graph)
@@ -107,6 +107,10 @@ def shard(ir: IRGraph, mesh: Mesh) -> PassResult:
     ir.info["tensor_parallel"] = report
     for name, why in report["replicated"].items():
         log.warning("tensor_parallel: attention %s stays whole on every rank: %s", name, why)
+    if not any(report[k] for k in ("attention", "mlp", "embeddings", "lm_heads")):
+        log.warning("tensor_parallel: nothing in this graph of %d nodes splits over the ranks "
+                    "(no attention, MLP or vocabulary the pass knows); every rank runs it whole",
+                    len(ir.gm.graph.nodes))
     return PassResult(ir, {k: len(report[k]) for k in ("attention", "mlp", "embeddings",
                                                        "lm_heads")})
 
@@ -223,6 +227,9 @@ def _lm_heads(ir: IRGraph) -> list[fx.Node]:
 
 
 def _only_output(node: fx.Node) -> bool:
+    """``node`` reaches nothing but the graph's outputs, through views, copies and elementwise
+    ops of it alone (a logit soft-cap's ``tanh(x / c) * c``): the gathered logits are the same
+    whether those ops run on the pieces or on the whole."""
     stack, seen = list(node.users), set()
     while stack:
         user = stack.pop()
@@ -231,11 +238,15 @@ def _only_output(node: fx.Node) -> bool:
         seen.add(user)
         if user.op == "output":
             continue
-        if user.op != "call_function" or not (is_view_op(user.target)
-                                              or user.target in _PASS_THROUGH):
+        if user.op != "call_function" or not (is_view_op(user.target) or user.target in
+                                              _PASS_THROUGH or _elementwise_of_one(user)):
             return False
         stack.extend(user.users)
     return any(u.op == "output" for u in seen)
+
+
+def _elementwise_of_one(node: fx.Node) -> bool:
+    return node.target in POINTWISE and len(node.all_input_nodes) == 1
 
 
 def _vocab_piece(size: int, mesh: Mesh) -> tuple[int, int]:
@@ -253,12 +264,30 @@ def _rows(value_ve: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return piece
 
 
+def _table_key(table: torch.Tensor) -> tuple:
+    return (table.untyped_storage().data_ptr(), table.storage_offset(), tuple(table.shape),
+            tuple(table.stride()), table.dtype)
+
+
+def _read_elsewhere(ir: IRGraph, embedding: fx.Node) -> bool:
+    """Whether anything but ``embedding`` reads its table's storage."""
+    table = embedding.args[0]
+    storage = getattr(ir.gm, table.target).untyped_storage().data_ptr()
+    for node in ir.gm.graph.nodes:
+        if node.op != "get_attr" or not isinstance(getattr(ir.gm, node.target), torch.Tensor):
+            continue
+        if getattr(ir.gm, node.target).untyped_storage().data_ptr() != storage:
+            continue
+        if any(user is not embedding for user in node.users):
+            return True
+    return False
+
+
 def _shared_rows(shared: dict, table: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """This rank's rows of ``table``, made once per table (tied weights: the LM head and the
     embedding read one shard). A later reader gets a view: one tensor object registered under
     two names would reach only one of them through ``named_buffers()``."""
-    key = (table.untyped_storage().data_ptr(), table.storage_offset(), tuple(table.shape),
-           tuple(table.stride()), table.dtype)
+    key = _table_key(table)
     if key in shared:
         return shared[key].view_as(shared[key])
     shared[key] = _rows(table, mesh)
@@ -280,12 +309,16 @@ def _shard_lm_head(ir: IRGraph, node: fx.Node, mesh: Mesh, shared: dict) -> str:
     return weight_name(lin.weight)
 
 
-def _token_embeddings(ir: IRGraph) -> list[fx.Node]:
+def _token_embeddings(ir: IRGraph, shared: dict) -> list[fx.Node]:
     """Embedding lookups of a constant table by indices that are a graph input (token ids,
-    not positions made in the graph)."""
+    not positions made in the graph), whose table nothing else reads whole (a tied LM head
+    that stays whole would keep the table beside the shard)."""
     found = []
     for node in ir.gm.graph.nodes:
         if node.target is not aten.embedding.default or node.args[0].op != "get_attr":
+            continue
+        if _table_key(getattr(ir.gm, node.args[0].target)) not in shared \
+                and _read_elsewhere(ir, node):
             continue
         source = node.args[1]
         while source.op == "call_function" and is_view_op(source.target):

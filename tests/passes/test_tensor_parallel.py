@@ -98,6 +98,7 @@ MODELS = {
     "llama": lambda: hf_models.LogitsOnly(hf_models.build("llama", seed=11)),
     "qwen2": lambda: hf_models.LogitsOnly(hf_models.build("qwen2", seed=12)),
     "gpt2_fused_qkv": lambda: hf_models.LogitsOnly(hf_models.build("gpt2", seed=13)),
+    "gemma2_logit_softcap": lambda: hf_models.LogitsOnly(hf_models.build("gemma2", seed=14)),
 }
 
 
@@ -214,3 +215,28 @@ def test_a_row_parallel_shard_is_quantized_with_its_whole_rows_scales(rounding):
                                                           whole_nk=whole)
         assert torch.equal(piece_scales, scales)
         assert torch.equal(piece_codes, codes[:, start:start + 32])
+
+
+class _TiedHeadThenLogSoftmax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 16)
+        self.head = torch.nn.Linear(16, 64, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return torch.log_softmax(self.head(torch.tanh(self.embed(ids))), dim=-1)
+
+
+def test_a_table_tied_to_a_head_that_stays_whole_stays_whole_too(caplog):
+    model, inputs = _TiedHeadThenLogSoftmax().eval(), (torch.randint(0, 64, (1, 5)),)
+    with torch.no_grad():
+        expected = model(*inputs)
+    ranks = _sharded(model, inputs, 2)
+    report = ranks[0].info["tensor_parallel"]
+    # the head feeds a log_softmax over the vocabulary: it and its tied table are not split
+    assert report["lm_heads"] == [] and report["embeddings"] == []
+    assert report["bytes_after"] == report["bytes_before"]
+    assert "nothing in this graph" in caplog.text
+    for out in _run_ranks(ranks, inputs):
+        assert_close_to_eager(out, expected)
