@@ -105,8 +105,11 @@ def shard(ir: IRGraph, mesh: Mesh) -> PassResult:
     report["bytes_before"], report["bytes_after"] = before, constant_bytes(ir)
     check_fits(report["bytes_after"], mesh)
     ir.info["tensor_parallel"] = report
-    for name, why in report["replicated"].items():
-        log.warning("tensor_parallel: attention %s stays whole on every rank: %s", name, why)
+    if report["replicated"]:
+        name, why = next(iter(report["replicated"].items()))
+        log.warning("tensor_parallel: %d attention or softmax op(s) stay whole on every rank "
+                    "(%s: %s; all in ir.info['tensor_parallel']['replicated'])",
+                    len(report["replicated"]), name, why)
     if not any(report[k] for k in ("attention", "mlp", "embeddings", "lm_heads")):
         log.warning("tensor_parallel: nothing in this graph of %d nodes splits over the ranks "
                     "(no attention, MLP or vocabulary the pass knows); every rank runs it whole",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 
 import pytest
@@ -240,3 +241,19 @@ def test_a_table_tied_to_a_head_that_stays_whole_stays_whole_too(caplog):
     assert "nothing in this graph" in caplog.text
     for out in _run_ranks(ranks, inputs):
         assert_close_to_eager(out, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", hf_models.ARCHITECTURES)
+def test_every_zoo_architecture_splits_exactly(arch):
+    model = hf_models.LogitsOnly(hf_models.build(arch, seed=21))
+    inputs = hf_models.example_inputs(arch, batch=1, seq=8, seed=int.from_bytes(os.urandom(2), "little"))
+    with torch.no_grad():
+        expected = _first(model(*inputs))
+    ranks = _sharded(model, inputs, 2)
+    for out in _run_ranks(ranks, inputs):
+        assert_close_to_eager(_first(out), expected)
+    report = ranks[0].info["tensor_parallel"]
+    assert report["embeddings"] and report["lm_heads"], report
+    assert report["mlp"] or arch == "mixtral"      # experts are not split (they stay whole)
+    assert report["bytes_after"] < 0.8 * report["bytes_before"]
