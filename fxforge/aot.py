@@ -34,6 +34,7 @@ from fxforge.errors import ArtifactError, InputSpecError, VerificationError
 from fxforge.irgraph import (SerializationError, TensorMeta, capture_export, ir_from_json,
                              ir_to_json)
 from fxforge.irgraph.collectives import rebind_group
+from fxforge.irgraph.graph import tensor_identity
 from fxforge.irgraph.meta import restore_example_values
 from fxforge.options import CompileOptions, parse_options
 from fxforge.orchestrate import compile_graph, tuning_session
@@ -75,8 +76,7 @@ def _dedup_constants(constants: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in constants.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype)
+        key = tensor_identity(tensor)
         if key in seen:
             aliases[name] = seen[key]
         else:

@@ -140,9 +140,8 @@ def read_options(root: Path, manifest: dict):
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, each in memory of its own. safetensors maps the file
     once for all of its tensors, so one still in use after lowering (an embedding table, a
-    norm) kept every page packing had read resident beside the packed copies: an fp32
-    artifact's process grew by 1.61x its weights file, 1.12x with its own copies
-    (bench/RESULTS.md, tensor parallel)."""
+    norm) would keep every page packing read resident beside the packed copies (measured in
+    bench/RESULTS.md's tensor-parallel record)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as stored:
         return {name: stored.get_tensor(name).clone() for name in stored.keys()}

@@ -12,13 +12,11 @@ process's group.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 from fxforge.errors import ArtifactError, TensorParallelError
 
-log = logging.getLogger("fxforge")
 SET_INDEX = "tensor_parallel.json"
 
 
@@ -83,12 +81,16 @@ def check_rank(root: Path, manifest: dict) -> Optional[str]:
     return mesh.group
 
 
+def is_tensor_parallel(model: Any) -> bool:
+    """``model`` is a compiled module or an artifact compiled tensor-parallel."""
+    return bool(getattr(getattr(model, "options", None), "tensor_parallel", False))
+
+
 def shared_seed(seed: Optional[int], model: Any) -> Optional[int]:
     """The sampling seed for ``model``: ``seed`` when given or when ``model`` is not compiled
     tensor-parallel; else rank 0's random one, which every rank then uses (ranks drawing their
     own would pick different tokens, and the next step's collectives would mix sequences)."""
-    options = getattr(model, "options", None)
-    if seed is not None or not getattr(options, "tensor_parallel", False):
+    if seed is not None or not is_tensor_parallel(model):
         return seed
     import torch
     import torch.distributed as dist

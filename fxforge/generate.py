@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from fxforge.direct_steps import DirectSteps
-from fxforge.distributed import shared_seed
+from fxforge.distributed import is_tensor_parallel, shared_seed
 from fxforge.sessions import Session, active_session
 
 StreamCallback = Callable[[int, torch.Tensor, Sequence[int]], None]
@@ -158,8 +158,7 @@ def generate(model: Callable[..., Any], input_ids: Prompts, max_new_tokens: int,
             raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens "
                              f"({max_new_tokens}) is {longest + max_new_tokens}, more than "
                              f"max_seq_len={max_seq_len}")
-    if getattr(getattr(model, "options", None), "tensor_parallel", False) \
-            and draft is not None and draft_k == "auto":
+    if is_tensor_parallel(model) and draft is not None and draft_k == "auto":
         raise ValueError("a tensor-parallel model decodes with a draft only at a fixed draft_k: "
                          "draft_k='auto' follows each rank's own wall time, and ranks that "
                          "draft different lengths run different collectives")

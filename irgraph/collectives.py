@@ -25,28 +25,33 @@ ALL_REDUCE = c10d.all_reduce.default
 ALL_GATHER = c10d.all_gather_into_tensor.default
 WAIT = c10d.wait_tensor.default
 COLLECTIVES = (ALL_REDUCE, ALL_GATHER)
-# (op, position of its group-name argument)
-_GROUP_ARG = {ALL_REDUCE: 2, ALL_GATHER: 2}
+GROUP_ARG = 2   # where both collectives' schemas take the process group's name
+
+
+def _is_collective(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in COLLECTIVES
 
 
 def collective_nodes(ir: IRGraph) -> list[fx.Node]:
-    return [n for n in ir.gm.graph.nodes if n.op == "call_function" and n.target in COLLECTIVES]
+    return [n for n in ir.gm.graph.nodes if _is_collective(n)]
 
 
 def has_collectives(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and n.target in COLLECTIVES for n in gm.graph.nodes)
+    return any(_is_collective(n) for n in gm.graph.nodes)
+
+
+def _after(ir: IRGraph, anchor: fx.Node, target: Any, args: tuple, kwargs=None) -> fx.Node:
+    """``target(*args, **kwargs)`` inserted right after ``anchor``, its metadata inferred."""
+    with ir.gm.graph.inserting_after(anchor):
+        node = ir.gm.graph.call_function(target, args, kwargs or {})
+    ir.infer(node)
+    return node
 
 
 def _waited(ir: IRGraph, node: fx.Node, target: Any, args: tuple) -> fx.Node:
     """``wait_tensor(target(*args))`` inserted after ``node``; returns the wait."""
-    graph = ir.gm.graph
-    with graph.inserting_after(node):
-        issued = graph.call_function(target, args)
-    with graph.inserting_after(issued):
-        done = graph.call_function(WAIT, (issued,))
-    ir.infer(issued)
-    ir.infer(done)
-    return done
+    issued = _after(ir, node, target, args)
+    return _after(ir, issued, WAIT, (issued,))
 
 
 def insert_all_reduce(ir: IRGraph, node: fx.Node, group: str) -> fx.Node:
@@ -65,46 +70,27 @@ def insert_all_gather_last(ir: IRGraph, node: fx.Node, world: int, group: str,
     the last dim, in rank order, and cut to its first ``keep`` entries (the last rank's piece
     may be padding). all_gather joins along dim 0, so the last dim moves there and back:
     permutes of constant dims, valid for any (symbolic) leading sizes."""
+    aten = torch.ops.aten
+    contiguous = {"memory_format": torch.contiguous_format}
     readers = list(node.users)
-    graph = ir.gm.graph
     rank = tensor_meta(node).rank
-    first = [rank - 1] + list(range(rank - 1))
-    back = list(range(1, rank)) + [0]
-    with graph.inserting_after(node):
-        moved = graph.call_function(torch.ops.aten.permute.default, (node, first))
-    with graph.inserting_after(moved):
-        packed = graph.call_function(torch.ops.aten.clone.default, (moved,),
-                                     {"memory_format": torch.contiguous_format})
-    for new in (moved, packed):
-        ir.infer(new)
+    moved = _after(ir, node, aten.permute.default, (node, [rank - 1] + list(range(rank - 1))))
+    packed = _after(ir, moved, aten.clone.default, (moved,), contiguous)
     gathered = _waited(ir, packed, ALL_GATHER, (packed, world, group))
-    with graph.inserting_after(gathered):
-        restored = graph.call_function(torch.ops.aten.permute.default, (gathered, back))
-    ir.infer(restored)
-    out = restored
-    total = tensor_meta(gathered).shape[0]
-    if keep != total:
-        with graph.inserting_after(out):
-            out = graph.call_function(torch.ops.aten.slice.Tensor, (restored, -1, 0, keep))
-        ir.infer(out)
-    with graph.inserting_after(out):
-        final = graph.call_function(torch.ops.aten.clone.default, (out,),
-                                    {"memory_format": torch.contiguous_format})
-    ir.infer(final)
+    out = _after(ir, gathered, aten.permute.default, (gathered, list(range(1, rank)) + [0]))
+    if keep != tensor_meta(gathered).shape[0]:
+        out = _after(ir, out, aten.slice.Tensor, (out, -1, 0, keep))
+    final = _after(ir, out, aten.clone.default, (out,), contiguous)
     for reader in readers:
         reader.replace_input_with(node, final)
     return final
 
 
-
-
 def rebind_group(ir: IRGraph, group: str) -> int:
     """Point every collective of ``ir`` at the process group registered as ``group`` (a stored
     graph names the group of the process that wrote it); returns how many were rebound."""
-    count = 0
-    for node in collective_nodes(ir):
-        index = _GROUP_ARG[node.target]
-        if node.args[index] != group:
-            node.update_arg(index, group)
-        count += 1
-    return count
+    nodes = collective_nodes(ir)
+    for node in nodes:
+        if node.args[GROUP_ARG] != group:
+            node.update_arg(GROUP_ARG, group)
+    return len(nodes)

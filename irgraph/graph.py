@@ -125,6 +125,13 @@ def _share_tensors(src: torch.nn.Module, dst: torch.nn.Module) -> torch.nn.Modul
     return dst
 
 
+def tensor_identity(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors the same values in memory (tied weights): storage, offset,
+    shape, strides and dtype."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype)
+
+
 def op_name(target: Any) -> str:
     """A stable printable name: ``aten.addmm.default``, ``operator.getitem``."""
     if isinstance(target, torch._ops.OpOverload):

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from fxforge.irgraph import IRGraph
-from fxforge.irgraph.graph import hoist_get_attrs
+from fxforge.irgraph.graph import hoist_get_attrs, tensor_identity
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.attention_calib import measured_once
 from fxforge.passes.gptq import calibration_inputs, observe_values
@@ -152,7 +152,7 @@ def constant_bytes(ir: IRGraph) -> int:
             value = getattr(ir.gm, node.target)
             if not isinstance(value, torch.Tensor):
                 continue
-            key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.numel())
+            key = tensor_identity(value)
             if key not in seen:
                 seen.add(key)
                 total += value.numel() * value.element_size()

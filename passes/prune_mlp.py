@@ -29,7 +29,7 @@ from fxforge.irgraph import IRGraph
 from fxforge.irgraph.capture import WEIGHT_NAME_KEY
 from fxforge.irgraph.views import Addmm, Linear, LinearOperands, Mm, Slice, Split
 from fxforge.passes.gptq import observe_linear_inputs
-from fxforge.passes.prune_sites import RESHAPES, ChannelGroup, channel_groups, split_sizes
+from fxforge.passes.prune_sites import RESHAPES, ChannelGroup, channel_groups
 from fxforge.passes.prune_spec import PruneSpec
 from fxforge.passes.quantize import add_transposed, weight_constant
 
@@ -176,21 +176,29 @@ def slice_linear(ir: IRGraph, node: fx.Node, columns: Optional[torch.Tensor] = N
     return weight.numel() - sliced.numel()
 
 
-def set_operands(ir: IRGraph, node: fx.Node, weight: fx.Node, bias: Optional[fx.Node]) -> None:
+def set_operands(ir: IRGraph, node: fx.Node, weight: fx.Node,
+                 bias: Optional[fx.Node]) -> fx.Node:
+    """Give the linear ``node`` this weight and bias (None: none); returns the node that now
+    computes it: ``node``, or the ``addmm`` a bias-free ``mm`` became (pruning's compensation
+    bias) or the ``mm`` an ``addmm`` became (a row-parallel shard off rank 0)."""
     if (lin := Linear.of(node)) is not None:
         lin.replace(weight=weight, bias=bias)
-    elif (addmm := Addmm.of(node)) is not None:
+    elif (addmm := Addmm.of(node)) is not None and bias is not None:
         addmm.replace(mat2=weight, input=bias)
-    elif bias is None:
-        Mm.of(node).replace(mat2=weight)
-    else:   # a bias-free mm gains the compensation bias: it becomes an addmm
+    elif (mm := Mm.of(node)) is not None and bias is None:
+        mm.replace(mat2=weight)
+    else:
+        x = addmm.mat1 if addmm is not None else Mm.of(node).input
+        target, args = (aten.mm.default, (x, weight)) if bias is None else \
+            (aten.addmm.default, (bias, x, weight))
         with ir.gm.graph.inserting_before(node):
-            new = ir.gm.graph.call_function(aten.addmm.default, (bias, Mm.of(node).input, weight))
+            new = ir.gm.graph.call_function(target, args)
         ir.infer(new)
         node.replace_all_uses_with(new)
         ir.gm.graph.erase_node(node)
-        return
+        return new
     ir.infer(node)
+    return node
 
 
 def _rescale_channels(node: fx.Node, width: int, kept: int) -> None:

@@ -38,9 +38,9 @@ import torch.fx as fx
 from fxforge.errors import TensorParallelError
 from fxforge.irgraph import POINTWISE, IRGraph
 from fxforge.irgraph.collectives import insert_all_gather_last, insert_all_reduce
-from fxforge.irgraph.graph import hoist_get_attrs
+from fxforge.irgraph.graph import hoist_get_attrs, tensor_identity
 from fxforge.irgraph.query import is_view_op, tensor_meta
-from fxforge.irgraph.views import Addmm, LinearOperands
+from fxforge.irgraph.views import LinearOperands
 from fxforge.passes.base import Pass, PassResult
 from fxforge.passes.prune import constant_bytes, drop_unused_constants
 from fxforge.passes.prune_head_sites import head_sites
@@ -52,8 +52,6 @@ from fxforge.passes.quantize import WHOLE_ROWS_KEY, add_transposed, weight_const
 
 log = logging.getLogger("fxforge.passes.tensor_parallel")
 aten = torch.ops.aten
-# ops a value passes through unchanged on its way to the graph's outputs (an LM head's logits)
-_PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.contiguous.default}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,24 +199,12 @@ def _row_parallel(ir: IRGraph, node: fx.Node, mesh: Mesh, whole_kn: torch.Tensor
     lin = LinearOperands.of(node)
     weight_constant(ir, lin.weight)[1].meta[WHOLE_ROWS_KEY] = whole_kn.t()
     if lin.bias is not None and mesh.rank != 0:
-        node = _without_bias(ir, node, lin)
+        node = set_operands(ir, node, lin.weight, None)
     insert_all_reduce(ir, node, mesh.group)
 
 
 def _weight(ir: IRGraph, node: fx.Node) -> torch.Tensor:
     return weight_value(ir, LinearOperands.of(node).weight)
-
-
-def _without_bias(ir: IRGraph, node: fx.Node, lin: LinearOperands) -> fx.Node:
-    if Addmm.of(node) is None:
-        set_operands(ir, node, lin.weight, None)
-        return node
-    with ir.gm.graph.inserting_before(node):
-        plain = ir.gm.graph.call_function(aten.mm.default, (lin.x, lin.weight))
-    ir.infer(plain)
-    node.replace_all_uses_with(plain)
-    ir.gm.graph.erase_node(node)
-    return plain
 
 
 # ---------------------------------------------------------------- the vocabulary
@@ -230,9 +216,9 @@ def _lm_heads(ir: IRGraph) -> list[fx.Node]:
 
 
 def _only_output(node: fx.Node) -> bool:
-    """``node`` reaches nothing but the graph's outputs, through views, copies and elementwise
-    ops of it alone (a logit soft-cap's ``tanh(x / c) * c``): the gathered logits are the same
-    whether those ops run on the pieces or on the whole."""
+    """``node`` reaches nothing but the graph's outputs, through views and elementwise ops of
+    it alone (casts and copies; a logit soft-cap's ``tanh(x / c) * c``): the gathered logits
+    are the same whether those ops run on the pieces or on the whole."""
     stack, seen = list(node.users), set()
     while stack:
         user = stack.pop()
@@ -241,8 +227,8 @@ def _only_output(node: fx.Node) -> bool:
         seen.add(user)
         if user.op == "output":
             continue
-        if user.op != "call_function" or not (is_view_op(user.target) or user.target in
-                                              _PASS_THROUGH or _elementwise_of_one(user)):
+        if user.op != "call_function" or not (is_view_op(user.target)
+                                              or _elementwise_of_one(user)):
             return False
         stack.extend(user.users)
     return any(u.op == "output" for u in seen)
@@ -267,11 +253,6 @@ def _rows(value_ve: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return piece
 
 
-def _table_key(table: torch.Tensor) -> tuple:
-    return (table.untyped_storage().data_ptr(), table.storage_offset(), tuple(table.shape),
-            tuple(table.stride()), table.dtype)
-
-
 def _read_elsewhere(ir: IRGraph, embedding: fx.Node) -> bool:
     """Whether anything but ``embedding`` reads its table's storage."""
     table = embedding.args[0]
@@ -290,7 +271,7 @@ def _shared_rows(shared: dict, table: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """This rank's rows of ``table``, made once per table (tied weights: the LM head and the
     embedding read one shard). A later reader gets a view: one tensor object registered under
     two names would reach only one of them through ``named_buffers()``."""
-    key = _table_key(table)
+    key = tensor_identity(table)
     if key in shared:
         return shared[key].view_as(shared[key])
     shared[key] = _rows(table, mesh)
@@ -320,7 +301,7 @@ def _token_embeddings(ir: IRGraph, shared: dict) -> list[fx.Node]:
     for node in ir.gm.graph.nodes:
         if node.target is not aten.embedding.default or node.args[0].op != "get_attr":
             continue
-        if _table_key(getattr(ir.gm, node.args[0].target)) not in shared \
+        if tensor_identity(getattr(ir.gm, node.args[0].target)) not in shared \
                 and _read_elsewhere(ir, node):
             continue
         source = node.args[1]

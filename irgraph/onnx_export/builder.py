@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from onnx import NodeProto, TensorProto, helper
 
+from fxforge.irgraph.graph import tensor_identity
 from fxforge.irgraph.onnx_dtypes import onnx_type, tensor_proto
 
 MS_DOMAIN = "com.microsoft"   # ONNX Runtime's contrib ops (MatMulNBits)
@@ -63,8 +64,7 @@ class GraphBuilder:
                     dims: Optional[tuple[int, ...]] = None) -> str:
         """``tensor`` as an initializer, stored once however many nodes read it (tied weights:
         the same storage, offset, shape, strides and dtype give the same initializer)."""
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype, elem_type, dims)
+        key = (*tensor_identity(tensor), elem_type, dims)
         if tensor.numel() and key in self._tensors:
             return self._tensors[key]
         name = self.fresh(hint)
