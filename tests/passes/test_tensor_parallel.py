@@ -30,7 +30,8 @@ class _Meeting:
 
     def __init__(self, world: int):
         self.values = [None] * world
-        self.barrier = threading.Barrier(world, timeout=60)
+        # a rank that fails aborts the barrier; the timeout only ends a deadlock, so it is long
+        self.barrier = threading.Barrier(world, timeout=600)
 
     def _exchange(self, rank: int, value: torch.Tensor) -> list:
         self.values[rank] = value
